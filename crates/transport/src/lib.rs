@@ -1,0 +1,304 @@
+//! How lego components reach each other: the [`Transport`] trait, its TCP
+//! implementation ([`Tcp`]), and [`FramedConn`], which moves
+//! [`lego_protocol`] frames over any transport stream.
+//!
+//! The trait is the seam where an RDMA transport plugs in later; nothing
+//! above this crate names TCP.
+
+#![deny(unsafe_code)]
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::time::Duration;
+
+use lego_protocol::{
+    check_version, decode_body, decode_header, encode, DecodeError, Frame, Message, Role,
+    HEADER_BYTES, PROTOCOL_VERSION,
+};
+use thiserror::Error;
+
+/// A byte stream between two components.
+pub trait Stream: Read + Write + Send + 'static {
+    /// A second handle on the same stream (for a reader and a writer thread).
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized;
+    /// Bounds how long a read waits; `None` waits forever.
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
+    /// Closes both directions; a blocked reader on another handle wakes up.
+    fn shutdown(&self);
+    /// The peer's address, for messages.
+    fn peer(&self) -> String;
+    /// The file descriptor, for `poll(2)`, where there is one.
+    fn raw_fd(&self) -> Option<i32>;
+}
+
+/// Accepts incoming streams.
+pub trait Listener: Send + 'static {
+    type Stream: Stream;
+    fn accept(&self) -> io::Result<Self::Stream>;
+    /// The address peers should connect to.
+    fn local_addr(&self) -> String;
+}
+
+/// A way to connect components.
+pub trait Transport: Send + Sync + 'static {
+    type Stream: Stream;
+    type Listener: Listener<Stream = Self::Stream>;
+    fn connect(&self, addr: &str, timeout: Duration) -> Result<Self::Stream, TransportError>;
+    fn listen(&self, addr: &str) -> Result<Self::Listener, TransportError>;
+}
+
+/// Why a connection could not be made.
+#[derive(Debug, Error)]
+pub enum TransportError {
+    #[error("'{0}' is not an address of the form HOST:PORT")]
+    BadAddress(String),
+    #[error("cannot connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// TCP, with Nagle off (every frame is a request someone waits for).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tcp;
+
+fn resolve(addr: &str) -> Result<SocketAddr, TransportError> {
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| TransportError::BadAddress(addr.to_string()))
+}
+
+impl Transport for Tcp {
+    type Stream = TcpStream;
+    type Listener = TcpListener;
+
+    fn connect(&self, addr: &str, timeout: Duration) -> Result<TcpStream, TransportError> {
+        let sa = resolve(addr)?;
+        let s = TcpStream::connect_timeout(&sa, timeout).map_err(|source| {
+            TransportError::Connect {
+                addr: addr.to_string(),
+                source,
+            }
+        })?;
+        s.set_nodelay(true).map_err(|source| TransportError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
+        Ok(s)
+    }
+
+    fn listen(&self, addr: &str) -> Result<TcpListener, TransportError> {
+        let sa = resolve(addr)?;
+        TcpListener::bind(sa).map_err(|source| TransportError::Listen {
+            addr: addr.to_string(),
+            source,
+        })
+    }
+}
+
+impl Stream for TcpStream {
+    fn try_clone(&self) -> io::Result<Self> {
+        TcpStream::try_clone(self)
+    }
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()> {
+        TcpStream::set_read_timeout(self, timeout)
+    }
+    fn shutdown(&self) {
+        let _ = TcpStream::shutdown(self, Shutdown::Both);
+    }
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "unknown peer".into())
+    }
+    fn raw_fd(&self) -> Option<i32> {
+        use std::os::fd::AsRawFd;
+        Some(self.as_raw_fd())
+    }
+}
+
+impl Listener for TcpListener {
+    type Stream = TcpStream;
+    fn accept(&self) -> io::Result<TcpStream> {
+        let (s, _) = TcpListener::accept(self)?;
+        s.set_nodelay(true)?;
+        Ok(s)
+    }
+    fn local_addr(&self) -> String {
+        TcpListener::local_addr(self)
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Why a framed exchange failed.
+#[derive(Debug, Error)]
+pub enum ConnError {
+    #[error("connection closed by peer")]
+    Closed,
+    #[error("no answer within the timeout")]
+    TimedOut,
+    #[error("i/o error: {0}")]
+    Io(#[from] io::Error),
+    #[error("malformed frame: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("handshake refused: {0}")]
+    Refused(String),
+    #[error("unexpected reply: {0}")]
+    Unexpected(String),
+}
+
+/// A stream that carries protocol frames, with reusable buffers so the miss
+/// path allocates nothing per request.
+pub struct FramedConn<S: Stream> {
+    stream: S,
+    wbuf: Vec<u8>,
+    rbuf: Vec<u8>,
+    /// Bytes written and read, for statistics.
+    pub bytes_out: u64,
+    pub bytes_in: u64,
+}
+
+impl<S: Stream> FramedConn<S> {
+    pub fn new(stream: S) -> Self {
+        Self {
+            stream,
+            wbuf: Vec::with_capacity(64 * 1024),
+            rbuf: Vec::with_capacity(64 * 1024),
+            bytes_out: 0,
+            bytes_in: 0,
+        }
+    }
+
+    pub fn stream(&self) -> &S {
+        &self.stream
+    }
+
+    /// Encodes and sends one frame.
+    pub fn send(&mut self, request_id: u64, message: &Message<'_>) -> Result<(), ConnError> {
+        self.wbuf.clear();
+        encode(request_id, message, &mut self.wbuf);
+        self.stream.write_all(&self.wbuf)?;
+        self.bytes_out += self.wbuf.len() as u64;
+        Ok(())
+    }
+
+    /// Receives one frame; its borrowed data lives until the next receive.
+    pub fn recv(&mut self) -> Result<Frame<'_>, ConnError> {
+        let mut head = [0u8; HEADER_BYTES];
+        read_exact_or_closed(&mut self.stream, &mut head)?;
+        let header = decode_header(&head)?;
+        self.rbuf.resize(header.body_len, 0);
+        read_exact_or_closed(&mut self.stream, &mut self.rbuf)?;
+        self.bytes_in += (HEADER_BYTES + header.body_len) as u64;
+        Ok(decode_body(header, &self.rbuf)?)
+    }
+
+    /// Sends a request and waits for its reply.
+    pub fn call(&mut self, request_id: u64, message: &Message<'_>) -> Result<Frame<'_>, ConnError> {
+        self.send(request_id, message)?;
+        let f = self.recv()?;
+        if f.request_id != request_id {
+            return Err(ConnError::Unexpected(format!(
+                "reply to request {} while waiting for {request_id}",
+                f.request_id
+            )));
+        }
+        Ok(f)
+    }
+
+    /// Client side of the handshake; returns the daemon's capacity.
+    pub fn client_handshake(&mut self, role: Role, name: &str) -> Result<u64, ConnError> {
+        let reply = self.call(
+            0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                role,
+                name,
+            },
+        )?;
+        match reply.message {
+            Message::HelloOk {
+                version,
+                capacity_bytes,
+            } => {
+                check_version(version).map_err(ConnError::Refused)?;
+                Ok(capacity_bytes)
+            }
+            Message::Refused { reason } => Err(ConnError::Refused(reason.to_string())),
+            other => Err(ConnError::Unexpected(format!("{other:?}"))),
+        }
+    }
+}
+
+fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnError> {
+    let mut done = 0;
+    while done < buf.len() {
+        match r.read(&mut buf[done..]) {
+            Ok(0) => return Err(ConnError::Closed),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                return Err(ConnError::TimedOut)
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ConnError::Closed),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lego_protocol::VirtAddr;
+
+    #[test]
+    fn frames_cross_a_tcp_connection() {
+        let l = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&l);
+        let t = std::thread::spawn(move || {
+            let s = Listener::accept(&l).unwrap();
+            let mut c = FramedConn::new(s);
+            let f = c.recv().unwrap();
+            assert_eq!(f.request_id, 9);
+            assert_eq!(
+                f.message,
+                Message::Mmap { len: 4096 }
+            );
+            c.send(9, &Message::Mapped { addr: VirtAddr(1 << 20) }).unwrap();
+        });
+        let s = Tcp.connect(&addr, Duration::from_secs(2)).unwrap();
+        let mut c = FramedConn::new(s);
+        let r = c.call(9, &Message::Mmap { len: 4096 }).unwrap();
+        assert_eq!(r.message, Message::Mapped { addr: VirtAddr(1 << 20) });
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn bad_address_is_named() {
+        let e = Tcp.connect("not-an-address", Duration::from_secs(1)).unwrap_err();
+        assert!(e.to_string().contains("not-an-address"), "{e}");
+    }
+
+    #[test]
+    fn closed_peer_is_reported_as_closed() {
+        let l = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&l);
+        let t = std::thread::spawn(move || drop(Listener::accept(&l).unwrap()));
+        let mut c = FramedConn::new(Tcp.connect(&addr, Duration::from_secs(2)).unwrap());
+        t.join().unwrap();
+        assert!(matches!(c.recv(), Err(ConnError::Closed)));
+    }
+}
