@@ -162,7 +162,11 @@ pub enum Message<'a> {
     /// Reply to `OpenSpace`.
     SpaceOpened { space: SpaceId },
     /// Use an existing space on this (non-home) daemon for page storage.
-    AttachSpace { space: SpaceId, region_base: VirtAddr, region_bytes: u64 },
+    AttachSpace {
+        space: SpaceId,
+        region_base: VirtAddr,
+        region_bytes: u64,
+    },
     /// Place a new anonymous mapping of `len` bytes.
     Mmap { len: u64 },
     /// Reply to `Mmap` and `Mremap`.
@@ -184,13 +188,20 @@ pub enum Message<'a> {
     Discard { addr: VirtAddr, len: u64 },
     /// Move page contents `[from, from+len)` to `to` (page storage of a
     /// daemon that is not the home of the layout).
-    MovePages { from: VirtAddr, to: VirtAddr, len: u64 },
+    MovePages {
+        from: VirtAddr,
+        to: VirtAddr,
+        len: u64,
+    },
     /// Fetch pages; the reply is `Pages` with their contents in order.
     ReadPages { addrs: Vec<VirtAddr> },
     /// Page contents, `PAGE_SIZE` bytes per requested page.
     Pages { data: &'a [u8] },
     /// Store pages; acknowledged with `Done` once stored.
-    WritePages { addrs: Vec<VirtAddr>, data: &'a [u8] },
+    WritePages {
+        addrs: Vec<VirtAddr>,
+        data: &'a [u8],
+    },
     /// Generic success.
     Done,
     /// A request failed; the connection stays usable.
@@ -468,13 +479,19 @@ impl<'a> Reader<'a> {
         Ok(self.take(1, what)?[0])
     }
     fn u16(&mut self, what: &'static str) -> Result<u16, DecodeError> {
-        Ok(u16::from_le_bytes(self.take(2, what)?.try_into().expect("2")))
+        Ok(u16::from_le_bytes(
+            self.take(2, what)?.try_into().expect("2"),
+        ))
     }
     fn u32(&mut self, what: &'static str) -> Result<u32, DecodeError> {
-        Ok(u32::from_le_bytes(self.take(4, what)?.try_into().expect("4")))
+        Ok(u32::from_le_bytes(
+            self.take(4, what)?.try_into().expect("4"),
+        ))
     }
     fn u64(&mut self, what: &'static str) -> Result<u64, DecodeError> {
-        Ok(u64::from_le_bytes(self.take(8, what)?.try_into().expect("8")))
+        Ok(u64::from_le_bytes(
+            self.take(8, what)?.try_into().expect("8"),
+        ))
     }
     fn addr(&mut self, what: &'static str) -> Result<VirtAddr, DecodeError> {
         self.u64(what).map(VirtAddr)

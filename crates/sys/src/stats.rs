@@ -90,11 +90,7 @@ impl SharedStats {
         for slot in &self.coverage {
             let cur = slot.pid.load(Relaxed);
             if cur == pid
-                || (cur == 0
-                    && slot
-                        .pid
-                        .compare_exchange(0, pid, Relaxed, Relaxed)
-                        .is_ok())
+                || (cur == 0 && slot.pid.compare_exchange(0, pid, Relaxed, Relaxed).is_ok())
             {
                 let old = slot.disaggregated_bytes.load(Relaxed) + slot.local_bytes.load(Relaxed);
                 if disaggregated + local >= old {

@@ -169,11 +169,11 @@ impl Uffd {
             mode: REGISTER_MODE_MISSING | REGISTER_MODE_WP,
             ioctls: 0,
         };
-        ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg).map_err(|e| match e
-            .raw_os_error()
-        {
-            Some(libc::EINVAL) => UffdError::NoWriteProtect,
-            _ => UffdError::Call("REGISTER", e),
+        ioctl(self.fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg).map_err(|e| {
+            match e.raw_os_error() {
+                Some(libc::EINVAL) => UffdError::NoWriteProtect,
+                _ => UffdError::Call("REGISTER", e),
+            }
         })?;
         if reg.ioctls & IOCTL_BIT_WRITEPROTECT == 0 || reg.ioctls & IOCTL_BIT_COPY == 0 {
             return Err(UffdError::NoWriteProtect);

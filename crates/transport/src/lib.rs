@@ -85,16 +85,16 @@ impl Transport for Tcp {
 
     fn connect(&self, addr: &str, timeout: Duration) -> Result<TcpStream, TransportError> {
         let sa = resolve(addr)?;
-        let s = TcpStream::connect_timeout(&sa, timeout).map_err(|source| {
-            TransportError::Connect {
+        let s =
+            TcpStream::connect_timeout(&sa, timeout).map_err(|source| TransportError::Connect {
                 addr: addr.to_string(),
                 source,
-            }
-        })?;
-        s.set_nodelay(true).map_err(|source| TransportError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+            })?;
+        s.set_nodelay(true)
+            .map_err(|source| TransportError::Connect {
+                addr: addr.to_string(),
+                source,
+            })?;
         Ok(s)
     }
 
@@ -249,7 +249,12 @@ fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnEr
             Ok(0) => return Err(ConnError::Closed),
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
                 return Err(ConnError::TimedOut)
             }
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ConnError::Closed),
@@ -273,22 +278,32 @@ mod tests {
             let mut c = FramedConn::new(s);
             let f = c.recv().unwrap();
             assert_eq!(f.request_id, 9);
-            assert_eq!(
-                f.message,
-                Message::Mmap { len: 4096 }
-            );
-            c.send(9, &Message::Mapped { addr: VirtAddr(1 << 20) }).unwrap();
+            assert_eq!(f.message, Message::Mmap { len: 4096 });
+            c.send(
+                9,
+                &Message::Mapped {
+                    addr: VirtAddr(1 << 20),
+                },
+            )
+            .unwrap();
         });
         let s = Tcp.connect(&addr, Duration::from_secs(2)).unwrap();
         let mut c = FramedConn::new(s);
         let r = c.call(9, &Message::Mmap { len: 4096 }).unwrap();
-        assert_eq!(r.message, Message::Mapped { addr: VirtAddr(1 << 20) });
+        assert_eq!(
+            r.message,
+            Message::Mapped {
+                addr: VirtAddr(1 << 20)
+            }
+        );
         t.join().unwrap();
     }
 
     #[test]
     fn bad_address_is_named() {
-        let e = Tcp.connect("not-an-address", Duration::from_secs(1)).unwrap_err();
+        let e = Tcp
+            .connect("not-an-address", Duration::from_secs(1))
+            .unwrap_err();
         assert!(e.to_string().contains("not-an-address"), "{e}");
     }
 

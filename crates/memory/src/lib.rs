@@ -1,0 +1,422 @@
+//! The lego memory daemon (LegoOS's memory monitor): stores the page
+//! contents of the address spaces it serves, within a capacity, and owns the
+//! layout (mappings, break) of the spaces whose home it is.
+//!
+//! [`MemoryDaemon::start`] binds and serves on background threads, one per
+//! connection. A malformed frame, a wrong protocol version or an unknown
+//! request closes that one connection with a logged reason; other
+//! connections are unaffected, and nothing a peer sends can panic the
+//! daemon. When the last connection of a space closes (the process exited
+//! or died), the space and all its pages are freed.
+
+#![deny(unsafe_code)]
+
+pub mod layout;
+pub mod store;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use lego_protocol::{check_version, DaemonStats, Message, SpaceId, VirtAddr, PROTOCOL_VERSION};
+use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport, TransportError};
+use store::{Refusal, Store};
+
+/// How long a new connection may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running memory daemon.
+pub struct MemoryDaemon {
+    addr: String,
+    store: Arc<Mutex<Store>>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+}
+
+fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
+    // A panic in one connection thread must not take the others down.
+    store.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl MemoryDaemon {
+    /// Binds `listen` (HOST:PORT, port 0 picks one) and starts serving.
+    pub fn start(listen: &str, capacity_bytes: u64) -> Result<Self, TransportError> {
+        let listener = Tcp.listen(listen)?;
+        let addr = Listener::local_addr(&listener);
+        let store = Arc::new(Mutex::new(Store::new(capacity_bytes)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (store, stop) = (store.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("lego-memory-accept".into())
+                .spawn(move || accept_loop(listener, store, stop))
+                .expect("spawn accept thread")
+        };
+        tracing::info!(%addr, capacity_mib = capacity_bytes >> 20, "memory daemon listening");
+        Ok(Self {
+            addr,
+            store,
+            stop,
+            accept: Some(accept),
+        })
+    }
+
+    /// The address peers connect to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn stats(&self) -> DaemonStats {
+        lock(&self.store).stats()
+    }
+
+    /// Serves until the process ends.
+    pub fn wait(mut self) {
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops accepting; existing connections end when their peers leave.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wake the blocking accept.
+        let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop<L: Listener>(listener: L, store: Arc<Mutex<Store>>, stop: Arc<AtomicBool>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let store = store.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lego-memory-conn".into())
+            .spawn(move || serve_connection(stream, store));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>) {
+    let peer = stream.peer();
+    lock(&store).connections += 1;
+    let mut conn = FramedConn::new(stream);
+    let mut space: Option<SpaceId> = None;
+    let result =
+        handshake(&mut conn, &store).and_then(|()| request_loop(&mut conn, &store, &mut space));
+    match result {
+        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
+        Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
+    }
+    let mut s = lock(&store);
+    s.connections -= 1;
+    if let Some(id) = space {
+        s.release(id);
+    }
+}
+
+fn handshake<S: Stream>(conn: &mut FramedConn<S>, store: &Mutex<Store>) -> Result<(), ConnError> {
+    conn.stream().set_read_timeout(Some(HELLO_TIMEOUT))?;
+    let f = conn.recv()?;
+    let id = f.request_id;
+    let version = match f.message {
+        Message::Hello { version, .. } => version,
+        other => {
+            let reason = format!("expected Hello, got {}", kind_name(&other));
+            conn.send(id, &Message::Refused { reason: &reason })?;
+            return Err(ConnError::Refused(reason));
+        }
+    };
+    if let Err(reason) = check_version(version) {
+        conn.send(id, &Message::Refused { reason: &reason })?;
+        return Err(ConnError::Refused(reason));
+    }
+    let capacity_bytes = lock(store).capacity_bytes();
+    conn.send(
+        id,
+        &Message::HelloOk {
+            version: PROTOCOL_VERSION,
+            capacity_bytes,
+        },
+    )?;
+    conn.stream().set_read_timeout(None)?;
+    Ok(())
+}
+
+fn kind_name(m: &Message<'_>) -> String {
+    let s = format!("{m:?}");
+    s.split([' ', '{', '(']).next().unwrap_or("?").to_string()
+}
+
+/// Replies a request can produce (page data goes in the connection's
+/// scratch buffer).
+enum Reply {
+    Done,
+    Mapped(VirtAddr),
+    BrkIs(VirtAddr),
+    Opened(SpaceId),
+    Pages,
+    Stats(DaemonStats),
+}
+
+fn request_loop<S: Stream>(
+    conn: &mut FramedConn<S>,
+    store: &Mutex<Store>,
+    space: &mut Option<SpaceId>,
+) -> Result<(), ConnError> {
+    let mut pages = Vec::new();
+    loop {
+        let f = conn.recv()?;
+        let id = f.request_id;
+        let result = {
+            let mut st = lock(store);
+            handle(&mut st, space, f.message, &mut pages)
+        };
+        match result {
+            Ok(Reply::Done) => conn.send(id, &Message::Done)?,
+            Ok(Reply::Mapped(addr)) => conn.send(id, &Message::Mapped { addr })?,
+            Ok(Reply::BrkIs(brk)) => conn.send(id, &Message::BrkIs { brk })?,
+            Ok(Reply::Opened(space)) => conn.send(id, &Message::SpaceOpened { space })?,
+            Ok(Reply::Pages) => conn.send(id, &Message::Pages { data: &pages })?,
+            Ok(Reply::Stats(s)) => conn.send(id, &Message::Stats(s))?,
+            Err(Refusal(code, message)) => conn.send(
+                id,
+                &Message::Error {
+                    code,
+                    message: &message,
+                },
+            )?,
+        }
+    }
+}
+
+fn handle(
+    st: &mut Store,
+    space: &mut Option<SpaceId>,
+    msg: Message<'_>,
+    pages: &mut Vec<u8>,
+) -> Result<Reply, Refusal> {
+    use lego_protocol::ErrorCode::{BadState, Invalid};
+    let need = |space: &Option<SpaceId>| {
+        space.ok_or_else(|| {
+            Refusal(
+                BadState,
+                "no address space opened on this connection".into(),
+            )
+        })
+    };
+    match msg {
+        Message::OpenSpace {
+            region_base,
+            region_bytes,
+            bootstrap_bytes,
+            ..
+        } => {
+            if space.is_some() {
+                return Err(Refusal(BadState, "connection already has a space".into()));
+            }
+            let id = st.open(region_base, region_bytes, bootstrap_bytes)?;
+            *space = Some(id);
+            Ok(Reply::Opened(id))
+        }
+        Message::AttachSpace {
+            space: id,
+            region_base,
+            region_bytes,
+        } => {
+            if space.is_some() {
+                return Err(Refusal(BadState, "connection already has a space".into()));
+            }
+            st.attach(id, region_base, region_bytes);
+            *space = Some(id);
+            Ok(Reply::Done)
+        }
+        Message::Mmap { len } => st.mmap(need(space)?, len).map(Reply::Mapped),
+        Message::Munmap { addr, len } => st.munmap(need(space)?, addr, len).map(|_| Reply::Done),
+        Message::Mremap {
+            old,
+            old_len,
+            new_len,
+            may_move,
+        } => st
+            .mremap(need(space)?, old, old_len, new_len, may_move)
+            .map(Reply::Mapped),
+        Message::Brk { new_brk } => st.brk(need(space)?, new_brk).map(Reply::BrkIs),
+        Message::Discard { addr, len } => st.discard(need(space)?, addr, len).map(|_| Reply::Done),
+        Message::MovePages { from, to, len } => st
+            .move_pages(need(space)?, from, to, len)
+            .map(|_| Reply::Done),
+        Message::ReadPages { addrs } => st
+            .read_pages(need(space)?, &addrs, pages)
+            .map(|_| Reply::Pages),
+        Message::WritePages { addrs, data } => st
+            .write_pages(need(space)?, &addrs, data)
+            .map(|_| Reply::Done),
+        Message::GetStats => Ok(Reply::Stats(st.stats())),
+        other => Err(Refusal(
+            Invalid,
+            format!(
+                "{} is not a request a memory daemon serves",
+                kind_name(&other)
+            ),
+        )),
+    }
+}
+
+/// Asks a daemon for its counters (for `lego` commands and tests).
+pub fn query_stats(addr: &str) -> Result<DaemonStats, ConnError> {
+    let s = Tcp.connect(addr, Duration::from_secs(3)).map_err(|e| {
+        ConnError::Io(std::io::Error::new(
+            std::io::ErrorKind::ConnectionRefused,
+            e.to_string(),
+        ))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut c = FramedConn::new(s);
+    c.client_handshake(lego_protocol::Role::Client, "lego")?;
+    match c.call(1, &Message::GetStats)?.message {
+        Message::Stats(s) => Ok(s),
+        other => Err(ConnError::Unexpected(format!("{other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    fn client(addr: &str) -> FramedConn<std::net::TcpStream> {
+        let s = Tcp.connect(addr, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        FramedConn::new(s)
+    }
+
+    #[test]
+    fn garbage_closes_only_that_connection() {
+        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let mut good = client(d.addr());
+        good.client_handshake(lego_protocol::Role::Client, "t")
+            .unwrap();
+        let mut bad = Tcp.connect(d.addr(), Duration::from_secs(2)).unwrap();
+        bad.write_all(&[0xff; 64]).unwrap();
+        let mut buf = [0u8; 16];
+        bad.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(
+            bad.read(&mut buf).unwrap_or(0),
+            0,
+            "bad peer is disconnected"
+        );
+        // The good connection still works.
+        assert!(matches!(
+            good.call(1, &Message::GetStats).unwrap().message,
+            Message::Stats(_)
+        ));
+        d.shutdown();
+    }
+
+    #[test]
+    fn wrong_version_is_refused_with_a_reason() {
+        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let mut c = client(d.addr());
+        let r = c
+            .call(
+                0,
+                &Message::Hello {
+                    version: PROTOCOL_VERSION + 7,
+                    role: lego_protocol::Role::Runtime,
+                    name: "future",
+                },
+            )
+            .unwrap();
+        match r.message {
+            Message::Refused { reason } => assert!(reason.contains("version"), "{reason}"),
+            other => panic!("expected refusal, got {other:?}"),
+        }
+        d.shutdown();
+    }
+
+    #[test]
+    fn space_is_freed_when_its_connection_closes() {
+        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let mut c = client(d.addr());
+        c.client_handshake(lego_protocol::Role::Runtime, "t")
+            .unwrap();
+        let base = VirtAddr(1 << 40);
+        let m = c
+            .call(
+                1,
+                &Message::OpenSpace {
+                    pid: 1,
+                    program: "t",
+                    region_base: base,
+                    region_bytes: 4 << 30,
+                    bootstrap_bytes: 0,
+                },
+            )
+            .unwrap()
+            .message
+            .clone();
+        assert!(matches!(m, Message::SpaceOpened { .. }));
+        let addr = match c.call(2, &Message::Mmap { len: 4096 }).unwrap().message {
+            Message::Mapped { addr } => addr,
+            other => panic!("{other:?}"),
+        };
+        let page = vec![3u8; 4096];
+        let r = c
+            .call(
+                3,
+                &Message::WritePages {
+                    addrs: vec![addr],
+                    data: &page,
+                },
+            )
+            .unwrap();
+        assert_eq!(r.message, Message::Done);
+        assert_eq!(d.stats().used_bytes, 4096);
+        drop(c);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while d.stats().used_bytes != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(d.stats().used_bytes, 0);
+        assert_eq!(d.stats().spaces, 0);
+        d.shutdown();
+    }
+
+    #[test]
+    fn page_traffic_before_a_space_is_an_error_not_a_disconnect() {
+        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let mut c = client(d.addr());
+        c.client_handshake(lego_protocol::Role::Runtime, "t")
+            .unwrap();
+        let r = c
+            .call(
+                1,
+                &Message::ReadPages {
+                    addrs: vec![VirtAddr(0)],
+                },
+            )
+            .unwrap();
+        assert!(matches!(r.message, Message::Error { .. }));
+        assert!(matches!(
+            c.call(2, &Message::GetStats).unwrap().message,
+            Message::Stats(_)
+        ));
+        d.shutdown();
+    }
+}

@@ -1,0 +1,361 @@
+//! Page contents and layouts of every address space a daemon serves, within
+//! its capacity. Pure: requests in, replies out; the server does the I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use lego_protocol::{DaemonStats, ErrorCode, SpaceId, VirtAddr, PAGE_SIZE};
+
+use crate::layout::{Layout, LayoutError};
+
+type Page = Box<[u8; PAGE_SIZE]>;
+
+/// A failed request: a wire error code and a message for the peer.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Refusal(pub ErrorCode, pub String);
+
+impl From<LayoutError> for Refusal {
+    fn from(e: LayoutError) -> Self {
+        let code = match e {
+            LayoutError::NoSpace(_) => ErrorCode::NoMemory,
+            _ => ErrorCode::BadAddress,
+        };
+        Refusal(code, e.to_string())
+    }
+}
+
+struct Space {
+    /// Only the home daemon of a space holds its layout.
+    layout: Option<Layout>,
+    base: u64,
+    end: u64,
+    pages: BTreeMap<u64, Page>,
+    /// Connections attached to this space; it is freed when none is left.
+    refs: u32,
+}
+
+/// All spaces of one daemon.
+pub struct Store {
+    capacity_pages: u64,
+    used_pages: u64,
+    spaces: HashMap<SpaceId, Space>,
+    next_space: u64,
+    pub connections: u64,
+}
+
+impl Store {
+    pub fn new(capacity_bytes: u64) -> Self {
+        Self {
+            capacity_pages: capacity_bytes / PAGE_SIZE as u64,
+            used_pages: 0,
+            spaces: HashMap::new(),
+            next_space: 1,
+            connections: 0,
+        }
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_pages * PAGE_SIZE as u64
+    }
+
+    pub fn stats(&self) -> DaemonStats {
+        DaemonStats {
+            capacity_bytes: self.capacity_bytes(),
+            used_bytes: self.used_pages * PAGE_SIZE as u64,
+            spaces: self.spaces.len() as u64,
+            connections: self.connections,
+        }
+    }
+
+    fn space(&mut self, id: SpaceId) -> Result<&mut Space, Refusal> {
+        self.spaces
+            .get_mut(&id)
+            .ok_or_else(|| Refusal(ErrorCode::NoSpace, format!("no address space {}", id.0)))
+    }
+
+    /// Creates a space whose layout lives here.
+    pub fn open(
+        &mut self,
+        region_base: VirtAddr,
+        region_bytes: u64,
+        bootstrap_bytes: u64,
+    ) -> Result<SpaceId, Refusal> {
+        let layout = Layout::new(region_base.0, region_bytes, bootstrap_bytes)?;
+        let id = SpaceId(self.next_space);
+        self.next_space += 1;
+        self.spaces.insert(
+            id,
+            Space {
+                layout: Some(layout),
+                base: region_base.0,
+                end: region_base.0 + region_bytes,
+                pages: BTreeMap::new(),
+                refs: 1,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Attaches a connection to a space: an existing one (a second
+    /// connection of the same process) or a new page-only space.
+    pub fn attach(&mut self, id: SpaceId, region_base: VirtAddr, region_bytes: u64) {
+        let s = self.spaces.entry(id).or_insert_with(|| Space {
+            layout: None,
+            base: region_base.0,
+            end: region_base.0.saturating_add(region_bytes),
+            pages: BTreeMap::new(),
+            refs: 0,
+        });
+        s.refs += 1;
+        self.next_space = self.next_space.max(id.0 + 1);
+    }
+
+    /// Drops one connection's reference; frees the space with the last.
+    pub fn release(&mut self, id: SpaceId) {
+        let Some(s) = self.spaces.get_mut(&id) else {
+            return;
+        };
+        s.refs -= 1;
+        if s.refs == 0 {
+            let s = self.spaces.remove(&id).expect("present");
+            self.used_pages -= s.pages.len() as u64;
+        }
+    }
+
+    fn layout(&mut self, id: SpaceId) -> Result<&mut Layout, Refusal> {
+        self.space(id)?.layout.as_mut().ok_or_else(|| {
+            Refusal(
+                ErrorCode::BadState,
+                "this daemon is not the home of the address space".into(),
+            )
+        })
+    }
+
+    pub fn mmap(&mut self, id: SpaceId, len: u64) -> Result<VirtAddr, Refusal> {
+        Ok(VirtAddr(self.layout(id)?.mmap(len)?))
+    }
+
+    pub fn munmap(&mut self, id: SpaceId, addr: VirtAddr, len: u64) -> Result<(), Refusal> {
+        self.layout(id)?.munmap(addr.0, len)?;
+        self.discard(id, addr, len)
+    }
+
+    pub fn mremap(
+        &mut self,
+        id: SpaceId,
+        old: VirtAddr,
+        old_len: u64,
+        new_len: u64,
+        may_move: bool,
+    ) -> Result<VirtAddr, Refusal> {
+        let new = self.layout(id)?.mremap(old.0, old_len, new_len, may_move)?;
+        if new_len < old_len {
+            self.discard(id, VirtAddr(old.0 + new_len), old_len - new_len)?;
+        }
+        if new != old.0 {
+            self.move_pages(id, old, VirtAddr(new), old_len.min(new_len))?;
+        }
+        Ok(VirtAddr(new))
+    }
+
+    pub fn brk(&mut self, id: SpaceId, new_brk: VirtAddr) -> Result<VirtAddr, Refusal> {
+        let (brk, freed) = self.layout(id)?.brk(new_brk.0);
+        if let Some((a, l)) = freed {
+            self.discard(id, VirtAddr(a), l)?;
+        }
+        Ok(VirtAddr(brk))
+    }
+
+    /// Forgets page contents in a range.
+    pub fn discard(&mut self, id: SpaceId, addr: VirtAddr, len: u64) -> Result<(), Refusal> {
+        let s = self.space(id)?;
+        let end = addr.0.saturating_add(len);
+        let keys: Vec<u64> = s.pages.range(addr.0..end).map(|(&k, _)| k).collect();
+        for k in &keys {
+            s.pages.remove(k);
+        }
+        self.used_pages -= keys.len() as u64;
+        Ok(())
+    }
+
+    /// Moves page contents from one range to another.
+    pub fn move_pages(
+        &mut self,
+        id: SpaceId,
+        from: VirtAddr,
+        to: VirtAddr,
+        len: u64,
+    ) -> Result<(), Refusal> {
+        let s = self.space(id)?;
+        if to.0 < s.base || to.0.saturating_add(len) > s.end {
+            return Err(Refusal(ErrorCode::BadAddress, "move outside region".into()));
+        }
+        let end = from.0.saturating_add(len);
+        let keys: Vec<u64> = s.pages.range(from.0..end).map(|(&k, _)| k).collect();
+        let moved: Vec<(u64, Page)> = keys
+            .iter()
+            .map(|k| (k - from.0 + to.0, s.pages.remove(k).expect("present")))
+            .collect();
+        // Pages at the destination are replaced (the old mapping there is gone).
+        let mut dropped = 0;
+        for (k, p) in moved {
+            if s.pages.insert(k, p).is_some() {
+                dropped += 1;
+            }
+        }
+        self.used_pages -= dropped;
+        Ok(())
+    }
+
+    /// Stores pages; all or nothing when capacity runs out.
+    pub fn write_pages(
+        &mut self,
+        id: SpaceId,
+        addrs: &[VirtAddr],
+        data: &[u8],
+    ) -> Result<(), Refusal> {
+        let (capacity, used) = (self.capacity_pages, self.used_pages);
+        let s = self.space(id)?;
+        let mut new = 0;
+        for a in addrs {
+            if a.0 % PAGE_SIZE as u64 != 0 || a.0 < s.base || a.0 >= s.end {
+                return Err(Refusal(
+                    ErrorCode::BadAddress,
+                    format!("page {:#x} is outside the address space", a.0),
+                ));
+            }
+            if !s.pages.contains_key(&a.0) {
+                new += 1;
+            }
+        }
+        if used + new > capacity {
+            return Err(Refusal(
+                ErrorCode::NoMemory,
+                format!(
+                    "memory daemon is full: {} of {} MiB used",
+                    used * PAGE_SIZE as u64 >> 20,
+                    capacity * PAGE_SIZE as u64 >> 20
+                ),
+            ));
+        }
+        for (a, chunk) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            match s.pages.get_mut(&a.0) {
+                Some(p) => p.copy_from_slice(chunk),
+                None => {
+                    let mut p: Page = Box::new([0; PAGE_SIZE]);
+                    p.copy_from_slice(chunk);
+                    s.pages.insert(a.0, p);
+                }
+            }
+        }
+        self.used_pages += new;
+        Ok(())
+    }
+
+    /// Appends the contents of `addrs` to `out`; pages never written read
+    /// as zeros.
+    pub fn read_pages(
+        &mut self,
+        id: SpaceId,
+        addrs: &[VirtAddr],
+        out: &mut Vec<u8>,
+    ) -> Result<(), Refusal> {
+        let s = self.space(id)?;
+        out.clear();
+        for a in addrs {
+            match s.pages.get(&a.0) {
+                Some(p) => out.extend_from_slice(&p[..]),
+                None => out.resize(out.len() + PAGE_SIZE, 0),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: VirtAddr = VirtAddr(1 << 40);
+    const REGION: u64 = 16 << 30;
+
+    fn page(v: u8) -> Vec<u8> {
+        vec![v; PAGE_SIZE]
+    }
+
+    #[test]
+    fn pages_roundtrip_and_unwritten_pages_are_zero() {
+        let mut s = Store::new(1 << 20);
+        let id = s.open(BASE, REGION, 0).unwrap();
+        let a = s.mmap(id, 8192).unwrap();
+        s.write_pages(id, &[a], &page(5)).unwrap();
+        let mut out = vec![];
+        s.read_pages(id, &[a, VirtAddr(a.0 + 4096)], &mut out)
+            .unwrap();
+        assert_eq!(&out[..PAGE_SIZE], &page(5)[..]);
+        assert_eq!(&out[PAGE_SIZE..], &page(0)[..]);
+    }
+
+    #[test]
+    fn full_daemon_refuses_and_keeps_old_pages() {
+        let mut s = Store::new(2 * PAGE_SIZE as u64);
+        let id = s.open(BASE, REGION, 0).unwrap();
+        let a = s.mmap(id, 4 * 4096).unwrap();
+        let addrs: Vec<_> = (0..3).map(|i| VirtAddr(a.0 + i * 4096)).collect();
+        s.write_pages(id, &addrs[..2], &[page(1), page(2)].concat())
+            .unwrap();
+        let e = s.write_pages(id, &addrs[2..], &page(3)).unwrap_err();
+        assert_eq!(e.0, ErrorCode::NoMemory);
+        // Overwriting existing pages needs no new capacity.
+        s.write_pages(id, &addrs[..1], &page(9)).unwrap();
+        assert_eq!(s.stats().used_bytes, 2 * PAGE_SIZE as u64);
+    }
+
+    #[test]
+    fn release_frees_everything() {
+        let mut s = Store::new(1 << 20);
+        let id = s.open(BASE, REGION, 0).unwrap();
+        s.attach(id, BASE, REGION);
+        let a = s.mmap(id, 4096).unwrap();
+        s.write_pages(id, &[a], &page(1)).unwrap();
+        s.release(id);
+        assert_eq!(
+            s.stats().used_bytes,
+            4096,
+            "second connection still holds it"
+        );
+        s.release(id);
+        assert_eq!(
+            s.stats(),
+            DaemonStats {
+                capacity_bytes: 1 << 20,
+                ..Default::default()
+            }
+        );
+    }
+
+    #[test]
+    fn munmap_and_mremap_carry_pages() {
+        let mut s = Store::new(1 << 20);
+        let id = s.open(BASE, REGION, 0).unwrap();
+        let a = s.mmap(id, 8192).unwrap();
+        let _b = s.mmap(id, 4096).unwrap();
+        s.write_pages(id, &[a, VirtAddr(a.0 + 4096)], &[page(1), page(2)].concat())
+            .unwrap();
+        let c = s.mremap(id, a, 8192, 16384, true).unwrap();
+        assert_ne!(c, a);
+        let mut out = vec![];
+        s.read_pages(id, &[VirtAddr(c.0 + 4096), a], &mut out)
+            .unwrap();
+        assert_eq!(out, [page(2), page(0)].concat());
+        s.munmap(id, c, 16384).unwrap();
+        assert_eq!(s.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn writes_outside_the_region_are_refused() {
+        let mut s = Store::new(1 << 20);
+        let id = s.open(BASE, REGION, 0).unwrap();
+        let e = s.write_pages(id, &[VirtAddr(4096)], &page(1)).unwrap_err();
+        assert_eq!(e.0, ErrorCode::BadAddress);
+    }
+}
