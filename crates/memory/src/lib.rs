@@ -258,9 +258,6 @@ fn handle(
             .map(Reply::Mapped),
         Message::Brk { new_brk } => st.brk(need(space)?, new_brk).map(Reply::BrkIs),
         Message::Discard { addr, len } => st.discard(need(space)?, addr, len).map(|_| Reply::Done),
-        Message::MovePages { from, to, len } => st
-            .move_pages(need(space)?, from, to, len)
-            .map(|_| Reply::Done),
         Message::ReadPages { addrs } => st
             .read_pages(need(space)?, &addrs, pages)
             .map(|_| Reply::Pages),

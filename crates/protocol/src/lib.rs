@@ -173,7 +173,8 @@ pub enum Message<'a> {
     Mapped { addr: VirtAddr },
     /// Remove a mapping range and free its pages.
     Munmap { addr: VirtAddr, len: u64 },
-    /// Resize a mapping, possibly moving it; pages move with it.
+    /// Resize a mapping, possibly moving it. Only the layout changes; the
+    /// runtime moves page contents itself (they may change daemon).
     Mremap {
         old: VirtAddr,
         old_len: u64,
@@ -186,13 +187,6 @@ pub enum Message<'a> {
     BrkIs { brk: VirtAddr },
     /// Forget the contents of a range (pages read back as zeros).
     Discard { addr: VirtAddr, len: u64 },
-    /// Move page contents `[from, from+len)` to `to` (page storage of a
-    /// daemon that is not the home of the layout).
-    MovePages {
-        from: VirtAddr,
-        to: VirtAddr,
-        len: u64,
-    },
     /// Fetch pages; the reply is `Pages` with their contents in order.
     ReadPages { addrs: Vec<VirtAddr> },
     /// Page contents, `PAGE_SIZE` bytes per requested page.
@@ -252,7 +246,6 @@ mod kind {
     pub const BRK: u16 = 24;
     pub const BRK_IS: u16 = 25;
     pub const DISCARD: u16 = 26;
-    pub const MOVE_PAGES: u16 = 27;
     pub const READ_PAGES: u16 = 30;
     pub const PAGES: u16 = 31;
     pub const WRITE_PAGES: u16 = 32;
@@ -388,12 +381,6 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.u64(addr.0);
             w.u64(*len);
             kind::DISCARD
-        }
-        Message::MovePages { from, to, len } => {
-            w.u64(from.0);
-            w.u64(to.0);
-            w.u64(*len);
-            kind::MOVE_PAGES
         }
         Message::ReadPages { addrs } => {
             assert!(addrs.len() <= MAX_BATCH_PAGES, "read batch too large");
@@ -594,11 +581,6 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
             addr: r.addr("address")?,
             len: r.u64("length")?,
         },
-        kind::MOVE_PAGES => Message::MovePages {
-            from: r.addr("source")?,
-            to: r.addr("destination")?,
-            len: r.u64("length")?,
-        },
         kind::READ_PAGES => Message::ReadPages { addrs: r.addrs()? },
         kind::PAGES => {
             let n = r.count("page count")?;
@@ -719,11 +701,6 @@ mod tests {
             },
             Message::Discard {
                 addr: VirtAddr(4096),
-                len: 4096,
-            },
-            Message::MovePages {
-                from: VirtAddr(4096),
-                to: VirtAddr(8192),
                 len: 4096,
             },
             Message::ReadPages {

@@ -70,3 +70,73 @@ pub fn exit_like(status: std::process::ExitStatus) -> ! {
     }
     std::process::exit(status.code().unwrap_or(1))
 }
+
+/// Writes `lego: <msg>` to stderr and ends the process at once with
+/// [`FATAL_EXIT_CODE`], without running exit handlers (which could touch
+/// memory that can no longer be served).
+pub fn die(msg: &str) -> ! {
+    let line = format!("lego: {msg}\n");
+    // SAFETY: write and _exit take a valid buffer and no other pointers.
+    unsafe {
+        libc::write(2, line.as_ptr() as *const libc::c_void, line.len());
+        libc::_exit(FATAL_EXIT_CODE)
+    }
+}
+
+/// Exit status of a program whose runtime hit a fatal error.
+pub const FATAL_EXIT_CODE: i32 = 125;
+
+/// `poll(2)` over `fds`; returns how many have events.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> std::io::Result<usize> {
+    // SAFETY: fds is a valid, writable slice of pollfd structs.
+    let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+    if r < 0 {
+        let e = crate::last_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(0);
+        }
+        return Err(e);
+    }
+    Ok(r as usize)
+}
+
+/// Registers fork handlers (`pthread_atfork`).
+pub fn at_fork(prepare: extern "C" fn(), parent: extern "C" fn(), child: extern "C" fn()) {
+    // SAFETY: the handlers are plain functions that live for the whole
+    // process (they are in the runtime library, never unloaded).
+    unsafe {
+        libc::pthread_atfork(Some(prepare), Some(parent), Some(child));
+    }
+}
+
+type Start = Box<dyn FnOnce() + Send + 'static>;
+
+extern "C" fn thread_start(arg: *mut libc::c_void) -> *mut libc::c_void {
+    // SAFETY: arg is the Box<Start> leaked by spawn_thread, used once.
+    let (hook, f) = *unsafe { Box::from_raw(arg as *mut (fn(), Start)) };
+    hook();
+    f();
+    std::ptr::null_mut()
+}
+
+/// Starts a detached thread with `pthread_create`, running `first` before
+/// anything else in it (Rust's own thread start-up allocates before a
+/// closure passed to `std::thread::spawn` gets control).
+pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    let arg = Box::into_raw(Box::new((first, Box::new(f) as Start)));
+    // SAFETY: attr is initialised before use and destroyed after; the thread
+    // takes ownership of `arg` exactly once.
+    unsafe {
+        let mut attr: libc::pthread_attr_t = std::mem::zeroed();
+        libc::pthread_attr_init(&mut attr);
+        libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut tid: libc::pthread_t = 0;
+        let r = libc::pthread_create(&mut tid, &attr, thread_start, arg as *mut libc::c_void);
+        libc::pthread_attr_destroy(&mut attr);
+        if r != 0 {
+            drop(Box::from_raw(arg));
+            return Err(std::io::Error::from_raw_os_error(r));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! `lego run`: checks that the program can run under lego, starts an
+//! embedded memory daemon unless `--memory` names some, launches the program
+//! with the runtime preloaded, passes signals and the exit status through,
+//! and reports what the runtime measured.
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use lego_sys::stats::{self, SharedStats};
+use serde_json::json;
+
+use crate::size::{human, parse_size};
+use crate::LEGO_FAILED;
+
+/// Name of the runtime library, found next to the `lego` binary.
+pub const RUNTIME_LIB: &str = "liblego_runtime.so";
+
+#[derive(clap::Args)]
+#[command(trailing_var_arg = true)]
+pub struct RunArgs {
+    /// Local memory the program's disaggregated pages may occupy (its ExCache), e.g. 64M.
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    excache: u64,
+    /// Memory daemon to use, HOST:PORT; repeat for several (the first is the
+    /// home of the address space). Without it, lego starts one on loopback
+    /// for this run.
+    #[arg(long = "memory", value_name = "ADDR")]
+    memory: Vec<String>,
+    /// Capacity of the memory daemon started for this run.
+    #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
+    capacity: u64,
+    /// Also write the run's statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    stats: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(required = true, value_name = "PROGRAM")]
+    command: Vec<OsString>,
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("lego: {msg}");
+    ExitCode::from(LEGO_FAILED)
+}
+
+/// Finds `prog` like a shell does.
+fn resolve(prog: &OsString) -> Option<PathBuf> {
+    let p = Path::new(prog);
+    if p.components().count() > 1 || prog.to_string_lossy().contains('/') {
+        return p.is_file().then(|| p.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(p))
+            .find(|c| c.is_file())
+    })
+}
+
+/// Whether the ELF file at `path` is statically linked (has no program
+/// interpreter). Scripts and unreadable files are not judged here.
+fn is_static_elf(path: &Path) -> bool {
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let mut head = vec![0u8; 64];
+    if f.read_exact(&mut head).is_err() || &head[..4] != b"\x7fELF" || head[4] != 2 {
+        return false;
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes")) as usize;
+    let (phentsize, phnum) = (u16_at(&head, 54), u16_at(&head, 56));
+    let mut all = Vec::new();
+    if std::fs::File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut all))
+        .is_err()
+    {
+        return false;
+    }
+    const PT_INTERP: u32 = 3;
+    !(0..phnum).any(|i| {
+        let o = phoff + i * phentsize;
+        all.get(o..o + 4)
+            .map(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) == PT_INTERP)
+            .unwrap_or(false)
+    })
+}
+
+fn runtime_library() -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os("LEGO_RUNTIME") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(format!("LEGO_RUNTIME={} does not exist", p.display()))
+        };
+    }
+    let exe = std::env::current_exe().map_err(|e| format!("cannot locate the lego binary: {e}"))?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    for c in [
+        dir.join(RUNTIME_LIB),
+        dir.join("../lib/lego").join(RUNTIME_LIB),
+    ] {
+        if c.is_file() {
+            return Ok(c);
+        }
+    }
+    Err(format!(
+        "cannot find {RUNTIME_LIB} next to {} (build the workspace with `cargo build --release`, or set LEGO_RUNTIME)",
+        exe.display()
+    ))
+}
+
+fn check_daemon(addr: &str) -> Result<(), String> {
+    lego_memory::query_stats(addr)
+        .map(|_| ())
+        .map_err(|e| format!("memory daemon {addr}: {e}"))
+}
+
+pub fn run(args: RunArgs) -> ExitCode {
+    let prog = &args.command[0];
+    let Some(path) = resolve(prog) else {
+        eprintln!("lego: {}: command not found", prog.to_string_lossy());
+        return ExitCode::from(127);
+    };
+    if is_static_elf(&path) {
+        return fail(format!(
+            "{} is statically linked: lego's runtime is preloaded into dynamically linked programs and cannot take over a static program's memory",
+            path.display()
+        ));
+    }
+    if let Err(e) = lego_sys::uffd::probe() {
+        return fail(format!(
+            "cannot run programs with disaggregated memory here: {e}"
+        ));
+    }
+    let lib = match runtime_library() {
+        Ok(l) => l,
+        Err(e) => return fail(e),
+    };
+    if args.excache < 64 * 1024 {
+        return fail("--excache must be at least 64K");
+    }
+    let (stats_fd, shared) = match stats::create() {
+        Ok(s) => s,
+        Err(e) => return fail(format!("cannot create the statistics page: {e}")),
+    };
+
+    let embedded;
+    let daemons = if args.memory.is_empty() {
+        match lego_memory::MemoryDaemon::start("127.0.0.1:0", args.capacity) {
+            Ok(d) => {
+                let a = d.addr().to_string();
+                embedded = Some(d);
+                vec![a]
+            }
+            Err(e) => return fail(format!("cannot start the embedded memory daemon: {e}")),
+        }
+    } else {
+        embedded = None;
+        for a in &args.memory {
+            if let Err(e) = check_daemon(a) {
+                return fail(e);
+            }
+        }
+        args.memory.clone()
+    };
+
+    let preload = match std::env::var_os("LD_PRELOAD") {
+        Some(old) if !old.is_empty() => {
+            let mut v = lib.clone().into_os_string();
+            v.push(":");
+            v.push(old);
+            v
+        }
+        _ => lib.into_os_string(),
+    };
+    let start = Instant::now();
+    let mut cmd = Command::new(&path);
+    cmd.arg0(prog)
+        .args(&args.command[1..])
+        .env("LD_PRELOAD", preload)
+        .env("LEGO_MEMORY", daemons.join(","))
+        .env("LEGO_EXCACHE_BYTES", args.excache.to_string())
+        .env("LEGO_STATS_FD", stats_fd.to_string());
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start {}: {e}", path.display())),
+    };
+    lego_sys::process::forward_signals_to(child.id() as i32);
+    let status = loop {
+        match child.wait() {
+            Ok(s) => break s,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return fail(format!("waiting for the program failed: {e}")),
+        }
+    };
+    let elapsed = start.elapsed();
+    let report = Report::collect(shared, &args, &path, status, elapsed);
+    eprint!("{}", report.text());
+    if let Some(f) = &args.stats {
+        if let Err(e) = std::fs::write(
+            f,
+            serde_json::to_string_pretty(&report.json()).unwrap_or_default(),
+        ) {
+            eprintln!("lego: cannot write {}: {e}", f.display());
+        }
+    }
+    if let Some(d) = embedded {
+        d.shutdown();
+    }
+    lego_sys::process::exit_like(status)
+}
+
+/// What the runtime measured, read from the shared statistics page.
+struct Report {
+    program: String,
+    status: std::process::ExitStatus,
+    elapsed: Duration,
+    excache: u64,
+    s: &'static SharedStats,
+}
+
+impl Report {
+    fn collect(
+        s: &'static SharedStats,
+        args: &RunArgs,
+        path: &Path,
+        status: std::process::ExitStatus,
+        elapsed: Duration,
+    ) -> Self {
+        Self {
+            program: path.display().to_string(),
+            status,
+            elapsed,
+            excache: args.excache,
+            s,
+        }
+    }
+
+    fn coverage(&self) -> (u64, u64, Option<f64>) {
+        let (d, l) = self.s.coverage_totals();
+        let frac = (d + l > 0).then(|| d as f64 / (d + l) as f64);
+        (d, l, frac)
+    }
+
+    fn end(&self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        match (self.status.code(), self.status.signal()) {
+            (Some(c), _) => format!("exit {c}"),
+            (_, Some(sig)) => format!("killed by signal {sig}"),
+            _ => "ended".into(),
+        }
+    }
+
+    fn text(&self) -> String {
+        let s = self.s;
+        let remote = s.remote_misses.load(Relaxed);
+        let zero = s.zero_fills.load(Relaxed);
+        let lat = |q| {
+            s.latency_quantile_us(q)
+                .map(|v| format!("{v:.0} µs"))
+                .unwrap_or_else(|| "-".into())
+        };
+        let (d, l, frac) = self.coverage();
+        let cov = frac
+            .map(|f| {
+                format!(
+                    "{:.1}% ({} disaggregated, {} local)",
+                    f * 100.0,
+                    human(d),
+                    human(l)
+                )
+            })
+            .unwrap_or_else(|| "not measured".into());
+        if s.processes.load(Relaxed) == 0 {
+            return format!(
+                "lego: {} after {:.2} s; the runtime never attached (no disaggregated memory was used)\n",
+                self.end(),
+                self.elapsed.as_secs_f64()
+            );
+        }
+        format!(
+            "lego: {} after {:.2} s | ExCache {} | peak resident {}\n\
+             lego: misses {} ({} fetched, {} zero-filled) | miss latency p50 {} p99 {}\n\
+             lego: evictions {} | writebacks {} | network {} out, {} in\n\
+             lego: coverage {}\n",
+            self.end(),
+            self.elapsed.as_secs_f64(),
+            human(self.excache),
+            human(s.peak_resident_bytes.load(Relaxed)),
+            remote + zero,
+            remote,
+            zero,
+            lat(0.5),
+            lat(0.99),
+            s.evictions.load(Relaxed),
+            s.writebacks.load(Relaxed),
+            human(s.bytes_out.load(Relaxed)),
+            human(s.bytes_in.load(Relaxed)),
+            cov
+        )
+    }
+
+    fn json(&self) -> serde_json::Value {
+        use std::os::unix::process::ExitStatusExt;
+        let s = self.s;
+        let (d, l, frac) = self.coverage();
+        json!({
+            "program": self.program,
+            "exit_code": self.status.code(),
+            "signal": self.status.signal(),
+            "elapsed_s": self.elapsed.as_secs_f64(),
+            "processes": s.processes.load(Relaxed),
+            "excache_bytes": self.excache,
+            "peak_resident_bytes": s.peak_resident_bytes.load(Relaxed),
+            "misses": s.remote_misses.load(Relaxed) + s.zero_fills.load(Relaxed),
+            "remote_misses": s.remote_misses.load(Relaxed),
+            "zero_fills": s.zero_fills.load(Relaxed),
+            "dirtied": s.dirtied.load(Relaxed),
+            "evictions": s.evictions.load(Relaxed),
+            "writebacks": s.writebacks.load(Relaxed),
+            "bytes_out": s.bytes_out.load(Relaxed),
+            "bytes_in": s.bytes_in.load(Relaxed),
+            "miss_latency_us": {
+                "p50": s.latency_quantile_us(0.5),
+                "p99": s.latency_quantile_us(0.99),
+            },
+            "coverage": {
+                "fraction": frac,
+                "disaggregated_bytes": d,
+                "local_bytes": l,
+            },
+        })
+    }
+}

@@ -1,0 +1,44 @@
+//! The runtime's settings, passed by `lego run` in the environment.
+//!
+//! | variable | meaning |
+//! |---|---|
+//! | `LEGO_MEMORY` | comma-separated memory daemons; the first is the home (required: without it the runtime stays off) |
+//! | `LEGO_EXCACHE_BYTES` | ExCache budget of this process (default 64 MiB) |
+//! | `LEGO_STATS_FD` | fd of the shared statistics page |
+//! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
+//! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
+
+use std::time::Duration;
+
+use lego_sys::stats::{self, SharedStats};
+
+pub struct Config {
+    pub daemons: Vec<String>,
+    pub excache_bytes: usize,
+    pub stats: Option<&'static SharedStats>,
+    pub timeout: Duration,
+}
+
+fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+impl Config {
+    pub fn from_env() -> Option<Self> {
+        let daemons: Vec<String> = std::env::var("LEGO_MEMORY")
+            .ok()?
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if daemons.is_empty() {
+            return None;
+        }
+        Some(Self {
+            daemons,
+            excache_bytes: var("LEGO_EXCACHE_BYTES").unwrap_or(64 << 20),
+            stats: var::<i32>("LEGO_STATS_FD").and_then(stats::attach),
+            timeout: Duration::from_millis(var("LEGO_TIMEOUT_MS").unwrap_or(10_000)),
+        })
+    }
+}

@@ -1,0 +1,307 @@
+//! The two heaps of a preloaded process.
+//!
+//! - The **region heap** serves the program's `malloc` family. It is a
+//!   dlmalloc whose memory comes from the disaggregated region: chunks are
+//!   placed by the home memory daemon (`Mmap`), or, before the runtime has
+//!   connected, bump-allocated from the region's bootstrap area.
+//! - The **internal heap** serves the runtime itself (Rust's global
+//!   allocator in this library) and any `malloc` made while a thread is
+//!   marked as runtime code ([`RuntimeScope`]). It takes memory straight from
+//!   the kernel, never from the region, so the pager can never fault on its
+//!   own data.
+//!
+//! Pointers are freed by whichever heap owns their address.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use dlmalloc::{Allocator, Dlmalloc};
+use lego_sys::mm;
+
+use crate::region;
+
+thread_local! {
+    static IN_RUNTIME: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the current thread as running runtime code while alive: its
+/// allocations go to the internal heap and its memory calls pass through.
+pub struct RuntimeScope {
+    was: bool,
+}
+
+impl RuntimeScope {
+    pub fn enter() -> Self {
+        Self {
+            was: IN_RUNTIME.with(|c| c.replace(true)),
+        }
+    }
+}
+
+impl Drop for RuntimeScope {
+    fn drop(&mut self) {
+        IN_RUNTIME.with(|c| c.set(self.was));
+    }
+}
+
+/// Marks the calling thread as a runtime thread for good (the pager).
+pub fn mark_runtime_thread() {
+    IN_RUNTIME.with(|c| c.set(true));
+}
+
+/// Whether the current thread is running runtime code.
+pub fn in_runtime() -> bool {
+    IN_RUNTIME.try_with(|c| c.get()).unwrap_or(true)
+}
+
+/// A test-and-set lock that needs no allocation and can be held across
+/// `fork` (see [`prepare_fork`]).
+pub struct SpinLock<T> {
+    locked: AtomicBool,
+    value: std::cell::UnsafeCell<T>,
+}
+
+// SAFETY: access to `value` is serialised by `locked`.
+unsafe impl<T: Send> Sync for SpinLock<T> {}
+
+impl<T> SpinLock<T> {
+    pub const fn new(value: T) -> Self {
+        Self {
+            locked: AtomicBool::new(false),
+            value: std::cell::UnsafeCell::new(value),
+        }
+    }
+
+    fn acquire(&self) {
+        let mut spins = 0u32;
+        while self
+            .locked
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.locked.store(false, Ordering::Release);
+    }
+
+    /// Runs `f` with the lock held.
+    pub fn with<R>(&self, f: impl FnOnce(&mut T) -> R) -> R {
+        self.acquire();
+        // SAFETY: the lock is held, so this is the only reference.
+        let r = f(unsafe { &mut *self.value.get() });
+        self.release();
+        r
+    }
+}
+
+/// Memory for the internal heap, straight from the kernel.
+pub struct KernelPages;
+
+// SAFETY: every method returns memory freshly mapped by the kernel or gives
+// back exactly what it was handed, as dlmalloc's contract requires.
+unsafe impl Allocator for KernelPages {
+    fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
+        match mm::mmap_raw(
+            0,
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        ) {
+            Ok(a) => (a as *mut u8, size, 0),
+            Err(_) => (std::ptr::null_mut(), 0, 0),
+        }
+    }
+    fn remap(&self, ptr: *mut u8, oldsize: usize, newsize: usize, can_move: bool) -> *mut u8 {
+        let flags = if can_move { libc::MREMAP_MAYMOVE } else { 0 };
+        mm::mremap_raw(ptr as usize, oldsize, newsize, flags, 0)
+            .map(|a| a as *mut u8)
+            .unwrap_or(std::ptr::null_mut())
+    }
+    fn free_part(&self, ptr: *mut u8, oldsize: usize, newsize: usize) -> bool {
+        mm::munmap_raw(ptr as usize + newsize, oldsize - newsize).is_ok()
+    }
+    fn free(&self, ptr: *mut u8, size: usize) -> bool {
+        mm::munmap_raw(ptr as usize, size).is_ok()
+    }
+    fn can_release_part(&self, _flags: u32) -> bool {
+        true
+    }
+    fn allocates_zeros(&self) -> bool {
+        true
+    }
+    fn page_size(&self) -> usize {
+        lego_sys::PAGE_SIZE
+    }
+}
+
+/// Memory for the region heap: disaggregated ranges.
+pub struct RegionPages;
+
+/// Bytes of the region handed out before the runtime connected.
+pub static BOOTSTRAP_USED: AtomicUsize = AtomicUsize::new(0);
+/// Size of the bootstrap area at the start of the region.
+pub const BOOTSTRAP_BYTES: usize = 256 << 20;
+
+fn bootstrap_alloc(size: usize) -> Option<usize> {
+    let base = region::get()?.base;
+    let size = size.div_ceil(lego_sys::PAGE_SIZE) * lego_sys::PAGE_SIZE;
+    let off = BOOTSTRAP_USED.fetch_add(size, Ordering::SeqCst);
+    if off + size > BOOTSTRAP_BYTES {
+        return None;
+    }
+    Some(base + off)
+}
+
+// SAFETY: ranges come from the region's layout (owned by the home daemon)
+// or the bootstrap area, never overlap live allocations, and read as zeros
+// when fresh (they were discarded locally and remotely when last freed).
+unsafe impl Allocator for RegionPages {
+    fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
+        let addr = match crate::runtime::get() {
+            Some(rt) => rt.map(size).ok(),
+            None => {
+                region::ensure();
+                bootstrap_alloc(size)
+            }
+        };
+        match addr {
+            Some(a) => (a as *mut u8, size, 0),
+            None => (std::ptr::null_mut(), 0, 0),
+        }
+    }
+    fn remap(&self, _ptr: *mut u8, _old: usize, _new: usize, _can_move: bool) -> *mut u8 {
+        std::ptr::null_mut()
+    }
+    fn free_part(&self, ptr: *mut u8, oldsize: usize, newsize: usize) -> bool {
+        // Trimming the heap's top: the tail goes back to the layout and its
+        // pages are freed at the daemons.
+        match crate::runtime::get() {
+            Some(rt) if !region::in_bootstrap(ptr as usize) => {
+                rt.unmap(ptr as usize + newsize, oldsize - newsize).is_ok()
+            }
+            _ => false,
+        }
+    }
+    fn free(&self, ptr: *mut u8, size: usize) -> bool {
+        match crate::runtime::get() {
+            Some(rt) if !region::in_bootstrap(ptr as usize) => rt.unmap(ptr as usize, size).is_ok(),
+            _ => false,
+        }
+    }
+    fn can_release_part(&self, _flags: u32) -> bool {
+        crate::runtime::get().is_some()
+    }
+    fn allocates_zeros(&self) -> bool {
+        true
+    }
+    fn page_size(&self) -> usize {
+        lego_sys::PAGE_SIZE
+    }
+}
+
+pub static INTERNAL: SpinLock<Dlmalloc<KernelPages>> =
+    SpinLock::new(Dlmalloc::new_with_allocator(KernelPages));
+
+pub static REGION_HEAP: SpinLock<Dlmalloc<RegionPages>> = SpinLock::new({
+    let mut d = Dlmalloc::new_with_allocator(RegionPages);
+    // Grow the heap 1 MiB at a time: each growth is a round trip to the
+    // home memory daemon.
+    assert!(d.set_granularity(1 << 20));
+    d
+});
+
+/// Usable bytes of a dlmalloc allocation, read from its chunk header
+/// (size word before the pointer; mmapped chunks have both in-use bits clear
+/// and two words of overhead, others one).
+///
+/// # Safety
+/// `ptr` must be a live allocation of one of the two heaps.
+pub unsafe fn usable_size(ptr: *mut u8) -> usize {
+    // SAFETY: a live dlmalloc chunk has its head word just before the
+    // user pointer.
+    let head = unsafe { *(ptr as *const usize).sub(1) };
+    let size = head & !7;
+    let overhead = if head & 3 == 0 { 16 } else { 8 };
+    size - overhead
+}
+
+/// Allocations at least this large bypass dlmalloc and come straight from
+/// the kernel (already zeroed, returned on free).
+const DIRECT_BYTES: usize = 256 << 10;
+
+fn is_direct(l: std::alloc::Layout) -> bool {
+    l.size() >= DIRECT_BYTES && l.align() <= lego_sys::PAGE_SIZE
+}
+
+/// Rust's allocator for this library: always the internal heap.
+pub struct InternalAlloc;
+
+// SAFETY: forwards to dlmalloc under its lock, or to the kernel for large
+// blocks, honouring size and alignment; a block is freed the way it was
+// allocated (the choice depends only on its layout).
+unsafe impl std::alloc::GlobalAlloc for InternalAlloc {
+    unsafe fn alloc(&self, l: std::alloc::Layout) -> *mut u8 {
+        if is_direct(l) {
+            return KernelPages.alloc(l.size()).0;
+        }
+        // SAFETY: dlmalloc's contract matches GlobalAlloc's.
+        INTERNAL.with(|d| unsafe { d.malloc(l.size(), l.align()) })
+    }
+    unsafe fn alloc_zeroed(&self, l: std::alloc::Layout) -> *mut u8 {
+        if is_direct(l) {
+            return KernelPages.alloc(l.size()).0;
+        }
+        // SAFETY: as above.
+        INTERNAL.with(|d| unsafe { d.calloc(l.size(), l.align()) })
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: std::alloc::Layout) {
+        if is_direct(l) {
+            KernelPages.free(p, l.size());
+            return;
+        }
+        // SAFETY: p came from this allocator with layout l.
+        INTERNAL.with(|d| unsafe { d.free(p, l.size(), l.align()) })
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: std::alloc::Layout, new: usize) -> *mut u8 {
+        let nl = std::alloc::Layout::from_size_align(new, l.align()).expect("valid layout");
+        if is_direct(l) && is_direct(nl) {
+            return KernelPages.remap(p, l.size(), new, true);
+        }
+        if is_direct(l) || is_direct(nl) {
+            // SAFETY: a fresh block of the new layout, then copy and free.
+            unsafe {
+                let q = self.alloc(nl);
+                if !q.is_null() {
+                    std::ptr::copy_nonoverlapping(p, q, l.size().min(new));
+                    self.dealloc(p, l);
+                }
+                return q;
+            }
+        }
+        // SAFETY: p came from this allocator with layout l.
+        INTERNAL.with(|d| unsafe { d.realloc(p, l.size(), l.align(), new) })
+    }
+}
+
+/// Before `fork`: hold both heap locks so the child never inherits a heap
+/// locked by a thread that does not exist in it.
+pub fn prepare_fork() {
+    REGION_HEAP.acquire();
+    INTERNAL.acquire();
+}
+
+/// After `fork`, in parent and child.
+pub fn finish_fork() {
+    INTERNAL.release();
+    REGION_HEAP.release();
+}

@@ -1,0 +1,772 @@
+//! The runtime of one process: its connections to memory daemons, the
+//! ExCache, and the pager thread that serves userfaultfd faults.
+//!
+//! # Miss path (pager thread)
+//! fault event → page not resident → make room (evict a batch if the budget
+//! is full) → page remote? fetch it with `ReadPages` : use the zero page →
+//! `UFFDIO_COPY` (write-protected unless the fault was a write) → resume.
+//!
+//! # Eviction
+//! take the oldest resident pages → write-protect the dirty ones (writers
+//! now block in a write-protect fault) → copy them and send one
+//! `WritePages` per daemon → wait for every ack → drop all victims with one
+//! `process_madvise(MADV_DONTNEED)` → blocked writers are served as misses.
+//! Clean pages are write-protected from the moment they are installed, so
+//! dropping them needs no writeback and cannot lose a write.
+//!
+//! # Locks
+//! `shared` (cache and page connections) is taken before `control` (layout
+//! connection), never the other way round.
+
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering, Ordering::Relaxed};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lego_protocol::{ErrorCode, Message, Role, SpaceId, VirtAddr, MAX_BATCH_PAGES, PAGE_SIZE};
+use lego_sys::process::die;
+use lego_sys::stats::SharedStats;
+use lego_sys::uffd::{Fault, Uffd};
+use lego_sys::{mm, process};
+use lego_transport::{ConnError, FramedConn, Stream, Tcp, Transport};
+
+use crate::excache::{ExCache, Victim};
+use crate::heap::{self, RuntimeScope};
+use crate::region::{self, Region};
+use crate::{config::Config, coverage};
+
+/// The vRegion size, which decides which daemon holds a page.
+const VREGION_BYTES: usize = 1 << 30;
+
+struct Daemon {
+    addr: String,
+    conn: FramedConn<TcpStream>,
+}
+
+struct Shared {
+    cache: ExCache,
+    daemons: Vec<Daemon>,
+    next_id: u64,
+    victims: Vec<Victim>,
+    wb_addrs: Vec<Vec<VirtAddr>>,
+    wb_data: Vec<Vec<u8>>,
+    ranges: Vec<(usize, usize)>,
+    /// Pages evicted per batch.
+    batch: usize,
+}
+
+struct Control {
+    conn: FramedConn<TcpStream>,
+    next_id: u64,
+}
+
+/// The process's runtime, created once by [`init`].
+pub struct Runtime {
+    pub region: Region,
+    uffd: Uffd,
+    shared: Mutex<Shared>,
+    control: Mutex<Control>,
+    home_addr: String,
+    stats: Option<&'static SharedStats>,
+    pid: u32,
+    pidfd: i32,
+    zero: Box<[u8; PAGE_SIZE]>,
+}
+
+static RUNTIME: AtomicPtr<Runtime> = AtomicPtr::new(std::ptr::null_mut());
+/// Set in a forked child: it shares its parent's sockets and has no pager,
+/// so it must not use the runtime.
+static DETACHED: AtomicBool = AtomicBool::new(false);
+
+/// The runtime, once connected (and not in a detached fork child).
+pub fn get() -> Option<&'static Runtime> {
+    let p = RUNTIME.load(Ordering::Acquire);
+    if p.is_null() || DETACHED.load(Relaxed) {
+        return None;
+    }
+    // SAFETY: RUNTIME is set once to a leaked Box and never freed.
+    Some(unsafe { &*p })
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A layout call was refused: the errno the program sees.
+pub struct Errno(pub i32);
+
+fn page_align_up(v: usize) -> usize {
+    v.div_ceil(PAGE_SIZE) * PAGE_SIZE
+}
+
+fn connect(addr: &str, program: &str, timeout: Duration) -> FramedConn<TcpStream> {
+    let s = Tcp
+        .connect(addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    let _ = s.set_read_timeout(Some(timeout));
+    let mut c = FramedConn::new(s);
+    match c.client_handshake(Role::Runtime, program) {
+        Ok(_) => c,
+        Err(ConnError::Refused(r)) => {
+            die(&format!("memory daemon {addr} refused the handshake: {r}"))
+        }
+        Err(e) => die(&format!("memory daemon {addr}: handshake failed: {e}")),
+    }
+}
+
+fn program_name() -> String {
+    std::fs::read_link("/proc/self/exe")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Connects to the memory daemons, registers the region and starts the
+/// pager. Without `LEGO_MEMORY` in the environment the runtime stays off
+/// and the program runs with its heap in ordinary local memory.
+pub fn init() {
+    let _scope = RuntimeScope::enter();
+    let Some(cfg) = Config::from_env() else {
+        return;
+    };
+    region::ensure();
+    let region =
+        region::get().unwrap_or_else(|| die("runtime: cannot reserve the disaggregated region"));
+    let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    let program = program_name();
+    let pid = std::process::id();
+
+    let mut control = connect(&cfg.daemons[0], &program, cfg.timeout);
+    let space = match control.call(
+        1,
+        &Message::OpenSpace {
+            pid,
+            program: &program,
+            region_base: VirtAddr(region.base as u64),
+            region_bytes: region.len as u64,
+            bootstrap_bytes: heap::BOOTSTRAP_BYTES as u64,
+        },
+    ) {
+        Ok(f) => match f.message {
+            Message::SpaceOpened { space } => space,
+            other => die(&format!(
+                "memory daemon {}: cannot open an address space: {other:?}",
+                cfg.daemons[0]
+            )),
+        },
+        Err(e) => die(&format!("memory daemon {}: {e}", cfg.daemons[0])),
+    };
+    let daemons: Vec<Daemon> = cfg
+        .daemons
+        .iter()
+        .map(|addr| Daemon {
+            addr: addr.clone(),
+            conn: attach(addr, &program, space, region, cfg.timeout),
+        })
+        .collect();
+
+    uffd.register(region.base, region.len)
+        .unwrap_or_else(|e| die(&format!("runtime: {e}")));
+
+    let pages = region.len / PAGE_SIZE;
+    let budget_pages = (cfg.excache_bytes / PAGE_SIZE).max(16);
+    let mut cache = ExCache::new(pages, budget_pages);
+    // Pages the program touched before the runtime connected are resident
+    // and (for all we know) dirty.
+    let used = heap::BOOTSTRAP_USED
+        .load(Relaxed)
+        .min(heap::BOOTSTRAP_BYTES);
+    if let Ok(present) = mm::resident_pages(region.base, used / PAGE_SIZE) {
+        for (i, p) in present.into_iter().enumerate() {
+            if p {
+                cache.installed(i, true);
+            }
+        }
+    }
+    let n = daemons.len();
+    let rt = Box::new(Runtime {
+        region,
+        uffd,
+        shared: Mutex::new(Shared {
+            cache,
+            daemons,
+            next_id: 1,
+            victims: Vec::new(),
+            wb_addrs: vec![Vec::new(); n],
+            wb_data: vec![Vec::new(); n],
+            ranges: Vec::new(),
+            batch: (budget_pages / 16).clamp(8, 256),
+        }),
+        control: Mutex::new(Control {
+            conn: control,
+            next_id: 2,
+        }),
+        home_addr: cfg.daemons[0].clone(),
+        stats: cfg.stats,
+        pid,
+        pidfd: mm::own_pidfd(),
+        zero: Box::new([0; PAGE_SIZE]),
+    });
+    if let Some(s) = rt.stats {
+        s.processes.fetch_add(1, Relaxed);
+        s.budget_bytes
+            .store((budget_pages * PAGE_SIZE) as u64, Relaxed);
+    }
+    let rt: &'static Runtime = Box::leak(rt);
+    RUNTIME.store(rt as *const Runtime as *mut Runtime, Ordering::Release);
+    process::at_fork(before_fork, after_fork_parent, after_fork_child);
+    process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
+        .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));
+}
+
+fn attach(
+    addr: &str,
+    program: &str,
+    space: SpaceId,
+    region: Region,
+    timeout: Duration,
+) -> FramedConn<TcpStream> {
+    let mut c = connect(addr, program, timeout);
+    match c.call(
+        1,
+        &Message::AttachSpace {
+            space,
+            region_base: VirtAddr(region.base as u64),
+            region_bytes: region.len as u64,
+        },
+    ) {
+        Ok(f) if f.message == Message::Done => c,
+        Ok(f) => die(&format!(
+            "memory daemon {addr}: cannot attach: {:?}",
+            f.message
+        )),
+        Err(e) => die(&format!("memory daemon {addr}: {e}")),
+    }
+}
+
+extern "C" fn before_fork() {
+    heap::prepare_fork();
+}
+extern "C" fn after_fork_parent() {
+    heap::finish_fork();
+}
+extern "C" fn after_fork_child() {
+    DETACHED.store(true, Relaxed);
+    heap::finish_fork();
+}
+
+impl Runtime {
+    fn page_index(&self, addr: usize) -> usize {
+        (addr - self.region.base) / PAGE_SIZE
+    }
+
+    fn page_addr(&self, index: usize) -> usize {
+        self.region.base + index * PAGE_SIZE
+    }
+
+    fn daemon_of(&self, addr: usize, n: usize) -> usize {
+        ((addr - self.region.base) / VREGION_BYTES) % n
+    }
+
+    fn pager_loop(&'static self) -> ! {
+        let _scope = RuntimeScope::enter();
+        let mut faults: Vec<Fault> = Vec::with_capacity(16);
+        let mut fds: Vec<libc::pollfd> = vec![libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        for d in &lock(&self.shared).daemons {
+            fds.push(libc::pollfd {
+                fd: d.conn.stream().raw_fd().unwrap_or(-1),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            });
+        }
+        let mut last_sample = Instant::now();
+        loop {
+            let _ = process::poll(&mut fds, 500);
+            if fds[1..].iter().any(|f| f.revents != 0) {
+                self.check_daemons();
+            }
+            if fds[0].revents != 0 {
+                match self.uffd.read_faults(&mut faults) {
+                    Ok(_) => {
+                        for f in &faults {
+                            self.serve(*f);
+                        }
+                    }
+                    Err(e) => die(&format!("runtime: reading userfaultfd events failed: {e}")),
+                }
+            }
+            if last_sample.elapsed() >= Duration::from_millis(500) {
+                self.sample_coverage();
+                last_sample = Instant::now();
+            }
+        }
+    }
+
+    /// A daemon socket became readable while no request was in flight: the
+    /// daemon went away (or broke the protocol). Its pages are lost.
+    fn check_daemons(&self) {
+        let mut g = lock(&self.shared);
+        for d in &mut g.daemons {
+            let mut p = [libc::pollfd {
+                fd: d.conn.stream().raw_fd().unwrap_or(-1),
+                events: libc::POLLIN | libc::POLLRDHUP,
+                revents: 0,
+            }];
+            if process::poll(&mut p, 0).unwrap_or(0) == 0 {
+                continue;
+            }
+            let why = match d.conn.recv() {
+                Err(ConnError::Closed) => "closed the connection".to_string(),
+                Err(e) => e.to_string(),
+                Ok(f) => format!("sent an unexpected {:?}", f.message),
+            };
+            die(&format!(
+                "memory daemon {} {why}; the program's pages there are lost, stopping it",
+                d.addr
+            ));
+        }
+    }
+
+    /// Serves one fault event.
+    fn serve(&self, f: Fault) {
+        if !self.region.contains(f.page) {
+            let _ = self.uffd.wake(f.page, PAGE_SIZE);
+            return;
+        }
+        let i = self.page_index(f.page);
+        let mut g = lock(&self.shared);
+        if g.cache.is_resident(i) {
+            if f.wp {
+                g.cache.dirtied(i);
+                if let Some(s) = self.stats {
+                    s.dirtied.fetch_add(1, Relaxed);
+                }
+                if let Err(e) = self.uffd.write_protect(f.page, PAGE_SIZE, false) {
+                    die(&format!("runtime: cannot unprotect a page: {e}"));
+                }
+            } else {
+                let _ = self.uffd.wake(f.page, PAGE_SIZE);
+            }
+            return;
+        }
+        let start = Instant::now();
+        while !g.cache.has_room(1) {
+            self.evict_batch(&mut g);
+        }
+        let remote = g.cache.is_remote(i);
+        let installed = if remote {
+            let n = g.daemons.len();
+            let d = self.daemon_of(f.page, n);
+            let id = g.next_id;
+            g.next_id += 1;
+            let daemon = &mut g.daemons[d];
+            let (out0, in0) = (daemon.conn.bytes_out, daemon.conn.bytes_in);
+            let reply = daemon.conn.call(
+                id,
+                &Message::ReadPages {
+                    addrs: vec![VirtAddr(f.page as u64)],
+                },
+            );
+            let r = match reply {
+                Ok(frame) => match frame.message {
+                    Message::Pages { data } if data.len() == PAGE_SIZE => {
+                        self.uffd.copy(f.page, data, !f.write)
+                    }
+                    other => die(&format!(
+                        "memory daemon {} answered a page read with {other:?}",
+                        daemon.addr
+                    )),
+                },
+                Err(e) => self.daemon_failed(&daemon.addr, e),
+            };
+            if let Some(s) = self.stats {
+                s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
+                s.bytes_in.fetch_add(daemon.conn.bytes_in - in0, Relaxed);
+            }
+            r
+        } else {
+            self.uffd.copy(f.page, &self.zero[..], !f.write)
+        };
+        match installed {
+            Ok(_) => g.cache.installed(i, f.write),
+            // The range was unmapped under us (munmap raced the fault).
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let _ = self.uffd.wake(f.page, PAGE_SIZE);
+                return;
+            }
+            Err(e) => die(&format!("runtime: cannot install page {:#x}: {e}", f.page)),
+        }
+        if let Some(s) = self.stats {
+            if remote {
+                s.remote_misses.fetch_add(1, Relaxed);
+            } else {
+                s.zero_fills.fetch_add(1, Relaxed);
+            }
+            s.record_latency(start.elapsed().as_micros() as u64);
+            s.peak_resident_bytes
+                .fetch_max((g.cache.resident() * PAGE_SIZE) as u64, Relaxed);
+        }
+    }
+
+    fn daemon_failed(&self, addr: &str, e: ConnError) -> ! {
+        match e {
+            ConnError::TimedOut => die(&format!(
+                "memory daemon {addr} did not answer in time; stopping the program"
+            )),
+            ConnError::Closed => die(&format!(
+                "memory daemon {addr} closed the connection; the program's pages there are lost, stopping it"
+            )),
+            e => die(&format!("memory daemon {addr}: {e}; stopping the program")),
+        }
+    }
+
+    /// Evicts the oldest batch of resident pages.
+    fn evict_batch(&self, g: &mut Shared) {
+        let mut victims = std::mem::take(&mut g.victims);
+        g.cache.pick_victims(g.batch, &mut victims);
+        if victims.is_empty() {
+            die("runtime: ExCache is full but nothing can be evicted");
+        }
+        self.write_back_and_drop(g, &victims);
+        g.victims = victims;
+    }
+
+    /// Writes back the dirty pages among `victims`, waits for every ack,
+    /// then drops them all locally.
+    fn write_back_and_drop(&self, g: &mut Shared, victims: &[Victim]) {
+        let n = g.daemons.len();
+        for d in 0..n {
+            g.wb_addrs[d].clear();
+            g.wb_data[d].clear();
+        }
+        let mut dirty = 0u64;
+        for v in victims.iter().filter(|v| v.dirty) {
+            let addr = self.page_addr(v.index);
+            // Stop writers before copying: a write after the copy would be lost.
+            if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true) {
+                die(&format!(
+                    "runtime: cannot write-protect a page for eviction: {e}"
+                ));
+            }
+            let d = self.daemon_of(addr, n);
+            g.wb_addrs[d].push(VirtAddr(addr as u64));
+            let buf = &mut g.wb_data[d];
+            let at = buf.len();
+            buf.resize(at + PAGE_SIZE, 0);
+            // SAFETY: addr is a resident page of the region: only this code
+            // (under the shared lock) drops region pages, and writers are
+            // stopped by the write protection just set.
+            unsafe { mm::copy_page_out(addr, &mut buf[at..]) };
+            dirty += 1;
+        }
+        if dirty > 0 {
+            self.send_writebacks(g);
+        }
+        g.ranges.clear();
+        for v in victims {
+            let addr = self.page_addr(v.index);
+            match g.ranges.last_mut() {
+                Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
+                _ => g.ranges.push((addr, PAGE_SIZE)),
+            }
+        }
+        if let Err(e) = mm::drop_pages(&g.ranges, self.pidfd) {
+            die(&format!("runtime: cannot drop evicted pages: {e}"));
+        }
+        for v in victims {
+            g.cache.evicted(*v);
+        }
+        if let Some(s) = self.stats {
+            s.evictions.fetch_add(victims.len() as u64, Relaxed);
+            s.writebacks.fetch_add(dirty, Relaxed);
+        }
+    }
+
+    /// Sends the batched writebacks to every daemon (all requests first,
+    /// then all acks) and checks each ack.
+    fn send_writebacks(&self, g: &mut Shared) {
+        let n = g.daemons.len();
+        let mut pending = Vec::new();
+        for d in 0..n {
+            let addrs = std::mem::take(&mut g.wb_addrs[d]);
+            let data = std::mem::take(&mut g.wb_data[d]);
+            for (k, chunk) in addrs.chunks(MAX_BATCH_PAGES).enumerate() {
+                let id = g.next_id;
+                g.next_id += 1;
+                let from = k * MAX_BATCH_PAGES * PAGE_SIZE;
+                let bytes = &data[from..from + chunk.len() * PAGE_SIZE];
+                let daemon = &mut g.daemons[d];
+                let out0 = daemon.conn.bytes_out;
+                if let Err(e) = daemon.conn.send(
+                    id,
+                    &Message::WritePages {
+                        addrs: chunk.to_vec(),
+                        data: bytes,
+                    },
+                ) {
+                    self.daemon_failed(&daemon.addr, e);
+                }
+                if let Some(s) = self.stats {
+                    s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
+                }
+                pending.push((d, id));
+            }
+            g.wb_addrs[d] = addrs;
+            g.wb_data[d] = data;
+        }
+        for (d, id) in pending {
+            let daemon = &mut g.daemons[d];
+            let in0 = daemon.conn.bytes_in;
+            match daemon.conn.recv() {
+                Ok(f) if f.request_id == id && f.message == Message::Done => {}
+                Ok(f) => match f.message {
+                    Message::Error {
+                        code: ErrorCode::NoMemory,
+                        message,
+                    } => die(&format!(
+                        "memory daemon {} is out of memory ({message}); cannot write back evicted pages, stopping the program",
+                        daemon.addr
+                    )),
+                    other => die(&format!(
+                        "memory daemon {} refused a writeback: {other:?}",
+                        daemon.addr
+                    )),
+                },
+                Err(e) => self.daemon_failed(&daemon.addr, e),
+            }
+            if let Some(s) = self.stats {
+                s.bytes_in.fetch_add(daemon.conn.bytes_in - in0, Relaxed);
+            }
+        }
+    }
+
+    /// One request on the layout connection.
+    fn layout_call(&self, msg: &Message<'_>) -> Result<Message<'static>, Errno> {
+        let mut c = lock(&self.control);
+        let id = c.next_id;
+        c.next_id += 1;
+        let reply = match c.conn.call(id, msg) {
+            Ok(f) => f.message,
+            Err(e) => self.daemon_failed(&self.home_addr, e),
+        };
+        match reply {
+            Message::Mapped { addr } => Ok(Message::Mapped { addr }),
+            Message::BrkIs { brk } => Ok(Message::BrkIs { brk }),
+            Message::Done => Ok(Message::Done),
+            Message::Error { code, .. } => Err(Errno(code.errno())),
+            other => die(&format!(
+                "memory daemon {} sent an unexpected {other:?}",
+                self.home_addr
+            )),
+        }
+    }
+
+    /// Places a new anonymous mapping in the region.
+    pub fn map(&self, len: usize) -> Result<usize, Errno> {
+        let _scope = RuntimeScope::enter();
+        match self.layout_call(&Message::Mmap { len: len as u64 })? {
+            Message::Mapped { addr } => Ok(addr.0 as usize),
+            _ => Err(Errno(libc::ENOMEM)),
+        }
+    }
+
+    /// Forgets the contents of `[addr, addr+len)` locally and at the
+    /// non-home daemons (the home forgets its own as part of `msg`).
+    fn forget(&self, g: &mut Shared, addr: usize, len: usize, home_done: bool) {
+        let first = self.page_index(addr);
+        g.cache.discard(first, len / PAGE_SIZE);
+        if let Err(e) = mm::madvise_raw(addr, len, libc::MADV_DONTNEED) {
+            die(&format!("runtime: cannot drop pages: {e}"));
+        }
+        // Each daemon holding a vRegion of the range forgets its part.
+        let n = g.daemons.len();
+        let mut seen = vec![false; n];
+        let mut a = addr;
+        while a < addr + len {
+            seen[self.daemon_of(a, n)] = true;
+            a = self.region.base + ((a - self.region.base) / VREGION_BYTES + 1) * VREGION_BYTES;
+        }
+        for (d, s) in seen.into_iter().enumerate() {
+            if !s || (home_done && d == 0) {
+                continue;
+            }
+            let id = g.next_id;
+            g.next_id += 1;
+            let daemon = &mut g.daemons[d];
+            match daemon.conn.call(
+                id,
+                &Message::Discard {
+                    addr: VirtAddr(addr as u64),
+                    len: len as u64,
+                },
+            ) {
+                Ok(f) if f.message == Message::Done => {}
+                Ok(f) => die(&format!(
+                    "memory daemon {}: discard failed: {:?}",
+                    daemon.addr, f.message
+                )),
+                Err(e) => self.daemon_failed(&daemon.addr, e),
+            }
+        }
+    }
+
+    /// Unmaps a range of the region: contents are freed here and remotely,
+    /// the address range returns to the layout.
+    pub fn unmap(&self, addr: usize, len: usize) -> Result<(), Errno> {
+        let _scope = RuntimeScope::enter();
+        let len = page_align_up(len);
+        if addr % PAGE_SIZE != 0 || !self.region.covers(addr, len) {
+            return Err(Errno(libc::EINVAL));
+        }
+        let mut g = lock(&self.shared);
+        self.layout_call(&Message::Munmap {
+            addr: VirtAddr(addr as u64),
+            len: len as u64,
+        })?;
+        self.forget(&mut g, addr, len, true);
+        Ok(())
+    }
+
+    /// `madvise(MADV_DONTNEED/FREE)` on the region: contents read back as
+    /// zeros afterwards.
+    pub fn discard(&self, addr: usize, len: usize) -> Result<(), Errno> {
+        let _scope = RuntimeScope::enter();
+        let len = page_align_up(len);
+        if addr % PAGE_SIZE != 0 || !self.region.covers(addr, len) {
+            return Err(Errno(libc::EINVAL));
+        }
+        let mut g = lock(&self.shared);
+        self.forget(&mut g, addr, len, false);
+        Ok(())
+    }
+
+    /// `mremap` of a region mapping. Contents of a moved mapping are copied
+    /// page by page through this process (old and new addresses may belong
+    /// to different daemons).
+    pub fn remap(
+        &self,
+        old: usize,
+        old_len: usize,
+        new_len: usize,
+        may_move: bool,
+    ) -> Result<usize, Errno> {
+        let _scope = RuntimeScope::enter();
+        let (old_len, new_len) = (page_align_up(old_len), page_align_up(new_len));
+        if old % PAGE_SIZE != 0 || new_len == 0 || !self.region.covers(old, old_len) {
+            return Err(Errno(libc::EINVAL));
+        }
+        let mut g = lock(&self.shared);
+        // Every page of the old range goes remote (or stays never-written).
+        let resident = g
+            .cache
+            .resident_in(self.page_index(old), old_len / PAGE_SIZE);
+        if !resident.is_empty() {
+            self.write_back_and_drop(&mut g, &resident);
+        }
+        let new = match self.layout_call(&Message::Mremap {
+            old: VirtAddr(old as u64),
+            old_len: old_len as u64,
+            new_len: new_len as u64,
+            may_move,
+        })? {
+            Message::Mapped { addr } => addr.0 as usize,
+            _ => return Err(Errno(libc::ENOMEM)),
+        };
+        if new_len < old_len {
+            self.forget(&mut g, old + new_len, old_len - new_len, true);
+        }
+        if new != old {
+            self.move_contents(&mut g, old, new, old_len.min(new_len));
+            self.forget(&mut g, old, old_len.min(new_len), false);
+        }
+        Ok(new)
+    }
+
+    /// Copies the remote pages of `[from, from+len)` to `to`.
+    fn move_contents(&self, g: &mut Shared, from: usize, to: usize, len: usize) {
+        let n = g.daemons.len();
+        let remote: Vec<usize> = (0..len / PAGE_SIZE)
+            .filter(|k| g.cache.is_remote(self.page_index(from) + k))
+            .collect();
+        for chunk in remote.chunks(MAX_BATCH_PAGES) {
+            for &k in chunk {
+                let src = from + k * PAGE_SIZE;
+                let d = self.daemon_of(src, n);
+                let id = g.next_id;
+                g.next_id += 1;
+                let daemon = &mut g.daemons[d];
+                let page = match daemon.conn.call(
+                    id,
+                    &Message::ReadPages {
+                        addrs: vec![VirtAddr(src as u64)],
+                    },
+                ) {
+                    Ok(f) => match f.message {
+                        Message::Pages { data } => data.to_vec(),
+                        other => die(&format!("memory daemon {}: {other:?}", daemon.addr)),
+                    },
+                    Err(e) => self.daemon_failed(&daemon.addr, e),
+                };
+                let dst = to + k * PAGE_SIZE;
+                let d = self.daemon_of(dst, n);
+                g.wb_addrs[d].push(VirtAddr(dst as u64));
+                g.wb_data[d].extend_from_slice(&page);
+            }
+            self.send_writebacks(g);
+            for d in 0..n {
+                g.wb_addrs[d].clear();
+                g.wb_data[d].clear();
+            }
+        }
+        let (first_from, first_to) = (self.page_index(from), self.page_index(to));
+        g.cache.move_remote(first_from, first_to, len / PAGE_SIZE);
+    }
+
+    /// Moves the program break (`0` queries it).
+    pub fn brk(&self, new_brk: usize) -> usize {
+        let _scope = RuntimeScope::enter();
+        let mut g = lock(&self.shared);
+        let old = match self.layout_call(&Message::Brk {
+            new_brk: VirtAddr(0),
+        }) {
+            Ok(Message::BrkIs { brk }) => brk.0 as usize,
+            _ => return 0,
+        };
+        if new_brk == 0 {
+            return old;
+        }
+        let now = match self.layout_call(&Message::Brk {
+            new_brk: VirtAddr(new_brk as u64),
+        }) {
+            Ok(Message::BrkIs { brk }) => brk.0 as usize,
+            _ => old,
+        };
+        let (old_top, new_top) = (page_align_up(old), page_align_up(now));
+        if new_top < old_top {
+            self.forget(&mut g, new_top, old_top - new_top, true);
+        }
+        now
+    }
+
+    /// Records this process's coverage: its disaggregated footprint against
+    /// the anonymous memory it has outside the region.
+    pub fn sample_coverage(&self) {
+        let Some(stats) = self.stats else {
+            return;
+        };
+        let _scope = RuntimeScope::enter();
+        let Ok(smaps) = std::fs::read_to_string("/proc/self/smaps") else {
+            return;
+        };
+        let local = coverage::anonymous_outside(
+            &smaps,
+            self.region.base,
+            self.region.base + self.region.len,
+        );
+        let holding = lock(&self.shared).cache.holding();
+        stats.record_coverage(self.pid, (holding * PAGE_SIZE) as u64, local);
+    }
+}
