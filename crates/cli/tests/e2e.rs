@@ -1,0 +1,429 @@
+//! End-to-end tests: real, unmodified programs (Debian's python3, sort,
+//! sqlite3, and C programs compiled here) run under `lego run` through real
+//! memory daemons over TCP on loopback, with an ExCache well below their
+//! working set; output is compared with a plain run of the same program.
+//!
+//! Needs the workspace built (`liblego_runtime.so` next to `lego`), gcc,
+//! python3, sqlite3 and coreutils: `scripts/test` and `.ci/run` see to it.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn lego() -> PathBuf {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_lego"));
+    let lib = exe.with_file_name("liblego_runtime.so");
+    assert!(
+        lib.is_file(),
+        "{} is missing: build the workspace first (scripts/test does)",
+        lib.display()
+    );
+    exe
+}
+
+fn tmp() -> PathBuf {
+    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
+}
+
+fn programs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs")
+}
+
+/// Compiles tests/programs/NAME.c once per test binary run.
+fn compile(name: &str, extra: &[&str]) -> PathBuf {
+    let out = tmp().join(format!("{name}{}", extra.join("")));
+    let status = Command::new("gcc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(programs().join(format!("{name}.c")))
+        .args(extra)
+        .status()
+        .expect("gcc runs");
+    assert!(status.success(), "compiling {name}.c failed");
+    out
+}
+
+/// Waits for `cond` for at most `limit`.
+fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cond()
+}
+
+fn plain(cmd: &[&str], stdin: Option<&Path>) -> Output {
+    let mut c = Command::new(cmd[0]);
+    c.args(&cmd[1..]);
+    if let Some(f) = stdin {
+        c.stdin(std::fs::File::open(f).unwrap());
+    }
+    c.output().expect("plain run")
+}
+
+/// Runs `cmd` under lego; returns the output and the parsed `--stats` JSON.
+fn under_lego(lego_args: &[&str], cmd: &[&str], stdin: Option<&Path>) -> (Output, serde_json::Value) {
+    let stats = tmp().join(format!("stats-{}-{}.json", std::process::id(), unique()));
+    let mut c = Command::new(lego());
+    c.arg("run").args(lego_args).arg("--stats").arg(&stats).arg("--").args(cmd);
+    if let Some(f) = stdin {
+        c.stdin(std::fs::File::open(f).unwrap());
+    }
+    let out = c.output().expect("lego runs");
+    let json = std::fs::read_to_string(&stats)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(serde_json::Value::Null);
+    (out, json)
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Output equal to the plain run, success, real paging, and coverage ≥ 90%.
+fn assert_same_as_plain(name: &str, lego_args: &[&str], cmd: &[&str], stdin: Option<&Path>) {
+    let expect = plain(cmd, stdin);
+    assert!(expect.status.success(), "{name}: plain run failed: {}", text(&expect.stderr));
+    let (got, stats) = under_lego(lego_args, cmd, stdin);
+    assert!(got.status.success(), "{name} under lego failed: {}", text(&got.stderr));
+    assert_eq!(text(&got.stdout), text(&expect.stdout), "{name}: output differs from a plain run");
+    let evictions = stats["evictions"].as_u64().unwrap_or(0);
+    assert!(evictions > 0, "{name}: the ExCache never filled up: {stats}");
+    let coverage = stats["coverage"]["fraction"].as_f64().unwrap_or(0.0);
+    assert!(coverage >= 0.90, "{name}: coverage {coverage:.3} below 90%: {stats}");
+    assert!(
+        stats["peak_resident_bytes"].as_u64().unwrap() <= stats["excache_bytes"].as_u64().unwrap(),
+        "{name}: resident beyond the budget: {stats}"
+    );
+}
+
+#[test]
+fn no_lost_or_stale_write_under_concurrent_writers() {
+    // 64 MiB working set, 8x the ExCache, four threads writing and checking.
+    let prog = compile("checksum_stress", &[]);
+    let p = prog.to_str().unwrap();
+    assert_same_as_plain("checksum_stress", &["--excache", "8M"], &[p, "64", "4", "3"], None);
+}
+
+#[test]
+fn kernel_reads_and_writes_non_resident_buffers() {
+    let prog = compile("kernel_access", &[]);
+    let f1 = tmp().join("kernel_access.plain");
+    let f2 = tmp().join("kernel_access.lego");
+    let expect = plain(&[prog.to_str().unwrap(), "32", f1.to_str().unwrap()], None);
+    let (got, stats) = under_lego(&["--excache", "4M"], &[prog.to_str().unwrap(), "32", f2.to_str().unwrap()], None);
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert_eq!(text(&got.stdout), text(&expect.stdout));
+    assert_eq!(std::fs::read(&f1).unwrap(), std::fs::read(&f2).unwrap());
+    assert!(stats["remote_misses"].as_u64().unwrap() > 0, "{stats}");
+}
+
+#[test]
+fn python_builds_and_checksums_a_200mb_structure() {
+    let script = programs().join("build_structure.py");
+    assert_same_as_plain(
+        "python3",
+        &["--excache", "96M"],
+        &["python3", script.to_str().unwrap(), "450000"],
+        None,
+    );
+}
+
+#[test]
+fn gnu_sort_of_a_300mb_file() {
+    let input = tmp().join("sort-input.txt");
+    if !input.exists() {
+        let gen = Command::new("python3")
+            .arg("-c")
+            .arg(
+                "import random,sys\nr=random.Random(1)\nw=sys.stdout.write\n\
+                 for i in range(6000000): w('%016x %s\\n' % (r.getrandbits(64), 'x'*r.randint(10,60)))",
+            )
+            .stdout(std::fs::File::create(&input).unwrap())
+            .status()
+            .unwrap();
+        assert!(gen.success());
+    }
+    let i = input.to_str().unwrap();
+    assert_same_as_plain("sort", &["--excache", "48M"], &["sort", "-S", "64M", i], None);
+}
+
+#[test]
+fn sqlite3_in_memory_query_workload() {
+    let sql = programs().join("queries.sql");
+    assert_same_as_plain("sqlite3", &["--excache", "16M"], &["sqlite3", ":memory:"], Some(&sql));
+}
+
+/// A memory daemon in its own process.
+struct Daemon {
+    child: Child,
+    addr: String,
+}
+
+impl Daemon {
+    fn start(capacity: &str) -> Daemon {
+        let mut child = Command::new(lego())
+            .args(["memory", "--listen", "127.0.0.1:0", "--capacity", capacity])
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines.next().expect("daemon prints its address").unwrap();
+            if let Some(rest) = line.strip_prefix("lego memory: serving on ") {
+                break rest.split(' ').next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        Daemon { child, addr }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let out = Command::new(lego())
+            .args(["status", "--json", "--memory", &self.addr])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn child_pid_of(pid: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    children.split_whitespace().next()?.parse().ok()
+}
+
+/// Resident bytes of the disaggregated region (the 64 GiB mapping), from
+/// outside the process.
+fn region_rss(pid: u32) -> Option<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let mut in_region = false;
+    let mut rss = 0;
+    for line in smaps.lines() {
+        if let Some(size) = line.strip_prefix("Size:") {
+            let kb: u64 = size.trim().trim_end_matches(" kB").parse().ok()?;
+            in_region = kb >= 32 << 20;
+        } else if let Some(r) = line.strip_prefix("Rss:") {
+            if in_region {
+                rss += r.trim().trim_end_matches(" kB").parse::<u64>().ok()? * 1024;
+            }
+        }
+    }
+    Some(rss)
+}
+
+/// The README's stated slack over the ExCache budget.
+const BUDGET_SLACK_BYTES: u64 = 1 << 20;
+
+#[test]
+fn resident_memory_stays_within_the_budget_seen_from_outside() {
+    let prog = compile("touch_pages", &[]);
+    let budget: u64 = 16 << 20;
+    let mut lego_run = Command::new(lego())
+        .args(["run", "--excache", "16M", "--"])
+        .arg(&prog)
+        .args(["128", "6"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lego_pid = lego_run.id();
+    let mut samples = 0;
+    let mut max_rss = 0;
+    let mut pid = None;
+    while lego_run.try_wait().unwrap().is_none() {
+        if pid.is_none() {
+            pid = child_pid_of(lego_pid);
+        }
+        if let Some(rss) = pid.and_then(region_rss) {
+            max_rss = max_rss.max(rss);
+            samples += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = lego_run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(samples > 20, "too few samples ({samples}) to judge");
+    assert!(max_rss > budget / 2, "the program never used its ExCache ({max_rss} bytes)");
+    assert!(
+        max_rss <= budget + BUDGET_SLACK_BYTES,
+        "resident {max_rss} bytes exceeds the budget {budget} + slack"
+    );
+}
+
+#[test]
+fn killed_memory_daemon_stops_the_program_with_a_clear_error() {
+    let prog = compile("touch_pages", &[]);
+    let mut daemon = Daemon::start("1G");
+    let mut run = Command::new(lego())
+        .args(["run", "--excache", "8M", "--memory", &daemon.addr, "--"])
+        .arg(&prog)
+        .args(["64", "100000"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(run.stdout.take().unwrap()).lines();
+    // Wait until the program has gone around its working set twice.
+    for _ in 0..2 {
+        lines.next().expect("progress").unwrap();
+    }
+    daemon.child.kill().unwrap();
+    let killed = Instant::now();
+    let ended = wait_until(Duration::from_secs(10), || run.try_wait().unwrap().is_some());
+    assert!(ended, "program still running 10 s after its memory daemon died");
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "took {took:?} to stop");
+    let out = run.wait_with_output().unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("memory daemon") && err.contains(&daemon.addr), "{err}");
+}
+
+#[test]
+fn process_memory_is_freed_at_the_daemon_after_exit() {
+    let prog = compile("touch_pages", &[]);
+    let daemon = Daemon::start("1G");
+    for _ in 0..3 {
+        let (out, _) = under_lego(&["--excache", "4M", "--memory", &daemon.addr], &[prog.to_str().unwrap(), "32", "1"], None);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || daemon.status()["used_bytes"] == 0),
+        "daemon still holds memory: {}",
+        daemon.status()
+    );
+    assert_eq!(daemon.status()["spaces"], 0);
+}
+
+#[test]
+fn full_memory_daemon_stops_the_program_and_keeps_serving() {
+    let prog = compile("touch_pages", &[]);
+    let daemon = Daemon::start("16M");
+    let (out, _) = under_lego(&["--excache", "4M", "--memory", &daemon.addr], &[prog.to_str().unwrap(), "64", "1"], None);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("out of memory"), "{err}");
+    // The daemon is still up and has freed the dead program's pages.
+    assert!(wait_until(Duration::from_secs(5), || daemon.status()["used_bytes"] == 0));
+}
+
+#[test]
+fn two_memory_daemons_serve_one_program() {
+    let prog = compile("checksum_stress", &[]);
+    let (a, b) = (Daemon::start("1G"), Daemon::start("1G"));
+    let (out, stats) = under_lego(
+        &["--excache", "8M", "--memory", &a.addr, "--memory", &b.addr],
+        &[prog.to_str().unwrap(), "32", "2", "2"],
+        None,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("mismatches=0"), "{}", text(&out.stdout));
+    assert!(stats["writebacks"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn statically_linked_program_is_refused_before_it_starts() {
+    let prog = compile("touch_pages", &["-static"]);
+    let out = Command::new(lego()).args(["run", "--"]).arg(&prog).args(["1", "1"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(err.contains("statically linked"), "{err}");
+    assert!(out.stdout.is_empty(), "the program must not have run");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+}
+
+#[test]
+fn user_without_userfaultfd_access_is_told_why() {
+    // nobody cannot open /dev/userfaultfd (root-only) and unprivileged
+    // userfaultfd is off by default.
+    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    if unpriv.trim() != "0" {
+        eprintln!("skipped: unprivileged userfaultfd is enabled on this machine");
+        return;
+    }
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(lego())
+        .args(["run", "--", "true"])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(err.contains("userfaultfd") && err.contains("permission"), "{err}");
+}
+
+#[test]
+fn exit_status_signals_and_stdio_pass_through() {
+    let out = Command::new(lego()).args(["run", "--", "sh", "-c", "exit 7"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(7));
+
+    use std::os::unix::process::ExitStatusExt;
+    let out = Command::new(lego()).args(["run", "--", "sh", "-c", "kill -SEGV $$"]).output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc_sigsegv()), "{:?}", out.status);
+
+    let mut c = Command::new(lego())
+        .args(["run", "--", "cat"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    c.stdin.take().unwrap().write_all(b"through the pipe\n").unwrap();
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "through the pipe\n");
+    assert!(text(&out.stderr).contains("lego: exit 0"), "summary on stderr");
+
+    // SIGTERM to lego reaches the program.
+    let mut c = Command::new(lego())
+        .args(["run", "--", "sleep", "30"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = c.id();
+    assert!(wait_until(Duration::from_secs(5), || child_pid_of(pid).is_some()));
+    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(wait_until(Duration::from_secs(5), || c.try_wait().unwrap().is_some()), "SIGTERM was not passed on");
+    assert_eq!(c.wait().unwrap().signal(), Some(15));
+}
+
+fn libc_sigsegv() -> i32 {
+    11
+}
+
+#[test]
+fn bad_arguments_get_one_line_errors() {
+    for (args, needle) in [
+        (vec!["run", "--excache", "lots", "--", "true"], "invalid size"),
+        (vec!["run", "--memory", "127.0.0.1:1", "--", "true"], "127.0.0.1:1"),
+        (vec!["run", "--memory", "not-an-address", "--", "true"], "not-an-address"),
+        (vec!["run", "--", "/no/such/program"], "not found"),
+        (vec!["memory", "--listen", "nonsense", "--capacity", "1G"], "nonsense"),
+        (vec!["memory", "--listen", "127.0.0.1:0", "--capacity", "-3"], "invalid size"),
+        (vec!["status", "--memory", "127.0.0.1:1"], "127.0.0.1:1"),
+    ] {
+        let out = Command::new(lego()).args(&args).output().unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+}
