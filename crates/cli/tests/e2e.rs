@@ -66,10 +66,19 @@ fn plain(cmd: &[&str], stdin: Option<&Path>) -> Output {
 }
 
 /// Runs `cmd` under lego; returns the output and the parsed `--stats` JSON.
-fn under_lego(lego_args: &[&str], cmd: &[&str], stdin: Option<&Path>) -> (Output, serde_json::Value) {
+fn under_lego(
+    lego_args: &[&str],
+    cmd: &[&str],
+    stdin: Option<&Path>,
+) -> (Output, serde_json::Value) {
     let stats = tmp().join(format!("stats-{}-{}.json", std::process::id(), unique()));
     let mut c = Command::new(lego());
-    c.arg("run").args(lego_args).arg("--stats").arg(&stats).arg("--").args(cmd);
+    c.arg("run")
+        .args(lego_args)
+        .arg("--stats")
+        .arg(&stats)
+        .arg("--")
+        .args(cmd);
     if let Some(f) = stdin {
         c.stdin(std::fs::File::open(f).unwrap());
     }
@@ -94,14 +103,32 @@ fn text(b: &[u8]) -> String {
 /// Output equal to the plain run, success, real paging, and coverage ≥ 90%.
 fn assert_same_as_plain(name: &str, lego_args: &[&str], cmd: &[&str], stdin: Option<&Path>) {
     let expect = plain(cmd, stdin);
-    assert!(expect.status.success(), "{name}: plain run failed: {}", text(&expect.stderr));
+    assert!(
+        expect.status.success(),
+        "{name}: plain run failed: {}",
+        text(&expect.stderr)
+    );
     let (got, stats) = under_lego(lego_args, cmd, stdin);
-    assert!(got.status.success(), "{name} under lego failed: {}", text(&got.stderr));
-    assert_eq!(text(&got.stdout), text(&expect.stdout), "{name}: output differs from a plain run");
+    assert!(
+        got.status.success(),
+        "{name} under lego failed: {}",
+        text(&got.stderr)
+    );
+    assert_eq!(
+        text(&got.stdout),
+        text(&expect.stdout),
+        "{name}: output differs from a plain run"
+    );
     let evictions = stats["evictions"].as_u64().unwrap_or(0);
-    assert!(evictions > 0, "{name}: the ExCache never filled up: {stats}");
+    assert!(
+        evictions > 0,
+        "{name}: the ExCache never filled up: {stats}"
+    );
     let coverage = stats["coverage"]["fraction"].as_f64().unwrap_or(0.0);
-    assert!(coverage >= 0.90, "{name}: coverage {coverage:.3} below 90%: {stats}");
+    assert!(
+        coverage >= 0.90,
+        "{name}: coverage {coverage:.3} below 90%: {stats}"
+    );
     assert!(
         stats["peak_resident_bytes"].as_u64().unwrap() <= stats["excache_bytes"].as_u64().unwrap(),
         "{name}: resident beyond the budget: {stats}"
@@ -113,7 +140,12 @@ fn no_lost_or_stale_write_under_concurrent_writers() {
     // 64 MiB working set, 8x the ExCache, four threads writing and checking.
     let prog = compile("checksum_stress", &[]);
     let p = prog.to_str().unwrap();
-    assert_same_as_plain("checksum_stress", &["--excache", "8M"], &[p, "64", "4", "3"], None);
+    assert_same_as_plain(
+        "checksum_stress",
+        &["--excache", "8M"],
+        &[p, "64", "4", "3"],
+        None,
+    );
 }
 
 #[test]
@@ -122,7 +154,11 @@ fn kernel_reads_and_writes_non_resident_buffers() {
     let f1 = tmp().join("kernel_access.plain");
     let f2 = tmp().join("kernel_access.lego");
     let expect = plain(&[prog.to_str().unwrap(), "32", f1.to_str().unwrap()], None);
-    let (got, stats) = under_lego(&["--excache", "4M"], &[prog.to_str().unwrap(), "32", f2.to_str().unwrap()], None);
+    let (got, stats) = under_lego(
+        &["--excache", "4M"],
+        &[prog.to_str().unwrap(), "32", f2.to_str().unwrap()],
+        None,
+    );
     assert!(got.status.success(), "{}", text(&got.stderr));
     assert_eq!(text(&got.stdout), text(&expect.stdout));
     assert_eq!(std::fs::read(&f1).unwrap(), std::fs::read(&f2).unwrap());
@@ -156,13 +192,23 @@ fn gnu_sort_of_a_300mb_file() {
         assert!(gen.success());
     }
     let i = input.to_str().unwrap();
-    assert_same_as_plain("sort", &["--excache", "48M"], &["sort", "-S", "64M", i], None);
+    assert_same_as_plain(
+        "sort",
+        &["--excache", "48M"],
+        &["sort", "-S", "64M", i],
+        None,
+    );
 }
 
 #[test]
 fn sqlite3_in_memory_query_workload() {
     let sql = programs().join("queries.sql");
-    assert_same_as_plain("sqlite3", &["--excache", "16M"], &["sqlite3", ":memory:"], Some(&sql));
+    assert_same_as_plain(
+        "sqlite3",
+        &["--excache", "16M"],
+        &["sqlite3", ":memory:"],
+        Some(&sql),
+    );
 }
 
 /// A memory daemon in its own process.
@@ -262,7 +308,10 @@ fn resident_memory_stays_within_the_budget_seen_from_outside() {
     let out = lego_run.wait_with_output().unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(samples > 20, "too few samples ({samples}) to judge");
-    assert!(max_rss > budget / 2, "the program never used its ExCache ({max_rss} bytes)");
+    assert!(
+        max_rss > budget / 2,
+        "the program never used its ExCache ({max_rss} bytes)"
+    );
     assert!(
         max_rss <= budget + BUDGET_SLACK_BYTES,
         "resident {max_rss} bytes exceeds the budget {budget} + slack"
@@ -288,14 +337,22 @@ fn killed_memory_daemon_stops_the_program_with_a_clear_error() {
     }
     daemon.child.kill().unwrap();
     let killed = Instant::now();
-    let ended = wait_until(Duration::from_secs(10), || run.try_wait().unwrap().is_some());
-    assert!(ended, "program still running 10 s after its memory daemon died");
+    let ended = wait_until(Duration::from_secs(10), || {
+        run.try_wait().unwrap().is_some()
+    });
+    assert!(
+        ended,
+        "program still running 10 s after its memory daemon died"
+    );
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(5), "took {took:?} to stop");
     let out = run.wait_with_output().unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
-    assert!(err.contains("memory daemon") && err.contains(&daemon.addr), "{err}");
+    assert!(
+        err.contains("memory daemon") && err.contains(&daemon.addr),
+        "{err}"
+    );
 }
 
 #[test]
@@ -303,11 +360,16 @@ fn process_memory_is_freed_at_the_daemon_after_exit() {
     let prog = compile("touch_pages", &[]);
     let daemon = Daemon::start("1G");
     for _ in 0..3 {
-        let (out, _) = under_lego(&["--excache", "4M", "--memory", &daemon.addr], &[prog.to_str().unwrap(), "32", "1"], None);
+        let (out, _) = under_lego(
+            &["--excache", "4M", "--memory", &daemon.addr],
+            &[prog.to_str().unwrap(), "32", "1"],
+            None,
+        );
         assert!(out.status.success(), "{}", text(&out.stderr));
     }
     assert!(
-        wait_until(Duration::from_secs(5), || daemon.status()["used_bytes"] == 0),
+        wait_until(Duration::from_secs(5), || daemon.status()["used_bytes"]
+            == 0),
         "daemon still holds memory: {}",
         daemon.status()
     );
@@ -318,12 +380,18 @@ fn process_memory_is_freed_at_the_daemon_after_exit() {
 fn full_memory_daemon_stops_the_program_and_keeps_serving() {
     let prog = compile("touch_pages", &[]);
     let daemon = Daemon::start("16M");
-    let (out, _) = under_lego(&["--excache", "4M", "--memory", &daemon.addr], &[prog.to_str().unwrap(), "64", "1"], None);
+    let (out, _) = under_lego(
+        &["--excache", "4M", "--memory", &daemon.addr],
+        &[prog.to_str().unwrap(), "64", "1"],
+        None,
+    );
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
     assert!(err.contains("out of memory"), "{err}");
     // The daemon is still up and has freed the dead program's pages.
-    assert!(wait_until(Duration::from_secs(5), || daemon.status()["used_bytes"] == 0));
+    assert!(wait_until(Duration::from_secs(5), || daemon.status()
+        ["used_bytes"]
+        == 0));
 }
 
 #[test]
@@ -336,14 +404,23 @@ fn two_memory_daemons_serve_one_program() {
         None,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with("mismatches=0"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with("mismatches=0"),
+        "{}",
+        text(&out.stdout)
+    );
     assert!(stats["writebacks"].as_u64().unwrap() > 0);
 }
 
 #[test]
 fn statically_linked_program_is_refused_before_it_starts() {
     let prog = compile("touch_pages", &["-static"]);
-    let out = Command::new(lego()).args(["run", "--"]).arg(&prog).args(["1", "1"]).output().unwrap();
+    let out = Command::new(lego())
+        .args(["run", "--"])
+        .arg(&prog)
+        .args(["1", "1"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(125));
     let err = text(&out.stderr);
     assert!(err.contains("statically linked"), "{err}");
@@ -355,7 +432,8 @@ fn statically_linked_program_is_refused_before_it_starts() {
 fn user_without_userfaultfd_access_is_told_why() {
     // nobody cannot open /dev/userfaultfd (root-only) and unprivileged
     // userfaultfd is off by default.
-    let unpriv = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
+    let unpriv =
+        std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd").unwrap_or_default();
     if unpriv.trim() != "0" {
         eprintln!("skipped: unprivileged userfaultfd is enabled on this machine");
         return;
@@ -368,17 +446,31 @@ fn user_without_userfaultfd_access_is_told_why() {
         .unwrap();
     let err = text(&out.stderr);
     assert_eq!(out.status.code(), Some(125), "{err}");
-    assert!(err.contains("userfaultfd") && err.contains("permission"), "{err}");
+    assert!(
+        err.contains("userfaultfd") && err.contains("permission"),
+        "{err}"
+    );
 }
 
 #[test]
 fn exit_status_signals_and_stdio_pass_through() {
-    let out = Command::new(lego()).args(["run", "--", "sh", "-c", "exit 7"]).output().unwrap();
+    let out = Command::new(lego())
+        .args(["run", "--", "sh", "-c", "exit 7"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(7));
 
     use std::os::unix::process::ExitStatusExt;
-    let out = Command::new(lego()).args(["run", "--", "sh", "-c", "kill -SEGV $$"]).output().unwrap();
-    assert_eq!(out.status.signal(), Some(libc_sigsegv()), "{:?}", out.status);
+    let out = Command::new(lego())
+        .args(["run", "--", "sh", "-c", "kill -SEGV $$"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.signal(),
+        Some(libc_sigsegv()),
+        "{:?}",
+        out.status
+    );
 
     let mut c = Command::new(lego())
         .args(["run", "--", "cat"])
@@ -388,10 +480,17 @@ fn exit_status_signals_and_stdio_pass_through() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    c.stdin.take().unwrap().write_all(b"through the pipe\n").unwrap();
+    c.stdin
+        .take()
+        .unwrap()
+        .write_all(b"through the pipe\n")
+        .unwrap();
     let out = c.wait_with_output().unwrap();
     assert_eq!(text(&out.stdout), "through the pipe\n");
-    assert!(text(&out.stderr).contains("lego: exit 0"), "summary on stderr");
+    assert!(
+        text(&out.stderr).contains("lego: exit 0"),
+        "summary on stderr"
+    );
 
     // SIGTERM to lego reaches the program.
     let mut c = Command::new(lego())
@@ -401,8 +500,14 @@ fn exit_status_signals_and_stdio_pass_through() {
         .unwrap();
     let pid = c.id();
     assert!(wait_until(Duration::from_secs(5), || child_pid_of(pid).is_some()));
-    Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(wait_until(Duration::from_secs(5), || c.try_wait().unwrap().is_some()), "SIGTERM was not passed on");
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || c.try_wait().unwrap().is_some()),
+        "SIGTERM was not passed on"
+    );
     assert_eq!(c.wait().unwrap().signal(), Some(15));
 }
 
@@ -413,12 +518,27 @@ fn libc_sigsegv() -> i32 {
 #[test]
 fn bad_arguments_get_one_line_errors() {
     for (args, needle) in [
-        (vec!["run", "--excache", "lots", "--", "true"], "invalid size"),
-        (vec!["run", "--memory", "127.0.0.1:1", "--", "true"], "127.0.0.1:1"),
-        (vec!["run", "--memory", "not-an-address", "--", "true"], "not-an-address"),
+        (
+            vec!["run", "--excache", "lots", "--", "true"],
+            "invalid size",
+        ),
+        (
+            vec!["run", "--memory", "127.0.0.1:1", "--", "true"],
+            "127.0.0.1:1",
+        ),
+        (
+            vec!["run", "--memory", "not-an-address", "--", "true"],
+            "not-an-address",
+        ),
         (vec!["run", "--", "/no/such/program"], "not found"),
-        (vec!["memory", "--listen", "nonsense", "--capacity", "1G"], "nonsense"),
-        (vec!["memory", "--listen", "127.0.0.1:0", "--capacity", "-3"], "invalid size"),
+        (
+            vec!["memory", "--listen", "nonsense", "--capacity", "1G"],
+            "nonsense",
+        ),
+        (
+            vec!["memory", "--listen", "127.0.0.1:0", "--capacity=-3"],
+            "invalid size",
+        ),
         (vec!["status", "--memory", "127.0.0.1:1"], "127.0.0.1:1"),
     ] {
         let out = Command::new(lego()).args(&args).output().unwrap();

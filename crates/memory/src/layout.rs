@@ -47,7 +47,8 @@ impl Layout {
     /// A layout for the region `[base, base+len)` whose first
     /// `bootstrap_bytes` are already in use.
     pub fn new(base: u64, len: u64, bootstrap_bytes: u64) -> Result<Self, LayoutError> {
-        if base % PAGE != 0 || len < 3 * VREGION_BYTES || bootstrap_bytes > VREGION_BYTES {
+        if !base.is_multiple_of(PAGE) || len < 3 * VREGION_BYTES || bootstrap_bytes > VREGION_BYTES
+        {
             return Err(LayoutError::BadRange(base, len));
         }
         let mut vmas = BTreeMap::new();
@@ -74,7 +75,11 @@ impl Layout {
     }
 
     fn check(&self, addr: u64, len: u64) -> Result<(), LayoutError> {
-        if addr % PAGE != 0 || addr < self.base || len == 0 || addr.saturating_add(len) > self.end {
+        if !addr.is_multiple_of(PAGE)
+            || addr < self.base
+            || len == 0
+            || addr.saturating_add(len) > self.end
+        {
             return Err(LayoutError::BadRange(addr, len));
         }
         Ok(())

@@ -200,8 +200,8 @@ impl Store {
                 ErrorCode::NoMemory,
                 format!(
                     "memory daemon is full: {} of {} MiB used",
-                    used * PAGE_SIZE as u64 >> 20,
-                    capacity * PAGE_SIZE as u64 >> 20
+                    (used * PAGE_SIZE as u64) >> 20,
+                    (capacity * PAGE_SIZE as u64) >> 20
                 ),
             ));
         }

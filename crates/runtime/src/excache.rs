@@ -263,11 +263,11 @@ mod tests {
         #[test]
         fn bookkeeping_matches_a_model(ops in proptest::collection::vec((0u8..4, 0usize..32, any::<bool>()), 1..300)) {
             let mut c = ExCache::new(32, 8);
-            let mut model = vec![(false, false, false); 32]; // resident, dirty, remote
+            let mut model = [(false, false, false); 32]; // resident, dirty, remote
             let mut v = vec![];
             for (op, i, w) in ops {
                 match op {
-                    0 => if !model[i].0 {
+                    0 if !model[i].0 => {
                         while !c.has_room(1) {
                             c.pick_victims(3, &mut v);
                             prop_assert!(!v.is_empty(), "full cache must yield victims");
@@ -280,8 +280,8 @@ mod tests {
                         }
                         c.installed(i, w);
                         model[i].0 = true; model[i].1 = w;
-                    },
-                    1 => if model[i].0 { c.dirtied(i); model[i].1 = true; },
+                    }
+                    1 if model[i].0 => { c.dirtied(i); model[i].1 = true; }
                     2 => { c.discard(i, 2); for m in model.iter_mut().skip(i).take(2) { *m = (false, false, false); } },
                     _ => {}
                 }

@@ -74,11 +74,13 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     if p.is_null() {
         return;
     }
-    // SAFETY: the program passes a pointer from this malloc family; its
-    // address says which heap owns it.
+    // The program passes a pointer from this malloc family; its address
+    // says which heap owns it.
     if region::contains(p as usize) {
+        // SAFETY: a live region-heap allocation.
         REGION_HEAP.with(|d| unsafe { d.c_free(p as *mut u8) });
     } else {
+        // SAFETY: a live internal-heap allocation.
         INTERNAL.with(|d| unsafe { d.c_free(p as *mut u8) });
     }
 }
@@ -100,10 +102,11 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
         unsafe { free(p) };
         return std::ptr::null_mut();
     }
-    // SAFETY: p is a live allocation of the heap its address belongs to.
     let q = if region::contains(p as usize) {
+        // SAFETY: p is a live allocation of the region heap.
         REGION_HEAP.with(|d| unsafe { d.c_realloc(p as *mut u8, size) })
     } else {
+        // SAFETY: p is a live allocation of the internal heap.
         INTERNAL.with(|d| unsafe { d.c_realloc(p as *mut u8, size) })
     };
     if q.is_null() {
@@ -147,7 +150,7 @@ pub unsafe extern "C" fn posix_memalign(
     align: size_t,
     size: size_t,
 ) -> c_int {
-    if !align.is_power_of_two() || align % std::mem::size_of::<usize>() != 0 {
+    if !align.is_power_of_two() || !align.is_multiple_of(std::mem::size_of::<usize>()) {
         return libc::EINVAL;
     }
     // SAFETY: as for memalign.

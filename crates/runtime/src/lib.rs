@@ -24,10 +24,12 @@ pub mod runtime;
 #[global_allocator]
 static GLOBAL: heap::InternalAlloc = heap::InternalAlloc;
 
+#[cfg(not(test))]
 extern "C" fn on_load() {
     runtime::init();
 }
 
+#[cfg(not(test))]
 extern "C" fn on_unload() {
     if let Some(rt) = runtime::get() {
         rt.sample_coverage();

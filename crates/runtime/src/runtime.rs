@@ -618,7 +618,7 @@ impl Runtime {
     pub fn unmap(&self, addr: usize, len: usize) -> Result<(), Errno> {
         let _scope = RuntimeScope::enter();
         let len = page_align_up(len);
-        if addr % PAGE_SIZE != 0 || !self.region.covers(addr, len) {
+        if !addr.is_multiple_of(PAGE_SIZE) || !self.region.covers(addr, len) {
             return Err(Errno(libc::EINVAL));
         }
         let mut g = lock(&self.shared);
@@ -635,7 +635,7 @@ impl Runtime {
     pub fn discard(&self, addr: usize, len: usize) -> Result<(), Errno> {
         let _scope = RuntimeScope::enter();
         let len = page_align_up(len);
-        if addr % PAGE_SIZE != 0 || !self.region.covers(addr, len) {
+        if !addr.is_multiple_of(PAGE_SIZE) || !self.region.covers(addr, len) {
             return Err(Errno(libc::EINVAL));
         }
         let mut g = lock(&self.shared);
@@ -655,7 +655,7 @@ impl Runtime {
     ) -> Result<usize, Errno> {
         let _scope = RuntimeScope::enter();
         let (old_len, new_len) = (page_align_up(old_len), page_align_up(new_len));
-        if old % PAGE_SIZE != 0 || new_len == 0 || !self.region.covers(old, old_len) {
+        if !old.is_multiple_of(PAGE_SIZE) || new_len == 0 || !self.region.covers(old, old_len) {
             return Err(Errno(libc::EINVAL));
         }
         let mut g = lock(&self.shared);
