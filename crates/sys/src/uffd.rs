@@ -308,26 +308,6 @@ pub fn probe() -> Result<(), UffdError> {
     r
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ioctl_numbers_match_the_kernel_headers() {
-        assert_eq!(UFFDIO_API, 0xc018aa3f);
-        assert_eq!(UFFDIO_REGISTER, 0xc020aa00);
-        assert_eq!(UFFDIO_COPY, 0xc028aa03);
-        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
-        assert_eq!(UFFDIO_WAKE, 0x8010aa02);
-        assert_eq!(std::mem::size_of::<Msg>(), 32);
-    }
-
-    #[test]
-    fn probe_passes_on_this_machine() {
-        probe().expect("userfaultfd with write-protect is available");
-    }
-}
-
 /// Measures the userfaultfd round trip in this process: a thread touches a
 /// missing page of a registered range, a handler thread reads the event and
 /// resolves it with `UFFDIO_COPY`, the toucher resumes. Returns one duration
@@ -376,4 +356,24 @@ pub fn measure_round_trip(pages: usize) -> Result<Vec<std::time::Duration>, Uffd
     let _ = handler.join();
     let _ = crate::mm::munmap_raw(addr, len);
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioctl_numbers_match_the_kernel_headers() {
+        assert_eq!(UFFDIO_API, 0xc018aa3f);
+        assert_eq!(UFFDIO_REGISTER, 0xc020aa00);
+        assert_eq!(UFFDIO_COPY, 0xc028aa03);
+        assert_eq!(UFFDIO_WRITEPROTECT, 0xc018aa06);
+        assert_eq!(UFFDIO_WAKE, 0x8010aa02);
+        assert_eq!(std::mem::size_of::<Msg>(), 32);
+    }
+
+    #[test]
+    fn probe_passes_on_this_machine() {
+        probe().expect("userfaultfd with write-protect is available");
+    }
 }
