@@ -246,6 +246,14 @@ fn handle(
             *space = Some(id);
             Ok(Reply::Done)
         }
+        Message::ForkSpace { parent, child } => {
+            if space.is_some() {
+                return Err(Refusal(BadState, "connection already has a space".into()));
+            }
+            let id = st.fork(parent, (child.0 != 0).then_some(child))?;
+            *space = Some(id);
+            Ok(Reply::Opened(id))
+        }
         Message::Mmap { len } => st.mmap(need(space)?, len).map(Reply::Mapped),
         Message::Munmap { addr, len } => st.munmap(need(space)?, addr, len).map(|_| Reply::Done),
         Message::Mremap {

@@ -2,12 +2,16 @@
 //! its capacity. Pure: requests in, replies out; the server does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 
 use lego_protocol::{DaemonStats, ErrorCode, SpaceId, VirtAddr, PAGE_SIZE};
 
 use crate::layout::{Layout, LayoutError};
 
-type Page = Box<[u8; PAGE_SIZE]>;
+/// Page contents, shared between a forked space and its parent until one
+/// of them writes the page.
+type Page = Arc<[u8; PAGE_SIZE]>;
 
 /// A failed request: a wire error code and a message for the peer.
 #[derive(Debug, PartialEq, Eq)]
@@ -48,7 +52,13 @@ impl Store {
             capacity_pages: capacity_bytes / PAGE_SIZE as u64,
             used_pages: 0,
             spaces: HashMap::new(),
-            next_space: 1,
+            // Space ids must not collide between daemons (a process's pages
+            // may live on several): start from a random point.
+            next_space: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish()
+                >> 16
+                | 1,
             connections: 0,
         }
     }
@@ -80,8 +90,8 @@ impl Store {
         bootstrap_bytes: u64,
     ) -> Result<SpaceId, Refusal> {
         let layout = Layout::new(region_base.0, region_bytes, bootstrap_bytes)?;
-        let id = SpaceId(self.next_space);
         self.next_space += 1;
+        let id = SpaceId(self.next_space);
         self.spaces.insert(
             id,
             Space {
@@ -106,7 +116,44 @@ impl Store {
             refs: 0,
         });
         s.refs += 1;
-        self.next_space = self.next_space.max(id.0 + 1);
+    }
+
+    /// Clones `parent` copy-on-write into `child` (a new id if `None`) and
+    /// attaches one connection to it. Pages are shared until written; each
+    /// space counts them against the capacity.
+    pub fn fork(&mut self, parent: SpaceId, child: Option<SpaceId>) -> Result<SpaceId, Refusal> {
+        let (capacity, used) = (self.capacity_pages, self.used_pages);
+        let p = self.space(parent)?;
+        let pages = p.pages.len() as u64;
+        if used + pages > capacity {
+            return Err(Refusal(
+                ErrorCode::NoMemory,
+                format!("memory daemon is full: cannot copy {pages} pages for a forked process"),
+            ));
+        }
+        let clone = Space {
+            layout: p.layout.clone(),
+            base: p.base,
+            end: p.end,
+            pages: p.pages.clone(),
+            refs: 1,
+        };
+        let id = match child {
+            Some(id) if self.spaces.contains_key(&id) => {
+                return Err(Refusal(
+                    ErrorCode::Invalid,
+                    format!("space {} exists", id.0),
+                ))
+            }
+            Some(id) => id,
+            None => {
+                self.next_space += 1;
+                SpaceId(self.next_space)
+            }
+        };
+        self.spaces.insert(id, clone);
+        self.used_pages += pages;
+        Ok(id)
     }
 
     /// Drops one connection's reference; frees the space with the last.
@@ -206,14 +253,10 @@ impl Store {
             ));
         }
         for (a, chunk) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
-            match s.pages.get_mut(&a.0) {
-                Some(p) => p.copy_from_slice(chunk),
-                None => {
-                    let mut p: Page = Box::new([0; PAGE_SIZE]);
-                    p.copy_from_slice(chunk);
-                    s.pages.insert(a.0, p);
-                }
-            }
+            let mut fresh = [0u8; PAGE_SIZE];
+            fresh.copy_from_slice(chunk);
+            // Replacing the Arc leaves a page shared with a fork untouched.
+            s.pages.insert(a.0, Arc::new(fresh));
         }
         self.used_pages += new;
         Ok(())
@@ -317,6 +360,42 @@ mod tests {
         assert_ne!(c, a);
         s.munmap(id, a, 4096).unwrap();
         assert_eq!(s.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn fork_shares_pages_until_either_side_writes() {
+        let mut s = Store::new(1 << 20);
+        let parent = s.open(BASE, REGION, 0).unwrap();
+        let a = s.mmap(parent, 8192).unwrap();
+        let b = VirtAddr(a.0 + 4096);
+        s.write_pages(parent, &[a, b], &[page(1), page(2)].concat())
+            .unwrap();
+        let child = s.fork(parent, None).unwrap();
+        assert_ne!(child, parent);
+        s.write_pages(child, &[a], &page(9)).unwrap();
+        s.write_pages(parent, &[b], &page(8)).unwrap();
+        let mut out = vec![];
+        s.read_pages(parent, &[a, b], &mut out).unwrap();
+        assert_eq!(out, [page(1), page(8)].concat());
+        s.read_pages(child, &[a, b], &mut out).unwrap();
+        assert_eq!(out, [page(9), page(2)].concat());
+        // The child has the parent's layout.
+        assert_eq!(s.mmap(child, 4096).unwrap(), s.mmap(parent, 4096).unwrap());
+        s.release(parent);
+        s.release(child);
+        assert_eq!(s.stats().used_bytes, 0);
+    }
+
+    #[test]
+    fn fork_with_a_given_id_and_unknown_parent() {
+        let mut s = Store::new(1 << 20);
+        let parent = s.open(BASE, REGION, 0).unwrap();
+        assert_eq!(s.fork(parent, Some(SpaceId(77))).unwrap(), SpaceId(77));
+        assert_eq!(
+            s.fork(parent, Some(SpaceId(77))).unwrap_err().0,
+            ErrorCode::Invalid
+        );
+        assert_eq!(s.fork(SpaceId(5), None).unwrap_err().0, ErrorCode::NoSpace);
     }
 
     #[test]

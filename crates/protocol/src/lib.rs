@@ -159,8 +159,12 @@ pub enum Message<'a> {
         region_bytes: u64,
         bootstrap_bytes: u64,
     },
-    /// Reply to `OpenSpace`.
+    /// Reply to `OpenSpace` and `ForkSpace`.
     SpaceOpened { space: SpaceId },
+    /// Clone `parent` copy-on-write into a new space (its layout too, on the
+    /// home daemon) and attach this connection to it. `child` 0 lets the
+    /// daemon choose the id (home daemon); other daemons get the home's.
+    ForkSpace { parent: SpaceId, child: SpaceId },
     /// Use an existing space on this (non-home) daemon for page storage.
     AttachSpace {
         space: SpaceId,
@@ -239,6 +243,7 @@ mod kind {
     pub const OPEN_SPACE: u16 = 10;
     pub const SPACE_OPENED: u16 = 11;
     pub const ATTACH_SPACE: u16 = 12;
+    pub const FORK_SPACE: u16 = 13;
     pub const MMAP: u16 = 20;
     pub const MAPPED: u16 = 21;
     pub const MUNMAP: u16 = 22;
@@ -343,6 +348,11 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.u64(region_base.0);
             w.u64(*region_bytes);
             kind::ATTACH_SPACE
+        }
+        Message::ForkSpace { parent, child } => {
+            w.u64(parent.0);
+            w.u64(child.0);
+            kind::FORK_SPACE
         }
         Message::Mmap { len } => {
             w.u64(*len);
@@ -551,6 +561,10 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
             region_base: r.addr("region base")?,
             region_bytes: r.u64("region size")?,
         },
+        kind::FORK_SPACE => Message::ForkSpace {
+            parent: SpaceId(r.u64("parent space")?),
+            child: SpaceId(r.u64("child space")?),
+        },
         kind::MMAP => Message::Mmap {
             len: r.u64("length")?,
         },
@@ -678,6 +692,10 @@ mod tests {
                 space: SpaceId(3),
                 region_base: VirtAddr(4096),
                 region_bytes: 8192,
+            },
+            Message::ForkSpace {
+                parent: SpaceId(3),
+                child: SpaceId(0),
             },
             Message::Mmap { len: 8192 },
             Message::Mapped {

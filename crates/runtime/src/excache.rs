@@ -110,6 +110,16 @@ impl ExCache {
         self.state[i] |= DIRTY;
     }
 
+    /// After fork: every resident page counts as dirty (the kernel dropped
+    /// the write protection that kept clean pages clean).
+    pub fn mark_resident_dirty(&mut self) {
+        for &i in &self.fifo {
+            if self.state[i as usize] & RESIDENT != 0 {
+                self.state[i as usize] |= DIRTY;
+            }
+        }
+    }
+
     /// Takes up to `max` eviction victims, oldest first.
     pub fn pick_victims(&mut self, max: usize, out: &mut Vec<Victim>) {
         out.clear();

@@ -293,15 +293,19 @@ unsafe impl std::alloc::GlobalAlloc for InternalAlloc {
     }
 }
 
-/// Before `fork`: hold both heap locks so the child never inherits a heap
-/// locked by a thread that does not exist in it.
-pub fn prepare_fork() {
+// fork: the child must not inherit a heap locked by a thread that does not
+// exist in it. The region heap is taken first (its holders may need the
+// runtime's locks), the internal heap last (everyone may need it).
+
+pub fn prepare_fork_region() {
     REGION_HEAP.acquire();
+}
+pub fn prepare_fork_internal() {
     INTERNAL.acquire();
 }
-
-/// After `fork`, in parent and child.
-pub fn finish_fork() {
+pub fn finish_fork_internal() {
     INTERNAL.release();
+}
+pub fn finish_fork_region() {
     REGION_HEAP.release();
 }

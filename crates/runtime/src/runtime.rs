@@ -19,7 +19,7 @@
 //! connection), never the other way round.
 
 use std::net::TcpStream;
-use std::sync::atomic::{AtomicBool, AtomicPtr, Ordering, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -60,31 +60,42 @@ struct Control {
     next_id: u64,
 }
 
-/// The process's runtime, created once by [`init`].
+/// Where a runtime's address space comes from.
+#[derive(Clone, Copy)]
+enum Origin {
+    /// A new program image.
+    Fresh,
+    /// A forked child: a copy-on-write clone of the parent's space.
+    Fork { parent: SpaceId },
+}
+
+/// The process's runtime, created by [`init`] (and again in a forked child).
 pub struct Runtime {
     pub region: Region,
     uffd: Uffd,
     shared: Mutex<Shared>,
     control: Mutex<Control>,
-    home_addr: String,
+    space: SpaceId,
+    daemon_addrs: Vec<String>,
+    program: String,
+    timeout: Duration,
     stats: Option<&'static SharedStats>,
     pid: u32,
     pidfd: i32,
+    /// Descriptors a forked child must close (its parent's connections).
+    fds: Vec<i32>,
     zero: Box<[u8; PAGE_SIZE]>,
 }
 
 static RUNTIME: AtomicPtr<Runtime> = AtomicPtr::new(std::ptr::null_mut());
-/// Set in a forked child: it shares its parent's sockets and has no pager,
-/// so it must not use the runtime.
-static DETACHED: AtomicBool = AtomicBool::new(false);
 
-/// The runtime, once connected (and not in a detached fork child).
+/// The runtime, once connected.
 pub fn get() -> Option<&'static Runtime> {
     let p = RUNTIME.load(Ordering::Acquire);
-    if p.is_null() || DETACHED.load(Relaxed) {
+    if p.is_null() {
         return None;
     }
-    // SAFETY: RUNTIME is set once to a leaked Box and never freed.
+    // SAFETY: RUNTIME only ever holds leaked Boxes, never freed.
     Some(unsafe { &*p })
 }
 
@@ -114,6 +125,20 @@ fn connect(addr: &str, program: &str, timeout: Duration) -> FramedConn<TcpStream
     }
 }
 
+/// Sends a request that must be answered with `SpaceOpened` or `Done`.
+fn space_call(c: &mut FramedConn<TcpStream>, addr: &str, msg: &Message<'_>) -> Option<SpaceId> {
+    match c.call(1, msg) {
+        Ok(f) => match f.message {
+            Message::SpaceOpened { space } => Some(space),
+            Message::Done => None,
+            other => die(&format!(
+                "memory daemon {addr}: cannot set up the address space: {other:?}"
+            )),
+        },
+        Err(e) => die(&format!("memory daemon {addr}: {e}")),
+    }
+}
+
 fn program_name() -> String {
     std::fs::read_link("/proc/self/exe")
         .map(|p| p.display().to_string())
@@ -131,45 +156,8 @@ pub fn init() {
     region::ensure();
     let region =
         region::get().unwrap_or_else(|| die("runtime: cannot reserve the disaggregated region"));
-    let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
-    let program = program_name();
-    let pid = std::process::id();
-
-    let mut control = connect(&cfg.daemons[0], &program, cfg.timeout);
-    let space = match control.call(
-        1,
-        &Message::OpenSpace {
-            pid,
-            program: &program,
-            region_base: VirtAddr(region.base as u64),
-            region_bytes: region.len as u64,
-            bootstrap_bytes: heap::BOOTSTRAP_BYTES as u64,
-        },
-    ) {
-        Ok(f) => match f.message {
-            Message::SpaceOpened { space } => space,
-            other => die(&format!(
-                "memory daemon {}: cannot open an address space: {other:?}",
-                cfg.daemons[0]
-            )),
-        },
-        Err(e) => die(&format!("memory daemon {}: {e}", cfg.daemons[0])),
-    };
-    let daemons: Vec<Daemon> = cfg
-        .daemons
-        .iter()
-        .map(|addr| Daemon {
-            addr: addr.clone(),
-            conn: attach(addr, &program, space, region, cfg.timeout),
-        })
-        .collect();
-
-    uffd.register(region.base, region.len)
-        .unwrap_or_else(|e| die(&format!("runtime: {e}")));
-
-    let pages = region.len / PAGE_SIZE;
     let budget_pages = (cfg.excache_bytes / PAGE_SIZE).max(16);
-    let mut cache = ExCache::new(pages, budget_pages);
+    let mut cache = ExCache::new(region.len / PAGE_SIZE, budget_pages);
     // Pages the program touched before the runtime connected are resident
     // and (for all we know) dirty.
     let used = heap::BOOTSTRAP_USED
@@ -182,7 +170,87 @@ pub fn init() {
             }
         }
     }
+    start(
+        region,
+        cfg.daemons,
+        program_name(),
+        cfg.timeout,
+        cfg.stats,
+        cache,
+        Origin::Fresh,
+    );
+    process::at_fork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/// Opens the address space at the daemons, registers the region with a new
+/// userfaultfd, publishes the runtime and starts its pager.
+fn start(
+    region: Region,
+    daemon_addrs: Vec<String>,
+    program: String,
+    timeout: Duration,
+    stats: Option<&'static SharedStats>,
+    cache: ExCache,
+    origin: Origin,
+) {
+    let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    let home = daemon_addrs[0].clone();
+    let mut control = connect(&home, &program, timeout);
+    let open = match origin {
+        Origin::Fresh => Message::OpenSpace {
+            pid: std::process::id(),
+            program: &program,
+            region_base: VirtAddr(region.base as u64),
+            region_bytes: region.len as u64,
+            bootstrap_bytes: heap::BOOTSTRAP_BYTES as u64,
+        },
+        Origin::Fork { parent } => Message::ForkSpace {
+            parent,
+            child: SpaceId(0),
+        },
+    };
+    let space = space_call(&mut control, &home, &open).unwrap_or_else(|| {
+        die(&format!(
+            "memory daemon {home}: no address space was opened"
+        ))
+    });
+    let attach = Message::AttachSpace {
+        space,
+        region_base: VirtAddr(region.base as u64),
+        region_bytes: region.len as u64,
+    };
+    let daemons: Vec<Daemon> = daemon_addrs
+        .iter()
+        .enumerate()
+        .map(|(i, addr)| {
+            let mut conn = connect(addr, &program, timeout);
+            let msg = match origin {
+                Origin::Fork { parent } if i > 0 => Message::ForkSpace {
+                    parent,
+                    child: space,
+                },
+                _ => attach.clone(),
+            };
+            space_call(&mut conn, addr, &msg);
+            Daemon {
+                addr: addr.clone(),
+                conn,
+            }
+        })
+        .collect();
+    uffd.register(region.base, region.len)
+        .unwrap_or_else(|e| die(&format!("runtime: {e}")));
+
     let n = daemons.len();
+    let budget_pages = cache.budget();
+    let mut fds: Vec<i32> = daemons
+        .iter()
+        .filter_map(|d| d.conn.stream().raw_fd())
+        .collect();
+    fds.extend(control.stream().raw_fd());
+    fds.push(uffd.as_raw_fd());
+    let pidfd = mm::own_pidfd();
+    fds.push(pidfd);
     let rt = Box::new(Runtime {
         region,
         uffd,
@@ -200,10 +268,14 @@ pub fn init() {
             conn: control,
             next_id: 2,
         }),
-        home_addr: cfg.daemons[0].clone(),
-        stats: cfg.stats,
-        pid,
-        pidfd: mm::own_pidfd(),
+        space,
+        daemon_addrs,
+        program,
+        timeout,
+        stats,
+        pid: std::process::id(),
+        pidfd,
+        fds,
         zero: Box::new([0; PAGE_SIZE]),
     });
     if let Some(s) = rt.stats {
@@ -213,45 +285,97 @@ pub fn init() {
     }
     let rt: &'static Runtime = Box::leak(rt);
     RUNTIME.store(rt as *const Runtime as *mut Runtime, Ordering::Release);
-    process::at_fork(before_fork, after_fork_parent, after_fork_child);
     process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));
 }
 
-fn attach(
-    addr: &str,
-    program: &str,
-    space: SpaceId,
-    region: Region,
-    timeout: Duration,
-) -> FramedConn<TcpStream> {
-    let mut c = connect(addr, program, timeout);
-    match c.call(
-        1,
-        &Message::AttachSpace {
-            space,
-            region_base: VirtAddr(region.base as u64),
-            region_bytes: region.len as u64,
-        },
-    ) {
-        Ok(f) if f.message == Message::Done => c,
-        Ok(f) => die(&format!(
-            "memory daemon {addr}: cannot attach: {:?}",
-            f.message
-        )),
-        Err(e) => die(&format!("memory daemon {addr}: {e}")),
-    }
-}
+// fork: the prepare handler freezes the pager (no writeback can change the
+// parent's remote pages) until the child has cloned the parent's space at
+// the daemons; the child then runs its own runtime on the clone.
+
+/// The ExCache lock held across fork (a boxed guard; a thread-local would
+/// allocate from the locked region heap on first use).
+static FORK_GUARD: AtomicPtr<MutexGuard<'static, Shared>> = AtomicPtr::new(std::ptr::null_mut());
+static FORK_PIPE: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
 
 extern "C" fn before_fork() {
-    heap::prepare_fork();
+    heap::prepare_fork_region();
+    if let Some(rt) = get() {
+        let _scope = RuntimeScope::enter();
+        let guard = Box::new(lock(&rt.shared));
+        FORK_GUARD.store(Box::into_raw(guard), Relaxed);
+        if let Ok((r, w)) = process::pipe() {
+            FORK_PIPE[0].store(r, Relaxed);
+            FORK_PIPE[1].store(w, Relaxed);
+        }
+    }
+    heap::prepare_fork_internal();
 }
+
 extern "C" fn after_fork_parent() {
-    heap::finish_fork();
+    heap::finish_fork_internal();
+    let (r, w) = (
+        FORK_PIPE[0].swap(-1, Relaxed),
+        FORK_PIPE[1].swap(-1, Relaxed),
+    );
+    if r >= 0 {
+        // Wait until the child has cloned our space (or died trying).
+        process::close(w);
+        process::wait_readable_or_eof(r);
+        process::close(r);
+    }
+    let guard = FORK_GUARD.swap(std::ptr::null_mut(), Relaxed);
+    if !guard.is_null() {
+        // SAFETY: set by before_fork from Box::into_raw, taken once.
+        drop(unsafe { Box::from_raw(guard) });
+    }
+    heap::finish_fork_region();
 }
+
 extern "C" fn after_fork_child() {
-    DETACHED.store(true, Relaxed);
-    heap::finish_fork();
+    heap::finish_fork_internal();
+    heap::finish_fork_region();
+    let Some(parent) = get() else {
+        return;
+    };
+    let _scope = RuntimeScope::enter();
+    RUNTIME.store(std::ptr::null_mut(), Ordering::Release);
+    let guard = FORK_GUARD.swap(std::ptr::null_mut(), Relaxed);
+    if guard.is_null() {
+        die("runtime: fork handlers out of order");
+    }
+    // SAFETY: set by before_fork from Box::into_raw (copied into this child
+    // by fork), taken once.
+    let mut guard = unsafe { Box::from_raw(guard) };
+    let mut cache = std::mem::replace(&mut guard.cache, ExCache::new(0, 1));
+    drop(guard);
+    // fork cleared the write protection of clean pages: treat every
+    // resident page as dirty.
+    cache.mark_resident_dirty();
+    // The parent's connections, userfaultfd and pidfd are the parent's.
+    for &fd in &parent.fds {
+        process::close(fd);
+    }
+    start(
+        parent.region,
+        parent.daemon_addrs.clone(),
+        parent.program.clone(),
+        parent.timeout,
+        parent.stats,
+        cache,
+        Origin::Fork {
+            parent: parent.space,
+        },
+    );
+    let (r, w) = (
+        FORK_PIPE[0].swap(-1, Relaxed),
+        FORK_PIPE[1].swap(-1, Relaxed),
+    );
+    if w >= 0 {
+        process::signal_pipe(w);
+        process::close(w);
+        process::close(r);
+    }
 }
 
 impl Runtime {
@@ -550,7 +674,7 @@ impl Runtime {
         c.next_id += 1;
         let reply = match c.conn.call(id, msg) {
             Ok(f) => f.message,
-            Err(e) => self.daemon_failed(&self.home_addr, e),
+            Err(e) => self.daemon_failed(&self.daemon_addrs[0], e),
         };
         match reply {
             Message::Mapped { addr } => Ok(Message::Mapped { addr }),
@@ -559,7 +683,7 @@ impl Runtime {
             Message::Error { code, .. } => Err(Errno(code.errno())),
             other => die(&format!(
                 "memory daemon {} sent an unexpected {other:?}",
-                self.home_addr
+                self.daemon_addrs[0]
             )),
         }
     }

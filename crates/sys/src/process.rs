@@ -140,3 +140,36 @@ pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::
     }
     Ok(())
 }
+
+/// A close-on-exec pipe: (read end, write end).
+pub fn pipe() -> std::io::Result<(i32, i32)> {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds has room for the two descriptors pipe2 writes.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        return Err(crate::last_error());
+    }
+    Ok((fds[0], fds[1]))
+}
+
+/// Closes a descriptor this code owns.
+pub fn close(fd: i32) {
+    // SAFETY: callers pass descriptors they own and no longer use.
+    unsafe { libc::close(fd) };
+}
+
+/// Writes one byte to a pipe.
+pub fn signal_pipe(fd: i32) {
+    let b = 1u8;
+    // SAFETY: writes one byte from a valid buffer.
+    unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+}
+
+/// Blocks until a pipe has a byte or reaches end of file (at most 30 s).
+pub fn wait_readable_or_eof(fd: i32) {
+    let mut p = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let _ = poll(&mut p, 30_000);
+}
