@@ -6,134 +6,13 @@
 //! Needs the workspace built (`liblego_runtime.so` next to `lego`), gcc,
 //! python3, sqlite3 and coreutils: `scripts/test` and `.ci/run` see to it.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn lego() -> PathBuf {
-    let exe = PathBuf::from(env!("CARGO_BIN_EXE_lego"));
-    let lib = exe.with_file_name("liblego_runtime.so");
-    assert!(
-        lib.is_file(),
-        "{} is missing: build the workspace first (scripts/test does)",
-        lib.display()
-    );
-    exe
-}
-
-fn tmp() -> PathBuf {
-    PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
-}
-
-fn programs() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/programs")
-}
-
-/// Compiles tests/programs/NAME.c once per test binary run.
-fn compile(name: &str, extra: &[&str]) -> PathBuf {
-    let out = tmp().join(format!("{name}{}", extra.join("")));
-    let status = Command::new("gcc")
-        .args(["-O2", "-pthread", "-o"])
-        .arg(&out)
-        .arg(programs().join(format!("{name}.c")))
-        .args(extra)
-        .status()
-        .expect("gcc runs");
-    assert!(status.success(), "compiling {name}.c failed");
-    out
-}
-
-/// Waits for `cond` for at most `limit`.
-fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if cond() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    cond()
-}
-
-fn plain(cmd: &[&str], stdin: Option<&Path>) -> Output {
-    let mut c = Command::new(cmd[0]);
-    c.args(&cmd[1..]);
-    if let Some(f) = stdin {
-        c.stdin(std::fs::File::open(f).unwrap());
-    }
-    c.output().expect("plain run")
-}
-
-/// Runs `cmd` under lego; returns the output and the parsed `--stats` JSON.
-fn under_lego(
-    lego_args: &[&str],
-    cmd: &[&str],
-    stdin: Option<&Path>,
-) -> (Output, serde_json::Value) {
-    let stats = tmp().join(format!("stats-{}-{}.json", std::process::id(), unique()));
-    let mut c = Command::new(lego());
-    c.arg("run")
-        .args(lego_args)
-        .arg("--stats")
-        .arg(&stats)
-        .arg("--")
-        .args(cmd);
-    if let Some(f) = stdin {
-        c.stdin(std::fs::File::open(f).unwrap());
-    }
-    let out = c.output().expect("lego runs");
-    let json = std::fs::read_to_string(&stats)
-        .ok()
-        .and_then(|s| serde_json::from_str(&s).ok())
-        .unwrap_or(serde_json::Value::Null);
-    (out, json)
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Output equal to the plain run, success, real paging, and coverage ≥ 90%.
-fn assert_same_as_plain(name: &str, lego_args: &[&str], cmd: &[&str], stdin: Option<&Path>) {
-    let expect = plain(cmd, stdin);
-    assert!(
-        expect.status.success(),
-        "{name}: plain run failed: {}",
-        text(&expect.stderr)
-    );
-    let (got, stats) = under_lego(lego_args, cmd, stdin);
-    assert!(
-        got.status.success(),
-        "{name} under lego failed: {}",
-        text(&got.stderr)
-    );
-    assert_eq!(
-        text(&got.stdout),
-        text(&expect.stdout),
-        "{name}: output differs from a plain run"
-    );
-    let evictions = stats["evictions"].as_u64().unwrap_or(0);
-    assert!(
-        evictions > 0,
-        "{name}: the ExCache never filled up: {stats}"
-    );
-    let coverage = stats["coverage"]["fraction"].as_f64().unwrap_or(0.0);
-    assert!(
-        coverage >= 0.90,
-        "{name}: coverage {coverage:.3} below 90%: {stats}"
-    );
-    assert!(
-        stats["peak_resident_bytes"].as_u64().unwrap() <= stats["excache_bytes"].as_u64().unwrap(),
-        "{name}: resident beyond the budget: {stats}"
-    );
-}
+use common::*;
 
 #[test]
 fn no_lost_or_stale_write_under_concurrent_writers() {
@@ -209,52 +88,6 @@ fn sqlite3_in_memory_query_workload() {
         &["sqlite3", ":memory:"],
         Some(&sql),
     );
-}
-
-/// A memory daemon in its own process.
-struct Daemon {
-    child: Child,
-    addr: String,
-}
-
-impl Daemon {
-    fn start(capacity: &str) -> Daemon {
-        let mut child = Command::new(lego())
-            .args(["memory", "--listen", "127.0.0.1:0", "--capacity", capacity])
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-        let addr = loop {
-            let line = lines.next().expect("daemon prints its address").unwrap();
-            if let Some(rest) = line.strip_prefix("lego memory: serving on ") {
-                break rest.split(' ').next().unwrap().to_string();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        Daemon { child, addr }
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let out = Command::new(lego())
-            .args(["status", "--json", "--memory", &self.addr])
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", text(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn child_pid_of(pid: u32) -> Option<u32> {
-    let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
-    children.split_whitespace().next()?.parse().ok()
 }
 
 /// Resident bytes of the disaggregated region (the 64 GiB mapping), from

@@ -117,7 +117,12 @@ unsafe impl Allocator for KernelPages {
             -1,
             0,
         ) {
-            Ok(a) => (a as *mut u8, size, 0),
+            Ok(a) => {
+                // A read of a sparse table (the page states) must not pull
+                // in a 2 MiB huge page.
+                let _ = mm::madvise_raw(a, size, libc::MADV_NOHUGEPAGE);
+                (a as *mut u8, size, 0)
+            }
             Err(_) => (std::ptr::null_mut(), 0, 0),
         }
     }

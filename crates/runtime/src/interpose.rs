@@ -1,6 +1,7 @@
 //! The C functions this library replaces in the program: the `malloc`
 //! family (served by the region heap) and the anonymous-memory syscall
-//! wrappers (`mmap`, `munmap`, `mremap`, `madvise`, `brk`, `sbrk`).
+//! wrappers (`mmap`, `munmap`, `mremap`, `madvise`, `mprotect`, `brk`,
+//! `sbrk`).
 //!
 //! Each function's safety contract is that of the C function it replaces.
 //! Calls made by runtime code ([`in_runtime`]) and calls about memory the
@@ -358,6 +359,22 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
         Ok(()) => 0,
         Err(e) => {
             set_errno(e.raw_os_error().unwrap_or(libc::EINVAL));
+            -1
+        }
+    }
+}
+
+#[no_mangle]
+pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -> c_int {
+    let r = match managing() {
+        Some(rt) if rt.region.overlaps(addr as usize, len) => rt.protect(addr as usize, len, prot),
+        _ => mm::mprotect_raw(addr as usize, len, prot)
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EINVAL))),
+    };
+    match r {
+        Ok(()) => 0,
+        Err(Errno(e)) => {
+            set_errno(e);
             -1
         }
     }

@@ -559,8 +559,16 @@ impl Runtime {
     }
 
     /// Writes back the dirty pages among `victims`, waits for every ack,
-    /// then drops them all locally.
+    /// then drops them all locally; a batch at a time, so the buffers stay
+    /// small however large the range (mremap, mprotect flush whole ranges).
     fn write_back_and_drop(&self, g: &mut Shared, victims: &[Victim]) {
+        let batch = g.batch;
+        for chunk in victims.chunks(batch) {
+            self.write_back_and_drop_batch(g, chunk);
+        }
+    }
+
+    fn write_back_and_drop_batch(&self, g: &mut Shared, victims: &[Victim]) {
         let n = g.daemons.len();
         for d in 0..n {
             g.wb_addrs[d].clear();
@@ -815,7 +823,7 @@ impl Runtime {
         let remote: Vec<usize> = (0..len / PAGE_SIZE)
             .filter(|k| g.cache.is_remote(self.page_index(from) + k))
             .collect();
-        for chunk in remote.chunks(MAX_BATCH_PAGES) {
+        for chunk in remote.chunks(g.batch) {
             for &k in chunk {
                 let src = from + k * PAGE_SIZE;
                 let d = self.daemon_of(src, n);
@@ -847,6 +855,26 @@ impl Runtime {
         }
         let (first_from, first_to) = (self.page_index(from), self.page_index(to));
         g.cache.move_remote(first_from, first_to, len / PAGE_SIZE);
+    }
+
+    /// `mprotect` of region memory. Pages losing read access are evicted
+    /// first, so the pager never reads a page the program cannot (and the
+    /// program still gets SIGSEGV on them, from the kernel).
+    pub fn protect(&self, addr: usize, len: usize, prot: i32) -> Result<(), Errno> {
+        let _scope = RuntimeScope::enter();
+        let len = page_align_up(len);
+        if !addr.is_multiple_of(PAGE_SIZE) || !self.region.covers(addr, len) {
+            return Err(Errno(libc::EINVAL));
+        }
+        let mut g = lock(&self.shared);
+        if prot & libc::PROT_READ == 0 {
+            let resident = g.cache.resident_in(self.page_index(addr), len / PAGE_SIZE);
+            if !resident.is_empty() {
+                self.write_back_and_drop(&mut g, &resident);
+            }
+        }
+        mm::mprotect_raw(addr, len, prot)
+            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EINVAL)))
     }
 
     /// Moves the program break (`0` queries it).

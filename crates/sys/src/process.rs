@@ -121,7 +121,10 @@ extern "C" fn thread_start(arg: *mut libc::c_void) -> *mut libc::c_void {
 
 /// Starts a detached thread with `pthread_create`, running `first` before
 /// anything else in it (Rust's own thread start-up allocates before a
-/// closure passed to `std::thread::spawn` gets control).
+/// closure passed to `std::thread::spawn` gets control). The thread blocks
+/// every signal from birth: the program's handlers must run in the
+/// program's threads (a handler touching memory only this thread can page
+/// in would otherwise deadlock it).
 pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
     let arg = Box::into_raw(Box::new((first, Box::new(f) as Start)));
     // SAFETY: attr is initialised before use and destroyed after; the thread
@@ -130,8 +133,13 @@ pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::
         let mut attr: libc::pthread_attr_t = std::mem::zeroed();
         libc::pthread_attr_init(&mut attr);
         libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
         let mut tid: libc::pthread_t = 0;
         let r = libc::pthread_create(&mut tid, &attr, thread_start, arg as *mut libc::c_void);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
         libc::pthread_attr_destroy(&mut attr);
         if r != 0 {
             drop(Box::from_raw(arg));
