@@ -37,6 +37,9 @@ pub struct RunArgs {
     /// Also write the run's statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    /// Do not print the summary (errors are still printed).
+    #[arg(long, short)]
+    quiet: bool,
     /// The program and its arguments.
     #[arg(required = true, value_name = "PROGRAM")]
     command: Vec<OsString>,
@@ -200,7 +203,9 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
     let elapsed = start.elapsed();
     let report = Report::collect(shared, &args, &path, status, elapsed);
-    eprint!("{}", report.text());
+    if !args.quiet {
+        eprint!("{}", report.text());
+    }
     if let Some(f) = &args.stats {
         if let Err(e) = std::fs::write(
             f,
