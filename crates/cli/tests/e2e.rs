@@ -333,23 +333,7 @@ fn exit_status_signals_and_stdio_pass_through() {
         "summary on stderr"
     );
 
-    // SIGTERM to lego reaches the program.
-    let mut c = Command::new(lego())
-        .args(["run", "--", "sleep", "30"])
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = c.id();
-    assert!(wait_until(Duration::from_secs(5), || child_pid_of(pid).is_some()));
-    Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(
-        wait_until(Duration::from_secs(5), || c.try_wait().unwrap().is_some()),
-        "SIGTERM was not passed on"
-    );
-    assert_eq!(c.wait().unwrap().signal(), Some(15));
+    signal_reaches_the_program("TERM", 15);
 }
 
 fn libc_sigsegv() -> i32 {

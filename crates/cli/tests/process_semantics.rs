@@ -153,20 +153,24 @@ fn signal_handlers_touching_memory_run_while_faults_are_served() {
 
 #[test]
 fn sigint_sent_to_lego_reaches_the_program() {
-    let mut c = Command::new(lego())
-        .args(["run", "--", "sleep", "30"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = c.id();
-    assert!(wait_until(Duration::from_secs(5), || child_pid_of(pid).is_some()));
-    Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(wait_until(Duration::from_secs(5), || c
-        .try_wait()
-        .unwrap()
-        .is_some()));
-    assert_eq!(c.wait().unwrap().signal(), Some(2));
+    signal_reaches_the_program("INT", 2);
+}
+
+#[test]
+fn vfork_and_posix_spawn_work_with_evicted_memory() {
+    // subprocess uses vfork (CLONE_VM): the child runs on the parent's
+    // memory and pager until it execs.
+    let script = "import os, subprocess\n\
+data = [str(i) for i in range(1_000_000)]\n\
+print(subprocess.run(['echo', 'via-subprocess'], capture_output=True, text=True).stdout.strip(), flush=True)\n\
+pid = os.posix_spawn('/bin/echo', ['echo', 'via-posix-spawn'], os.environ)\n\
+print(os.waitpid(pid, 0)[1])\n\
+print(len(data), data[-1])\n";
+    let (got, stats) = under_lego(&["--excache", "8M"], &["python3", "-c", script], None);
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert_eq!(
+        text(&got.stdout),
+        "via-subprocess\nvia-posix-spawn\n0\n1000000 999999\n"
+    );
+    assert!(stats["evictions"].as_u64().unwrap() > 0, "{stats}");
 }

@@ -124,8 +124,21 @@ extern "C" fn thread_start(arg: *mut libc::c_void) -> *mut libc::c_void {
 /// closure passed to `std::thread::spawn` gets control). The thread blocks
 /// every signal from birth: the program's handlers must run in the
 /// program's threads (a handler touching memory only this thread can page
-/// in would otherwise deadlock it).
+/// in would otherwise deadlock it). Its stack is mapped here rather than
+/// taken from glibc's stack cache: a cached stack (after fork, the parent's
+/// other threads' stacks are cached) comes with its old thread-local
+/// storage vector, which the program may have allocated in memory only
+/// this thread could page in.
 pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    const STACK_BYTES: usize = 4 << 20;
+    let stack = crate::mm::mmap_raw(
+        0,
+        STACK_BYTES,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+        -1,
+        0,
+    )?;
     let arg = Box::into_raw(Box::new((first, Box::new(f) as Start)));
     // SAFETY: attr is initialised before use and destroyed after; the thread
     // takes ownership of `arg` exactly once.
@@ -133,6 +146,8 @@ pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::
         let mut attr: libc::pthread_attr_t = std::mem::zeroed();
         libc::pthread_attr_init(&mut attr);
         libc::pthread_attr_setdetachstate(&mut attr, libc::PTHREAD_CREATE_DETACHED);
+        // The thread lives as long as the process: its stack is never freed.
+        libc::pthread_attr_setstack(&mut attr, stack as *mut libc::c_void, STACK_BYTES);
         let mut all: libc::sigset_t = std::mem::zeroed();
         let mut old: libc::sigset_t = std::mem::zeroed();
         libc::sigfillset(&mut all);
@@ -143,6 +158,7 @@ pub fn spawn_thread(first: fn(), f: impl FnOnce() + Send + 'static) -> std::io::
         libc::pthread_attr_destroy(&mut attr);
         if r != 0 {
             drop(Box::from_raw(arg));
+            let _ = crate::mm::munmap_raw(stack, STACK_BYTES);
             return Err(std::io::Error::from_raw_os_error(r));
         }
     }

@@ -70,8 +70,11 @@ pub fn under_lego(
     stdin: Option<&Path>,
 ) -> (Output, serde_json::Value) {
     let stats = tmp().join(format!("stats-{}-{}.json", std::process::id(), unique()));
-    let mut c = Command::new(lego());
-    c.arg("run")
+    // A hang is a failure, not a stuck test run.
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=5", "600"])
+        .arg(lego())
+        .arg("run")
         .args(lego_args)
         .arg("--stats")
         .arg(&stats)
@@ -177,4 +180,26 @@ impl Drop for Daemon {
 pub fn child_pid_of(pid: u32) -> Option<u32> {
     let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
     children.split_whitespace().next()?.parse().ok()
+}
+
+/// Sends SIG`name` to `lego run -- sleep 30` and checks that the program
+/// died of it, and lego with it.
+pub fn signal_reaches_the_program(name: &str, signum: i32) {
+    use std::os::unix::process::ExitStatusExt;
+    let mut c = Command::new(lego())
+        .args(["run", "--", "sleep", "30"])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = c.id();
+    assert!(wait_until(Duration::from_secs(5), || child_pid_of(pid).is_some()));
+    Command::new("kill")
+        .args([&format!("-{name}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || c.try_wait().unwrap().is_some()),
+        "SIG{name} was not passed on"
+    );
+    assert_eq!(c.wait().unwrap().signal(), Some(signum));
 }

@@ -1,10 +1,14 @@
 /* fork gives copy-on-write semantics: the child sees the parent's memory as
  * it was at fork (including pages evicted at that moment), and neither sees
  * the other's later writes. Several children in turn, the parent writing
- * concurrently. Exits 0 only if every check passed.
+ * concurrently. The parent also has idle threads whose memory (glibc's
+ * per-thread data included) is evicted by the time it forks: glibc hands
+ * their cached stacks to threads created in the child. Exits 0 only if
+ * every check passed.
  *
  * usage: fork_isolation MB CHILDREN
  */
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,8 +30,20 @@ static size_t check(const uint64_t *p, size_t pages, uint64_t gen) {
     return bad;
 }
 
+static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t cv = PTHREAD_COND_INITIALIZER;
+static void *idle(void *arg) {
+    (void)arg;
+    pthread_mutex_lock(&m);
+    pthread_cond_wait(&cv, &m); /* never signalled */
+    pthread_mutex_unlock(&m);
+    return NULL;
+}
+
 int main(int argc, char **argv) {
     if (argc != 3) return 2;
+    pthread_t th[2];
+    for (int i = 0; i < 2; i++) pthread_create(&th[i], 0, idle, 0);
     size_t pages = strtoul(argv[1], 0, 10) * 256;
     int children = atoi(argv[2]);
     uint64_t *p = malloc(pages * PAGE);
