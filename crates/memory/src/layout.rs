@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-/// Size of a vRegion.
-pub const VREGION_BYTES: u64 = 1 << 30;
+use lego_protocol::VREGION_BYTES;
+
 const PAGE: u64 = 4096;
 
 /// Why a layout change was refused.
@@ -22,11 +22,6 @@ pub enum LayoutError {
     BadRange(u64, u64),
     #[error("range {0:#x} is not a mapping start")]
     NotMapped(u64),
-}
-
-/// Index of the vRegion holding `addr` in a region starting at `base`.
-pub fn vregion_index(base: u64, addr: u64) -> u64 {
-    (addr - base) / VREGION_BYTES
 }
 
 fn round_up(v: u64) -> u64 {
@@ -63,15 +58,6 @@ impl Layout {
             brk_start,
             brk: brk_start,
         })
-    }
-
-    pub fn base(&self) -> u64 {
-        self.base
-    }
-
-    /// Mapped bytes, break heap included.
-    pub fn mapped_bytes(&self) -> u64 {
-        self.vmas.iter().map(|(s, e)| e - s).sum::<u64>() + (self.brk - self.brk_start)
     }
 
     fn check(&self, addr: u64, len: u64) -> Result<(), LayoutError> {

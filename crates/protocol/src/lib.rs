@@ -62,6 +62,9 @@ pub const PROTOCOL_VERSION: u16 = 1;
 pub const MAGIC: [u8; 4] = *b"LEGO";
 /// Bytes in a page, the unit of every transfer.
 pub const PAGE_SIZE: usize = 4096;
+/// Size of a vRegion (as in LegoOS): the unit of an address space's layout
+/// and of its placement on memory daemons.
+pub const VREGION_BYTES: u64 = 1 << 30;
 /// Most pages in one `ReadPages`/`WritePages`/`Pages` batch.
 pub const MAX_BATCH_PAGES: usize = 512;
 /// Longest string field.

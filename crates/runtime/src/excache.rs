@@ -49,9 +49,6 @@ impl ExCache {
         }
     }
 
-    pub fn pages(&self) -> usize {
-        self.state.len()
-    }
     pub fn resident(&self) -> usize {
         self.resident
     }

@@ -36,7 +36,7 @@ use crate::region::{self, Region};
 use crate::{config::Config, coverage};
 
 /// The vRegion size, which decides which daemon holds a page.
-const VREGION_BYTES: usize = 1 << 30;
+const VREGION_BYTES: usize = lego_protocol::VREGION_BYTES as usize;
 
 struct Daemon {
     addr: String,
@@ -280,8 +280,6 @@ fn start(
     });
     if let Some(s) = rt.stats {
         s.processes.fetch_add(1, Relaxed);
-        s.budget_bytes
-            .store((budget_pages * PAGE_SIZE) as u64, Relaxed);
     }
     let rt: &'static Runtime = Box::leak(rt);
     RUNTIME.store(rt as *const Runtime as *mut Runtime, Ordering::Release);

@@ -48,8 +48,6 @@ pub struct SharedStats {
     pub bytes_in: AtomicU64,
     /// Largest resident disaggregated memory of any one process.
     pub peak_resident_bytes: AtomicU64,
-    /// ExCache budget of one process.
-    pub budget_bytes: AtomicU64,
     /// Miss service time (fault read → page installed), all misses.
     pub latency_us: [AtomicU64; HIST_BUCKETS],
     pub coverage: [CoverageSlot; COVERAGE_SLOTS],
