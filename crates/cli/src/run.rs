@@ -76,20 +76,18 @@ fn is_static_elf(path: &Path) -> bool {
     let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
     let phoff = u64::from_le_bytes(head[32..40].try_into().expect("8 bytes")) as usize;
     let (phentsize, phnum) = (u16_at(&head, 54), u16_at(&head, 56));
-    let mut all = Vec::new();
-    if std::fs::File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut all))
-        .is_err()
+    use std::io::{Seek, SeekFrom};
+    let mut phdrs = vec![0u8; phnum * phentsize];
+    if phentsize < 4
+        || f.seek(SeekFrom::Start(phoff as u64)).is_err()
+        || f.read_exact(&mut phdrs).is_err()
     {
         return false;
     }
     const PT_INTERP: u32 = 3;
-    !(0..phnum).any(|i| {
-        let o = phoff + i * phentsize;
-        all.get(o..o + 4)
-            .map(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) == PT_INTERP)
-            .unwrap_or(false)
-    })
+    !phdrs
+        .chunks_exact(phentsize)
+        .any(|h| u32::from_le_bytes(h[..4].try_into().expect("4 bytes")) == PT_INTERP)
 }
 
 fn runtime_library() -> Result<PathBuf, String> {

@@ -28,19 +28,15 @@ def work(k):\n    return hashlib.sha256(repr(data[k::7]).encode()).hexdigest()\n
 if __name__ == '__main__':\n    mp.set_start_method('fork')\n\
     data = [str(i) * 3 for i in range(1_500_000)]\n\
     with mp.Pool(2) as pool:\n        print(pool.map(work, range(7)))\n";
-    let (out, stats) = {
-        let expect = plain(&["python3", "-c", script], None);
-        assert!(expect.status.success());
-        let (got, stats) = under_lego(&["--excache", "16M"], &["python3", "-c", script], None);
-        assert!(got.status.success(), "{}", text(&got.stderr));
-        assert_eq!(text(&got.stdout), text(&expect.stdout));
-        (got, stats)
-    };
+    let expect = plain(&["python3", "-c", script], None);
+    assert!(expect.status.success());
+    let (got, stats) = under_lego(&["--excache", "16M"], &["python3", "-c", script], None);
+    assert!(got.status.success(), "{}", text(&got.stderr));
+    assert_eq!(text(&got.stdout), text(&expect.stdout));
     assert!(
         stats["processes"].as_u64().unwrap() >= 3,
         "workers ran under lego: {stats}"
     );
-    drop(out);
 }
 
 #[test]

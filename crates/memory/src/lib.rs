@@ -205,6 +205,17 @@ fn request_loop<S: Stream>(
     }
 }
 
+/// A connection serves one address space, set up once.
+fn no_space_yet(space: &Option<SpaceId>) -> Result<(), Refusal> {
+    match space {
+        Some(_) => Err(Refusal(
+            lego_protocol::ErrorCode::BadState,
+            "connection already has a space".into(),
+        )),
+        None => Ok(()),
+    }
+}
+
 fn handle(
     st: &mut Store,
     space: &mut Option<SpaceId>,
@@ -227,9 +238,7 @@ fn handle(
             bootstrap_bytes,
             ..
         } => {
-            if space.is_some() {
-                return Err(Refusal(BadState, "connection already has a space".into()));
-            }
+            no_space_yet(space)?;
             let id = st.open(region_base, region_bytes, bootstrap_bytes)?;
             *space = Some(id);
             Ok(Reply::Opened(id))
@@ -239,17 +248,13 @@ fn handle(
             region_base,
             region_bytes,
         } => {
-            if space.is_some() {
-                return Err(Refusal(BadState, "connection already has a space".into()));
-            }
+            no_space_yet(space)?;
             st.attach(id, region_base, region_bytes);
             *space = Some(id);
             Ok(Reply::Done)
         }
         Message::ForkSpace { parent, child } => {
-            if space.is_some() {
-                return Err(Refusal(BadState, "connection already has a space".into()));
-            }
+            no_space_yet(space)?;
             let id = st.fork(parent, (child.0 != 0).then_some(child))?;
             *space = Some(id);
             Ok(Reply::Opened(id))

@@ -43,6 +43,17 @@ struct Daemon {
     conn: FramedConn<TcpStream>,
 }
 
+impl Daemon {
+    /// Polls the connection for data or hang-up.
+    fn pollfd(&self) -> libc::pollfd {
+        libc::pollfd {
+            fd: self.conn.stream().raw_fd().unwrap_or(-1),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        }
+    }
+}
+
 struct Shared {
     cache: ExCache,
     daemons: Vec<Daemon>,
@@ -310,12 +321,17 @@ extern "C" fn before_fork() {
     heap::prepare_fork_internal();
 }
 
-extern "C" fn after_fork_parent() {
-    heap::finish_fork_internal();
-    let (r, w) = (
+/// The pipe `before_fork` opened (read end, write end), if any; -1s if not.
+fn take_fork_pipe() -> (i32, i32) {
+    (
         FORK_PIPE[0].swap(-1, Relaxed),
         FORK_PIPE[1].swap(-1, Relaxed),
-    );
+    )
+}
+
+extern "C" fn after_fork_parent() {
+    heap::finish_fork_internal();
+    let (r, w) = take_fork_pipe();
     if r >= 0 {
         // Wait until the child has cloned our space (or died trying).
         process::close(w);
@@ -365,10 +381,7 @@ extern "C" fn after_fork_child() {
             parent: parent.space,
         },
     );
-    let (r, w) = (
-        FORK_PIPE[0].swap(-1, Relaxed),
-        FORK_PIPE[1].swap(-1, Relaxed),
-    );
+    let (r, w) = take_fork_pipe();
     if w >= 0 {
         process::signal_pipe(w);
         process::close(w);
@@ -398,11 +411,7 @@ impl Runtime {
             revents: 0,
         }];
         for d in &lock(&self.shared).daemons {
-            fds.push(libc::pollfd {
-                fd: d.conn.stream().raw_fd().unwrap_or(-1),
-                events: libc::POLLIN | libc::POLLRDHUP,
-                revents: 0,
-            });
+            fds.push(d.pollfd());
         }
         let mut last_sample = Instant::now();
         loop {
@@ -432,11 +441,7 @@ impl Runtime {
     fn check_daemons(&self) {
         let mut g = lock(&self.shared);
         for d in &mut g.daemons {
-            let mut p = [libc::pollfd {
-                fd: d.conn.stream().raw_fd().unwrap_or(-1),
-                events: libc::POLLIN | libc::POLLRDHUP,
-                revents: 0,
-            }];
+            let mut p = [d.pollfd()];
             if process::poll(&mut p, 0).unwrap_or(0) == 0 {
                 continue;
             }
