@@ -101,7 +101,7 @@ fn tcp_round_trip(samples: usize) -> Vec<f64> {
             .call(
                 i + 2,
                 &Message::ReadPages {
-                    addrs: vec![VirtAddr(base.0 + i * PAGE_SIZE as u64)],
+                    addrs: vec![VirtAddr(base.0 + i * PAGE_SIZE as u64)].into(),
                 },
             )
             .expect("read");

@@ -289,7 +289,8 @@ impl Report {
         format!(
             "lego: {} after {:.2} s | ExCache {} | peak resident {}\n\
              lego: misses {} ({} fetched, {} zero-filled) | miss latency p50 {} p99 {}\n\
-             lego: evictions {} | writebacks {} | network {} out, {} in\n\
+             lego: ahead of misses: {} pages prefetched, {} zero-filled\n\
+             lego: evictions {} | writebacks {} ({} zero pages dropped instead) | network {} out, {} in\n\
              lego: coverage {}\n",
             self.end(),
             self.elapsed.as_secs_f64(),
@@ -300,8 +301,11 @@ impl Report {
             zero,
             lat(0.5),
             lat(0.99),
+            s.prefetched.load(Relaxed),
+            s.prefilled.load(Relaxed),
             s.evictions.load(Relaxed),
             s.writebacks.load(Relaxed),
+            s.zero_drops.load(Relaxed),
             human(s.bytes_out.load(Relaxed)),
             human(s.bytes_in.load(Relaxed)),
             cov
@@ -323,6 +327,9 @@ impl Report {
             "misses": s.remote_misses.load(Relaxed) + s.zero_fills.load(Relaxed),
             "remote_misses": s.remote_misses.load(Relaxed),
             "zero_fills": s.zero_fills.load(Relaxed),
+            "prefetched": s.prefetched.load(Relaxed),
+            "prefilled": s.prefilled.load(Relaxed),
+            "zero_drops": s.zero_drops.load(Relaxed),
             "dirtied": s.dirtied.load(Relaxed),
             "evictions": s.evictions.load(Relaxed),
             "writebacks": s.writebacks.load(Relaxed),

@@ -391,7 +391,7 @@ mod tests {
             .call(
                 3,
                 &Message::WritePages {
-                    addrs: vec![addr],
+                    addrs: vec![addr].into(),
                     data: &page,
                 },
             )
@@ -418,7 +418,7 @@ mod tests {
             .call(
                 1,
                 &Message::ReadPages {
-                    addrs: vec![VirtAddr(0)],
+                    addrs: vec![VirtAddr(0)].into(),
                 },
             )
             .unwrap();

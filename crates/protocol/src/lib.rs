@@ -54,6 +54,8 @@
 
 #![deny(unsafe_code)]
 
+use std::borrow::Cow;
+
 use thiserror::Error;
 
 /// Protocol version spoken by this build.
@@ -195,12 +197,12 @@ pub enum Message<'a> {
     /// Forget the contents of a range (pages read back as zeros).
     Discard { addr: VirtAddr, len: u64 },
     /// Fetch pages; the reply is `Pages` with their contents in order.
-    ReadPages { addrs: Vec<VirtAddr> },
+    ReadPages { addrs: Cow<'a, [VirtAddr]> },
     /// Page contents, `PAGE_SIZE` bytes per requested page.
     Pages { data: &'a [u8] },
     /// Store pages; acknowledged with `Done` once stored.
     WritePages {
-        addrs: Vec<VirtAddr>,
+        addrs: Cow<'a, [VirtAddr]>,
         data: &'a [u8],
     },
     /// Generic success.
@@ -598,7 +600,9 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
             addr: r.addr("address")?,
             len: r.u64("length")?,
         },
-        kind::READ_PAGES => Message::ReadPages { addrs: r.addrs()? },
+        kind::READ_PAGES => Message::ReadPages {
+            addrs: r.addrs()?.into(),
+        },
         kind::PAGES => {
             let n = r.count("page count")?;
             let data = r.take(n * PAGE_SIZE, "page data")?;
@@ -607,7 +611,10 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
         kind::WRITE_PAGES => {
             let addrs = r.addrs()?;
             let data = r.take(addrs.len() * PAGE_SIZE, "page data")?;
-            Message::WritePages { addrs, data }
+            Message::WritePages {
+                addrs: addrs.into(),
+                data,
+            }
         }
         kind::DONE => Message::Done,
         kind::ERROR => Message::Error {
@@ -725,11 +732,11 @@ mod tests {
                 len: 4096,
             },
             Message::ReadPages {
-                addrs: vec![VirtAddr(4096), VirtAddr(8192)],
+                addrs: vec![VirtAddr(4096), VirtAddr(8192)].into(),
             },
             Message::Pages { data: &page },
             Message::WritePages {
-                addrs: vec![VirtAddr(4096), VirtAddr(8192)],
+                addrs: vec![VirtAddr(4096), VirtAddr(8192)].into(),
                 data: &page,
             },
             Message::Done,
@@ -768,7 +775,13 @@ mod tests {
     #[test]
     fn batch_count_larger_than_data_is_truncated_not_allocated() {
         let mut buf = Vec::new();
-        encode(1, &Message::ReadPages { addrs: vec![] }, &mut buf);
+        encode(
+            1,
+            &Message::ReadPages {
+                addrs: vec![].into(),
+            },
+            &mut buf,
+        );
         // Claim 512 addresses but carry none.
         buf[HEADER_BYTES..HEADER_BYTES + 4].copy_from_slice(&512u32.to_le_bytes());
         assert_eq!(decode(&buf), Err(DecodeError::Truncated("page addresses")));
@@ -805,7 +818,7 @@ mod tests {
             let page = vec![1u8; PAGE_SIZE * n];
             let addrs: Vec<_> = (0..n as u64).map(|i| VirtAddr(i * 4096)).collect();
             let mut buf = Vec::new();
-            encode(5, &Message::WritePages { addrs, data: &page }, &mut buf);
+            encode(5, &Message::WritePages { addrs: addrs.into(), data: &page }, &mut buf);
             let keep = buf.len().saturating_sub(cut);
             let r = decode(&buf[..keep]);
             if cut == 0 { prop_assert!(r.is_ok()); } else { prop_assert!(r.is_err()); }

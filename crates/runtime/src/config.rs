@@ -7,17 +7,33 @@
 //! | `LEGO_STATS_FD` | fd of the shared statistics page |
 //! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
+//! | `LEGO_EVICTION` | eviction policy: `refault` (default) or `fifo` |
+//! | `LEGO_PREFETCH_PAGES` | largest prefetch window in pages (default 64; 0 turns prefetching off) |
 
 use std::time::Duration;
 
 use lego_sys::stats::{self, SharedStats};
+
+use crate::excache::Policy;
 
 pub struct Config {
     pub daemons: Vec<String>,
     pub excache_bytes: usize,
     pub stats: Option<&'static SharedStats>,
     pub timeout: Duration,
+    pub tuning: Tuning,
 }
+
+/// How the pager trades memory for speed (kept across fork).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Largest prefetch window, in pages (0: no prefetching).
+    pub prefetch_pages: usize,
+    pub eviction: Policy,
+}
+
+/// Prefetch windows are at most this many pages (one `ReadPages`).
+pub const MAX_PREFETCH_PAGES: usize = 256;
 
 fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
@@ -39,6 +55,12 @@ impl Config {
             excache_bytes: var("LEGO_EXCACHE_BYTES").unwrap_or(64 << 20),
             stats: var::<i32>("LEGO_STATS_FD").and_then(stats::attach),
             timeout: Duration::from_millis(var("LEGO_TIMEOUT_MS").unwrap_or(10_000)),
+            tuning: Tuning {
+                prefetch_pages: var::<usize>("LEGO_PREFETCH_PAGES")
+                    .unwrap_or(64)
+                    .min(MAX_PREFETCH_PAGES),
+                eviction: var("LEGO_EVICTION").unwrap_or(Policy::Refault),
+            },
         })
     }
 }

@@ -9,15 +9,46 @@
 //! been written, or was discarded: it reads as zeros and is zero-filled
 //! locally, with no network trip.
 //!
-//! Eviction order is FIFO by install time (as in LegoOS).
+//! Eviction order ([`Policy`]): FIFO by install time, as in LegoOS; or
+//! FIFO with refault detection (the default). Without access bits a user
+//! space pager sees only misses, but a miss on a page evicted a short while
+//! ago says the page is in use: its *refault distance* (evictions between
+//! its eviction and this miss) is below the cache size, so a cache slightly
+//! larger, or a better choice of victim, would have kept it (the idea of
+//! Linux's workingset detection and of 2Q). Such pages go to a protected
+//! queue, which eviction drains only while it holds more than half the
+//! budget; all other pages are evicted oldest first.
 
 use std::collections::VecDeque;
 
 const RESIDENT: u8 = 1;
 const DIRTY: u8 = 2;
 const REMOTE: u8 = 4;
-/// The page has an entry in the FIFO (possibly stale).
+/// The page has an entry in a queue (possibly stale).
 const QUEUED: u8 = 8;
+/// That entry is in the protected queue.
+const PROTECTED: u8 = 16;
+
+/// How victims are chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Policy {
+    /// Oldest installed first (LegoOS).
+    Fifo,
+    /// Oldest first, but pages that come back soon after eviction are
+    /// protected (see the module docs).
+    Refault,
+}
+
+impl std::str::FromStr for Policy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fifo" => Ok(Policy::Fifo),
+            "refault" => Ok(Policy::Refault),
+            _ => Err(format!("unknown eviction policy '{s}' (fifo, refault)")),
+        }
+    }
+}
 
 /// A page chosen for eviction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -30,6 +61,14 @@ pub struct Victim {
 pub struct ExCache {
     state: Vec<u8>,
     fifo: VecDeque<u32>,
+    /// Protected queue (refault policy).
+    protected: VecDeque<u32>,
+    /// Resident pages whose entry is in the protected queue.
+    protected_resident: usize,
+    /// Per page: the eviction count when it was last evicted (0: never).
+    evicted_at: Vec<u32>,
+    evictions: u32,
+    policy: Policy,
     resident: usize,
     /// Pages resident or remote: the disaggregated footprint.
     holding: usize,
@@ -39,10 +78,23 @@ pub struct ExCache {
 impl ExCache {
     /// A cache for `pages` pages with room for `budget` resident ones.
     pub fn new(pages: usize, budget: usize) -> Self {
+        Self::with_policy(pages, budget, Policy::Refault)
+    }
+
+    pub fn with_policy(pages: usize, budget: usize, policy: Policy) -> Self {
         Self {
-            // Zeroed allocation: untouched parts cost no memory.
+            // Zeroed allocations: untouched parts cost no memory.
             state: vec![0; pages],
             fifo: VecDeque::new(),
+            protected: VecDeque::new(),
+            protected_resident: 0,
+            evicted_at: if policy == Policy::Refault {
+                vec![0; pages]
+            } else {
+                Vec::new()
+            },
+            evictions: 0,
+            policy,
             resident: 0,
             holding: 0,
             budget: budget.max(1),
@@ -77,6 +129,12 @@ impl ExCache {
             (true, false) => self.resident -= 1,
             _ => {}
         }
+        let prot = |s: u8| s & (RESIDENT | PROTECTED) == RESIDENT | PROTECTED;
+        match (prot(old), prot(new)) {
+            (false, true) => self.protected_resident += 1,
+            (true, false) => self.protected_resident -= 1,
+            _ => {}
+        }
         match (held(old), held(new)) {
             (false, true) => self.holding += 1,
             (true, false) => self.holding -= 1,
@@ -93,12 +151,27 @@ impl ExCache {
     /// A page was installed locally, dirty if the installing access wrote.
     pub fn installed(&mut self, i: usize, dirty: bool) {
         let s = self.state[i];
-        let mut new = (s & (REMOTE | QUEUED)) | RESIDENT | if dirty { DIRTY } else { 0 };
+        let mut new =
+            (s & (REMOTE | QUEUED | PROTECTED)) | RESIDENT | if dirty { DIRTY } else { 0 };
         if s & QUEUED == 0 {
-            self.fifo.push_back(i as u32);
             new |= QUEUED;
+            if self.refaulted(i) {
+                self.protected.push_back(i as u32);
+                new |= PROTECTED;
+            } else {
+                self.fifo.push_back(i as u32);
+                new &= !PROTECTED;
+            }
         }
         self.set(i, new);
+    }
+
+    /// Whether page `i` comes back within a cache's worth of evictions.
+    fn refaulted(&self, i: usize) -> bool {
+        if self.policy != Policy::Refault || self.evicted_at[i] == 0 {
+            return false;
+        }
+        (self.evictions.wrapping_sub(self.evicted_at[i]) as usize) < self.budget
     }
 
     /// A clean resident page was written.
@@ -110,22 +183,30 @@ impl ExCache {
     /// After fork: every resident page counts as dirty (the kernel dropped
     /// the write protection that kept clean pages clean).
     pub fn mark_resident_dirty(&mut self) {
-        for &i in &self.fifo {
+        for &i in self.fifo.iter().chain(&self.protected) {
             if self.state[i as usize] & RESIDENT != 0 {
                 self.state[i as usize] |= DIRTY;
             }
         }
     }
 
-    /// Takes up to `max` eviction victims, oldest first.
+    /// Takes up to `max` eviction victims, oldest first (from the
+    /// protected queue only while it holds more than half the budget).
     pub fn pick_victims(&mut self, max: usize, out: &mut Vec<Victim>) {
         out.clear();
         while out.len() < max {
-            let Some(i) = self.fifo.pop_front() else {
+            let from_protected = self.protected_resident > self.budget / 2 || self.fifo.is_empty();
+            let next = if from_protected {
+                self.protected.pop_front()
+            } else {
+                self.fifo.pop_front()
+            };
+            let Some(i) = next else {
                 break;
             };
             let i = i as usize;
-            self.state[i] &= !QUEUED;
+            let s = self.state[i];
+            self.set(i, s & !(QUEUED | PROTECTED));
             if self.state[i] & RESIDENT != 0 {
                 out.push(Victim {
                     index: i,
@@ -137,6 +218,10 @@ impl ExCache {
 
     /// A victim was dropped locally; a dirty one was stored remotely first.
     pub fn evicted(&mut self, v: Victim) {
+        if self.policy == Policy::Refault {
+            self.evictions = self.evictions.wrapping_add(1).max(1);
+            self.evicted_at[v.index] = self.evictions;
+        }
         let s = self.state[v.index];
         let mut new = s & !(RESIDENT | DIRTY);
         if v.dirty {
@@ -157,6 +242,32 @@ impl ExCache {
             }
         }
         before - self.resident
+    }
+
+    /// The contents of `[first, first+count)` are dead (the program freed
+    /// them) but its resident pages stay mapped for reuse: forget the
+    /// remote copies, so no page of the range is fetched again (a
+    /// non-resident one reads as zeros; a resident clean one is dropped
+    /// without writeback). Returns whether any page was remote.
+    pub fn forget_remote(&mut self, first: usize, count: usize) -> bool {
+        let end = (first + count).min(self.state.len());
+        let mut any = false;
+        for i in first.min(end)..end {
+            let s = self.state[i];
+            if s & REMOTE != 0 {
+                any = true;
+                self.set(i, s & !REMOTE);
+            }
+        }
+        any
+    }
+
+    /// Whether a daemon holds any page of `[first, first+count)`.
+    pub fn any_remote(&self, first: usize, count: usize) -> bool {
+        let end = (first + count).min(self.state.len());
+        self.state[first.min(end)..end]
+            .iter()
+            .any(|s| s & REMOTE != 0)
     }
 
     /// Resident pages in `[first, first+count)`.
@@ -249,6 +360,64 @@ mod tests {
         c.installed(2, false);
         c.pick_victims(4, &mut v);
         assert_eq!(v.len(), 2);
+    }
+
+    #[test]
+    fn refaulting_pages_are_protected_from_a_scan() {
+        // A hot page (0) and a long scan through a 4-page cache.
+        for policy in [Policy::Fifo, Policy::Refault] {
+            let mut c = ExCache::with_policy(64, 4, policy);
+            let mut v = vec![];
+            let mut misses = 0;
+            let mut touch = |c: &mut ExCache, i: usize, hot: bool| {
+                if c.is_resident(i) {
+                    return;
+                }
+                misses += hot as usize;
+                while !c.has_room(1) {
+                    c.pick_victims(1, &mut v);
+                    c.evicted(v[0]);
+                }
+                c.installed(i, false);
+            };
+            touch(&mut c, 0, true);
+            for k in 1..40 {
+                touch(&mut c, k, false);
+                if k % 3 == 0 {
+                    touch(&mut c, 0, true);
+                }
+            }
+            // FIFO throws the hot page out again and again; with refault
+            // detection it comes back once and then stays.
+            let ok = match policy {
+                Policy::Fifo => misses >= 5,
+                Policy::Refault => misses <= 2,
+            };
+            assert!(ok, "{policy:?}: the hot page missed {misses} times");
+        }
+    }
+
+    #[test]
+    fn freed_range_keeps_resident_pages_and_forgets_remote_copies() {
+        let mut c = ExCache::new(16, 4);
+        c.installed(0, true);
+        c.installed(1, true);
+        c.pick_victims(1, &mut vec![]);
+        c.evicted(Victim {
+            index: 0,
+            dirty: true,
+        });
+        c.evicted(Victim {
+            index: 1,
+            dirty: true,
+        });
+        c.installed(1, false); // fetched back, clean
+        c.installed(2, true);
+        assert!(c.forget_remote(0, 3));
+        assert!(!c.is_remote(0) && !c.is_remote(1) && !c.is_resident(0));
+        assert!(c.is_resident(1) && c.is_resident(2) && c.is_dirty(2));
+        assert_eq!((c.resident(), c.holding()), (2, 2));
+        assert!(!c.forget_remote(0, 3));
     }
 
     #[test]

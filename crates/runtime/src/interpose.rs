@@ -13,7 +13,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use lego_sys::mm;
+use lego_sys::{mm, PAGE_SIZE};
 use libc::{c_int, c_void, intptr_t, off_t, size_t};
 
 use crate::heap::{self, in_runtime, RuntimeScope, INTERNAL, REGION_HEAP};
@@ -78,11 +78,38 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     // The program passes a pointer from this malloc family; its address
     // says which heap owns it.
     if region::contains(p as usize) {
+        // SAFETY: p is a live region-heap allocation.
+        unsafe { discard_freed_interior(p as usize) };
         // SAFETY: a live region-heap allocation.
         REGION_HEAP.with(|d| unsafe { d.c_free(p as *mut u8) });
     } else {
         // SAFETY: a live internal-heap allocation.
         INTERNAL.with(|d| unsafe { d.c_free(p as *mut u8) });
+    }
+}
+
+/// Freed blocks at least this large have their whole pages discarded.
+const DISCARD_FREED_BYTES: usize = 128 << 10;
+
+/// The contents of a large block being freed are dead: its whole pages'
+/// remote copies are dropped (see `Runtime::freed`), so when the heap
+/// reuses the block no stale page is fetched or written back. The first and
+/// last page are left alone: dlmalloc's chunk headers and footers live there.
+///
+/// # Safety
+/// `p` must be a live allocation of the region heap.
+unsafe fn discard_freed_interior(p: usize) {
+    // SAFETY: the caller's contract.
+    let size = unsafe { heap::usable_size(p as *mut u8) };
+    if size < DISCARD_FREED_BYTES {
+        return;
+    }
+    let first = (p + 64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
+    let end = (p + size).saturating_sub(64) / PAGE_SIZE * PAGE_SIZE;
+    if let Some(rt) = runtime::get() {
+        if end > first && !region::in_bootstrap(p) {
+            rt.freed(first, end - first);
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod excache;
 pub mod heap;
 #[cfg(not(test))]
 mod interpose;
+pub mod prefetch;
 pub mod region;
 pub mod runtime;
 

@@ -30,8 +30,10 @@ use lego_sys::uffd::{Fault, Uffd};
 use lego_sys::{mm, process};
 use lego_transport::{ConnError, FramedConn, Stream, Tcp, Transport};
 
+use crate::config::{Tuning, MAX_PREFETCH_PAGES};
 use crate::excache::{ExCache, Victim};
 use crate::heap::{self, RuntimeScope};
+use crate::prefetch::Prefetcher;
 use crate::region::{self, Region};
 use crate::{config::Config, coverage};
 
@@ -64,6 +66,13 @@ struct Shared {
     ranges: Vec<(usize, usize)>,
     /// Pages evicted per batch.
     batch: usize,
+    prefetch: Prefetcher,
+    /// Scratch lists of one miss: pages to fetch, pages to zero-fill.
+    fetch: Vec<usize>,
+    fill: Vec<usize>,
+    fetch_addrs: Vec<VirtAddr>,
+    /// Dirty victims of the current batch found all zeros (not written back).
+    zero_victims: Vec<usize>,
 }
 
 struct Control {
@@ -91,11 +100,13 @@ pub struct Runtime {
     program: String,
     timeout: Duration,
     stats: Option<&'static SharedStats>,
+    tuning: Tuning,
     pid: u32,
     pidfd: i32,
     /// Descriptors a forked child must close (its parent's connections).
     fds: Vec<i32>,
-    zero: Box<[u8; PAGE_SIZE]>,
+    /// Zeros to install from: a fault page and a full prefetch window.
+    zero: Box<[u8]>,
 }
 
 static RUNTIME: AtomicPtr<Runtime> = AtomicPtr::new(std::ptr::null_mut());
@@ -168,7 +179,7 @@ pub fn init() {
     let region =
         region::get().unwrap_or_else(|| die("runtime: cannot reserve the disaggregated region"));
     let budget_pages = (cfg.excache_bytes / PAGE_SIZE).max(16);
-    let mut cache = ExCache::new(region.len / PAGE_SIZE, budget_pages);
+    let mut cache = ExCache::with_policy(region.len / PAGE_SIZE, budget_pages, cfg.tuning.eviction);
     // Pages the program touched before the runtime connected are resident
     // and (for all we know) dirty.
     let used = heap::BOOTSTRAP_USED
@@ -187,6 +198,7 @@ pub fn init() {
         program_name(),
         cfg.timeout,
         cfg.stats,
+        cfg.tuning,
         cache,
         Origin::Fresh,
     );
@@ -195,12 +207,16 @@ pub fn init() {
 
 /// Opens the address space at the daemons, registers the region with a new
 /// userfaultfd, publishes the runtime and starts its pager.
+// Everything a runtime is made of, passed once by `init` and once by the
+// fork child; a struct for them would only be unpacked again here.
+#[allow(clippy::too_many_arguments)]
 fn start(
     region: Region,
     daemon_addrs: Vec<String>,
     program: String,
     timeout: Duration,
     stats: Option<&'static SharedStats>,
+    tuning: Tuning,
     cache: ExCache,
     origin: Origin,
 ) {
@@ -274,6 +290,11 @@ fn start(
             wb_data: vec![Vec::new(); n],
             ranges: Vec::new(),
             batch: (budget_pages / 16).clamp(8, 256),
+            prefetch: Prefetcher::new(tuning.prefetch_pages),
+            fetch: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
+            fill: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
+            fetch_addrs: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
+            zero_victims: Vec::new(),
         }),
         control: Mutex::new(Control {
             conn: control,
@@ -284,10 +305,11 @@ fn start(
         program,
         timeout,
         stats,
+        tuning,
         pid: std::process::id(),
         pidfd,
         fds,
-        zero: Box::new([0; PAGE_SIZE]),
+        zero: vec![0; (MAX_PREFETCH_PAGES + 1) * PAGE_SIZE].into_boxed_slice(),
     });
     if let Some(s) = rt.stats {
         s.processes.fetch_add(1, Relaxed);
@@ -376,6 +398,7 @@ extern "C" fn after_fork_child() {
         parent.program.clone(),
         parent.timeout,
         parent.stats,
+        parent.tuning,
         cache,
         Origin::Fork {
             parent: parent.space,
@@ -480,62 +503,188 @@ impl Runtime {
             return;
         }
         let start = Instant::now();
-        while !g.cache.has_room(1) {
-            self.evict_batch(&mut g);
-        }
+        let g = &mut *g;
+        self.plan_miss(g, i);
         let remote = g.cache.is_remote(i);
-        let installed = if remote {
-            let n = g.daemons.len();
-            let d = self.daemon_of(f.page, n);
-            let id = g.next_id;
-            g.next_id += 1;
-            let daemon = &mut g.daemons[d];
-            let (out0, in0) = (daemon.conn.bytes_out, daemon.conn.bytes_in);
-            let reply = daemon.conn.call(
-                id,
-                &Message::ReadPages {
-                    addrs: vec![VirtAddr(f.page as u64)],
-                },
-            );
-            let r = match reply {
-                Ok(frame) => match frame.message {
-                    Message::Pages { data } if data.len() == PAGE_SIZE => {
-                        self.uffd.copy(f.page, data, !f.write)
-                    }
-                    other => die(&format!(
-                        "memory daemon {} answered a page read with {other:?}",
-                        daemon.addr
-                    )),
-                },
-                Err(e) => self.daemon_failed(&daemon.addr, e),
-            };
-            if let Some(s) = self.stats {
-                s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
-                s.bytes_in.fetch_add(daemon.conn.bytes_in - in0, Relaxed);
-            }
-            r
-        } else {
-            self.uffd.copy(f.page, &self.zero[..], !f.write)
-        };
-        match installed {
-            Ok(_) => g.cache.installed(i, f.write),
-            // The range was unmapped under us (munmap raced the fault).
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let _ = self.uffd.wake(f.page, PAGE_SIZE);
-                return;
-            }
-            Err(e) => die(&format!("runtime: cannot install page {:#x}: {e}", f.page)),
+        // Room for every page planned, the faulting one included (it is in
+        // `fetch` only when remote).
+        while !g
+            .cache
+            .has_room(g.fetch.len() + g.fill.len() + usize::from(!remote))
+        {
+            self.evict_batch(g);
         }
+        // The faulting page first: its thread resumes as soon as it is in.
+        if !remote {
+            match self.install(g, i, None, !f.write) {
+                Ok(true) => {}
+                // Unmapped under us (munmap raced the fault): nothing to do.
+                Ok(false) => return,
+                Err(e) => die(&format!("runtime: cannot install page {:#x}: {e}", f.page)),
+            }
+        }
+        if !g.fetch.is_empty() {
+            self.fetch_and_install(g, remote.then_some(f.write));
+        }
+        let filled = self.fill_ahead(g);
         if let Some(s) = self.stats {
             if remote {
                 s.remote_misses.fetch_add(1, Relaxed);
             } else {
                 s.zero_fills.fetch_add(1, Relaxed);
             }
+            let ahead = g.fetch.len().saturating_sub(remote as usize);
+            s.prefetched.fetch_add(ahead as u64, Relaxed);
+            s.prefilled.fetch_add(filled as u64, Relaxed);
             s.record_latency(start.elapsed().as_micros() as u64);
             s.peak_resident_bytes
                 .fetch_max((g.cache.resident() * PAGE_SIZE) as u64, Relaxed);
         }
+    }
+
+    /// Decides what a miss on page `i` brings in: `fetch` gets the remote
+    /// pages (`i` first if it is remote), `fill` the never-written pages
+    /// ahead to zero-fill (`i` itself is installed separately when not
+    /// remote). Pages ahead stop at the first resident one, at the region's
+    /// end and at a change of daemon, and take at most a quarter of the
+    /// budget.
+    fn plan_miss(&self, g: &mut Shared, i: usize) {
+        g.fetch.clear();
+        g.fill.clear();
+        if g.cache.is_remote(i) {
+            g.fetch.push(i);
+        }
+        let Some(ahead) = g.prefetch.on_miss(i) else {
+            return;
+        };
+        let pages = self.region.len / PAGE_SIZE;
+        let n = g.daemons.len();
+        let home = self.daemon_of(self.page_addr(i), n);
+        let max = ahead.count.min(g.cache.budget() / 4);
+        for k in 1..=max as i64 {
+            let j = i as i64 + k * ahead.stride;
+            if j < 0 || j as usize >= pages || g.cache.is_resident(j as usize) {
+                break;
+            }
+            let j = j as usize;
+            if self.daemon_of(self.page_addr(j), n) != home {
+                break;
+            }
+            if g.cache.is_remote(j) {
+                g.fetch.push(j);
+            } else {
+                g.fill.push(j);
+            }
+        }
+    }
+
+    /// Installs page `i` from `data` (zeros if `None`), write-protected
+    /// (clean) if `wp`. `Ok(false)`: the page was not installed because its
+    /// range is gone or it was already present.
+    fn install(
+        &self,
+        g: &mut Shared,
+        i: usize,
+        data: Option<&[u8]>,
+        wp: bool,
+    ) -> std::io::Result<bool> {
+        let src = data.unwrap_or(&self.zero[..PAGE_SIZE]);
+        match self.uffd.copy(self.page_addr(i), src, wp) {
+            Ok(1) => {
+                g.cache.installed(i, !wp);
+                Ok(true)
+            }
+            Ok(_) => Ok(false),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                let _ = self.uffd.wake(self.page_addr(i), PAGE_SIZE);
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fetches `g.fetch` in one `ReadPages` and installs the pages; if
+    /// `fault_write` is set the first one is the faulting page (installed
+    /// writable if the fault was a write), the others are prefetched and
+    /// installed clean.
+    fn fetch_and_install(&self, g: &mut Shared, fault_write: Option<bool>) {
+        let n = g.daemons.len();
+        let d = self.daemon_of(self.page_addr(g.fetch[0]), n);
+        let id = g.next_id;
+        g.next_id += 1;
+        g.fetch_addrs.clear();
+        for &j in &g.fetch {
+            g.fetch_addrs.push(VirtAddr(self.page_addr(j) as u64));
+        }
+        let Shared {
+            daemons,
+            cache,
+            fetch,
+            fetch_addrs,
+            ..
+        } = g;
+        let daemon = &mut daemons[d];
+        let (out0, in0) = (daemon.conn.bytes_out, daemon.conn.bytes_in);
+        let reply = daemon.conn.call(
+            id,
+            &Message::ReadPages {
+                addrs: fetch_addrs.as_slice().into(),
+            },
+        );
+        let data = match reply {
+            Ok(frame) => match frame.message {
+                Message::Pages { data } if data.len() == fetch.len() * PAGE_SIZE => data,
+                other => die(&format!(
+                    "memory daemon {} answered a page read with {other:?}",
+                    daemon.addr
+                )),
+            },
+            Err(e) => self.daemon_failed(&daemon.addr, e),
+        };
+        let mut k = 0;
+        if let Some(write) = fault_write {
+            let at = self.page_addr(fetch[0]);
+            match self.uffd.copy(at, &data[..PAGE_SIZE], !write) {
+                Ok(1) => cache.installed(fetch[0], write),
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                    let _ = self.uffd.wake(at, PAGE_SIZE);
+                }
+                Err(e) => die(&format!("runtime: cannot install page {at:#x}: {e}")),
+            }
+            k = 1;
+        }
+        // Prefetched pages, clean, one UFFDIO_COPY per run of neighbours.
+        install_runs(
+            &self.uffd,
+            self.region.base,
+            cache,
+            &fetch[k..],
+            &data[k * PAGE_SIZE..],
+            true,
+        );
+        if let Some(s) = self.stats {
+            s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
+            s.bytes_in.fetch_add(daemon.conn.bytes_in - in0, Relaxed);
+        }
+    }
+
+    /// Zero-fills the never-written pages ahead of a miss (`g.fill`). They
+    /// are installed writable and counted dirty: the program is expected to
+    /// write them, and eviction drops a still-zero one without writeback.
+    /// Returns how many were installed.
+    fn fill_ahead(&self, g: &mut Shared) -> usize {
+        let before = g.cache.resident();
+        let zeros = &self.zero[..g.fill.len() * PAGE_SIZE];
+        install_runs(
+            &self.uffd,
+            self.region.base,
+            &mut g.cache,
+            &g.fill,
+            zeros,
+            false,
+        );
+        g.cache.resident() - before
     }
 
     fn daemon_failed(&self, addr: &str, e: ConnError) -> ! {
@@ -578,6 +727,7 @@ impl Runtime {
             g.wb_data[d].clear();
         }
         let mut dirty = 0u64;
+        g.zero_victims.clear();
         for v in victims.iter().filter(|v| v.dirty) {
             let addr = self.page_addr(v.index);
             // Stop writers before copying: a write after the copy would be lost.
@@ -587,7 +737,6 @@ impl Runtime {
                 ));
             }
             let d = self.daemon_of(addr, n);
-            g.wb_addrs[d].push(VirtAddr(addr as u64));
             let buf = &mut g.wb_data[d];
             let at = buf.len();
             buf.resize(at + PAGE_SIZE, 0);
@@ -595,6 +744,15 @@ impl Runtime {
             // (under the shared lock) drops region pages, and writers are
             // stopped by the write protection just set.
             unsafe { mm::copy_page_out(addr, &mut buf[at..]) };
+            // A page zero-filled ahead and never written (or written with
+            // zeros) that no daemon holds needs no writeback: dropped, it
+            // reads as zeros again.
+            if !g.cache.is_remote(v.index) && buf[at..].iter().all(|&b| b == 0) {
+                buf.truncate(at);
+                g.zero_victims.push(v.index);
+                continue;
+            }
+            g.wb_addrs[d].push(VirtAddr(addr as u64));
             dirty += 1;
         }
         if dirty > 0 {
@@ -612,11 +770,13 @@ impl Runtime {
             die(&format!("runtime: cannot drop evicted pages: {e}"));
         }
         for v in victims {
-            g.cache.evicted(*v);
+            let dirty = v.dirty && !g.zero_victims.contains(&v.index);
+            g.cache.evicted(Victim { dirty, ..*v });
         }
         if let Some(s) = self.stats {
             s.evictions.fetch_add(victims.len() as u64, Relaxed);
             s.writebacks.fetch_add(dirty, Relaxed);
+            s.zero_drops.fetch_add(g.zero_victims.len() as u64, Relaxed);
         }
     }
 
@@ -638,7 +798,7 @@ impl Runtime {
                 if let Err(e) = daemon.conn.send(
                     id,
                     &Message::WritePages {
-                        addrs: chunk.to_vec(),
+                        addrs: chunk.into(),
                         data: bytes,
                     },
                 ) {
@@ -712,11 +872,21 @@ impl Runtime {
     /// non-home daemons (the home forgets its own as part of `msg`).
     fn forget(&self, g: &mut Shared, addr: usize, len: usize, home_done: bool) {
         let first = self.page_index(addr);
+        let remote = g.cache.any_remote(first, len / PAGE_SIZE);
         g.cache.discard(first, len / PAGE_SIZE);
         if let Err(e) = mm::madvise_raw(addr, len, libc::MADV_DONTNEED) {
             die(&format!("runtime: cannot drop pages: {e}"));
         }
-        // Each daemon holding a vRegion of the range forgets its part.
+        if !remote {
+            // No daemon holds a page of the range: nothing to tell them.
+            return;
+        }
+        self.discard_at_daemons(g, addr, len, home_done);
+    }
+
+    /// Each daemon holding a vRegion of `[addr, addr+len)` forgets its
+    /// part (but the home if `skip_home`).
+    fn discard_at_daemons(&self, g: &mut Shared, addr: usize, len: usize, skip_home: bool) {
         let n = g.daemons.len();
         let mut seen = vec![false; n];
         let mut a = addr;
@@ -725,7 +895,7 @@ impl Runtime {
             a = self.region.base + ((a - self.region.base) / VREGION_BYTES + 1) * VREGION_BYTES;
         }
         for (d, s) in seen.into_iter().enumerate() {
-            if !s || (home_done && d == 0) {
+            if !s || (skip_home && d == 0) {
                 continue;
             }
             let id = g.next_id;
@@ -745,6 +915,23 @@ impl Runtime {
                 )),
                 Err(e) => self.daemon_failed(&daemon.addr, e),
             }
+        }
+    }
+
+    /// The program freed `[addr, addr+len)` (page-aligned, inside a block
+    /// of the region heap): its contents are dead. Resident pages stay for
+    /// the heap to reuse; remote copies are dropped, so reuse neither
+    /// fetches nor writes back stale data.
+    pub fn freed(&self, addr: usize, len: usize) {
+        let _scope = RuntimeScope::enter();
+        if len == 0 || !self.region.covers(addr, len) {
+            return;
+        }
+        let mut g = lock(&self.shared);
+        if g.cache
+            .forget_remote(self.page_index(addr), len / PAGE_SIZE)
+        {
+            self.discard_at_daemons(&mut g, addr, len, false);
         }
     }
 
@@ -836,7 +1023,7 @@ impl Runtime {
                 let page = match daemon.conn.call(
                     id,
                     &Message::ReadPages {
-                        addrs: vec![VirtAddr(src as u64)],
+                        addrs: vec![VirtAddr(src as u64)].into(),
                     },
                 ) {
                     Ok(f) => match f.message {
@@ -923,5 +1110,41 @@ impl Runtime {
         );
         let holding = lock(&self.shared).cache.holding();
         stats.record_coverage(self.pid, (holding * PAGE_SIZE) as u64, local);
+    }
+}
+
+/// Installs `pages` (ascending or descending page indices of the region at
+/// `base`) from the matching pages of `data`, one `UFFDIO_COPY` per run of
+/// consecutive pages; clean (write-protected) if `wp`. A page that cannot
+/// be installed (its range unmapped, or already present) is skipped: it
+/// was only prefetched, a later access faults it in as usual.
+fn install_runs(
+    uffd: &Uffd,
+    base: usize,
+    cache: &mut ExCache,
+    pages: &[usize],
+    data: &[u8],
+    wp: bool,
+) {
+    let mut k = 0;
+    while k < pages.len() {
+        let mut len = 1;
+        while k + len < pages.len() && pages[k + len] == pages[k] + len {
+            len += 1;
+        }
+        let src = &data[k * PAGE_SIZE..(k + len) * PAGE_SIZE];
+        let done = match uffd.copy(base + pages[k] * PAGE_SIZE, src, wp) {
+            Ok(done) => done,
+            Err(e) => {
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    let _ = uffd.wake(base + pages[k] * PAGE_SIZE, len * PAGE_SIZE);
+                }
+                0
+            }
+        };
+        for &p in &pages[k..k + done] {
+            cache.installed(p, !wp);
+        }
+        k += len;
     }
 }

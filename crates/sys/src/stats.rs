@@ -37,6 +37,12 @@ pub struct SharedStats {
     pub remote_misses: AtomicU64,
     /// Misses on never-written pages, zero-filled locally.
     pub zero_fills: AtomicU64,
+    /// Remote pages fetched ahead of a miss (in the same round trip).
+    pub prefetched: AtomicU64,
+    /// Never-written pages zero-filled ahead of a miss.
+    pub prefilled: AtomicU64,
+    /// Dirty-marked victims found all zeros and dropped without writeback.
+    pub zero_drops: AtomicU64,
     /// First writes to clean resident pages.
     pub dirtied: AtomicU64,
     /// Pages dropped from the ExCache.

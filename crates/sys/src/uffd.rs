@@ -181,25 +181,26 @@ impl Uffd {
         Ok(())
     }
 
-    /// Installs one page copied from `src`, write-protected if `wp`, and
-    /// wakes the threads waiting on it. `Ok(false)` if the page was already
-    /// present (someone else resolved it).
-    ///
-    /// `src` must be exactly one page.
-    pub fn copy(&self, dst: usize, src: &[u8], wp: bool) -> io::Result<bool> {
-        assert_eq!(src.len(), crate::PAGE_SIZE);
+    /// Installs the pages copied from `src` (a whole number of pages) at
+    /// `dst`, write-protected if `wp`, and wakes the threads waiting on
+    /// them. Returns how many pages were installed: fewer than asked if a
+    /// page in the range was already present (someone else resolved it);
+    /// the range up to and including that page is woken.
+    pub fn copy(&self, dst: usize, src: &[u8], wp: bool) -> io::Result<usize> {
+        assert!(!src.is_empty() && src.len().is_multiple_of(crate::PAGE_SIZE));
         let mut c = Copy {
             dst: dst as u64,
             src: src.as_ptr() as u64,
-            len: crate::PAGE_SIZE as u64,
+            len: src.len() as u64,
             mode: if wp { COPY_MODE_WP } else { 0 },
             copy: 0,
         };
         match ioctl(self.fd.as_raw_fd(), UFFDIO_COPY, &mut c) {
-            Ok(()) => Ok(true),
+            Ok(()) => Ok(src.len() / crate::PAGE_SIZE),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
-                self.wake(dst, crate::PAGE_SIZE)?;
-                Ok(false)
+                let done = c.copy.max(0) as usize / crate::PAGE_SIZE;
+                self.wake(dst, (done + 1) * crate::PAGE_SIZE)?;
+                Ok(done)
             }
             Err(e) => Err(e),
         }
