@@ -28,6 +28,12 @@ const REMOTE: u8 = 4;
 const QUEUED: u8 = 8;
 /// That entry is in the protected queue.
 const PROTECTED: u8 = 16;
+/// A write was seen in the page's last residency: the next fetch installs
+/// it writable (dirty) rather than paying a write-protect fault.
+const WROTE: u8 = 32;
+/// Resident and dirty by prediction (zero-filled ahead, or fetched writable
+/// because of `WROTE`), not because a write was seen.
+const PREDICTED: u8 = 64;
 
 /// How victims are chosen.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -180,6 +186,21 @@ impl ExCache {
         self.state[i] |= DIRTY;
     }
 
+    /// A page installed writable and counted dirty without a write having
+    /// been seen (zero-filled ahead of a miss, or fetched writable because
+    /// its last residency was written): evicting it does not mark it
+    /// written, so a page written once is not predicted forever.
+    pub fn installed_unobserved(&mut self, i: usize) {
+        self.installed(i, true);
+        self.state[i] |= PREDICTED;
+    }
+
+    /// Whether page `i` was written in its last residency (and so will
+    /// likely be written again).
+    pub fn predicts_write(&self, i: usize) -> bool {
+        self.state[i] & WROTE != 0
+    }
+
     /// After fork: every resident page counts as dirty (the kernel dropped
     /// the write protection that kept clean pages clean).
     pub fn mark_resident_dirty(&mut self) {
@@ -223,9 +244,12 @@ impl ExCache {
             self.evicted_at[v.index] = self.evictions;
         }
         let s = self.state[v.index];
-        let mut new = s & !(RESIDENT | DIRTY);
+        let mut new = s & !(RESIDENT | DIRTY | WROTE | PREDICTED);
         if v.dirty {
             new |= REMOTE;
+        }
+        if s & (DIRTY | PREDICTED) == DIRTY {
+            new |= WROTE;
         }
         self.set(v.index, new);
     }
@@ -395,6 +419,29 @@ mod tests {
             };
             assert!(ok, "{policy:?}: the hot page missed {misses} times");
         }
+    }
+
+    #[test]
+    fn a_page_written_in_its_last_residency_is_predicted_once() {
+        let mut c = ExCache::new(8, 4);
+        let evict = |c: &mut ExCache, i: usize| {
+            let dirty = c.is_dirty(i);
+            c.evicted(Victim { index: i, dirty });
+        };
+        c.installed(1, false);
+        c.dirtied(1); // a write seen
+        evict(&mut c, 1);
+        assert!(c.predicts_write(1));
+        c.installed_unobserved(1); // fetched writable on the prediction
+        evict(&mut c, 1);
+        assert!(
+            !c.predicts_write(1),
+            "an unseen write must not renew the prediction"
+        );
+        c.installed(1, false);
+        evict(&mut c, 1);
+        assert!(!c.predicts_write(1));
+        assert!(c.is_remote(1));
     }
 
     #[test]

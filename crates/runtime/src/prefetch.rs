@@ -1,21 +1,27 @@
-//! Prefetch decisions: stride detection over recent misses, in the spirit
-//! of Leap (Al Maruf & Chowdhury, ATC '20), kept per stream. Pure; the
-//! pager does the fetching.
+//! Prefetch decisions: trend detection over recent misses, as in Leap
+//! (Al Maruf & Chowdhury, ATC '20), kept per stream. Pure; the pager does
+//! the fetching.
 //!
 //! A program often walks several arrays at once (`c[i] = a[i] + b[i]`
 //! misses on three streams in turn), so one history of all misses shows no
 //! trend even when every stream has one. The prefetcher keeps the last few
-//! streams (a miss page and stride each). A miss joins the stream it
-//! continues: one whose last miss is at most [`MAX_STRIDE`] pages away.
-//! The same stride seen twice in a row is a trend, and the pages ahead of
-//! the miss along it are fetched in the same round trip (never-written ones
-//! zero-filled in the same `UFFDIO_COPY`). Prefetched pages are mapped at
-//! once, so their use is seen indirectly: a miss landing exactly where the
-//! stream's last window ended means the program consumed all of it, and
-//! the window doubles (up to the maximum); a miss inside the last window
-//! means prefetched pages were evicted before use, and it halves. A miss
-//! that continues no stream replaces the least recently used one.
+//! streams, each with its last [`HISTORY`] misses. A miss joins the stream
+//! whose recent misses it lies within [`MAX_STRIDE`] pages of. The stream's
+//! stride is the majority delta (Leap's vote) between its recent misses
+//! *in address order*: threads sharing a walk (BLAS packing rows on two
+//! cores) miss slightly out of order, and sorting undoes that. With a
+//! majority stride, the pages beyond the stream's front (its highest page
+//! if it walks up, lowest if down) are fetched in the same round trip, and
+//! never-written ones zero-filled in the same `UFFDIO_COPY`.
+//!
+//! Prefetched pages are mapped at once, so their use is seen indirectly: a
+//! miss just past the stream's last window means the program consumed all
+//! of it, and the window doubles (up to the maximum); a miss inside the
+//! last window means prefetched pages were evicted before use, and it
+//! halves. A miss that joins no stream replaces the least recently used one.
 
+/// Misses remembered per stream.
+pub const HISTORY: usize = 8;
 /// Streams followed at once.
 pub const STREAMS: usize = 8;
 /// The window a new trend starts with.
@@ -23,25 +29,82 @@ pub const FIRST_WINDOW: usize = 4;
 /// Strides longer than this (in pages) are not followed.
 pub const MAX_STRIDE: i64 = 64;
 
-/// One detected run to prefetch: `count` pages at `fault + k*stride`, k ≥ 1.
+/// One detected run to prefetch: `count` pages at `from + k*stride`,
+/// k = 1..=count (`from` is the faulting page or the stream's front).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ahead {
+    pub from: i64,
     pub stride: i64,
     pub count: usize,
 }
 
 #[derive(Clone, Copy, Default)]
 struct Stream {
-    /// Last miss of this stream.
-    last: i64,
-    /// Stride between its last two misses (0: one miss so far).
-    stride: i64,
+    history: [i64; HISTORY],
+    len: usize,
+    next: usize,
     /// Current window; 0 while no trend.
     window: usize,
-    /// The last window fetched: first and last page (`stride` apart).
-    ahead: Option<(i64, i64)>,
+    /// The last window fetched: stride, first and last page.
+    ahead: Option<(i64, i64, i64)>,
     /// Miss count when last used (for replacement).
     used: u64,
+}
+
+impl Stream {
+    fn record(&mut self, p: i64) {
+        self.history[self.next] = p;
+        self.next = (self.next + 1) % HISTORY;
+        self.len = (self.len + 1).min(HISTORY);
+    }
+
+    fn recent(&self) -> &[i64] {
+        &self.history[..self.len]
+    }
+
+    /// Whether miss `p` belongs to this stream.
+    fn reaches(&self, p: i64) -> bool {
+        let near = self.recent().iter().any(|&h| (p - h).abs() <= MAX_STRIDE);
+        let in_window = matches!(self.ahead, Some((s, first, last))
+            if (first.min(last) - s.abs()..=first.max(last) + s.abs()).contains(&p));
+        near || in_window
+    }
+
+    /// The majority delta between recent misses in address order, and the
+    /// front the walk moves from (the newest miss's side).
+    fn trend(&self, newest: i64) -> Option<(i64, i64)> {
+        if self.len < 3 {
+            return None;
+        }
+        let mut sorted = [0i64; HISTORY];
+        let sorted = &mut sorted[..self.len];
+        sorted.copy_from_slice(self.recent());
+        sorted.sort_unstable();
+        let deltas = sorted.windows(2).map(|w| w[1] - w[0]).filter(|&d| d != 0);
+        let (mut cand, mut votes) = (0i64, 0usize);
+        for d in deltas.clone() {
+            if votes == 0 {
+                cand = d;
+                votes = 1;
+            } else if d == cand {
+                votes += 1;
+            } else {
+                votes -= 1;
+            }
+        }
+        let n = deltas.clone().count();
+        let count = deltas.filter(|&d| d == cand).count();
+        if cand == 0 || cand > MAX_STRIDE || count * 2 <= n {
+            return None;
+        }
+        let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+        // Walking up if the newest miss is in the upper half, else down.
+        if newest * 2 >= lo + hi {
+            Some((cand, hi))
+        } else {
+            Some((-cand, lo))
+        }
+    }
 }
 
 pub struct Prefetcher {
@@ -69,19 +132,13 @@ impl Prefetcher {
         }
         let p = page as i64;
         self.misses += 1;
-        let live = &mut self.streams[..self.live];
+        let live = &self.streams[..self.live];
         // The stream this miss continues: exactly past its window first,
-        // else the nearest one within reach.
+        // else one it lies near.
         let k = live
             .iter()
-            .position(|s| matches!(s.ahead, Some((_, end)) if p == end + s.stride))
-            .or_else(|| {
-                live.iter()
-                    .enumerate()
-                    .filter(|(_, s)| p != s.last && (p - s.last).abs() <= MAX_STRIDE)
-                    .min_by_key(|(_, s)| (p - s.last).abs())
-                    .map(|(k, _)| k)
-            });
+            .position(|s| matches!(s.ahead, Some((st, _, last)) if p == last + st))
+            .or_else(|| live.iter().position(|s| s.reaches(p)));
         let Some(k) = k else {
             self.start_stream(p);
             return None;
@@ -89,39 +146,50 @@ impl Prefetcher {
         let max = self.max_window;
         let s = &mut self.streams[k];
         s.used = self.misses;
-        let d = p - s.last;
-        let trend = match s.ahead {
-            Some((_, end)) if p == end + s.stride => {
+        match s.ahead {
+            Some((st, _, last)) if p == last + st => {
                 // Walked off the end of the window: all of it was used.
                 s.window = (s.window * 2).clamp(FIRST_WINDOW, max);
-                true
+                // The pages read in between never missed: remember the
+                // walk as the stride it was, not as one long jump.
+                s.len = 0;
+                for k in (0..3).rev() {
+                    s.record(p - k * st);
+                }
+                s.ahead = Some((st, p + st, p + st * s.window as i64));
+                return Some(Ahead {
+                    from: p,
+                    stride: st,
+                    count: s.window,
+                });
             }
-            Some((first, end)) if (first.min(end)..=first.max(end)).contains(&p) => {
+            Some((_, first, last)) if (first.min(last)..=first.max(last)).contains(&p) => {
                 // A prefetched page was evicted before it was used.
                 s.window /= 2;
-                s.window > 0
             }
-            _ if d == s.stride => {
-                s.window = s.window.max(FIRST_WINDOW.min(max));
-                true
-            }
-            _ => {
-                s.stride = d;
-                s.window = 0;
-                false
-            }
-        };
-        s.last = p;
-        if !trend {
-            s.ahead = None;
-            return None;
+            _ => {}
         }
-        let count = s.window;
-        s.ahead = Some((p + s.stride, p + s.stride * count as i64));
-        Some(Ahead {
-            stride: s.stride,
-            count,
-        })
+        s.record(p);
+        match s.trend(p) {
+            Some((stride, front)) => {
+                if s.window == 0 {
+                    s.window = FIRST_WINDOW.min(max);
+                }
+                // Continue from the front unless the fault is past it.
+                let from = if (p - front) * stride > 0 { p } else { front };
+                s.ahead = Some((stride, from + stride, from + stride * s.window as i64));
+                Some(Ahead {
+                    from,
+                    stride,
+                    count: s.window,
+                })
+            }
+            None => {
+                s.ahead = None;
+                s.window /= 2;
+                None
+            }
+        }
     }
 
     fn start_stream(&mut self, p: i64) {
@@ -133,11 +201,12 @@ impl Prefetcher {
                 .min_by_key(|&k| self.streams[k].used)
                 .unwrap_or(0)
         };
-        self.streams[k] = Stream {
-            last: p,
+        let mut s = Stream {
             used: self.misses,
             ..Stream::default()
         };
+        s.record(p);
+        self.streams[k] = s;
     }
 
     /// The window of the stream that last missed (for tests).
@@ -163,6 +232,7 @@ mod tests {
         assert_eq!(
             a,
             Ahead {
+                from: 102,
                 stride: 1,
                 count: FIRST_WINDOW
             }
@@ -188,15 +258,18 @@ mod tests {
         assert_eq!(
             a,
             Some(Ahead {
+                from: 994,
                 stride: -3,
                 count: FIRST_WINDOW
             })
         );
         // Past the window's end: 994 - 3 * (FIRST_WINDOW + 1).
-        let b = p.on_miss(994 - 3 * (FIRST_WINDOW + 1));
+        let from = 994 - 3 * (FIRST_WINDOW as i64 + 1);
+        let b = p.on_miss(from as usize);
         assert_eq!(
             b,
             Some(Ahead {
+                from,
                 stride: -3,
                 count: 2 * FIRST_WINDOW
             })
@@ -249,15 +322,26 @@ mod tests {
         }
         assert_eq!(&got[..6], &[None; 6]);
         for (k, base) in [a, b, c].into_iter().enumerate() {
-            assert_eq!(
-                got[6 + k],
-                Some(Ahead {
-                    stride: 1,
-                    count: FIRST_WINDOW
-                }),
-                "stream {base}"
-            );
+            let want = Ahead {
+                from: base as i64 + 2,
+                stride: 1,
+                count: FIRST_WINDOW,
+            };
+            assert_eq!(got[6 + k], Some(want), "stream {base}");
         }
+    }
+
+    #[test]
+    fn two_threads_walking_out_of_order_are_one_trend() {
+        // Rows of 3 pages read by two BLAS threads: misses arrive slightly
+        // out of order (+6, +3, +6, -3, ...), the walk is stride 3 upward.
+        let mut p = Prefetcher::new(64);
+        let mut last = None;
+        for page in [901, 907, 910, 916, 913, 919] {
+            last = p.on_miss(page);
+        }
+        let a = last.expect("a trend despite the reordering");
+        assert_eq!((a.from, a.stride), (919, 3));
     }
 
     #[test]

@@ -452,9 +452,33 @@ impl Runtime {
                     Err(e) => die(&format!("runtime: reading userfaultfd events failed: {e}")),
                 }
             }
+            self.refill_free_pool();
             if last_sample.elapsed() >= Duration::from_millis(500) {
                 self.sample_coverage();
                 last_sample = Instant::now();
+            }
+        }
+    }
+
+    /// Evicts while the pager has nothing else to do, until a batch of the
+    /// budget is free: the misses that follow find room without waiting
+    /// for an eviction. Stops as soon as a fault is waiting.
+    fn refill_free_pool(&self) {
+        loop {
+            let mut g = lock(&self.shared);
+            let reserve = g.batch;
+            if g.cache.has_room(reserve) {
+                return;
+            }
+            self.evict_batch(&mut g);
+            drop(g);
+            let mut p = [libc::pollfd {
+                fd: self.uffd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            if process::poll(&mut p, 0).unwrap_or(0) > 0 {
+                return;
             }
         }
     }
@@ -562,9 +586,12 @@ impl Runtime {
         let home = self.daemon_of(self.page_addr(i), n);
         let max = ahead.count.min(g.cache.budget() / 4);
         for k in 1..=max as i64 {
-            let j = i as i64 + k * ahead.stride;
+            let j = ahead.from + k * ahead.stride;
             if j < 0 || j as usize >= pages || g.cache.is_resident(j as usize) {
                 break;
+            }
+            if j as usize == i {
+                continue;
             }
             let j = j as usize;
             if self.daemon_of(self.page_addr(j), n) != home {
@@ -644,7 +671,9 @@ impl Runtime {
         let mut k = 0;
         if let Some(write) = fault_write {
             let at = self.page_addr(fetch[0]);
-            match self.uffd.copy(at, &data[..PAGE_SIZE], !write) {
+            let predicted = !write && cache.predicts_write(fetch[0]);
+            match self.uffd.copy(at, &data[..PAGE_SIZE], !write && !predicted) {
+                Ok(1) if predicted => cache.installed_unobserved(fetch[0]),
                 Ok(1) => cache.installed(fetch[0], write),
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -654,14 +683,14 @@ impl Runtime {
             }
             k = 1;
         }
-        // Prefetched pages, clean, one UFFDIO_COPY per run of neighbours.
+        // Prefetched pages, one UFFDIO_COPY per run of neighbours: clean,
+        // but writable if their last residency was written.
         install_runs(
             &self.uffd,
             self.region.base,
             cache,
             &fetch[k..],
             &data[k * PAGE_SIZE..],
-            true,
         );
         if let Some(s) = self.stats {
             s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
@@ -676,14 +705,7 @@ impl Runtime {
     fn fill_ahead(&self, g: &mut Shared) -> usize {
         let before = g.cache.resident();
         let zeros = &self.zero[..g.fill.len() * PAGE_SIZE];
-        install_runs(
-            &self.uffd,
-            self.region.base,
-            &mut g.cache,
-            &g.fill,
-            zeros,
-            false,
-        );
+        install_runs(&self.uffd, self.region.base, &mut g.cache, &g.fill, zeros);
         g.cache.resident() - before
     }
 
@@ -728,14 +750,24 @@ impl Runtime {
         }
         let mut dirty = 0u64;
         g.zero_victims.clear();
+        // Stop writers before copying: a write after the copy would be
+        // lost. One ioctl per run of neighbouring dirty victims.
+        let mut run: Option<(usize, usize)> = None;
+        for v in victims.iter().filter(|v| v.dirty) {
+            run = match run {
+                Some((first, len)) if first + len == v.index => Some((first, len + 1)),
+                Some(r) => {
+                    self.protect_for_eviction(r);
+                    Some((v.index, 1))
+                }
+                None => Some((v.index, 1)),
+            };
+        }
+        if let Some(r) = run {
+            self.protect_for_eviction(r);
+        }
         for v in victims.iter().filter(|v| v.dirty) {
             let addr = self.page_addr(v.index);
-            // Stop writers before copying: a write after the copy would be lost.
-            if let Err(e) = self.uffd.write_protect(addr, PAGE_SIZE, true) {
-                die(&format!(
-                    "runtime: cannot write-protect a page for eviction: {e}"
-                ));
-            }
             let d = self.daemon_of(addr, n);
             let buf = &mut g.wb_data[d];
             let at = buf.len();
@@ -777,6 +809,18 @@ impl Runtime {
             s.evictions.fetch_add(victims.len() as u64, Relaxed);
             s.writebacks.fetch_add(dirty, Relaxed);
             s.zero_drops.fetch_add(g.zero_victims.len() as u64, Relaxed);
+        }
+    }
+
+    /// Write-protects `(first page, count)` ahead of its eviction.
+    fn protect_for_eviction(&self, (first, count): (usize, usize)) {
+        if let Err(e) = self
+            .uffd
+            .write_protect(self.page_addr(first), count * PAGE_SIZE, true)
+        {
+            die(&format!(
+                "runtime: cannot write-protect pages for eviction: {e}"
+            ));
         }
     }
 
@@ -1115,25 +1159,25 @@ impl Runtime {
 
 /// Installs `pages` (ascending or descending page indices of the region at
 /// `base`) from the matching pages of `data`, one `UFFDIO_COPY` per run of
-/// consecutive pages; clean (write-protected) if `wp`. A page that cannot
-/// be installed (its range unmapped, or already present) is skipped: it
-/// was only prefetched, a later access faults it in as usual.
-fn install_runs(
-    uffd: &Uffd,
-    base: usize,
-    cache: &mut ExCache,
-    pages: &[usize],
-    data: &[u8],
-    wp: bool,
-) {
+/// consecutive pages that are installed alike: a page no daemon holds (a
+/// zero fill) or whose last residency was written goes in writable and
+/// counts dirty (by prediction), any other write-protected and clean. A
+/// page that cannot be installed (its range unmapped, or already present)
+/// is skipped: it was only brought ahead, a later access faults it in.
+fn install_runs(uffd: &Uffd, base: usize, cache: &mut ExCache, pages: &[usize], data: &[u8]) {
+    let writable = |c: &ExCache, p: usize| !c.is_remote(p) || c.predicts_write(p);
     let mut k = 0;
     while k < pages.len() {
+        let w = writable(cache, pages[k]);
         let mut len = 1;
-        while k + len < pages.len() && pages[k + len] == pages[k] + len {
+        while k + len < pages.len()
+            && pages[k + len] == pages[k] + len
+            && writable(cache, pages[k + len]) == w
+        {
             len += 1;
         }
         let src = &data[k * PAGE_SIZE..(k + len) * PAGE_SIZE];
-        let done = match uffd.copy(base + pages[k] * PAGE_SIZE, src, wp) {
+        let done = match uffd.copy(base + pages[k] * PAGE_SIZE, src, !w) {
             Ok(done) => done,
             Err(e) => {
                 if e.raw_os_error() == Some(libc::ENOENT) {
@@ -1143,7 +1187,11 @@ fn install_runs(
             }
         };
         for &p in &pages[k..k + done] {
-            cache.installed(p, !wp);
+            if w {
+                cache.installed_unobserved(p);
+            } else {
+                cache.installed(p, false);
+            }
         }
         k += len;
     }
