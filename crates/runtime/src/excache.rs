@@ -195,6 +195,12 @@ impl ExCache {
         self.state[i] |= PREDICTED;
     }
 
+    /// Page `i`, dirty by prediction, is known to have been written after
+    /// all (a zero-filled page found non-zero at eviction).
+    pub fn saw_write(&mut self, i: usize) {
+        self.state[i] &= !PREDICTED;
+    }
+
     /// Whether page `i` was written in its last residency (and so will
     /// likely be written again).
     pub fn predicts_write(&self, i: usize) -> bool {
