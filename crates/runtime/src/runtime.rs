@@ -17,6 +17,13 @@
 //! # Locks
 //! `shared` (cache and page connections) is taken before `control` (layout
 //! connection), never the other way round.
+//!
+//! # The pager never touches program memory
+//! Anything the pager thread reads must live on the runtime's own heap or
+//! stack: a read of region memory that is not resident faults to the pager
+//! itself and deadlocks. That includes the environment (`getenv` reads
+//! `environ`, which the program may have reallocated into the region):
+//! settings are read once, at start.
 
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering, Ordering::Relaxed};

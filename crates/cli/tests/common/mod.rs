@@ -186,7 +186,12 @@ pub fn child_pid_of(pid: u32) -> Option<u32> {
 /// died of it, and lego with it.
 pub fn signal_reaches_the_program(name: &str, signum: i32) {
     use std::os::unix::process::ExitStatusExt;
-    let mut c = Command::new(lego())
+    // `env --default-signal`: a test run from a background shell inherits
+    // SIGINT/SIGQUIT ignored, and an ignored signal stays ignored across
+    // exec (for `sleep` too, as on plain Linux).
+    let mut c = Command::new("env")
+        .arg(format!("--default-signal={name}"))
+        .arg(lego())
         .args(["run", "--", "sleep", "30"])
         .stderr(Stdio::null())
         .spawn()
