@@ -7,6 +7,7 @@
 //! | `LEGO_STATS_FD` | fd of the shared statistics page |
 //! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
+//! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 0: sleep at once) |
 //! | `LEGO_EVICTION` | eviction policy: `refault` (default) or `fifo` |
 //! | `LEGO_PREFETCH_PAGES` | largest prefetch window in pages (default 64; 0 turns prefetching off) |
 
@@ -30,6 +31,8 @@ pub struct Tuning {
     /// Largest prefetch window, in pages (0: no prefetching).
     pub prefetch_pages: usize,
     pub eviction: Policy,
+    /// How long the pager busy-polls for a page read's reply (µs).
+    pub poll_us: u64,
 }
 
 /// Prefetch windows are at most this many pages (one `ReadPages`).
@@ -60,6 +63,7 @@ impl Config {
                     .unwrap_or(64)
                     .min(MAX_PREFETCH_PAGES),
                 eviction: var("LEGO_EVICTION").unwrap_or(Policy::Refault),
+                poll_us: var("LEGO_POLL_US").unwrap_or(0),
             },
         })
     }
