@@ -1194,14 +1194,7 @@ fn call_polling<'c>(
         }
         std::hint::spin_loop();
     }
-    let f = conn.recv()?;
-    if f.request_id != id {
-        return Err(ConnError::Unexpected(format!(
-            "reply to request {} while waiting for {id}",
-            f.request_id
-        )));
-    }
-    Ok(f)
+    conn.recv_reply(id)
 }
 
 /// Installs `pages` (ascending or descending page indices of the region at

@@ -208,6 +208,11 @@ impl<S: Stream> FramedConn<S> {
     /// Sends a request and waits for its reply.
     pub fn call(&mut self, request_id: u64, message: &Message<'_>) -> Result<Frame<'_>, ConnError> {
         self.send(request_id, message)?;
+        self.recv_reply(request_id)
+    }
+
+    /// Receives the reply to `request_id` (the next frame must be it).
+    pub fn recv_reply(&mut self, request_id: u64) -> Result<Frame<'_>, ConnError> {
         let f = self.recv()?;
         if f.request_id != request_id {
             return Err(ConnError::Unexpected(format!(
