@@ -547,7 +547,8 @@ impl Runtime {
         }
         // The faulting page first: its thread resumes as soon as it is in.
         if !remote {
-            match self.install(g, i, None, !f.write) {
+            let zero = &self.zero[..PAGE_SIZE];
+            match self.install_fault_page(&mut g.cache, i, zero, !f.write, false) {
                 Ok(true) => {}
                 // Unmapped under us (munmap raced the fault): nothing to do.
                 Ok(false) => return,
@@ -612,35 +613,36 @@ impl Runtime {
         }
     }
 
-    /// Installs page `i` from `data` (zeros if `None`), write-protected
-    /// (clean) if `wp`. `Ok(false)`: the page was not installed because its
-    /// range is gone or it was already present.
-    fn install(
+    /// Installs the faulting page `i` from `src`, write-protected (clean)
+    /// if `wp`; `predicted`: writable only because its last residency was
+    /// written. `Ok(false)`: not installed because its range is gone (its
+    /// thread is woken to fault again) or it was already present.
+    fn install_fault_page(
         &self,
-        g: &mut Shared,
+        cache: &mut ExCache,
         i: usize,
-        data: Option<&[u8]>,
+        src: &[u8],
         wp: bool,
+        predicted: bool,
     ) -> std::io::Result<bool> {
-        let src = data.unwrap_or(&self.zero[..PAGE_SIZE]);
-        match self.uffd.copy(self.page_addr(i), src, wp) {
-            Ok(1) => {
-                g.cache.installed(i, !wp);
-                Ok(true)
-            }
-            Ok(_) => Ok(false),
+        let at = self.page_addr(i);
+        match self.uffd.copy(at, src, wp) {
+            Ok(1) if predicted => cache.installed_unobserved(i),
+            Ok(1) => cache.installed(i, !wp),
+            Ok(_) => return Ok(false),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                let _ = self.uffd.wake(self.page_addr(i), PAGE_SIZE);
-                Ok(false)
+                let _ = self.uffd.wake(at, PAGE_SIZE);
+                return Ok(false);
             }
-            Err(e) => Err(e),
+            Err(e) => return Err(e),
         }
+        Ok(true)
     }
 
     /// Fetches `g.fetch` in one `ReadPages` and installs the pages; if
     /// `fault_write` is set the first one is the faulting page (installed
-    /// writable if the fault was a write), the others are prefetched and
-    /// installed clean.
+    /// writable if the fault was a write or a write is predicted), the
+    /// others are prefetched (see `install_runs`).
     fn fetch_and_install(&self, g: &mut Shared, fault_write: Option<bool>) {
         let n = g.daemons.len();
         let d = self.daemon_of(self.page_addr(g.fetch[0]), n);
@@ -679,16 +681,13 @@ impl Runtime {
         };
         let mut k = 0;
         if let Some(write) = fault_write {
-            let at = self.page_addr(fetch[0]);
             let predicted = !write && cache.predicts_write(fetch[0]);
-            match self.uffd.copy(at, &data[..PAGE_SIZE], !write && !predicted) {
-                Ok(1) if predicted => cache.installed_unobserved(fetch[0]),
-                Ok(1) => cache.installed(fetch[0], write),
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                    let _ = self.uffd.wake(at, PAGE_SIZE);
-                }
-                Err(e) => die(&format!("runtime: cannot install page {at:#x}: {e}")),
+            let wp = !write && !predicted;
+            if let Err(e) =
+                self.install_fault_page(cache, fetch[0], &data[..PAGE_SIZE], wp, predicted)
+            {
+                let at = self.page_addr(fetch[0]);
+                die(&format!("runtime: cannot install page {at:#x}: {e}"));
             }
             k = 1;
         }
@@ -761,19 +760,13 @@ impl Runtime {
         g.zero_victims.clear();
         // Stop writers before copying: a write after the copy would be
         // lost. One ioctl per run of neighbouring dirty victims.
-        let mut run: Option<(usize, usize)> = None;
-        for v in victims.iter().filter(|v| v.dirty) {
-            run = match run {
-                Some((first, len)) if first + len == v.index => Some((first, len + 1)),
-                Some(r) => {
-                    self.protect_for_eviction(r);
-                    Some((v.index, 1))
-                }
-                None => Some((v.index, 1)),
-            };
-        }
-        if let Some(r) = run {
-            self.protect_for_eviction(r);
+        self.ranges_of(victims.iter().filter(|v| v.dirty), &mut g.ranges);
+        for &(addr, len) in &g.ranges {
+            if let Err(e) = self.uffd.write_protect(addr, len, true) {
+                die(&format!(
+                    "runtime: cannot write-protect pages for eviction: {e}"
+                ));
+            }
         }
         for v in victims.iter().filter(|v| v.dirty) {
             let addr = self.page_addr(v.index);
@@ -803,20 +796,18 @@ impl Runtime {
         if dirty > 0 {
             self.send_writebacks(g);
         }
-        g.ranges.clear();
-        for v in victims {
-            let addr = self.page_addr(v.index);
-            match g.ranges.last_mut() {
-                Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
-                _ => g.ranges.push((addr, PAGE_SIZE)),
-            }
-        }
+        self.ranges_of(victims.iter(), &mut g.ranges);
         if let Err(e) = mm::drop_pages(&g.ranges, self.pidfd) {
             die(&format!("runtime: cannot drop evicted pages: {e}"));
         }
+        // `zero_victims` lists victims in the order of `victims`.
+        let mut zeros = g.zero_victims.iter().peekable();
         for v in victims {
-            let dirty = v.dirty && !g.zero_victims.contains(&v.index);
-            g.cache.evicted(Victim { dirty, ..*v });
+            let zero = zeros.next_if_eq(&&v.index).is_some();
+            g.cache.evicted(Victim {
+                dirty: v.dirty && !zero,
+                ..*v
+            });
         }
         if let Some(s) = self.stats {
             s.evictions.fetch_add(victims.len() as u64, Relaxed);
@@ -825,15 +816,19 @@ impl Runtime {
         }
     }
 
-    /// Write-protects `(first page, count)` ahead of its eviction.
-    fn protect_for_eviction(&self, (first, count): (usize, usize)) {
-        if let Err(e) = self
-            .uffd
-            .write_protect(self.page_addr(first), count * PAGE_SIZE, true)
-        {
-            die(&format!(
-                "runtime: cannot write-protect pages for eviction: {e}"
-            ));
+    /// The address ranges `victims` cover, neighbours merged.
+    fn ranges_of<'v>(
+        &self,
+        victims: impl Iterator<Item = &'v Victim>,
+        out: &mut Vec<(usize, usize)>,
+    ) {
+        out.clear();
+        for v in victims {
+            let addr = self.page_addr(v.index);
+            match out.last_mut() {
+                Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
+                _ => out.push((addr, PAGE_SIZE)),
+            }
         }
     }
 
