@@ -149,6 +149,10 @@ unsafe impl Allocator for KernelPages {
     }
 }
 
+/// The smallest free tail of the region heap given back to the layout (as
+/// glibc's largest dynamic trim threshold).
+pub const TRIM_MIN_BYTES: usize = 32 << 20;
+
 /// Memory for the region heap: disaggregated ranges.
 pub struct RegionPages;
 
@@ -189,7 +193,14 @@ unsafe impl Allocator for RegionPages {
     }
     fn free_part(&self, ptr: *mut u8, oldsize: usize, newsize: usize) -> bool {
         // Trimming the heap's top: the tail goes back to the layout and its
-        // pages are freed at the daemons.
+        // pages are freed at the daemons. Only a large tail: a program that
+        // frees and reallocates a few MiB at the top in a loop (numpy's
+        // temporaries) would otherwise pay a layout round trip and a fresh
+        // zero fill of every page each time. A refusal stops dlmalloc's own
+        // trimming until the heap grows; `free` retries after large blocks.
+        if oldsize - newsize < TRIM_MIN_BYTES {
+            return false;
+        }
         match crate::runtime::get() {
             Some(rt) if !region::in_bootstrap(ptr as usize) => {
                 rt.unmap(ptr as usize + newsize, oldsize - newsize).is_ok()

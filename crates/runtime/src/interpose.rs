@@ -79,9 +79,18 @@ pub unsafe extern "C" fn free(p: *mut c_void) {
     // says which heap owns it.
     if region::contains(p as usize) {
         // SAFETY: p is a live region-heap allocation.
-        unsafe { discard_freed_interior(p as usize) };
-        // SAFETY: a live region-heap allocation.
-        REGION_HEAP.with(|d| unsafe { d.c_free(p as *mut u8) });
+        let large = unsafe { discard_freed_interior(p as usize) };
+        REGION_HEAP.with(|d| {
+            // SAFETY: a live region-heap allocation.
+            unsafe { d.c_free(p as *mut u8) };
+            if large {
+                // dlmalloc stops trimming after a refused (small) trim
+                // until the heap grows: retry after each large free, so a
+                // large free top still goes back (heap::TRIM_MIN_BYTES).
+                // SAFETY: trimming only releases free memory at the top.
+                unsafe { d.trim(0) };
+            }
+        });
     } else {
         // SAFETY: a live internal-heap allocation.
         INTERNAL.with(|d| unsafe { d.c_free(p as *mut u8) });
@@ -96,13 +105,15 @@ const DISCARD_FREED_BYTES: usize = 128 << 10;
 /// reuses the block no stale page is fetched or written back. The first and
 /// last page are left alone: dlmalloc's chunk headers and footers live there.
 ///
+/// Returns whether the block was that large.
+///
 /// # Safety
 /// `p` must be a live allocation of the region heap.
-unsafe fn discard_freed_interior(p: usize) {
+unsafe fn discard_freed_interior(p: usize) -> bool {
     // SAFETY: the caller's contract.
     let size = unsafe { heap::usable_size(p as *mut u8) };
     if size < DISCARD_FREED_BYTES {
-        return;
+        return false;
     }
     let first = (p + 64).div_ceil(PAGE_SIZE) * PAGE_SIZE;
     let end = (p + size).saturating_sub(64) / PAGE_SIZE * PAGE_SIZE;
@@ -111,6 +122,7 @@ unsafe fn discard_freed_interior(p: usize) {
             rt.freed(first, end - first);
         }
     }
+    true
 }
 
 #[no_mangle]

@@ -29,6 +29,9 @@ pub const FIRST_WINDOW: usize = 4;
 /// Strides longer than this (in pages) are not followed.
 pub const MAX_STRIDE: i64 = 64;
 
+/// Strides up to this many pages are fetched densely (see [`Ahead::dense`]).
+pub const DENSE_STRIDE: i64 = 4;
+
 /// One detected run to prefetch: `count` pages at `from + k*stride`,
 /// k = 1..=count (`from` is the faulting page or the stream's front).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,6 +39,34 @@ pub struct Ahead {
     pub from: i64,
     pub stride: i64,
     pub count: usize,
+}
+
+impl Ahead {
+    /// A short stride is a dense structure read a piece at a time: the
+    /// rows of a matrix (three pages each for 3072 floats) read one column
+    /// block per pass, as BLAS packs its operands, miss every third page
+    /// on the first pass and the pages in between on the next. The whole
+    /// span is fetched at once, in the same round trip: from `back` (the
+    /// walk's first remembered miss: the pages between the misses that
+    /// revealed the trend) to the end of the last row of the window.
+    fn dense(self, back: i64) -> Ahead {
+        let s = self.stride.abs();
+        if s <= 1 || s > DENSE_STRIDE {
+            return self;
+        }
+        let dir = self.stride.signum();
+        let end = self.from + self.stride * self.count as i64 + dir * (s - 1);
+        let start = if (self.from - back) * dir > 0 {
+            back
+        } else {
+            self.from
+        };
+        Ahead {
+            from: start,
+            stride: dir,
+            count: ((end - start) * dir) as usize,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Default)]
@@ -70,9 +101,9 @@ impl Stream {
         near || in_window
     }
 
-    /// The majority delta between recent misses in address order, and the
-    /// front the walk moves from (the newest miss's side).
-    fn trend(&self, newest: i64) -> Option<(i64, i64)> {
+    /// The majority delta between recent misses in address order, the
+    /// front the walk moves from (the newest miss's side) and its back.
+    fn trend(&self, newest: i64) -> Option<(i64, i64, i64)> {
         if self.len < 3 {
             return None;
         }
@@ -100,9 +131,9 @@ impl Stream {
         let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
         // Walking up if the newest miss is in the upper half, else down.
         if newest * 2 >= lo + hi {
-            Some((cand, hi))
+            Some((cand, hi, lo))
         } else {
-            Some((-cand, lo))
+            Some((-cand, lo, hi))
         }
     }
 }
@@ -127,6 +158,12 @@ impl Prefetcher {
 
     /// Records a miss on page `page`; returns what to fetch ahead of it.
     pub fn on_miss(&mut self, page: usize) -> Option<Ahead> {
+        self.follow(page).map(|(a, back)| a.dense(back))
+    }
+
+    /// The trend the miss continues, in its own stride, and the back of the
+    /// walk (its first page still in the stream's history).
+    fn follow(&mut self, page: usize) -> Option<(Ahead, i64)> {
         if self.max_window == 0 {
             return None;
         }
@@ -157,11 +194,12 @@ impl Prefetcher {
                     s.record(p - k * st);
                 }
                 s.ahead = Some((st, p + st, p + st * s.window as i64));
-                return Some(Ahead {
+                let a = Ahead {
                     from: p,
                     stride: st,
                     count: s.window,
-                });
+                };
+                return Some((a, p));
             }
             Some((_, first, last)) if (first.min(last)..=first.max(last)).contains(&p) => {
                 // A prefetched page was evicted before it was used.
@@ -171,18 +209,19 @@ impl Prefetcher {
         }
         s.record(p);
         match s.trend(p) {
-            Some((stride, front)) => {
+            Some((stride, front, back)) => {
                 if s.window == 0 {
                     s.window = FIRST_WINDOW.min(max);
                 }
                 // Continue from the front unless the fault is past it.
                 let from = if (p - front) * stride > 0 { p } else { front };
                 s.ahead = Some((stride, from + stride, from + stride * s.window as i64));
-                Some(Ahead {
+                let a = Ahead {
                     from,
                     stride,
                     count: s.window,
-                })
+                };
+                Some((a, back))
             }
             None => {
                 s.ahead = None;
@@ -253,27 +292,52 @@ mod tests {
     fn backward_and_strided_walks_are_followed() {
         let mut p = Prefetcher::new(16);
         p.on_miss(1000);
-        p.on_miss(997);
-        let a = p.on_miss(994);
+        p.on_miss(992);
+        let a = p.on_miss(984);
         assert_eq!(
             a,
             Some(Ahead {
-                from: 994,
-                stride: -3,
+                from: 984,
+                stride: -8,
                 count: FIRST_WINDOW
             })
         );
-        // Past the window's end: 994 - 3 * (FIRST_WINDOW + 1).
-        let from = 994 - 3 * (FIRST_WINDOW as i64 + 1);
+        // Past the window's end: 984 - 8 * (FIRST_WINDOW + 1).
+        let from = 984 - 8 * (FIRST_WINDOW as i64 + 1);
         let b = p.on_miss(from as usize);
         assert_eq!(
             b,
             Some(Ahead {
                 from,
-                stride: -3,
+                stride: -8,
                 count: 2 * FIRST_WINDOW
             })
         );
+    }
+
+    #[test]
+    fn a_short_stride_is_fetched_densely_and_keeps_its_window() {
+        let mut p = Prefetcher::new(16);
+        p.on_miss(1000);
+        p.on_miss(997);
+        let a = p.on_miss(994);
+        // Rows of three pages walked downwards: every page from the first
+        // miss (the pages between the misses too) to the end of the fourth
+        // row below 994: 999 down to 994 - 3*4 - 2.
+        assert_eq!(
+            a,
+            Some(Ahead {
+                from: 1000,
+                stride: -1,
+                count: 1000 - (994 - 3 * FIRST_WINDOW - 2)
+            })
+        );
+        // The window still grows in the stream's own stride when the
+        // program misses just past it: two rows per row before.
+        let from = 994 - 3 * (FIRST_WINDOW as i64 + 1);
+        let b = p.on_miss(from as usize).expect("stream continues");
+        assert_eq!((b.from, b.stride), (from, -1));
+        assert_eq!(b.count, 3 * 2 * FIRST_WINDOW + 2);
     }
 
     #[test]
@@ -341,7 +405,10 @@ mod tests {
             last = p.on_miss(page);
         }
         let a = last.expect("a trend despite the reordering");
-        assert_eq!((a.from, a.stride), (919, 3));
+        // Stride 3, fetched densely: every page from the first miss to the
+        // end of the rows ahead.
+        assert_eq!((a.from, a.stride), (901, 1));
+        assert!(a.count >= 919 + 2 - 901, "{a:?}");
     }
 
     #[test]

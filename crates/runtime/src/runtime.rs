@@ -577,9 +577,9 @@ impl Runtime {
     /// Decides what a miss on page `i` brings in: `fetch` gets the remote
     /// pages (`i` first if it is remote), `fill` the never-written pages
     /// ahead to zero-fill (`i` itself is installed separately when not
-    /// remote). Pages ahead stop at the first resident one, at the region's
-    /// end and at a change of daemon, and take at most a quarter of the
-    /// budget.
+    /// remote). Resident pages ahead are skipped; the pages stop at the
+    /// region's end and at a change of daemon, and take at most a quarter
+    /// of the budget.
     fn plan_miss(&self, g: &mut Shared, i: usize) {
         g.fetch.clear();
         g.fill.clear();
@@ -592,13 +592,16 @@ impl Runtime {
         let pages = self.region.len / PAGE_SIZE;
         let n = g.daemons.len();
         let home = self.daemon_of(self.page_addr(i), n);
-        let max = ahead.count.min(g.cache.budget() / 4);
+        let max = ahead
+            .count
+            .min(g.cache.budget() / 4)
+            .min(MAX_PREFETCH_PAGES);
         for k in 1..=max as i64 {
             let j = ahead.from + k * ahead.stride;
-            if j < 0 || j as usize >= pages || g.cache.is_resident(j as usize) {
+            if j < 0 || j as usize >= pages {
                 break;
             }
-            if j as usize == i {
+            if j as usize == i || g.cache.is_resident(j as usize) {
                 continue;
             }
             let j = j as usize;
