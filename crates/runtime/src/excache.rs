@@ -28,8 +28,9 @@ const REMOTE: u8 = 4;
 const QUEUED: u8 = 8;
 /// That entry is in the protected queue.
 const PROTECTED: u8 = 16;
-/// A write was seen in the page's last residency: the next fetch installs
-/// it writable (dirty) rather than paying a write-protect fault.
+/// A write was seen in the page's last residency, which held contents
+/// fetched from a daemon: the next fetch installs it writable (dirty) rather
+/// than paying a write-protect fault.
 const WROTE: u8 = 32;
 /// Resident and dirty by prediction (zero-filled ahead, or fetched writable
 /// because of `WROTE`), not because a write was seen.
@@ -195,12 +196,6 @@ impl ExCache {
         self.state[i] |= PREDICTED;
     }
 
-    /// Page `i`, dirty by prediction, is known to have been written after
-    /// all (a zero-filled page found non-zero at eviction).
-    pub fn saw_write(&mut self, i: usize) {
-        self.state[i] &= !PREDICTED;
-    }
-
     /// Whether page `i` was written in its last residency (and so will
     /// likely be written again).
     pub fn predicts_write(&self, i: usize) -> bool {
@@ -254,7 +249,11 @@ impl ExCache {
         if v.dirty {
             new |= REMOTE;
         }
-        if s & (DIRTY | PREDICTED) == DIRTY {
+        // Only an update predicts another: a page filled with its first
+        // contents (zero-filled, then written) is usually read from then on
+        // (a data set, a graph), and fetching it writable would cost a
+        // writeback of unchanged contents at every eviction.
+        if s & (DIRTY | PREDICTED | REMOTE) == DIRTY | REMOTE {
             new |= WROTE;
         }
         self.set(v.index, new);
@@ -434,8 +433,15 @@ mod tests {
             let dirty = c.is_dirty(i);
             c.evicted(Victim { index: i, dirty });
         };
-        c.installed(1, false);
-        c.dirtied(1); // a write seen
+        c.installed_unobserved(1); // zero-filled ahead
+        evict(&mut c, 1); // held data: written back
+        assert!(c.is_remote(1));
+        assert!(
+            !c.predicts_write(1),
+            "first contents written into a zero-filled page predict nothing"
+        );
+        c.installed(1, false); // fetched clean
+        c.dirtied(1); // a write seen: an update
         evict(&mut c, 1);
         assert!(c.predicts_write(1));
         c.installed_unobserved(1); // fetched writable on the prediction

@@ -784,14 +784,10 @@ impl Runtime {
             // A page zero-filled ahead and never written (or written with
             // zeros) that no daemon holds needs no writeback: dropped, it
             // reads as zeros again.
-            if !g.cache.is_remote(v.index) {
-                if buf[at..].iter().all(|&b| b == 0) {
-                    buf.truncate(at);
-                    g.zero_victims.push(v.index);
-                    continue;
-                }
-                // Zero-filled, now holding data: the program wrote it.
-                g.cache.saw_write(v.index);
+            if !g.cache.is_remote(v.index) && buf[at..].iter().all(|&b| b == 0) {
+                buf.truncate(at);
+                g.zero_victims.push(v.index);
+                continue;
             }
             g.wb_addrs[d].push(VirtAddr(addr as u64));
             dirty += 1;
