@@ -18,7 +18,10 @@
 //! miss just past the stream's last window means the program consumed all
 //! of it, and the window doubles (up to the maximum); a miss inside the
 //! last window means prefetched pages were evicted before use, and it
-//! halves. A miss that joins no stream replaces the least recently used one.
+//! halves. A miss that joins no stream replaces the least recently used one;
+//! while new streams keep turning out to be walks, the new one is taken for
+//! a walk like the last at once (see `Prefetcher::start_stream`). Short
+//! strides are fetched densely (see [`Ahead::dense`]).
 
 /// Misses remembered per stream.
 pub const HISTORY: usize = 8;
@@ -26,11 +29,22 @@ pub const HISTORY: usize = 8;
 pub const STREAMS: usize = 8;
 /// The window a new trend starts with.
 pub const FIRST_WINDOW: usize = 4;
+/// Bounds of [`Prefetcher`]'s confidence that new streams are walks.
+const CONFIDENCE_MAX: i32 = 8;
+/// The confidence at which a new stream is taken for a walk at once.
+const CONFIDENCE_TO_GUESS: i32 = 4;
 /// Strides longer than this (in pages) are not followed.
 pub const MAX_STRIDE: i64 = 64;
 
 /// Strides up to this many pages are fetched densely (see [`Ahead::dense`]).
 pub const DENSE_STRIDE: i64 = 4;
+
+/// Whether miss `p` is just past a window ending at `last` in stride `st`:
+/// the next stride or the one after (two threads sharing a walk miss
+/// slightly out of order).
+fn just_past(p: i64, st: i64, last: i64) -> bool {
+    p == last + st || p == last + 2 * st
+}
 
 /// One detected run to prefetch: `count` pages at `from + k*stride`,
 /// k = 1..=count (`from` is the faulting page or the stream's front).
@@ -80,6 +94,8 @@ struct Stream {
     ahead: Option<(i64, i64, i64)>,
     /// Miss count when last used (for replacement).
     used: u64,
+    /// A trend was found in this stream (it was not a lone miss).
+    trended: bool,
 }
 
 impl Stream {
@@ -143,6 +159,11 @@ pub struct Prefetcher {
     live: usize,
     misses: u64,
     max_window: usize,
+    /// How often new streams turned out to be walks lately: up by one for
+    /// each that found a trend, down by one for each replaced without.
+    confidence: i32,
+    /// The stride and window of the last trend followed.
+    last: Option<(i64, usize)>,
 }
 
 impl Prefetcher {
@@ -153,12 +174,16 @@ impl Prefetcher {
             live: 0,
             misses: 0,
             max_window,
+            confidence: 0,
+            last: None,
         }
     }
 
     /// Records a miss on page `page`; returns what to fetch ahead of it.
     pub fn on_miss(&mut self, page: usize) -> Option<Ahead> {
-        self.follow(page).map(|(a, back)| a.dense(back))
+        let (a, back) = self.follow(page)?;
+        self.last = Some((a.stride, a.count));
+        Some(a.dense(back))
     }
 
     /// The trend the miss continues, in its own stride, and the back of the
@@ -174,17 +199,16 @@ impl Prefetcher {
         // else one it lies near.
         let k = live
             .iter()
-            .position(|s| matches!(s.ahead, Some((st, _, last)) if p == last + st))
+            .position(|s| matches!(s.ahead, Some((st, _, last)) if just_past(p, st, last)))
             .or_else(|| live.iter().position(|s| s.reaches(p)));
         let Some(k) = k else {
-            self.start_stream(p);
-            return None;
+            return self.start_stream(p).map(|a| (a, p));
         };
         let max = self.max_window;
         let s = &mut self.streams[k];
         s.used = self.misses;
         match s.ahead {
-            Some((st, _, last)) if p == last + st => {
+            Some((st, _, last)) if just_past(p, st, last) => {
                 // Walked off the end of the window: all of it was used.
                 s.window = (s.window * 2).clamp(FIRST_WINDOW, max);
                 // The pages read in between never missed: remember the
@@ -199,7 +223,11 @@ impl Prefetcher {
                     stride: st,
                     count: s.window,
                 };
-                return Some((a, p));
+                // A guessed walk (see `start_stream`) that held.
+                if !std::mem::replace(&mut s.trended, true) {
+                    self.confidence = (self.confidence + 1).min(CONFIDENCE_MAX);
+                }
+                return Some((a, last));
             }
             Some((_, first, last)) if (first.min(last)..=first.max(last)).contains(&p) => {
                 // A prefetched page was evicted before it was used.
@@ -210,6 +238,10 @@ impl Prefetcher {
         s.record(p);
         match s.trend(p) {
             Some((stride, front, back)) => {
+                if !s.trended {
+                    s.trended = true;
+                    self.confidence = (self.confidence + 1).min(CONFIDENCE_MAX);
+                }
                 if s.window == 0 {
                     s.window = FIRST_WINDOW.min(max);
                 }
@@ -231,21 +263,50 @@ impl Prefetcher {
         }
     }
 
-    fn start_stream(&mut self, p: i64) {
+    /// Starts a stream at miss `p`, replacing the least recently used one.
+    /// While new streams have lately been walks (a program visiting rows of
+    /// a data set in random order starts a walk at each), the new one is
+    /// taken for a walk like the last at once: the last trend's stride and
+    /// half its window are fetched ahead of this first miss, saving the
+    /// misses that would otherwise reveal the trend again.
+    fn start_stream(&mut self, p: i64) -> Option<Ahead> {
         let k = if self.live < STREAMS {
             self.live += 1;
             self.live - 1
         } else {
-            (0..STREAMS)
+            let k = (0..STREAMS)
                 .min_by_key(|&k| self.streams[k].used)
-                .unwrap_or(0)
+                .unwrap_or(0);
+            if !self.streams[k].trended {
+                self.confidence = (self.confidence - 1).max(-CONFIDENCE_MAX);
+            }
+            k
         };
         let mut s = Stream {
             used: self.misses,
             ..Stream::default()
         };
         s.record(p);
+        let guess = match self.last {
+            Some((stride, window)) if self.confidence >= CONFIDENCE_TO_GUESS => {
+                // Remembered as the walk it is taken for (starting here), so
+                // the next misses, perhaps out of order, continue it.
+                s.len = 0;
+                for k in 0..3 {
+                    s.record(p + k * stride);
+                }
+                s.window = (window / 2).clamp(FIRST_WINDOW.min(self.max_window), self.max_window);
+                s.ahead = Some((stride, p + stride, p + stride * s.window as i64));
+                Some(Ahead {
+                    from: p,
+                    stride,
+                    count: s.window,
+                })
+            }
+            _ => None,
+        };
         self.streams[k] = s;
+        guess
     }
 
     /// The window of the stream that last missed (for tests).
@@ -335,9 +396,11 @@ mod tests {
         // The window still grows in the stream's own stride when the
         // program misses just past it: two rows per row before.
         let from = 994 - 3 * (FIRST_WINDOW as i64 + 1);
+        // Fetched from the window's end (982): a miss a stride further on
+        // would not leave a row out.
         let b = p.on_miss(from as usize).expect("stream continues");
-        assert_eq!((b.from, b.stride), (from, -1));
-        assert_eq!(b.count, 3 * 2 * FIRST_WINDOW + 2);
+        assert_eq!((b.from, b.stride), (from + 3, -1));
+        assert_eq!(b.count, 3 + 3 * 2 * FIRST_WINDOW + 2);
     }
 
     #[test]
@@ -409,6 +472,34 @@ mod tests {
         // end of the rows ahead.
         assert_eq!((a.from, a.stride), (901, 1));
         assert!(a.count >= 919 + 2 - 901, "{a:?}");
+    }
+
+    #[test]
+    fn new_walks_are_guessed_while_new_streams_keep_being_walks() {
+        let mut p = Prefetcher::new(64);
+        // Walks of six rows of three pages at scattered places (mini-batches
+        // in random order): after a few, the first miss of the next one
+        // already fetches ahead.
+        let walk = |p: &mut Prefetcher, base: usize| -> Option<Ahead> {
+            let first = p.on_miss(base);
+            for r in 1..6 {
+                p.on_miss(base + 3 * r);
+            }
+            first
+        };
+        let firsts: Vec<_> = (0..16).map(|k| walk(&mut p, 100_000 * (k + 1))).collect();
+        assert_eq!(firsts[0], None);
+        let last = firsts[15].expect("a guessed walk");
+        assert_eq!((last.from, last.stride), (1_600_000, 1));
+        // Random misses wear the confidence down: no more guesses.
+        let mut x: u64 = 99;
+        for _ in 0..64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            p.on_miss((x >> 24) as usize % 100_000_000);
+        }
+        assert_eq!(p.on_miss(500_000_000), None);
     }
 
     #[test]
