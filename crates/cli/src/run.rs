@@ -290,7 +290,7 @@ impl Report {
             "lego: {} after {:.2} s | ExCache {} | peak resident {}\n\
              lego: misses {} ({} fetched, {} zero-filled) | miss latency p50 {} p99 {}\n\
              lego: ahead of misses: {} pages prefetched, {} zero-filled\n\
-             lego: evictions {} | writebacks {} ({} zero pages dropped instead) | network {} out, {} in\n\
+             lego: evictions {} | writebacks {} ({} zero and {} unchanged pages dropped instead) | network {} out, {} in\n\
              lego: coverage {}\n",
             self.end(),
             self.elapsed.as_secs_f64(),
@@ -306,6 +306,7 @@ impl Report {
             s.evictions.load(Relaxed),
             s.writebacks.load(Relaxed),
             s.zero_drops.load(Relaxed),
+            s.unchanged_drops.load(Relaxed),
             human(s.bytes_out.load(Relaxed)),
             human(s.bytes_in.load(Relaxed)),
             cov
@@ -330,6 +331,7 @@ impl Report {
             "prefetched": s.prefetched.load(Relaxed),
             "prefilled": s.prefilled.load(Relaxed),
             "zero_drops": s.zero_drops.load(Relaxed),
+            "unchanged_drops": s.unchanged_drops.load(Relaxed),
             "dirtied": s.dirtied.load(Relaxed),
             "evictions": s.evictions.load(Relaxed),
             "writebacks": s.writebacks.load(Relaxed),

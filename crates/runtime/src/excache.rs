@@ -28,12 +28,13 @@ const REMOTE: u8 = 4;
 const QUEUED: u8 = 8;
 /// That entry is in the protected queue.
 const PROTECTED: u8 = 16;
-/// A write was seen in the page's last residency, which held contents
-/// fetched from a daemon: the next fetch installs it writable (dirty) rather
-/// than paying a write-protect fault.
+/// A write was seen in the page's last residency: the next fetch installs
+/// it writable (dirty) rather than paying a write-protect fault.
 const WROTE: u8 = 32;
 /// Resident and dirty by prediction (zero-filled ahead, or fetched writable
-/// because of `WROTE`), not because a write was seen.
+/// because of `WROTE`), not because a write was seen. Eviction compares
+/// such a page with what it was installed with (zeros, or the fetched
+/// contents' hash) to tell whether it was written.
 const PREDICTED: u8 = 64;
 
 /// How victims are chosen.
@@ -74,6 +75,9 @@ pub struct ExCache {
     protected_resident: usize,
     /// Per page: the eviction count when it was last evicted (0: never).
     evicted_at: Vec<u32>,
+    /// Per page fetched writable on a prediction: the hash of the contents
+    /// it was fetched with (untouched entries cost no memory).
+    fetched_hash: Vec<u128>,
     evictions: u32,
     policy: Policy,
     resident: usize,
@@ -100,6 +104,7 @@ impl ExCache {
             } else {
                 Vec::new()
             },
+            fetched_hash: vec![0; pages],
             evictions: 0,
             policy,
             resident: 0,
@@ -189,11 +194,32 @@ impl ExCache {
 
     /// A page installed writable and counted dirty without a write having
     /// been seen (zero-filled ahead of a miss, or fetched writable because
-    /// its last residency was written): evicting it does not mark it
-    /// written, so a page written once is not predicted forever.
-    pub fn installed_unobserved(&mut self, i: usize) {
+    /// its last residency was written); `fetched` is the hash of the
+    /// contents a fetched one came with. Unless eviction finds it changed
+    /// ([`ExCache::saw_write`]), it is not marked written.
+    pub fn installed_unobserved(&mut self, i: usize, fetched: Option<u128>) {
         self.installed(i, true);
         self.state[i] |= PREDICTED;
+        if let Some(h) = fetched {
+            self.fetched_hash[i] = h;
+        }
+    }
+
+    /// Whether page `i` is dirty only by prediction.
+    pub fn is_predicted(&self, i: usize) -> bool {
+        self.state[i] & PREDICTED != 0
+    }
+
+    /// Whether page `i`, fetched writable on a prediction, still hashes to
+    /// what it was fetched with: not written (its daemon's copy is current).
+    pub fn unchanged_since_fetch(&self, i: usize, hash: u128) -> bool {
+        self.state[i] & (PREDICTED | REMOTE) == PREDICTED | REMOTE && self.fetched_hash[i] == hash
+    }
+
+    /// Page `i`, dirty by prediction, was found written after all (it no
+    /// longer holds what it was installed with): it is predicted again.
+    pub fn saw_write(&mut self, i: usize) {
+        self.state[i] &= !PREDICTED;
     }
 
     /// Whether page `i` was written in its last residency (and so will
@@ -249,11 +275,7 @@ impl ExCache {
         if v.dirty {
             new |= REMOTE;
         }
-        // Only an update predicts another: a page filled with its first
-        // contents (zero-filled, then written) is usually read from then on
-        // (a data set, a graph), and fetching it writable would cost a
-        // writeback of unchanged contents at every eviction.
-        if s & (DIRTY | PREDICTED | REMOTE) == DIRTY | REMOTE {
+        if s & (DIRTY | PREDICTED) == DIRTY {
             new |= WROTE;
         }
         self.set(v.index, new);
@@ -427,33 +449,44 @@ mod tests {
     }
 
     #[test]
-    fn a_page_written_in_its_last_residency_is_predicted_once() {
+    fn dirty_prediction_follows_what_eviction_finds() {
         let mut c = ExCache::new(8, 4);
-        let evict = |c: &mut ExCache, i: usize| {
-            let dirty = c.is_dirty(i);
+        // What the pager does: a predicted page found holding what it was
+        // installed with is evicted clean, one found changed is written.
+        let evict = |c: &mut ExCache, i: usize, changed: bool| {
+            if changed {
+                c.saw_write(i);
+            }
+            let dirty = c.is_dirty(i) && changed;
             c.evicted(Victim { index: i, dirty });
         };
-        c.installed_unobserved(1); // zero-filled ahead
-        evict(&mut c, 1); // held data: written back
-        assert!(c.is_remote(1));
+        c.installed_unobserved(1, None); // zero-filled ahead
+        evict(&mut c, 1, true); // held data: written back
+        assert!(c.is_remote(1) && c.predicts_write(1));
+        // Fetched writable on the prediction, then only read.
+        c.installed_unobserved(1, Some(7));
+        assert!(c.unchanged_since_fetch(1, 7) && !c.unchanged_since_fetch(1, 8));
+        evict(&mut c, 1, false);
+        assert!(c.is_remote(1), "the daemon's copy stays current");
         assert!(
             !c.predicts_write(1),
-            "first contents written into a zero-filled page predict nothing"
+            "an unwritten page is not predicted again"
         );
-        c.installed(1, false); // fetched clean
-        c.dirtied(1); // a write seen: an update
-        evict(&mut c, 1);
-        assert!(c.predicts_write(1));
-        c.installed_unobserved(1); // fetched writable on the prediction
-        evict(&mut c, 1);
-        assert!(
-            !c.predicts_write(1),
-            "an unseen write must not renew the prediction"
-        );
+        // Fetched clean and written: predicted; written again while
+        // predicted: predicted again (an always-written page never pays a
+        // write-protect fault after its first).
         c.installed(1, false);
-        evict(&mut c, 1);
-        assert!(!c.predicts_write(1));
-        assert!(c.is_remote(1));
+        c.dirtied(1);
+        evict(&mut c, 1, true);
+        assert!(c.predicts_write(1));
+        c.installed_unobserved(1, Some(7));
+        assert!(!c.unchanged_since_fetch(1, 9));
+        evict(&mut c, 1, true);
+        assert!(c.predicts_write(1));
+        // A page installed clean and never written: no prediction.
+        c.installed(2, false);
+        evict(&mut c, 2, false);
+        assert!(!c.predicts_write(2));
     }
 
     #[test]

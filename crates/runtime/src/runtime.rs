@@ -78,8 +78,10 @@ struct Shared {
     fetch: Vec<usize>,
     fill: Vec<usize>,
     fetch_addrs: Vec<VirtAddr>,
-    /// Dirty victims of the current batch found all zeros (not written back).
-    zero_victims: Vec<usize>,
+    /// Dirty victims of the current batch found holding what they were
+    /// installed with (not written back): all zeros and never stored, or
+    /// their fetched contents.
+    clean_victims: Vec<usize>,
 }
 
 struct Control {
@@ -301,7 +303,7 @@ fn start(
             fetch: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
             fill: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
             fetch_addrs: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
-            zero_victims: Vec::new(),
+            clean_victims: Vec::new(),
         }),
         control: Mutex::new(Control {
             conn: control,
@@ -630,7 +632,7 @@ impl Runtime {
     ) -> std::io::Result<bool> {
         let at = self.page_addr(i);
         match self.uffd.copy(at, src, wp) {
-            Ok(1) if predicted => cache.installed_unobserved(i),
+            Ok(1) if predicted => cache.installed_unobserved(i, Some(page_hash(src))),
             Ok(1) => cache.installed(i, !wp),
             Ok(_) => return Ok(false),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -760,7 +762,8 @@ impl Runtime {
             g.wb_data[d].clear();
         }
         let mut dirty = 0u64;
-        g.zero_victims.clear();
+        let mut unchanged_remote = 0u64;
+        g.clean_victims.clear();
         // Stop writers before copying: a write after the copy would be
         // lost. One ioctl per run of neighbouring dirty victims.
         self.ranges_of(victims.iter().filter(|v| v.dirty), &mut g.ranges);
@@ -781,14 +784,26 @@ impl Runtime {
             // (under the shared lock) drops region pages, and writers are
             // stopped by the write protection just set.
             unsafe { mm::copy_page_out(addr, &mut buf[at..]) };
-            // A page zero-filled ahead and never written (or written with
-            // zeros) that no daemon holds needs no writeback: dropped, it
-            // reads as zeros again.
-            if !g.cache.is_remote(v.index) && buf[at..].iter().all(|&b| b == 0) {
+            // A page dirty only by prediction may hold what it was installed
+            // with: zeros no daemon holds (dropped, it reads as zeros
+            // again), or its fetched contents (the daemon's copy is
+            // current). Either needs no writeback.
+            let remote = g.cache.is_remote(v.index);
+            let unchanged = if !remote {
+                buf[at..].iter().all(|&b| b == 0)
+            } else {
+                g.cache.is_predicted(v.index)
+                    && g.cache
+                        .unchanged_since_fetch(v.index, page_hash(&buf[at..]))
+            };
+            if unchanged {
                 buf.truncate(at);
-                g.zero_victims.push(v.index);
+                g.clean_victims.push(v.index);
+                unchanged_remote += u64::from(remote);
                 continue;
             }
+            // Written: predicted again at its next fetch.
+            g.cache.saw_write(v.index);
             g.wb_addrs[d].push(VirtAddr(addr as u64));
             dirty += 1;
         }
@@ -799,8 +814,8 @@ impl Runtime {
         if let Err(e) = mm::drop_pages(&g.ranges, self.pidfd) {
             die(&format!("runtime: cannot drop evicted pages: {e}"));
         }
-        // `zero_victims` lists victims in the order of `victims`.
-        let mut zeros = g.zero_victims.iter().peekable();
+        // `clean_victims` lists victims in the order of `victims`.
+        let mut zeros = g.clean_victims.iter().peekable();
         for v in victims {
             let zero = zeros.next_if_eq(&&v.index).is_some();
             g.cache.evicted(Victim {
@@ -811,7 +826,9 @@ impl Runtime {
         if let Some(s) = self.stats {
             s.evictions.fetch_add(victims.len() as u64, Relaxed);
             s.writebacks.fetch_add(dirty, Relaxed);
-            s.zero_drops.fetch_add(g.zero_victims.len() as u64, Relaxed);
+            s.zero_drops
+                .fetch_add(g.clean_victims.len() as u64 - unchanged_remote, Relaxed);
+            s.unchanged_drops.fetch_add(unchanged_remote, Relaxed);
         }
     }
 
@@ -1220,13 +1237,24 @@ fn install_runs(uffd: &Uffd, base: usize, cache: &mut ExCache, pages: &[usize], 
                 0
             }
         };
-        for &p in &pages[k..k + done] {
+        for (n, &p) in pages[k..k + done].iter().enumerate() {
             if w {
-                cache.installed_unobserved(p);
+                // A fetched page comes with the hash eviction compares it to.
+                let fetched = cache
+                    .is_remote(p)
+                    .then(|| page_hash(&src[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]));
+                cache.installed_unobserved(p, fetched);
             } else {
                 cache.installed(p, false);
             }
         }
         k += len;
     }
+}
+
+/// The hash eviction uses to tell whether a page fetched writable on a dirty
+/// prediction was written: 128-bit XXH3, so a changed page passes for
+/// unchanged (and its write is lost) with probability 2^-128.
+fn page_hash(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
 }

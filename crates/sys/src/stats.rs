@@ -43,6 +43,9 @@ pub struct SharedStats {
     pub prefilled: AtomicU64,
     /// Dirty-marked victims found all zeros and dropped without writeback.
     pub zero_drops: AtomicU64,
+    /// Victims installed writable on a dirty prediction and found identical
+    /// to their fetched contents: dropped without writeback.
+    pub unchanged_drops: AtomicU64,
     /// First writes to clean resident pages.
     pub dirtied: AtomicU64,
     /// Pages dropped from the ExCache.
