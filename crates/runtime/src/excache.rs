@@ -194,26 +194,23 @@ impl ExCache {
 
     /// A page installed writable and counted dirty without a write having
     /// been seen (zero-filled ahead of a miss, or fetched writable because
-    /// its last residency was written); `fetched` is the hash of the
-    /// contents a fetched one came with. Unless eviction finds it changed
+    /// its last residency was written); `fetched` is the contents a
+    /// fetched one came with. Unless eviction finds it changed
     /// ([`ExCache::saw_write`]), it is not marked written.
-    pub fn installed_unobserved(&mut self, i: usize, fetched: Option<u128>) {
+    pub fn installed_unobserved(&mut self, i: usize, fetched: Option<&[u8]>) {
         self.installed(i, true);
         self.state[i] |= PREDICTED;
-        if let Some(h) = fetched {
-            self.fetched_hash[i] = h;
+        if let Some(page) = fetched {
+            self.fetched_hash[i] = page_hash(page);
         }
     }
 
-    /// Whether page `i` is dirty only by prediction.
-    pub fn is_predicted(&self, i: usize) -> bool {
-        self.state[i] & PREDICTED != 0
-    }
-
-    /// Whether page `i`, fetched writable on a prediction, still hashes to
-    /// what it was fetched with: not written (its daemon's copy is current).
-    pub fn unchanged_since_fetch(&self, i: usize, hash: u128) -> bool {
-        self.state[i] & (PREDICTED | REMOTE) == PREDICTED | REMOTE && self.fetched_hash[i] == hash
+    /// Whether page `i`, fetched writable on a prediction, still holds
+    /// (`page`) what it was fetched with: not written, its daemon's copy is
+    /// current. Hashes only such a page.
+    pub fn unchanged_since_fetch(&self, i: usize, page: &[u8]) -> bool {
+        self.state[i] & (PREDICTED | REMOTE) == PREDICTED | REMOTE
+            && self.fetched_hash[i] == page_hash(page)
     }
 
     /// Page `i`, dirty by prediction, was found written after all (it no
@@ -348,6 +345,13 @@ impl ExCache {
     }
 }
 
+/// The hash that tells whether a page fetched writable on a prediction was
+/// written: 128-bit XXH3, so a changed page passes for unchanged (and its
+/// write is lost) with probability 2^-128.
+fn page_hash(page: &[u8]) -> u128 {
+    xxhash_rust::xxh3::xxh3_128(page)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,8 +468,9 @@ mod tests {
         evict(&mut c, 1, true); // held data: written back
         assert!(c.is_remote(1) && c.predicts_write(1));
         // Fetched writable on the prediction, then only read.
-        c.installed_unobserved(1, Some(7));
-        assert!(c.unchanged_since_fetch(1, 7) && !c.unchanged_since_fetch(1, 8));
+        let (fetched, written) = ([7u8; 4096], [8u8; 4096]);
+        c.installed_unobserved(1, Some(&fetched));
+        assert!(c.unchanged_since_fetch(1, &fetched) && !c.unchanged_since_fetch(1, &written));
         evict(&mut c, 1, false);
         assert!(c.is_remote(1), "the daemon's copy stays current");
         assert!(
@@ -479,8 +484,8 @@ mod tests {
         c.dirtied(1);
         evict(&mut c, 1, true);
         assert!(c.predicts_write(1));
-        c.installed_unobserved(1, Some(7));
-        assert!(!c.unchanged_since_fetch(1, 9));
+        c.installed_unobserved(1, Some(&fetched));
+        assert!(!c.unchanged_since_fetch(1, &written));
         evict(&mut c, 1, true);
         assert!(c.predicts_write(1));
         // A page installed clean and never written: no prediction.

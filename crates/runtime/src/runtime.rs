@@ -632,7 +632,7 @@ impl Runtime {
     ) -> std::io::Result<bool> {
         let at = self.page_addr(i);
         match self.uffd.copy(at, src, wp) {
-            Ok(1) if predicted => cache.installed_unobserved(i, Some(page_hash(src))),
+            Ok(1) if predicted => cache.installed_unobserved(i, Some(src)),
             Ok(1) => cache.installed(i, !wp),
             Ok(_) => return Ok(false),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
@@ -789,12 +789,10 @@ impl Runtime {
             // again), or its fetched contents (the daemon's copy is
             // current). Either needs no writeback.
             let remote = g.cache.is_remote(v.index);
-            let unchanged = if !remote {
-                buf[at..].iter().all(|&b| b == 0)
+            let unchanged = if remote {
+                g.cache.unchanged_since_fetch(v.index, &buf[at..])
             } else {
-                g.cache.is_predicted(v.index)
-                    && g.cache
-                        .unchanged_since_fetch(v.index, page_hash(&buf[at..]))
+                buf[at..].iter().all(|&b| b == 0)
             };
             if unchanged {
                 buf.truncate(at);
@@ -815,11 +813,11 @@ impl Runtime {
             die(&format!("runtime: cannot drop evicted pages: {e}"));
         }
         // `clean_victims` lists victims in the order of `victims`.
-        let mut zeros = g.clean_victims.iter().peekable();
+        let mut clean = g.clean_victims.iter().peekable();
         for v in victims {
-            let zero = zeros.next_if_eq(&&v.index).is_some();
+            let unchanged = clean.next_if_eq(&&v.index).is_some();
             g.cache.evicted(Victim {
-                dirty: v.dirty && !zero,
+                dirty: v.dirty && !unchanged,
                 ..*v
             });
         }
@@ -1239,10 +1237,10 @@ fn install_runs(uffd: &Uffd, base: usize, cache: &mut ExCache, pages: &[usize], 
         };
         for (n, &p) in pages[k..k + done].iter().enumerate() {
             if w {
-                // A fetched page comes with the hash eviction compares it to.
+                // A fetched page is kept track of: eviction compares it.
                 let fetched = cache
                     .is_remote(p)
-                    .then(|| page_hash(&src[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]));
+                    .then(|| &src[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
                 cache.installed_unobserved(p, fetched);
             } else {
                 cache.installed(p, false);
@@ -1250,11 +1248,4 @@ fn install_runs(uffd: &Uffd, base: usize, cache: &mut ExCache, pages: &[usize], 
         }
         k += len;
     }
-}
-
-/// The hash eviction uses to tell whether a page fetched writable on a dirty
-/// prediction was written: 128-bit XXH3, so a changed page passes for
-/// unchanged (and its write is lost) with probability 2^-128.
-fn page_hash(page: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(page)
 }
