@@ -22,6 +22,17 @@
 //! while new streams keep turning out to be walks, the new one is taken for
 //! a walk like the last at once (see `Prefetcher::start_stream`). Short
 //! strides are fetched densely (see [`Ahead::dense`]).
+//!
+//! Many walks are short and alike: a training loop reads each mini-batch,
+//! a few hundred pages, then jumps to another at random. Doubling windows
+//! run past the end of such a walk by up to a window. So windows are also
+//! cut at the *typical walk length* from the walk's first page, learned
+//! like a congestion window (in strides): a walk that goes past the cut
+//! (one more miss) raises it by an eighth, a cut walk that ends before it
+//! (its stream is replaced) lowers it by a sixty-fourth, and a walk that
+//! ended well short of it lowers it faster (see `Prefetcher::walk_ended`).
+//! It settles just above the length of most walks. A walk past it gets a limit that rises
+//! by twice as much each time it is reached (see `Prefetcher::walking`).
 
 /// Misses remembered per stream.
 pub const HISTORY: usize = 8;
@@ -35,6 +46,14 @@ const CONFIDENCE_MAX: i32 = 8;
 const CONFIDENCE_TO_GUESS: i32 = 4;
 /// Strides longer than this (in pages) are not followed.
 pub const MAX_STRIDE: i64 = 64;
+
+/// The typical walk length (in strides) assumed before any walk was seen.
+const FIRST_EXTENT: i64 = 64;
+/// The typical walk length is raised by 1/`EXTENT_UP` when a walk goes past
+/// it and lowered by 1/`EXTENT_DOWN` when a walk cut at it ends: it settles
+/// where about one walk in nine goes past.
+const EXTENT_UP: i64 = 8;
+const EXTENT_DOWN: i64 = 64;
 
 /// Strides up to this many pages are fetched densely (see [`Ahead::dense`]).
 pub const DENSE_STRIDE: i64 = 4;
@@ -96,6 +115,35 @@ struct Stream {
     used: u64,
     /// A trend was found in this stream (it was not a lone miss).
     trended: bool,
+    /// The walk this stream follows, once it is one.
+    walk: Option<Walk>,
+}
+
+/// A walk's extent so far, and how far its windows may reach.
+#[derive(Clone, Copy)]
+struct Walk {
+    /// First page.
+    start: i64,
+    /// +1 up, -1 down.
+    dir: i64,
+    /// Windows reach at most this many strides from `start`.
+    limit: i64,
+    /// What `limit` rises by when the walk reaches it.
+    raise: i64,
+    /// The walk reached its first limit, the typical length.
+    past: bool,
+}
+
+impl Walk {
+    fn new(start: i64, dir: i64, extent: i64) -> Self {
+        Walk {
+            start,
+            dir,
+            limit: extent,
+            raise: (extent / EXTENT_UP).max(1),
+            past: false,
+        }
+    }
 }
 
 impl Stream {
@@ -162,8 +210,10 @@ pub struct Prefetcher {
     /// How often new streams turned out to be walks lately: up by one for
     /// each that found a trend, down by one for each replaced without.
     confidence: i32,
-    /// The stride and window of the last trend followed.
-    last: Option<(i64, usize)>,
+    /// The stride of the last trend followed.
+    last: Option<i64>,
+    /// The typical walk length in strides (see the module comment).
+    extent: i64,
 }
 
 impl Prefetcher {
@@ -176,14 +226,84 @@ impl Prefetcher {
             max_window,
             confidence: 0,
             last: None,
+            extent: FIRST_EXTENT,
         }
     }
 
     /// Records a miss on page `page`; returns what to fetch ahead of it.
     pub fn on_miss(&mut self, page: usize) -> Option<Ahead> {
         let (a, back) = self.follow(page)?;
-        self.last = Some((a.stride, a.count));
+        self.last = Some(a.stride);
         Some(a.dense(back))
+    }
+
+    /// The typical walk length (for tests and statistics).
+    pub fn extent(&self) -> i64 {
+        self.extent
+    }
+
+    /// Stream `k`'s walk runs from `back` in the direction of `stride`:
+    /// notes where it started, and whether miss `p` took it past its limit.
+    /// The first time, the typical length rises to cover it; each time,
+    /// the limit rises, by twice as much as the time before (a long scan
+    /// is soon followed uncut, a walk just past the typical length gets
+    /// little more than it needs).
+    fn walking(&mut self, k: usize, p: i64, stride: i64, back: i64) {
+        let extent = self.extent;
+        let s = &mut self.streams[k];
+        let dir = stride.signum();
+        let w = match &mut s.walk {
+            Some(w) if w.dir == dir => w,
+            // A new walk, or it turned around.
+            other => other.insert(Walk::new(back, dir, extent)),
+        };
+        let reached = (p - w.start) * dir / stride.abs() + 1;
+        if reached < w.limit {
+            return;
+        }
+        if !std::mem::replace(&mut w.past, true) {
+            self.extent = (extent + (extent / EXTENT_UP).max(1)).max(reached);
+        }
+        while w.limit <= reached {
+            w.limit += w.raise;
+            w.raise *= 2;
+        }
+    }
+
+    /// Stream `old` is replaced: if it was a walk that ended before its
+    /// limit, the typical length falls: by a sixty-fourth if the walk was
+    /// cut at it (it may have ended just there), else a quarter of the way
+    /// down to where its last window ended (it ended no further).
+    fn walk_ended(&mut self, old: &Stream) {
+        let (Some(w), Some((st, _, last))) = (old.walk, old.ahead) else {
+            return;
+        };
+        if w.past {
+            return;
+        }
+        let fetched = (last - w.start) * w.dir / st.abs() + 1;
+        let fall = (self.extent / EXTENT_DOWN)
+            .max((self.extent - fetched) / 4)
+            .max(1);
+        self.extent = (self.extent - fall).max(FIRST_WINDOW as i64);
+    }
+
+    /// Cuts `a`, a window of stream `k`'s walk, at the walk's limit.
+    fn cut(&mut self, k: usize, mut a: Ahead) -> Ahead {
+        let s = &mut self.streams[k];
+        let Some(w) = s.walk else {
+            return a;
+        };
+        let step = a.stride.abs();
+        let room = ((w.start - a.from) * w.dir + (w.limit - 1) * step) / step;
+        let count = (room.max(1) as usize).min(a.count);
+        if count < a.count {
+            a.count = count;
+            if let Some((st, first, _)) = s.ahead {
+                s.ahead = Some((st, first, a.from + st * count as i64));
+            }
+        }
+        a
     }
 
     /// The trend the miss continues, in its own stride, and the back of the
@@ -227,7 +347,8 @@ impl Prefetcher {
                 if !std::mem::replace(&mut s.trended, true) {
                     self.confidence = (self.confidence + 1).min(CONFIDENCE_MAX);
                 }
-                return Some((a, last));
+                self.walking(k, p, st, last);
+                return Some((self.cut(k, a), last));
             }
             Some((_, first, last)) if (first.min(last)..=first.max(last)).contains(&p) => {
                 // A prefetched page was evicted before it was used.
@@ -253,7 +374,8 @@ impl Prefetcher {
                     stride,
                     count: s.window,
                 };
-                Some((a, back))
+                self.walking(k, from, stride, back);
+                Some((self.cut(k, a), back))
             }
             None => {
                 s.ahead = None;
@@ -266,9 +388,12 @@ impl Prefetcher {
     /// Starts a stream at miss `p`, replacing the least recently used one.
     /// While new streams have lately been walks (a program visiting rows of
     /// a data set in random order starts a walk at each), the new one is
-    /// taken for a walk like the last at once: the last trend's stride and
-    /// half its window are fetched ahead of this first miss, saving the
-    /// misses that would otherwise reveal the trend again.
+    /// taken for a walk like the last at once: in the last trend's stride,
+    /// half the typical walk length is fetched ahead of this first miss,
+    /// saving the misses that would otherwise reveal the trend again. Only
+    /// half: a guess that held shows itself by a miss just past it (pages
+    /// mapped ahead are used unseen), which fetches the rest of the walk;
+    /// without that miss the guess counts as wrong.
     fn start_stream(&mut self, p: i64) -> Option<Ahead> {
         let k = if self.live < STREAMS {
             self.live += 1;
@@ -277,9 +402,12 @@ impl Prefetcher {
             let k = (0..STREAMS)
                 .min_by_key(|&k| self.streams[k].used)
                 .unwrap_or(0);
-            if !self.streams[k].trended {
+            let old = &self.streams[k];
+            if !old.trended {
                 self.confidence = (self.confidence - 1).max(-CONFIDENCE_MAX);
             }
+            let old = self.streams[k];
+            self.walk_ended(&old);
             k
         };
         let mut s = Stream {
@@ -288,15 +416,17 @@ impl Prefetcher {
         };
         s.record(p);
         let guess = match self.last {
-            Some((stride, window)) if self.confidence >= CONFIDENCE_TO_GUESS => {
+            Some(stride) if self.confidence >= CONFIDENCE_TO_GUESS => {
                 // Remembered as the walk it is taken for (starting here), so
                 // the next misses, perhaps out of order, continue it.
                 s.len = 0;
                 for k in 0..3 {
                     s.record(p + k * stride);
                 }
-                s.window = (window / 2).clamp(FIRST_WINDOW.min(self.max_window), self.max_window);
+                let half = (self.extent as usize).div_ceil(2);
+                s.window = half.clamp(1, self.max_window);
                 s.ahead = Some((stride, p + stride, p + stride * s.window as i64));
+                s.walk = Some(Walk::new(p, stride.signum(), self.extent));
                 Some(Ahead {
                     from: p,
                     stride,
@@ -341,12 +471,18 @@ mod tests {
         // misses just past the window.
         let mut next = 102 + 1 + a.count;
         let mut windows = vec![];
-        for _ in 0..6 {
+        for _ in 0..9 {
             let a = p.on_miss(next).expect("stream continues");
             windows.push(a.count);
             next += 1 + a.count;
         }
-        assert_eq!(windows, [8, 16, 32, 64, 64, 64]);
+        // The third window is cut at the typical walk length assumed at
+        // first (FIRST_EXTENT pages from 100). Past it, the walk's limit
+        // rises by 8, 16, 32, 64 pages, ..., so a window is cut short now
+        // and then, ever more rarely (a scan of n pages pays about log2(n)
+        // misses more).
+        assert_eq!(windows, [8, 16, 30, 7, 15, 31, 63, 64, 62]);
+        assert!(p.extent() > FIRST_EXTENT);
     }
 
     #[test]
@@ -432,8 +568,8 @@ mod tests {
         assert_eq!(p.window(), 32);
         // The last window started at `next - 32`; a miss inside it means
         // prefetched pages were thrown out unused.
-        let a = p.on_miss(next - 10).expect("still a trend");
-        assert_eq!(a.count, 16);
+        p.on_miss(next - 10).expect("still a trend");
+        assert_eq!(p.window(), 16);
     }
 
     #[test]
@@ -500,6 +636,63 @@ mod tests {
             p.on_miss((x >> 24) as usize % 100_000_000);
         }
         assert_eq!(p.on_miss(500_000_000), None);
+    }
+
+    /// Runs a program that reads `walks` walks of `rows` rows of three
+    /// pages each, at scattered places, one after the other (mini-batches
+    /// visited in random order), each the way BLAS packs a matrix: the
+    /// first page of every row, then the second, then the third. Fetches
+    /// what the prefetcher asks for. Returns the misses and the pages
+    /// fetched outside the walks in the last `tail` walks.
+    fn short_walks(p: &mut Prefetcher, walks: usize, rows: i64, tail: usize) -> (usize, usize) {
+        let (mut misses, mut over) = (0, 0);
+        for w in 0..walks {
+            let base = 1_000_000 * (w as i64 + 1);
+            let mut fetched = std::collections::BTreeSet::new();
+            for col in 0..3 {
+                for row in 0..rows {
+                    let page = base + 3 * row + col;
+                    if !fetched.insert(page) {
+                        continue;
+                    }
+                    if let Some(a) = p.on_miss(page as usize) {
+                        fetched.extend((1..=a.count as i64).map(|k| a.from + k * a.stride));
+                    }
+                    if w >= walks - tail {
+                        misses += 1;
+                    }
+                }
+            }
+            if w >= walks - tail {
+                over += fetched
+                    .iter()
+                    .filter(|&&q| q < base || q >= base + 3 * rows)
+                    .count();
+            }
+        }
+        (misses, over)
+    }
+
+    #[test]
+    fn windows_settle_at_the_length_of_short_walks() {
+        let mut p = Prefetcher::new(64);
+        // Walks of 40 rows (120 pages). Doubling windows alone would run a
+        // window past each; cut at the learned length, the walks take about
+        // two misses each (a guess, then the rest) and fetch little past
+        // their ends.
+        let (misses, over) = short_walks(&mut p, 300, 40, 100);
+        assert!(misses <= 220, "{misses} misses in 100 walks");
+        assert!(over <= 100 * 120 / 8, "{over} pages fetched past 100 walks");
+        assert!((40..=48).contains(&p.extent()), "extent {}", p.extent());
+        // Longer walks raise it.
+        short_walks(&mut p, 100, 60, 0);
+        assert!((60..=72).contains(&p.extent()), "extent {}", p.extent());
+        // After long scans (a data set written in chunks), short walks
+        // bring it down within a few dozen walks.
+        short_walks(&mut p, 20, 5000, 0);
+        assert!(p.extent() > 200, "extent {}", p.extent());
+        let (_, over) = short_walks(&mut p, 100, 40, 50);
+        assert!(over <= 50 * 120 / 8, "{over} pages fetched past 50 walks");
     }
 
     #[test]
