@@ -46,6 +46,8 @@ use crate::{config::Config, coverage};
 
 /// The vRegion size, which decides which daemon holds a page.
 const VREGION_BYTES: usize = lego_protocol::VREGION_BYTES as usize;
+/// The longest gap [`Runtime::spans`] bridges, in pages.
+const BRIDGE_PAGES: usize = 64;
 
 struct Daemon {
     addr: String,
@@ -71,6 +73,8 @@ struct Shared {
     wb_addrs: Vec<Vec<VirtAddr>>,
     wb_data: Vec<Vec<u8>>,
     ranges: Vec<(usize, usize)>,
+    /// Scratch list of page indices for `spans`.
+    span_pages: Vec<usize>,
     /// Pages evicted per batch.
     batch: usize,
     prefetch: Prefetcher,
@@ -298,6 +302,7 @@ fn start(
             wb_addrs: vec![Vec::new(); n],
             wb_data: vec![Vec::new(); n],
             ranges: Vec::new(),
+            span_pages: Vec::new(),
             batch: (budget_pages / 16).clamp(8, 256),
             prefetch: Prefetcher::new(tuning.prefetch_pages),
             fetch: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
@@ -765,8 +770,17 @@ impl Runtime {
         let mut unchanged_remote = 0u64;
         g.clean_victims.clear();
         // Stop writers before copying: a write after the copy would be
-        // lost. One ioctl per run of neighbouring dirty victims.
-        self.ranges_of(victims.iter().filter(|v| v.dirty), &mut g.ranges);
+        // lost. One ioctl per run of dirty victims, bridging pages that are
+        // not mapped or already write-protected (clean).
+        g.span_pages.clear();
+        g.span_pages
+            .extend(victims.iter().filter(|v| v.dirty).map(|v| v.index));
+        let cache = &g.cache;
+        self.spans(
+            &mut g.span_pages,
+            |k| !cache.is_resident(k) || !cache.is_dirty(k),
+            &mut g.ranges,
+        );
         for &(addr, len) in &g.ranges {
             if let Err(e) = self.uffd.write_protect(addr, len, true) {
                 die(&format!(
@@ -808,7 +822,11 @@ impl Runtime {
         if dirty > 0 {
             self.send_writebacks(g);
         }
-        self.ranges_of(victims.iter(), &mut g.ranges);
+        // Bridging only pages that are not mapped.
+        g.span_pages.clear();
+        g.span_pages.extend(victims.iter().map(|v| v.index));
+        let cache = &g.cache;
+        self.spans(&mut g.span_pages, |k| !cache.is_resident(k), &mut g.ranges);
         if let Err(e) = mm::drop_pages(&g.ranges, self.pidfd) {
             die(&format!("runtime: cannot drop evicted pages: {e}"));
         }
@@ -830,19 +848,37 @@ impl Runtime {
         }
     }
 
-    /// The address ranges `victims` cover, neighbours merged.
-    fn ranges_of<'v>(
+    /// Address ranges covering `pages` (page indices, sorted here), merged
+    /// across gaps of at most [`BRIDGE_PAGES`] pages that `bridge` allows
+    /// to be covered too. Each ioctl that changes mappings ends in a TLB
+    /// shootdown: an IPI to every other CPU running the program, which on
+    /// these VMs costs about as much as a page fetch. Victims come in
+    /// eviction order, two threads' pages interleaved, so sorting alone
+    /// often halves the ranges.
+    fn spans(
         &self,
-        victims: impl Iterator<Item = &'v Victim>,
+        pages: &mut [usize],
+        bridge: impl Fn(usize) -> bool,
         out: &mut Vec<(usize, usize)>,
     ) {
+        pages.sort_unstable();
         out.clear();
-        for v in victims {
-            let addr = self.page_addr(v.index);
-            match out.last_mut() {
-                Some((a, l)) if *a + *l == addr => *l += PAGE_SIZE,
-                _ => out.push((addr, PAGE_SIZE)),
-            }
+        let mut run: Option<(usize, usize)> = None; // first page, end
+        for &p in pages.iter() {
+            run = match run {
+                Some((first, end)) if p < end => Some((first, end)),
+                Some((first, end)) if p - end <= BRIDGE_PAGES && (end..p).all(&bridge) => {
+                    Some((first, p + 1))
+                }
+                Some((first, end)) => {
+                    out.push((self.page_addr(first), (end - first) * PAGE_SIZE));
+                    Some((p, p + 1))
+                }
+                None => Some((p, p + 1)),
+            };
+        }
+        if let Some((first, end)) = run {
+            out.push((self.page_addr(first), (end - first) * PAGE_SIZE));
         }
     }
 
