@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use lego_protocol::{check_version, DaemonStats, Message, SpaceId, VirtAddr, PROTOCOL_VERSION};
+use lego_protocol::{DaemonStats, Message, SpaceId, VirtAddr};
 use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport, TransportError};
 use store::{Refusal, Store};
 
@@ -131,36 +131,8 @@ fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>) {
 }
 
 fn handshake<S: Stream>(conn: &mut FramedConn<S>, store: &Mutex<Store>) -> Result<(), ConnError> {
-    conn.stream().set_read_timeout(Some(HELLO_TIMEOUT))?;
-    let f = conn.recv()?;
-    let id = f.request_id;
-    let version = match f.message {
-        Message::Hello { version, .. } => version,
-        other => {
-            let reason = format!("expected Hello, got {}", kind_name(&other));
-            conn.send(id, &Message::Refused { reason: &reason })?;
-            return Err(ConnError::Refused(reason));
-        }
-    };
-    if let Err(reason) = check_version(version) {
-        conn.send(id, &Message::Refused { reason: &reason })?;
-        return Err(ConnError::Refused(reason));
-    }
     let capacity_bytes = lock(store).capacity_bytes();
-    conn.send(
-        id,
-        &Message::HelloOk {
-            version: PROTOCOL_VERSION,
-            capacity_bytes,
-        },
-    )?;
-    conn.stream().set_read_timeout(None)?;
-    Ok(())
-}
-
-fn kind_name(m: &Message<'_>) -> String {
-    let s = format!("{m:?}");
-    s.split([' ', '{', '(']).next().unwrap_or("?").to_string()
+    conn.server_handshake(capacity_bytes, HELLO_TIMEOUT)
 }
 
 /// Replies a request can produce (page data goes in the connection's
@@ -280,10 +252,7 @@ fn handle(
         Message::GetStats => Ok(Reply::Stats(st.stats())),
         other => Err(Refusal(
             Invalid,
-            format!(
-                "{} is not a request a memory daemon serves",
-                kind_name(&other)
-            ),
+            format!("{} is not a request a memory daemon serves", other.name()),
         )),
     }
 }
@@ -347,7 +316,7 @@ mod tests {
             .call(
                 0,
                 &Message::Hello {
-                    version: PROTOCOL_VERSION + 7,
+                    version: lego_protocol::PROTOCOL_VERSION + 7,
                     role: lego_protocol::Role::Runtime,
                     name: "future",
                 },

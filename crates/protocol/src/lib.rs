@@ -58,6 +58,8 @@ use std::borrow::Cow;
 
 use thiserror::Error;
 
+pub mod control;
+
 /// Protocol version spoken by this build.
 pub const PROTOCOL_VERSION: u16 = 1;
 /// First bytes of every `Hello`, so a stray client is recognised at once.
@@ -73,6 +75,8 @@ pub const MAX_BATCH_PAGES: usize = 512;
 pub const MAX_STRING_BYTES: usize = 4096;
 /// Largest frame body accepted; anything larger is refused before allocation.
 pub const MAX_BODY_BYTES: usize = MAX_BATCH_PAGES * (PAGE_SIZE + 8) + 64;
+/// Longest control message (JSON).
+pub const MAX_CONTROL_BYTES: usize = 1 << 20;
 /// Size of the fixed frame header.
 pub const HEADER_BYTES: usize = 14;
 
@@ -213,6 +217,18 @@ pub enum Message<'a> {
     GetStats,
     /// Reply to `GetStats`.
     Stats(DaemonStats),
+    /// A control-plane request or reply (to and from the global manager,
+    /// processor daemons), a [`control::Request`] or [`control::Reply`] as
+    /// JSON. Rare and small next to page traffic, so it is kept readable.
+    Control { json: &'a str },
+}
+
+impl Message<'_> {
+    /// The message's kind, for error messages ("ReadPages").
+    pub fn name(&self) -> String {
+        let s = format!("{self:?}");
+        s.split([' ', '{', '(']).next().unwrap_or("?").to_string()
+    }
 }
 
 /// A message with the request id of its frame.
@@ -263,6 +279,7 @@ mod kind {
     pub const ERROR: u16 = 41;
     pub const GET_STATS: u16 = 50;
     pub const STATS: u16 = 51;
+    pub const CONTROL: u16 = 60;
 }
 
 struct Writer<'b>(&'b mut Vec<u8>);
@@ -429,6 +446,12 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.u64(s.connections);
             kind::STATS
         }
+        Message::Control { json } => {
+            assert!(json.len() <= MAX_CONTROL_BYTES, "control message too large");
+            w.u32(json.len() as u32);
+            w.0.extend_from_slice(json.as_bytes());
+            kind::CONTROL
+        }
     };
     let body_len = out.len() - start - HEADER_BYTES;
     debug_assert!(body_len <= MAX_BODY_BYTES);
@@ -454,7 +477,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, DecodeError> 
     if body_len > MAX_BODY_BYTES {
         return Err(DecodeError::TooLarge(body_len));
     }
-    if !(kind::HELLO..=kind::STATS).contains(&kind) {
+    if !(kind::HELLO..=kind::CONTROL).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     Ok(Header {
@@ -628,6 +651,15 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
             spaces: r.u64("spaces")?,
             connections: r.u64("connections")?,
         }),
+        kind::CONTROL => {
+            let len = r.u32("control length")? as usize;
+            if len > MAX_CONTROL_BYTES {
+                return Err(DecodeError::BadValue("control length", len as u64));
+            }
+            let json = std::str::from_utf8(r.take(len, "control message")?)
+                .map_err(|_| DecodeError::BadUtf8)?;
+            Message::Control { json }
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if !r.buf.is_empty() {
@@ -751,6 +783,9 @@ mod tests {
                 spaces: 3,
                 connections: 4,
             }),
+            Message::Control {
+                json: r#"{"op":"status"}"#,
+            },
         ] {
             roundtrip(m);
         }

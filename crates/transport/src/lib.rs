@@ -12,7 +12,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::time::Duration;
 
 use lego_protocol::{
-    check_version, decode_body, decode_header, encode, DecodeError, Frame, Message, Role,
+    check_version, control, decode_body, decode_header, encode, DecodeError, Frame, Message, Role,
     HEADER_BYTES, PROTOCOL_VERSION,
 };
 use thiserror::Error;
@@ -145,6 +145,8 @@ impl Listener for TcpListener {
 /// Why a framed exchange failed.
 #[derive(Debug, Error)]
 pub enum ConnError {
+    #[error("{0}")]
+    Connect(#[from] TransportError),
     #[error("connection closed by peer")]
     Closed,
     #[error("no answer within the timeout")]
@@ -245,6 +247,93 @@ impl<S: Stream> FramedConn<S> {
             other => Err(ConnError::Unexpected(format!("{other:?}"))),
         }
     }
+}
+
+impl<S: Stream> FramedConn<S> {
+    /// Server side of the handshake: a `Hello` of this protocol version
+    /// within `timeout` gets `HelloOk` with `capacity_bytes`; anything else
+    /// is refused with the reason, which is also the error.
+    pub fn server_handshake(
+        &mut self,
+        capacity_bytes: u64,
+        timeout: Duration,
+    ) -> Result<(), ConnError> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        let f = self.recv()?;
+        let id = f.request_id;
+        let checked = match f.message {
+            Message::Hello { version, .. } => check_version(version),
+            other => Err(format!("expected Hello, got {}", other.name())),
+        };
+        if let Err(reason) = checked {
+            self.send(id, &Message::Refused { reason: &reason })?;
+            return Err(ConnError::Refused(reason));
+        }
+        self.send(
+            id,
+            &Message::HelloOk {
+                version: PROTOCOL_VERSION,
+                capacity_bytes,
+            },
+        )?;
+        self.stream.set_read_timeout(None)?;
+        Ok(())
+    }
+}
+
+/// A connection to the global manager (or any control-plane peer).
+pub struct ControlClient {
+    conn: FramedConn<TcpStream>,
+    next_id: u64,
+    addr: String,
+}
+
+impl ControlClient {
+    /// Connects and shakes hands; every later answer must come within
+    /// `timeout`.
+    pub fn connect(addr: &str, name: &str, timeout: Duration) -> Result<Self, ConnError> {
+        let s = Tcp.connect(addr, timeout)?;
+        s.set_read_timeout(Some(timeout))?;
+        let mut conn = FramedConn::new(s);
+        conn.client_handshake(Role::Client, name)?;
+        Ok(Self {
+            conn,
+            next_id: 1,
+            addr: addr.to_string(),
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Sends a request and waits for its reply.
+    pub fn call(&mut self, req: &control::Request) -> Result<control::Reply, ConnError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let json = control::to_json(req);
+        match self
+            .conn
+            .call(id, &Message::Control { json: &json })?
+            .message
+        {
+            Message::Control { json } => control::from_json(json).map_err(ConnError::Unexpected),
+            Message::Error { message, .. } => Err(ConnError::Unexpected(message.to_string())),
+            other => Err(ConnError::Unexpected(format!(
+                "{} in answer to a control request",
+                other.name()
+            ))),
+        }
+    }
+}
+
+/// One control request on a fresh connection.
+pub fn control_call(
+    addr: &str,
+    req: &control::Request,
+    timeout: Duration,
+) -> Result<control::Reply, ConnError> {
+    ControlClient::connect(addr, "lego", timeout)?.call(req)
 }
 
 fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnError> {

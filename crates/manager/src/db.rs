@@ -1,0 +1,138 @@
+//! The manager's state on disk: an embedded database (redb) in the state
+//! directory, one transaction per change, so a manager killed at any point
+//! restarts with every change it acknowledged.
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+
+use crate::state::{Changes, Cluster, Component};
+
+/// Component id → its record (JSON).
+const COMPONENTS: TableDefinition<u64, &str> = TableDefinition::new("components");
+/// (space, unit) → component id.
+const PLACEMENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("placements");
+
+/// File name of the database in the state directory.
+pub const DB_FILE: &str = "manager.redb";
+
+pub struct Db {
+    db: Database,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("state database {path}: {message}")]
+pub struct DbError {
+    path: String,
+    message: String,
+}
+
+impl Db {
+    /// Opens (or creates) the database in directory `dir`.
+    pub fn open(dir: &Path) -> Result<Self, DbError> {
+        let path = dir.join(DB_FILE);
+        let err = |message: String| DbError {
+            path: path.display().to_string(),
+            message,
+        };
+        std::fs::create_dir_all(dir)
+            .map_err(|e| err(format!("cannot create the directory: {e}")))?;
+        let db = Database::create(&path).map_err(|e| err(e.to_string()))?;
+        // Both tables exist from the start, so reads never miss one.
+        let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
+        tx.open_table(COMPONENTS).map_err(|e| err(e.to_string()))?;
+        tx.open_table(PLACEMENTS).map_err(|e| err(e.to_string()))?;
+        tx.commit().map_err(|e| err(e.to_string()))?;
+        Ok(Self { db })
+    }
+
+    /// The stored cluster, rebuilt at time `now`.
+    pub fn load(&self, timeout_ms: u64, now: u64) -> Result<Cluster, String> {
+        let tx = self.db.begin_read().map_err(|e| e.to_string())?;
+        let comps = tx.open_table(COMPONENTS).map_err(|e| e.to_string())?;
+        let mut components = Vec::new();
+        for row in comps.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            let c: Component = serde_json::from_str(v.value())
+                .map_err(|e| format!("component {}: {e}", k.value()))?;
+            components.push((k.value(), c));
+        }
+        let places = tx.open_table(PLACEMENTS).map_err(|e| e.to_string())?;
+        let mut placements = Vec::new();
+        for row in places.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            placements.push((k.value(), v.value()));
+        }
+        Ok(Cluster::restore(timeout_ms, now, components, placements))
+    }
+
+    /// Writes the records `changes` names, as they are in `cluster`.
+    pub fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let tx = self.db.begin_write().map_err(|e| e.to_string())?;
+        {
+            let mut comps = tx.open_table(COMPONENTS).map_err(|e| e.to_string())?;
+            for id in &changes.components {
+                match cluster.components.get(id) {
+                    Some(c) => {
+                        let json = serde_json::to_string(c).map_err(|e| e.to_string())?;
+                        comps
+                            .insert(*id, json.as_str())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        comps.remove(*id).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            let mut places = tx.open_table(PLACEMENTS).map_err(|e| e.to_string())?;
+            for key in &changes.placed {
+                if let Some(p) = cluster.placements.get(key) {
+                    places
+                        .insert(*key, p.component)
+                        .map_err(|e| e.to_string())?;
+                }
+            }
+            for key in &changes.unplaced {
+                places.remove(*key).map_err(|e| e.to_string())?;
+            }
+        }
+        tx.commit().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lego_protocol::control::{Kind, Reply, Request};
+
+    #[test]
+    fn the_cluster_survives_a_reopen() {
+        let dir = std::env::temp_dir().join(format!("lego-db-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        {
+            let db = Db::open(&dir).unwrap();
+            let mut c = db.load(1000, 0).unwrap();
+            let (r, ch) = c.apply(
+                0,
+                Request::Register {
+                    kind: Kind::Memory,
+                    addr: "10.0.0.2:7000".into(),
+                    capacity_bytes: 64 << 20,
+                    id: None,
+                },
+            );
+            assert!(matches!(r, Reply::Registered { id: 1, .. }));
+            db.save(&c, &ch).unwrap();
+            let (_, ch) = c.apply(1, Request::PlaceMemory { space: 9, unit: 2 });
+            db.save(&c, &ch).unwrap();
+        }
+        let db = Db::open(&dir).unwrap();
+        let c = db.load(1000, 5).unwrap();
+        assert_eq!(c.components[&1].addr, "10.0.0.2:7000");
+        assert_eq!(c.placements[&(9, 2)].component, 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,283 @@
+//! The lego global manager (LegoOS's GPM and GMM in one daemon): knows every
+//! component (register, heartbeat, leave, failure after a silent timeout),
+//! places the memory of address spaces on memory daemons by free capacity
+//! and new programs on processor daemons by load and ExCache headroom.
+//!
+//! The logic is [`state::Cluster`], a pure state machine; this module wraps
+//! it in a TCP server, one thread per connection, and stores every change in
+//! the embedded database ([`db`]) before answering, so a manager killed and
+//! restarted finds the same cluster. Components re-register on their own
+//! when their connection breaks; programs keep running meanwhile (they ask
+//! the manager only to place new memory).
+
+#![deny(unsafe_code)]
+
+pub mod db;
+pub mod state;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use lego_protocol::control::{self, Reply, Request};
+use lego_protocol::Message;
+use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport};
+
+use db::Db;
+use state::Cluster;
+
+/// How long a new connection may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error(transparent)]
+    Listen(#[from] lego_transport::TransportError),
+    #[error(transparent)]
+    Db(#[from] db::DbError),
+    #[error("state database: {0}")]
+    Load(String),
+}
+
+struct Inner {
+    cluster: Mutex<Cluster>,
+    db: Db,
+    epoch: Instant,
+}
+
+impl Inner {
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cluster> {
+        self.cluster.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies a request and stores what changed before answering.
+    fn apply(&self, req: Request) -> Reply {
+        let now = self.now();
+        let mut c = self.lock();
+        let (reply, changes) = c.apply(now, req);
+        match self.db.save(&c, &changes) {
+            Ok(()) => reply,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot store a change");
+                Reply::Error {
+                    message: format!("the manager cannot store the change: {e}"),
+                }
+            }
+        }
+    }
+}
+
+/// A running global manager.
+pub struct Manager {
+    addr: String,
+    inner: Arc<Inner>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Manager {
+    /// Opens the state in `state_dir`, binds `listen` and serves; a
+    /// component silent for `timeout` is marked failed.
+    pub fn start(listen: &str, state_dir: &Path, timeout: Duration) -> Result<Self, ManagerError> {
+        let db = Db::open(state_dir)?;
+        let timeout_ms = timeout.as_millis().max(1) as u64;
+        let cluster = db.load(timeout_ms, 0).map_err(ManagerError::Load)?;
+        let listener = Tcp.listen(listen)?;
+        let addr = Listener::local_addr(&listener);
+        let inner = Arc::new(Inner {
+            cluster: Mutex::new(cluster),
+            db,
+            epoch: Instant::now(),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let accept = {
+            let (inner, stop) = (inner.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name("lego-manager-accept".into())
+                .spawn(move || accept_loop(listener, inner, stop))
+                .expect("spawn accept thread")
+        };
+        let ticker = {
+            let (inner, stop) = (inner.clone(), stop.clone());
+            let period = Duration::from_millis((timeout_ms / 10).clamp(10, 500));
+            std::thread::Builder::new()
+                .name("lego-manager-tick".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        std::thread::sleep(period);
+                        let now = inner.now();
+                        let mut c = inner.lock();
+                        let changes = c.tick(now);
+                        for id in &changes.components {
+                            tracing::warn!(id, addr = %c.components[id].addr, "component failed: no heartbeat within the timeout");
+                        }
+                        if let Err(e) = inner.db.save(&c, &changes) {
+                            tracing::error!(error = %e, "cannot store a change");
+                        }
+                    }
+                })
+                .expect("spawn ticker thread")
+        };
+        tracing::info!(%addr, state = %state_dir.display(), timeout_ms, "global manager listening");
+        Ok(Self {
+            addr,
+            inner,
+            stop,
+            threads: vec![accept, ticker],
+        })
+    }
+
+    /// The address components and clients connect to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// The cluster now (for tests).
+    pub fn status(&self) -> control::ClusterStatus {
+        self.inner.lock().status(self.inner.now())
+    }
+
+    /// Serves until the process ends.
+    pub fn wait(mut self) {
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops serving (connections in progress end with their peers).
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn accept_loop<L: Listener>(listener: L, inner: Arc<Inner>, stop: Arc<AtomicBool>) {
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let inner = inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("lego-manager-conn".into())
+            .spawn(move || serve_connection(stream, inner));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+fn serve_connection<S: Stream>(stream: S, inner: Arc<Inner>) {
+    let peer = stream.peer();
+    let mut conn = FramedConn::new(stream);
+    let result = conn
+        .server_handshake(0, HELLO_TIMEOUT)
+        .and_then(|()| request_loop(&mut conn, &inner));
+    match result {
+        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
+        Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
+    }
+}
+
+fn request_loop<S: Stream>(conn: &mut FramedConn<S>, inner: &Inner) -> Result<(), ConnError> {
+    loop {
+        let f = conn.recv()?;
+        let id = f.request_id;
+        let reply = match f.message {
+            Message::Control { json } => match control::from_json::<Request>(json) {
+                Ok(req) => inner.apply(req),
+                Err(message) => Reply::Error { message },
+            },
+            other => Reply::Error {
+                message: format!(
+                    "{} is not a request the global manager serves",
+                    other.name()
+                ),
+            },
+        };
+        let json = control::to_json(&reply);
+        conn.send(id, &Message::Control { json: &json })?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lego_protocol::control::Kind;
+    use lego_transport::{control_call, ControlClient};
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("lego-mgr-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn state_survives_a_restart_and_garbage_gets_an_error() {
+        let dir = tmp("restart");
+        let m = Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5)).unwrap();
+        let t = Duration::from_secs(5);
+        let r = control_call(
+            m.addr(),
+            &Request::Register {
+                kind: Kind::Memory,
+                addr: "127.0.0.1:9".into(),
+                capacity_bytes: 64 << 20,
+                id: None,
+            },
+            t,
+        )
+        .unwrap();
+        assert!(matches!(r, Reply::Registered { id: 1, .. }), "{r:?}");
+        let mut c = ControlClient::connect(m.addr(), "t", t).unwrap();
+        let placed = c.call(&Request::PlaceMemory { space: 3, unit: 0 }).unwrap();
+        assert!(matches!(placed, Reply::Placed { id: 1, .. }), "{placed:?}");
+        drop(c);
+        m.shutdown();
+
+        // The old connection threads let go of the database a moment after
+        // their peers leave.
+        let m = (0..100)
+            .find_map(|_| {
+                let m = Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5)).ok();
+                if m.is_none() {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                m
+            })
+            .expect("restarts");
+        let s = m.status();
+        assert_eq!(s.components.len(), 1);
+        assert_eq!(s.spaces[0].units, [(1, 1)]);
+        // A frame that is not a control request, and a malformed one.
+        let mut c = ControlClient::connect(m.addr(), "t", t).unwrap();
+        let e = c
+            .call(&Request::Heartbeat {
+                id: 42,
+                used_bytes: 0,
+                load: 0,
+                spaces: vec![],
+                processes: vec![],
+            })
+            .unwrap();
+        assert!(matches!(e, Reply::Error { .. }));
+        m.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,599 @@
+//! The global manager's logic as a pure state machine: membership and
+//! failure detection, memory placement (GMM) and process placement (GPM).
+//! No I/O and no clock: every call takes the time (milliseconds, any
+//! monotonic origin) and returns what changed, for the server to store.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use lego_protocol::control::{
+    ClusterStatus, ComponentInfo, Kind, ProcessInfo, Reply, Request, RunningInfo, SpaceInfo, State,
+    PLACEMENT_BYTES,
+};
+use serde::{Deserialize, Serialize};
+
+/// What the manager keeps of a component across restarts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Component {
+    pub kind: Kind,
+    pub addr: String,
+    pub capacity_bytes: u64,
+    pub state: State,
+    /// From its last heartbeat (not stored).
+    #[serde(skip)]
+    pub used_bytes: u64,
+    #[serde(skip)]
+    pub load: u32,
+    #[serde(skip)]
+    pub last_seen_ms: u64,
+    /// Spaces a memory daemon last said it holds (not stored).
+    #[serde(skip)]
+    pub spaces: BTreeSet<u64>,
+    /// Programs a processor daemon last said it runs (not stored).
+    #[serde(skip)]
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// A unit's placement: the component, and when it was made (not stored).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Placement {
+    pub component: u64,
+    pub at_ms: u64,
+}
+
+/// Keys whose records changed, for the server to write.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub components: BTreeSet<u64>,
+    pub placed: BTreeSet<(u64, u64)>,
+    pub unplaced: BTreeSet<(u64, u64)>,
+}
+
+impl Changes {
+    pub fn is_empty(&self) -> bool {
+        self.components.is_empty() && self.placed.is_empty() && self.unplaced.is_empty()
+    }
+}
+
+pub struct Cluster {
+    pub components: BTreeMap<u64, Component>,
+    /// (space, unit) → where it lives.
+    pub placements: BTreeMap<(u64, u64), Placement>,
+    /// A component silent this long is failed.
+    pub timeout_ms: u64,
+}
+
+impl Cluster {
+    pub fn new(timeout_ms: u64) -> Self {
+        Self {
+            components: BTreeMap::new(),
+            placements: BTreeMap::new(),
+            timeout_ms,
+        }
+    }
+
+    /// Rebuilds the state from stored records at `now` (a restart): every
+    /// live component gets a full timeout to heartbeat again.
+    pub fn restore(
+        timeout_ms: u64,
+        now: u64,
+        components: impl IntoIterator<Item = (u64, Component)>,
+        placements: impl IntoIterator<Item = ((u64, u64), u64)>,
+    ) -> Self {
+        let mut c = Self::new(timeout_ms);
+        for (id, mut comp) in components {
+            comp.last_seen_ms = now;
+            c.components.insert(id, comp);
+        }
+        for (key, component) in placements {
+            c.placements.insert(
+                key,
+                Placement {
+                    component,
+                    at_ms: now,
+                },
+            );
+        }
+        c
+    }
+
+    /// How often components should heartbeat: a third of the timeout, so
+    /// two lost heartbeats do not fail a component.
+    pub fn heartbeat_ms(&self) -> u64 {
+        (self.timeout_ms / 3).max(1)
+    }
+
+    /// Applies one request at time `now`.
+    pub fn apply(&mut self, now: u64, req: Request) -> (Reply, Changes) {
+        let mut ch = Changes::default();
+        let reply = match req {
+            Request::Register {
+                kind,
+                addr,
+                capacity_bytes,
+                id,
+            } => self.register(now, kind, addr, capacity_bytes, id, &mut ch),
+            Request::Heartbeat {
+                id,
+                used_bytes,
+                load,
+                spaces,
+                processes,
+            } => self.heartbeat(now, id, used_bytes, load, spaces, processes, &mut ch),
+            Request::Leave { id } => match self.components.get_mut(&id) {
+                Some(c) => {
+                    c.state = State::Left;
+                    c.processes.clear();
+                    ch.components.insert(id);
+                    Reply::Ok
+                }
+                None => unknown(id),
+            },
+            Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
+            Request::PlaceProcess {
+                program: _,
+                excache_bytes,
+            } => self.place_process(excache_bytes),
+            Request::Status => Reply::Status(self.status(now)),
+        };
+        (reply, ch)
+    }
+
+    /// Marks components silent for longer than the timeout as failed.
+    pub fn tick(&mut self, now: u64) -> Changes {
+        let mut ch = Changes::default();
+        for (&id, c) in self.components.iter_mut() {
+            let live = matches!(c.state, State::Alive | State::Draining);
+            if live && now.saturating_sub(c.last_seen_ms) > self.timeout_ms {
+                c.state = State::Failed;
+                c.processes.clear();
+                ch.components.insert(id);
+            }
+        }
+        ch
+    }
+
+    fn register(
+        &mut self,
+        now: u64,
+        kind: Kind,
+        addr: String,
+        capacity_bytes: u64,
+        id: Option<u64>,
+        ch: &mut Changes,
+    ) -> Reply {
+        if addr.is_empty() {
+            return Reply::Error {
+                message: "a component must register with the address it serves on".into(),
+            };
+        }
+        // The same id again (a restart of the component or of the
+        // manager), else one that component had at the same address, else
+        // a new one.
+        let id = match id {
+            Some(id) if !matches!(self.components.get(&id), Some(c) if c.kind != kind) => id,
+            _ => self
+                .components
+                .iter()
+                .find(|(_, c)| c.kind == kind && c.addr == addr && c.state != State::Left)
+                .map(|(&id, _)| id)
+                .unwrap_or_else(|| self.components.keys().next_back().map_or(1, |k| k + 1)),
+        };
+        let c = self.components.entry(id).or_insert_with(|| Component {
+            kind,
+            addr: addr.clone(),
+            capacity_bytes,
+            state: State::Alive,
+            used_bytes: 0,
+            load: 0,
+            last_seen_ms: now,
+            spaces: BTreeSet::new(),
+            processes: Vec::new(),
+        });
+        c.addr = addr;
+        c.capacity_bytes = capacity_bytes;
+        if c.state != State::Draining {
+            c.state = State::Alive;
+        }
+        c.last_seen_ms = now;
+        ch.components.insert(id);
+        Reply::Registered {
+            id,
+            heartbeat_ms: self.heartbeat_ms(),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn heartbeat(
+        &mut self,
+        now: u64,
+        id: u64,
+        used_bytes: u64,
+        load: u32,
+        spaces: Vec<u64>,
+        processes: Vec<ProcessInfo>,
+        ch: &mut Changes,
+    ) -> Reply {
+        let grace = 2 * self.heartbeat_ms();
+        let Some(c) = self.components.get_mut(&id) else {
+            return unknown(id);
+        };
+        if c.state == State::Left {
+            return unknown(id);
+        }
+        if c.state == State::Failed {
+            // It came back.
+            c.state = State::Alive;
+            ch.components.insert(id);
+        }
+        c.used_bytes = used_bytes;
+        c.load = load;
+        c.last_seen_ms = now;
+        c.processes = processes;
+        c.spaces = spaces.into_iter().collect();
+        if c.kind == Kind::Memory {
+            // Units of spaces this daemon no longer holds (their programs
+            // ended) are free again; a unit placed a moment ago may not be
+            // attached yet.
+            let gone: Vec<(u64, u64)> = self
+                .placements
+                .iter()
+                .filter(|(&(space, _), p)| {
+                    p.component == id
+                        && now.saturating_sub(p.at_ms) > grace
+                        && !c.spaces.contains(&space)
+                })
+                .map(|(&k, _)| k)
+                .collect();
+            for k in gone {
+                self.placements.remove(&k);
+                ch.unplaced.insert(k);
+            }
+        }
+        Reply::Ok
+    }
+
+    /// Units placed on each component.
+    fn units(&self) -> BTreeMap<u64, u64> {
+        let mut n = BTreeMap::new();
+        for p in self.placements.values() {
+            *n.entry(p.component).or_insert(0) += 1;
+        }
+        n
+    }
+
+    fn place_memory(&mut self, now: u64, space: u64, unit: u64, ch: &mut Changes) -> Reply {
+        if let Some(p) = self.placements.get(&(space, unit)) {
+            let c = &self.components[&p.component];
+            return Reply::Placed {
+                id: p.component,
+                addr: c.addr.clone(),
+            };
+        }
+        let units = self.units();
+        // The memory daemon with the most capacity not yet placed.
+        let free = |id: &u64, c: &Component| {
+            c.capacity_bytes
+                .saturating_sub(units.get(id).copied().unwrap_or(0) * PLACEMENT_BYTES)
+        };
+        let best = self
+            .components
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
+            .map(|(id, c)| (free(id, c), *id))
+            .filter(|&(f, _)| f >= PLACEMENT_BYTES)
+            .max_by_key(|&(f, id)| (f, std::cmp::Reverse(id)));
+        let Some((_, id)) = best else {
+            let (cap, n) = self
+                .components
+                .values()
+                .filter(|c| c.kind == Kind::Memory && c.state == State::Alive)
+                .fold((0, 0), |(cap, n), c| (cap + c.capacity_bytes, n + 1));
+            return Reply::Error {
+                message: format!(
+                    "no memory daemon has room for another {} MiB ({n} alive, {} MiB capacity, {} MiB placed)",
+                    PLACEMENT_BYTES >> 20,
+                    cap >> 20,
+                    (self.placements.len() as u64 * PLACEMENT_BYTES) >> 20
+                ),
+            };
+        };
+        self.placements.insert(
+            (space, unit),
+            Placement {
+                component: id,
+                at_ms: now,
+            },
+        );
+        ch.placed.insert((space, unit));
+        Reply::Placed {
+            id,
+            addr: self.components[&id].addr.clone(),
+        }
+    }
+
+    fn place_process(&self, excache_bytes: u64) -> Reply {
+        // The alive processor with the fewest programs among those with
+        // ExCache headroom for this one; the most headroom breaks ties.
+        let best = self
+            .components
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Processor && c.state == State::Alive)
+            .filter_map(|(&id, c)| {
+                let used: u64 = c.processes.iter().map(|p| p.excache_bytes).sum();
+                let room = c.capacity_bytes.saturating_sub(used);
+                (room >= excache_bytes).then_some((c.processes.len(), std::cmp::Reverse(room), id))
+            })
+            .min();
+        match best {
+            Some((_, _, id)) => Reply::Processor {
+                id,
+                addr: self.components[&id].addr.clone(),
+            },
+            None => Reply::Error {
+                message: format!(
+                    "no alive processor daemon has {} MiB of ExCache free",
+                    excache_bytes >> 20
+                ),
+            },
+        }
+    }
+
+    pub fn status(&self, now: u64) -> ClusterStatus {
+        let units = self.units();
+        let components = self
+            .components
+            .iter()
+            .map(|(&id, c)| ComponentInfo {
+                id,
+                kind: c.kind,
+                addr: c.addr.clone(),
+                state: c.state,
+                capacity_bytes: c.capacity_bytes,
+                used_bytes: c.used_bytes,
+                load: c.load,
+                units: units.get(&id).copied().unwrap_or(0),
+                last_seen_ms: now.saturating_sub(c.last_seen_ms),
+            })
+            .collect();
+        let mut spaces: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
+        for (&(space, _), p) in &self.placements {
+            *spaces
+                .entry(space)
+                .or_default()
+                .entry(p.component)
+                .or_insert(0) += 1;
+        }
+        let spaces = spaces
+            .into_iter()
+            .map(|(space, by)| SpaceInfo {
+                space,
+                units: by.into_iter().collect(),
+            })
+            .collect();
+        let processes = self
+            .components
+            .iter()
+            .flat_map(|(&id, c)| {
+                c.processes.iter().map(move |p| RunningInfo {
+                    processor: id,
+                    process: p.clone(),
+                })
+            })
+            .collect();
+        ClusterStatus {
+            components,
+            spaces,
+            processes,
+        }
+    }
+}
+
+fn unknown(id: u64) -> Reply {
+    Reply::Error {
+        message: format!("unknown component {id}: register again"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn register(c: &mut Cluster, now: u64, kind: Kind, addr: &str, cap: u64) -> u64 {
+        match c
+            .apply(
+                now,
+                Request::Register {
+                    kind,
+                    addr: addr.into(),
+                    capacity_bytes: cap,
+                    id: None,
+                },
+            )
+            .0
+        {
+            Reply::Registered { id, .. } => id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn place(c: &mut Cluster, now: u64, space: u64, unit: u64) -> Reply {
+        c.apply(now, Request::PlaceMemory { space, unit }).0
+    }
+
+    fn placed_on(r: &Reply) -> u64 {
+        match r {
+            Reply::Placed { id, .. } => *id,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_space_spreads_over_daemons_by_free_capacity() {
+        let mut c = Cluster::new(3000);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 32 * MIB);
+        let d = register(&mut c, 0, Kind::Memory, "d:1", 32 * MIB);
+        let on: Vec<u64> = (0..8).map(|u| placed_on(&place(&mut c, 1, 7, u))).collect();
+        // 128 MiB in 16 MiB units: a (most free) first, then each in turn
+        // by what is left; no daemon gets more than it has.
+        assert_eq!(on.iter().filter(|&&x| x == a).count(), 4);
+        assert_eq!(on.iter().filter(|&&x| x == b).count(), 2);
+        assert_eq!(on.iter().filter(|&&x| x == d).count(), 2);
+        // Placing again answers the same daemon.
+        assert_eq!(placed_on(&place(&mut c, 2, 7, 3)), on[3]);
+        // Full: a clear error.
+        match place(&mut c, 2, 7, 8) {
+            Reply::Error { message } => assert!(message.contains("no memory daemon has room")),
+            other => panic!("{other:?}"),
+        }
+        // A daemon added now takes new units at once.
+        let e = register(&mut c, 3, Kind::Memory, "e:1", 64 * MIB);
+        assert_eq!(placed_on(&place(&mut c, 3, 7, 8)), e);
+    }
+
+    #[test]
+    fn silent_components_fail_and_get_no_placements() {
+        let mut c = Cluster::new(1000);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 64 * MIB);
+        for t in [300, 600, 900] {
+            c.apply(
+                t,
+                Request::Heartbeat {
+                    id: a,
+                    used_bytes: 0,
+                    load: 0,
+                    spaces: vec![],
+                    processes: vec![],
+                },
+            );
+            c.tick(t);
+        }
+        let ch = c.tick(1001 + 1);
+        assert!(ch.components.contains(&b));
+        assert_eq!(c.components[&b].state, State::Failed);
+        assert_eq!(c.components[&a].state, State::Alive);
+        for u in 0..4 {
+            assert_eq!(placed_on(&place(&mut c, 1300, 1, u)), a);
+        }
+        // A failed component that heartbeats again is alive again.
+        c.apply(
+            1400,
+            Request::Heartbeat {
+                id: b,
+                used_bytes: 0,
+                load: 0,
+                spaces: vec![],
+                processes: vec![],
+            },
+        );
+        assert_eq!(c.components[&b].state, State::Alive);
+    }
+
+    #[test]
+    fn re_registering_keeps_the_id_and_unknown_ids_are_told_to_register() {
+        let mut c = Cluster::new(1000);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        assert_eq!(register(&mut c, 5, Kind::Memory, "a:1", 64 * MIB), a);
+        let p = register(&mut c, 5, Kind::Processor, "p:1", 256 * MIB);
+        assert_ne!(p, a);
+        let r = c
+            .apply(
+                6,
+                Request::Heartbeat {
+                    id: 99,
+                    used_bytes: 0,
+                    load: 0,
+                    spaces: vec![],
+                    processes: vec![],
+                },
+            )
+            .0;
+        assert!(matches!(r, Reply::Error { message } if message.contains("register again")));
+    }
+
+    #[test]
+    fn units_of_ended_spaces_are_freed_after_a_grace() {
+        let mut c = Cluster::new(900); // heartbeat 300 ms, grace 600 ms
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        place(&mut c, 0, 5, 0);
+        place(&mut c, 0, 6, 0);
+        let hb = |c: &mut Cluster, t: u64, spaces: Vec<u64>| {
+            c.apply(
+                t,
+                Request::Heartbeat {
+                    id: a,
+                    used_bytes: 0,
+                    load: 0,
+                    spaces,
+                    processes: vec![],
+                },
+            )
+        };
+        // Too early to tell: kept.
+        hb(&mut c, 100, vec![]);
+        assert_eq!(c.placements.len(), 2);
+        let (_, ch) = hb(&mut c, 700, vec![6]);
+        assert_eq!(ch.unplaced.into_iter().collect::<Vec<_>>(), [(5, 0)]);
+        assert_eq!(c.placements.len(), 1);
+    }
+
+    #[test]
+    fn processes_go_to_the_least_loaded_processor_with_room() {
+        let mut c = Cluster::new(1000);
+        let p1 = register(&mut c, 0, Kind::Processor, "p1:1", 256 * MIB);
+        let p2 = register(&mut c, 0, Kind::Processor, "p2:1", 128 * MIB);
+        let running = |mib: u64| ProcessInfo {
+            pid: 1,
+            program: "x".into(),
+            excache_bytes: mib * MIB,
+        };
+        c.apply(
+            1,
+            Request::Heartbeat {
+                id: p1,
+                used_bytes: 0,
+                load: 1,
+                spaces: vec![],
+                processes: vec![running(64)],
+            },
+        );
+        let pick = |c: &mut Cluster, mib: u64| {
+            c.apply(
+                2,
+                Request::PlaceProcess {
+                    program: "y".into(),
+                    excache_bytes: mib * MIB,
+                },
+            )
+            .0
+        };
+        assert!(matches!(pick(&mut c, 64), Reply::Processor { id, .. } if id == p2));
+        // Only p1 has room for 160 MiB.
+        assert!(matches!(pick(&mut c, 160), Reply::Processor { id, .. } if id == p1));
+        assert!(matches!(pick(&mut c, 300), Reply::Error { .. }));
+    }
+
+    #[test]
+    fn restore_gives_every_component_a_full_timeout() {
+        let mut c = Cluster::new(1000);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        place(&mut c, 0, 1, 0);
+        let comps: Vec<_> = c
+            .components
+            .iter()
+            .map(|(&id, comp)| (id, comp.clone()))
+            .collect();
+        let places: Vec<_> = c
+            .placements
+            .iter()
+            .map(|(&k, p)| (k, p.component))
+            .collect();
+        let mut r = Cluster::restore(1000, 50_000, comps, places);
+        assert!(r.tick(50_900).is_empty());
+        assert_eq!(placed_on(&place(&mut r, 50_900, 1, 0)), a);
+        assert_eq!(r.tick(51_001).components.len(), 1);
+    }
+}

@@ -1,0 +1,200 @@
+//! The control plane: what components, clients and the global manager say
+//! to each other, carried as JSON in [`crate::Message::Control`].
+//!
+//! ```text
+//! memory / processor daemon            global manager
+//!    | Register{kind, addr, capacity}        |
+//!    |-------------------------------------->|  (id kept if it re-registers)
+//!    |               Registered{id, period}  |
+//!    |<--------------------------------------|
+//!    | Heartbeat{id, used, load, spaces}     |  every period; none for the
+//!    |-------------------------------------->|  timeout: marked failed
+//!    |                      Ok / Error       |  (unknown id: register again)
+//!    |<--------------------------------------|
+//!
+//! runtime of a program                 global manager (GMM)
+//!    | PlaceMemory{space, unit}              |  first touch of a unit
+//!    |-------------------------------------->|
+//!    |                  Placed{id, addr}     |  most free capacity wins
+//!    |<--------------------------------------|
+//!
+//! lego run / status                    global manager (GPM)
+//!    | PlaceProcess{program, excache}        |
+//!    |-------------------------------------->|
+//!    |               Processor{id, addr}     |  least loaded with room
+//!    |<--------------------------------------|
+//! ```
+
+use serde::{Deserialize, Serialize};
+
+/// The unit the global memory manager places: a 16 MiB piece of a vRegion.
+/// LegoOS places whole 1 GiB vRegions; a smaller unit lets one process
+/// spread over small memory daemons (and keeps a drain's moves short).
+pub const PLACEMENT_BYTES: u64 = 16 << 20;
+
+/// What a component is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Memory,
+    Processor,
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Kind::Memory => "memory",
+            Kind::Processor => "processor",
+        })
+    }
+}
+
+/// A component's state as the manager sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    /// Heartbeating; gets placements.
+    Alive,
+    /// Its vRegions are moving to others; gets no new placements.
+    Draining,
+    /// Missed its heartbeats for the timeout; gets no new placements.
+    Failed,
+    /// Left the cluster.
+    Left,
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            State::Alive => "alive",
+            State::Draining => "draining",
+            State::Failed => "failed",
+            State::Left => "left",
+        })
+    }
+}
+
+/// A program a processor daemon runs, as it reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    pub pid: u32,
+    pub program: String,
+    pub excache_bytes: u64,
+}
+
+/// Requests to the global manager.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    /// A component joins (or, with the `id` it had, joins again).
+    Register {
+        kind: Kind,
+        addr: String,
+        capacity_bytes: u64,
+        #[serde(default)]
+        id: Option<u64>,
+    },
+    /// A component is alive; memory daemons list the spaces they hold,
+    /// processor daemons the programs they run.
+    Heartbeat {
+        id: u64,
+        used_bytes: u64,
+        #[serde(default)]
+        load: u32,
+        #[serde(default)]
+        spaces: Vec<u64>,
+        #[serde(default)]
+        processes: Vec<ProcessInfo>,
+    },
+    /// A component leaves for good.
+    Leave { id: u64 },
+    /// Where unit `unit` (address / [`PLACEMENT_BYTES`]) of address space
+    /// `space` lives; placed now if it is not yet.
+    PlaceMemory { space: u64, unit: u64 },
+    /// Which processor should run a new program.
+    PlaceProcess { program: String, excache_bytes: u64 },
+    /// The whole cluster, for `lego status`.
+    Status,
+}
+
+/// Replies of the global manager.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum Reply {
+    Registered { id: u64, heartbeat_ms: u64 },
+    Ok,
+    Placed { id: u64, addr: String },
+    Processor { id: u64, addr: String },
+    Status(ClusterStatus),
+    Error { message: String },
+}
+
+/// One component in `lego status`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ComponentInfo {
+    pub id: u64,
+    pub kind: Kind,
+    pub addr: String,
+    pub state: State,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub load: u32,
+    /// Placement units on it (memory daemons).
+    pub units: u64,
+    /// Milliseconds since its last heartbeat.
+    pub last_seen_ms: u64,
+}
+
+/// Where an address space's memory lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpaceInfo {
+    pub space: u64,
+    /// (component id, units placed on it).
+    pub units: Vec<(u64, u64)>,
+}
+
+/// A program running on a processor daemon.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunningInfo {
+    pub processor: u64,
+    #[serde(flatten)]
+    pub process: ProcessInfo,
+}
+
+/// The cluster as the manager sees it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub components: Vec<ComponentInfo>,
+    pub spaces: Vec<SpaceInfo>,
+    pub processes: Vec<RunningInfo>,
+}
+
+/// Encodes a control message as the JSON a `Control` frame carries.
+pub fn to_json<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).expect("control messages always serialise")
+}
+
+/// Decodes a control message; the error says what was wrong with it.
+pub fn from_json<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, String> {
+    serde_json::from_str(json).map_err(|e| format!("malformed control message: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_roundtrip_and_nonsense_is_an_error() {
+        let r = Request::Register {
+            kind: Kind::Memory,
+            addr: "10.0.0.2:7000".into(),
+            capacity_bytes: 1 << 30,
+            id: None,
+        };
+        let back: Request = from_json(&to_json(&r)).unwrap();
+        assert_eq!(back, r);
+        let e = from_json::<Request>(r#"{"op":"launch_missiles"}"#).unwrap_err();
+        assert!(e.contains("malformed control message"), "{e}");
+        assert!(from_json::<Request>("{").is_err());
+    }
+}
