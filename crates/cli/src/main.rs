@@ -4,6 +4,7 @@
 
 #![deny(unsafe_code)]
 
+mod cluster;
 mod run;
 mod size;
 
@@ -28,25 +29,39 @@ enum Command {
     Run(run::RunArgs),
     /// Run a memory daemon (a memory component).
     Memory(MemoryArgs),
-    /// Show a memory daemon's capacity and use.
+    /// Run the global manager (GPM and GMM): membership, memory and process placement.
+    Manager(cluster::ManagerArgs),
+    /// Show the cluster (with --manager) or one memory daemon (with --memory).
     Status(StatusArgs),
 }
 
 #[derive(clap::Args)]
 struct MemoryArgs {
-    /// Address to listen on, HOST:PORT.
-    #[arg(long, value_name = "ADDR")]
+    /// Address to listen on, HOST:PORT (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", env = "LEGO_LISTEN")]
     listen: String,
     /// Most page memory this daemon holds, e.g. 4G.
-    #[arg(long, value_name = "SIZE", value_parser = size::parse_size)]
+    #[arg(long, value_name = "SIZE", value_parser = size::parse_size, env = "LEGO_CAPACITY")]
     capacity: u64,
+    /// Join the cluster of the global manager at ADDR (HOST:PORT): register,
+    /// heartbeat, take placements.
+    #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
+    manager: Option<String>,
+    /// Address other components reach this daemon at, if not the listening
+    /// address (e.g. when listening on 0.0.0.0).
+    #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
+    advertise: Option<String>,
 }
 
 #[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["memory", "manager"])))]
 struct StatusArgs {
     /// Memory daemon to ask, HOST:PORT.
     #[arg(long, value_name = "ADDR")]
-    memory: String,
+    memory: Option<String>,
+    /// Global manager to ask, HOST:PORT: the whole cluster.
+    #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
+    manager: Option<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -60,65 +75,83 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Memory(args) => {
             init_logging();
-            match lego_memory::MemoryDaemon::start(&args.listen, args.capacity) {
-                Ok(d) => {
-                    eprintln!(
-                        "lego memory: serving on {} with {} capacity",
-                        d.addr(),
-                        size::human(args.capacity)
-                    );
-                    d.wait();
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("lego memory: {e}");
-                    ExitCode::from(LEGO_FAILED)
+            let d = match lego_memory::MemoryDaemon::start(&args.listen, args.capacity) {
+                Ok(d) => d,
+                Err(e) => return fail("lego memory", e),
+            };
+            if let Some(m) = &args.manager {
+                if let Err(e) = d.join(m, args.advertise.as_deref()) {
+                    return fail("lego memory", e);
                 }
             }
+            eprintln!(
+                "lego memory: serving on {} with {} capacity",
+                d.addr(),
+                size::human(args.capacity)
+            );
+            d.wait();
+            ExitCode::SUCCESS
         }
-        Command::Status(args) => match lego_memory::query_stats(&args.memory) {
-            Ok(s) => {
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({
-                            "address": args.memory,
-                            "capacity_bytes": s.capacity_bytes,
-                            "used_bytes": s.used_bytes,
-                            "spaces": s.spaces,
-                            "connections": s.connections,
-                        })
-                    );
-                } else {
-                    println!(
-                        "{:<8} {:<22} {:>12} {:>12} {:>7} {:>11}",
-                        "KIND", "ADDRESS", "CAPACITY", "USED", "SPACES", "CONNECTIONS"
-                    );
-                    println!(
-                        "{:<8} {:<22} {:>12} {:>12} {:>7} {:>11}",
-                        "memory",
-                        args.memory,
-                        size::human(s.capacity_bytes),
-                        size::human(s.used_bytes),
-                        s.spaces,
-                        s.connections
-                    );
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("lego status: memory daemon {}: {e}", args.memory);
-                ExitCode::from(LEGO_FAILED)
-            }
+        Command::Manager(args) => {
+            init_logging();
+            cluster::manager(args)
+        }
+        Command::Status(args) => match (&args.memory, &args.manager) {
+            (_, Some(m)) => cluster::status(m, args.json),
+            (Some(mem), None) => memory_status(mem, args.json),
+            (None, None) => fail("lego status", "give --manager or --memory"),
         },
+    }
+}
+
+/// Prints `lego CMD: MSG` and returns lego's failure status.
+fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("{cmd}: {msg}");
+    ExitCode::from(LEGO_FAILED)
+}
+
+fn memory_status(addr: &str, json: bool) -> ExitCode {
+    match lego_memory::query_stats(addr) {
+        Ok(s) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "address": addr,
+                        "capacity_bytes": s.capacity_bytes,
+                        "used_bytes": s.used_bytes,
+                        "spaces": s.spaces,
+                        "connections": s.connections,
+                    })
+                );
+            } else {
+                println!(
+                    "{:<8} {:<22} {:>12} {:>12} {:>7} {:>11}",
+                    "KIND", "ADDRESS", "CAPACITY", "USED", "SPACES", "CONNECTIONS"
+                );
+                println!(
+                    "{:<8} {:<22} {:>12} {:>12} {:>7} {:>11}",
+                    "memory",
+                    addr,
+                    size::human(s.capacity_bytes),
+                    size::human(s.used_bytes),
+                    s.spaces,
+                    s.connections
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail("lego status", format!("memory daemon {addr}: {e}")),
     }
 }
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEGO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }

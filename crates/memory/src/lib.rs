@@ -71,6 +71,40 @@ impl MemoryDaemon {
         lock(&self.store).stats()
     }
 
+    /// Joins the cluster of the global manager at `manager`, as a memory
+    /// daemon peers reach at `advertise` (default: the listening address),
+    /// and keeps heartbeating: used bytes and the spaces it holds. When the
+    /// manager is unreachable or restarted, it registers again (keeping its
+    /// id) as soon as it answers; serving never stops meanwhile.
+    pub fn join(&self, manager: &str, advertise: Option<&str>) -> Result<u64, String> {
+        let store = self.store.clone();
+        let stop = self.stop.clone();
+        let addr = advertise.unwrap_or(&self.addr).to_string();
+        let capacity_bytes = lock(&store).capacity_bytes();
+        let report = move || {
+            let s = lock(&store);
+            (s.stats().used_bytes, s.space_ids())
+        };
+        let member = lego_transport::Member::join(
+            manager,
+            lego_protocol::control::Kind::Memory,
+            &addr,
+            capacity_bytes,
+        )?;
+        let id = member.id();
+        member.keep_alive(stop, move || {
+            let (used_bytes, spaces) = report();
+            lego_protocol::control::Request::Heartbeat {
+                id: 0,
+                used_bytes,
+                load: 0,
+                spaces,
+                processes: vec![],
+            }
+        });
+        Ok(id)
+    }
+
     /// Serves until the process ends.
     pub fn wait(mut self) {
         if let Some(t) = self.accept.take() {

@@ -63,6 +63,13 @@ impl Store {
         }
     }
 
+    /// The spaces this daemon holds, for the global manager.
+    pub fn space_ids(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.spaces.keys().map(|s| s.0).collect();
+        v.sort_unstable();
+        v
+    }
+
     pub fn capacity_bytes(&self) -> u64 {
         self.capacity_pages * PAGE_SIZE as u64
     }

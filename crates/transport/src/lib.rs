@@ -336,6 +336,130 @@ pub fn control_call(
     ControlClient::connect(addr, "lego", timeout)?.call(req)
 }
 
+/// How long a component waits for the global manager's answer.
+const MANAGER_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// A component's membership in the cluster of a global manager.
+pub struct Member {
+    manager: String,
+    kind: control::Kind,
+    addr: String,
+    capacity_bytes: u64,
+    id: u64,
+    heartbeat: Duration,
+}
+
+impl Member {
+    /// Registers with the manager at `manager` as a `kind` component that
+    /// peers reach at `addr`. An unreachable manager or a refusal is an
+    /// error: a component should not start outside the cluster it was told
+    /// to join.
+    pub fn join(
+        manager: &str,
+        kind: control::Kind,
+        addr: &str,
+        capacity_bytes: u64,
+    ) -> Result<Self, String> {
+        let mut m = Self {
+            manager: manager.to_string(),
+            kind,
+            addr: addr.to_string(),
+            capacity_bytes,
+            id: 0,
+            heartbeat: Duration::from_secs(1),
+        };
+        let mut c = ControlClient::connect(manager, "lego", MANAGER_TIMEOUT)
+            .map_err(|e| format!("global manager {manager}: {e}"))?;
+        m.register(&mut c)
+            .map_err(|e| format!("global manager {manager}: {e}"))?;
+        Ok(m)
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    fn register(&mut self, c: &mut ControlClient) -> Result<(), String> {
+        let req = control::Request::Register {
+            kind: self.kind,
+            addr: self.addr.clone(),
+            capacity_bytes: self.capacity_bytes,
+            id: (self.id != 0).then_some(self.id),
+        };
+        match c.call(&req).map_err(|e| e.to_string())? {
+            control::Reply::Registered { id, heartbeat_ms } => {
+                self.id = id;
+                self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
+                Ok(())
+            }
+            control::Reply::Error { message } => Err(format!("registration refused: {message}")),
+            other => Err(format!("unexpected answer to a registration: {other:?}")),
+        }
+    }
+
+    /// Heartbeats on a background thread until `stop` is set; `beat` builds
+    /// each heartbeat (its id is filled in here). After a lost connection
+    /// or a manager that no longer knows this component (restarted without
+    /// its state), it registers again with the same id.
+    pub fn keep_alive(
+        mut self,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        mut beat: impl FnMut() -> control::Request + Send + 'static,
+    ) {
+        let spawned = std::thread::Builder::new()
+            .name("lego-heartbeat".into())
+            .spawn(move || {
+                let mut conn: Option<ControlClient> = None;
+                let mut lost = false;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if conn.is_none() {
+                        match ControlClient::connect(&self.manager, "lego", MANAGER_TIMEOUT)
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut c| self.register(&mut c).map(|()| c))
+                        {
+                            Ok(c) => {
+                                if lost {
+                                    tracing::info!(manager = %self.manager, id = self.id, "registered again with the global manager");
+                                }
+                                lost = false;
+                                conn = Some(c);
+                            }
+                            Err(e) => {
+                                if !lost {
+                                    tracing::warn!(manager = %self.manager, error = %e, "global manager unreachable; retrying");
+                                }
+                                lost = true;
+                            }
+                        }
+                    }
+                    if let Some(c) = conn.as_mut() {
+                        let mut req = beat();
+                        if let control::Request::Heartbeat { id, .. } = &mut req {
+                            *id = self.id;
+                        }
+                        match c.call(&req) {
+                            Ok(control::Reply::Ok) => {}
+                            Ok(other) => {
+                                tracing::warn!(reply = ?other, "heartbeat refused; registering again");
+                                conn = None;
+                                continue;
+                            }
+                            Err(e) => {
+                                tracing::warn!(manager = %self.manager, error = %e, "lost the global manager; retrying");
+                                lost = true;
+                                conn = None;
+                            }
+                        }
+                    }
+                    std::thread::sleep(self.heartbeat);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the heartbeat thread");
+        }
+    }
+}
+
 fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnError> {
     let mut done = 0;
     while done < buf.len() {
