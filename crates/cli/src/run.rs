@@ -29,8 +29,13 @@ pub struct RunArgs {
     /// Memory daemon to use, HOST:PORT; repeat for several (the first is the
     /// home of the address space). Without it, lego starts one on loopback
     /// for this run.
-    #[arg(long = "memory", value_name = "ADDR")]
+    #[arg(long = "memory", value_name = "ADDR", conflicts_with = "manager")]
     memory: Vec<String>,
+    /// Global manager of a cluster, HOST:PORT: the program's memory is
+    /// placed on the cluster's memory daemons by its GMM (this host runs
+    /// the program).
+    #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
+    manager: Option<String>,
     /// Capacity of the memory daemon started for this run.
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
     capacity: u64,
@@ -121,6 +126,46 @@ fn check_daemon(addr: &str) -> Result<(), String> {
         .map_err(|e| format!("memory daemon {addr}: {e}"))
 }
 
+/// The alive memory daemons of the cluster at `manager`, most free
+/// capacity first (the first is the home of the address space), with their
+/// manager ids.
+fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
+    use lego_protocol::control::{Kind, Reply, Request, State, PLACEMENT_BYTES};
+    let status =
+        match lego_transport::control_call(manager, &Request::Status, Duration::from_secs(5)) {
+            Ok(Reply::Status(s)) => s,
+            Ok(Reply::Error { message }) => {
+                return Err(format!("global manager {manager}: {message}"))
+            }
+            Ok(other) => {
+                return Err(format!(
+                    "global manager {manager}: unexpected answer {other:?}"
+                ))
+            }
+            Err(e) => return Err(format!("global manager {manager}: {e}")),
+        };
+    let mut mem: Vec<_> = status
+        .components
+        .into_iter()
+        .filter(|c| c.kind == Kind::Memory && c.state == State::Alive)
+        .collect();
+    if mem.is_empty() {
+        return Err(format!(
+            "global manager {manager}: no memory daemon is alive in the cluster"
+        ));
+    }
+    if mem.len() > 254 {
+        mem.truncate(254);
+    }
+    mem.sort_by_key(|c| {
+        std::cmp::Reverse(c.capacity_bytes.saturating_sub(c.units * PLACEMENT_BYTES))
+    });
+    Ok((
+        mem.iter().map(|c| c.addr.clone()).collect(),
+        mem.iter().map(|c| c.id).collect(),
+    ))
+}
+
 pub fn run(args: RunArgs) -> ExitCode {
     let prog = &args.command[0];
     let Some(path) = resolve(prog) else {
@@ -151,7 +196,17 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
 
     let embedded;
-    let daemons = if args.memory.is_empty() {
+    let mut managed: Option<(String, Vec<u64>)> = None;
+    let daemons = if let Some(m) = &args.manager {
+        embedded = None;
+        match cluster_memory(m) {
+            Ok((addrs, ids)) => {
+                managed = Some((m.clone(), ids));
+                addrs
+            }
+            Err(e) => return fail(e),
+        }
+    } else if args.memory.is_empty() {
         match lego_memory::MemoryDaemon::start("127.0.0.1:0", args.capacity) {
             Ok(d) => {
                 let a = d.addr().to_string();
@@ -187,6 +242,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         .env("LEGO_MEMORY", daemons.join(","))
         .env("LEGO_EXCACHE_BYTES", args.excache.to_string())
         .env("LEGO_STATS_FD", stats_fd.to_string());
+    if let Some((m, ids)) = &managed {
+        let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+        cmd.env("LEGO_MANAGER", m)
+            .env("LEGO_MEMORY_IDS", ids.join(","));
+    }
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot start {}: {e}", path.display())),

@@ -126,7 +126,14 @@ mod tests {
             );
             assert!(matches!(r, Reply::Registered { id: 1, .. }));
             db.save(&c, &ch).unwrap();
-            let (_, ch) = c.apply(1, Request::PlaceMemory { space: 9, unit: 2 });
+            let (_, ch) = c.apply(
+                1,
+                Request::PlaceMemory {
+                    space: 9,
+                    unit: 2,
+                    among: vec![],
+                },
+            );
             db.save(&c, &ch).unwrap();
         }
         let db = Db::open(&dir).unwrap();

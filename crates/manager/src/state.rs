@@ -128,7 +128,9 @@ impl Cluster {
                 }
                 None => unknown(id),
             },
-            Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
+            Request::PlaceMemory { space, unit, among } => {
+                self.place_memory(now, space, unit, &among, &mut ch)
+            }
             Request::PlaceProcess {
                 program: _,
                 excache_bytes,
@@ -261,7 +263,14 @@ impl Cluster {
         n
     }
 
-    fn place_memory(&mut self, now: u64, space: u64, unit: u64, ch: &mut Changes) -> Reply {
+    fn place_memory(
+        &mut self,
+        now: u64,
+        space: u64,
+        unit: u64,
+        among: &[u64],
+        ch: &mut Changes,
+    ) -> Reply {
         if let Some(p) = self.placements.get(&(space, unit)) {
             let c = &self.components[&p.component];
             return Reply::Placed {
@@ -278,7 +287,11 @@ impl Cluster {
         let best = self
             .components
             .iter()
-            .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
+            .filter(|(id, c)| {
+                c.kind == Kind::Memory
+                    && c.state == State::Alive
+                    && (among.is_empty() || among.contains(id))
+            })
             .map(|(id, c)| (free(id, c), *id))
             .filter(|&(f, _)| f >= PLACEMENT_BYTES)
             .max_by_key(|&(f, id)| (f, std::cmp::Reverse(id)));
@@ -419,7 +432,15 @@ mod tests {
     }
 
     fn place(c: &mut Cluster, now: u64, space: u64, unit: u64) -> Reply {
-        c.apply(now, Request::PlaceMemory { space, unit }).0
+        c.apply(
+            now,
+            Request::PlaceMemory {
+                space,
+                unit,
+                among: vec![],
+            },
+        )
+        .0
     }
 
     fn placed_on(r: &Reply) -> u64 {

@@ -10,6 +10,8 @@
 //! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 0: sleep at once) |
 //! | `LEGO_EVICTION` | eviction policy: `refault` (default) or `fifo` |
 //! | `LEGO_PREFETCH_PAGES` | largest prefetch window in pages (default 64; 0 turns prefetching off) |
+//! | `LEGO_MANAGER` | global manager that places the program's memory on the daemons of `LEGO_MEMORY` (default: none, vRegion `i` on daemon `i mod n`) |
+//! | `LEGO_MEMORY_IDS` | the manager's ids of the daemons of `LEGO_MEMORY`, in the same order (with `LEGO_MANAGER`) |
 
 use std::time::Duration;
 
@@ -19,6 +21,8 @@ use crate::excache::Policy;
 
 pub struct Config {
     pub daemons: Vec<String>,
+    /// The global manager and the ids of `daemons` there.
+    pub manager: Option<(String, Vec<u64>)>,
     pub excache_bytes: usize,
     pub stats: Option<&'static SharedStats>,
     pub timeout: Duration,
@@ -53,8 +57,20 @@ impl Config {
         if daemons.is_empty() {
             return None;
         }
+        let manager = std::env::var("LEGO_MANAGER")
+            .ok()
+            .filter(|m| !m.trim().is_empty())
+            .map(|m| {
+                let ids: Vec<u64> = std::env::var("LEGO_MEMORY_IDS")
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|s| s.trim().parse().ok())
+                    .collect();
+                (m.trim().to_string(), ids)
+            });
         Some(Self {
             daemons,
+            manager,
             excache_bytes: var("LEGO_EXCACHE_BYTES").unwrap_or(64 << 20),
             stats: var::<i32>("LEGO_STATS_FD").and_then(stats::attach),
             timeout: Duration::from_millis(var("LEGO_TIMEOUT_MS").unwrap_or(10_000)),

@@ -8,6 +8,7 @@
 //! - `interpose`: the C functions replaced in the program;
 //! - [`region`]: the reserved virtual range;
 //! - [`excache`]: page states and eviction order;
+//! - [`placement`]: which memory daemon holds each part of the region;
 //! - [`runtime`]: connections, pager thread, miss and eviction paths;
 //! - [`coverage`]: how much anonymous memory stays outside the region;
 //! - [`config`]: settings from the environment.
@@ -18,6 +19,7 @@ pub mod excache;
 pub mod heap;
 #[cfg(not(test))]
 mod interpose;
+pub mod placement;
 pub mod prefetch;
 pub mod region;
 pub mod runtime;

@@ -40,12 +40,12 @@ use lego_transport::{ConnError, FramedConn, Stream, Tcp, Transport};
 use crate::config::{Tuning, MAX_PREFETCH_PAGES};
 use crate::excache::{ExCache, Victim};
 use crate::heap::{self, RuntimeScope};
+use crate::placement::Placement;
 use crate::prefetch::Prefetcher;
 use crate::region::{self, Region};
 use crate::{config::Config, coverage};
 
 /// The vRegion size, which decides which daemon holds a page.
-const VREGION_BYTES: usize = lego_protocol::VREGION_BYTES as usize;
 /// The longest gap [`Runtime::spans`] bridges, in pages.
 const BRIDGE_PAGES: usize = 64;
 
@@ -68,6 +68,7 @@ impl Daemon {
 struct Shared {
     cache: ExCache,
     daemons: Vec<Daemon>,
+    placement: Placement,
     next_id: u64,
     victims: Vec<Victim>,
     wb_addrs: Vec<Vec<VirtAddr>>,
@@ -205,6 +206,15 @@ pub fn init() {
             }
         }
     }
+    let placement = match cfg.manager {
+        Some((manager, ids)) => {
+            if ids.len() != cfg.daemons.len() {
+                die("runtime: LEGO_MEMORY_IDS must give one manager id per daemon of LEGO_MEMORY");
+            }
+            Placement::managed(region.len, manager, ids)
+        }
+        None => Placement::fixed(region.len, cfg.daemons.len()),
+    };
     start(
         region,
         cfg.daemons,
@@ -213,6 +223,7 @@ pub fn init() {
         cfg.stats,
         cfg.tuning,
         cache,
+        placement,
         Origin::Fresh,
     );
     process::at_fork(before_fork, after_fork_parent, after_fork_child);
@@ -231,6 +242,7 @@ fn start(
     stats: Option<&'static SharedStats>,
     tuning: Tuning,
     cache: ExCache,
+    placement: Placement,
     origin: Origin,
 ) {
     let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
@@ -297,6 +309,7 @@ fn start(
         shared: Mutex::new(Shared {
             cache,
             daemons,
+            placement,
             next_id: 1,
             victims: Vec::new(),
             wb_addrs: vec![Vec::new(); n],
@@ -398,7 +411,9 @@ extern "C" fn after_fork_child() {
     // by fork), taken once.
     let mut guard = unsafe { Box::from_raw(guard) };
     let mut cache = std::mem::replace(&mut guard.cache, ExCache::new(0, 1));
+    let mut placement = std::mem::replace(&mut guard.placement, Placement::fixed(0, 1));
     drop(guard);
+    placement.after_fork();
     // fork cleared the write protection of clean pages: treat every
     // resident page as dirty.
     cache.mark_resident_dirty();
@@ -414,6 +429,7 @@ extern "C" fn after_fork_child() {
         parent.stats,
         parent.tuning,
         cache,
+        placement,
         Origin::Fork {
             parent: parent.space,
         },
@@ -435,8 +451,24 @@ impl Runtime {
         self.region.base + index * PAGE_SIZE
     }
 
-    fn daemon_of(&self, addr: usize, n: usize) -> usize {
-        ((addr - self.region.base) / VREGION_BYTES) % n
+    /// The daemon holding `addr`, a page some daemon holds (a remote page
+    /// is always in a placed unit).
+    fn daemon_of(&self, g: &Shared, addr: usize) -> usize {
+        g.placement
+            .placed(addr - self.region.base)
+            .unwrap_or_else(|| {
+                die(&format!(
+                    "runtime: page {addr:#x} is remote but its memory was never placed"
+                ))
+            })
+    }
+
+    /// The daemon that stores `addr` (placing its unit now if needed).
+    fn daemon_for(&self, g: &mut Shared, addr: usize) -> usize {
+        let space = self.space.0;
+        g.placement
+            .place(addr - self.region.base, space, self.timeout)
+            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")))
     }
 
     fn pager_loop(&'static self) -> ! {
@@ -597,8 +629,11 @@ impl Runtime {
             return;
         };
         let pages = self.region.len / PAGE_SIZE;
-        let n = g.daemons.len();
-        let home = self.daemon_of(self.page_addr(i), n);
+        // One read goes to one daemon: the first remote page's.
+        let mut home = g
+            .cache
+            .is_remote(i)
+            .then(|| self.daemon_of(g, self.page_addr(i)));
         let max = ahead
             .count
             .min(g.cache.budget() / 4)
@@ -612,10 +647,11 @@ impl Runtime {
                 continue;
             }
             let j = j as usize;
-            if self.daemon_of(self.page_addr(j), n) != home {
-                break;
-            }
             if g.cache.is_remote(j) {
+                let d = self.daemon_of(g, self.page_addr(j));
+                if *home.get_or_insert(d) != d {
+                    break;
+                }
                 g.fetch.push(j);
             } else {
                 g.fill.push(j);
@@ -654,8 +690,7 @@ impl Runtime {
     /// writable if the fault was a write or a write is predicted), the
     /// others are prefetched (see `install_runs`).
     fn fetch_and_install(&self, g: &mut Shared, fault_write: Option<bool>) {
-        let n = g.daemons.len();
-        let d = self.daemon_of(self.page_addr(g.fetch[0]), n);
+        let d = self.daemon_of(g, self.page_addr(g.fetch[0]));
         let id = g.next_id;
         g.next_id += 1;
         g.fetch_addrs.clear();
@@ -790,7 +825,7 @@ impl Runtime {
         }
         for v in victims.iter().filter(|v| v.dirty) {
             let addr = self.page_addr(v.index);
-            let d = self.daemon_of(addr, n);
+            let d = self.daemon_for(g, addr);
             let buf = &mut g.wb_data[d];
             let at = buf.len();
             buf.resize(at + PAGE_SIZE, 0);
@@ -991,10 +1026,8 @@ impl Runtime {
     fn discard_at_daemons(&self, g: &mut Shared, addr: usize, len: usize, skip_home: bool) {
         let n = g.daemons.len();
         let mut seen = vec![false; n];
-        let mut a = addr;
-        while a < addr + len {
-            seen[self.daemon_of(a, n)] = true;
-            a = self.region.base + ((a - self.region.base) / VREGION_BYTES + 1) * VREGION_BYTES;
+        for d in g.placement.placed_in(addr - self.region.base, len) {
+            seen[d] = true;
         }
         for (d, s) in seen.into_iter().enumerate() {
             if !s || (skip_home && d == 0) {
@@ -1118,7 +1151,7 @@ impl Runtime {
         for chunk in remote.chunks(g.batch) {
             for &k in chunk {
                 let src = from + k * PAGE_SIZE;
-                let d = self.daemon_of(src, n);
+                let d = self.daemon_of(g, src);
                 let id = g.next_id;
                 g.next_id += 1;
                 let daemon = &mut g.daemons[d];
@@ -1135,7 +1168,7 @@ impl Runtime {
                     Err(e) => self.daemon_failed(&daemon.addr, e),
                 };
                 let dst = to + k * PAGE_SIZE;
-                let d = self.daemon_of(dst, n);
+                let d = self.daemon_for(g, dst);
                 g.wb_addrs[d].push(VirtAddr(dst as u64));
                 g.wb_data[d].extend_from_slice(&page);
             }
