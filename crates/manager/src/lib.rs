@@ -124,7 +124,6 @@ impl Manager {
                 })
                 .expect("spawn ticker thread")
         };
-        tracing::info!(%addr, state = %state_dir.display(), timeout_ms, "global manager listening");
         Ok(Self {
             addr,
             inner,

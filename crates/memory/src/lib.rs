@@ -53,7 +53,6 @@ impl MemoryDaemon {
                 .spawn(move || accept_loop(listener, store, stop))
                 .expect("spawn accept thread")
         };
-        tracing::info!(%addr, capacity_mib = capacity_bytes >> 20, "memory daemon listening");
         Ok(Self {
             addr,
             store,

@@ -1,0 +1,400 @@
+//! The cluster end to end: a global manager, three memory daemons and the
+//! host that runs the program, each in its own network namespace with its
+//! own address, joined by a bridge in a namespace of its own (the test's
+//! host namespace is not touched). Real daemons, real sockets, a real
+//! program compiled here.
+//!
+//! Needs root (network namespaces) and iproute2; `scripts/test` runs as
+//! root, as CI does. Every namespace is removed when the test ends, also
+//! when it fails.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        text(&out.stderr)
+    );
+}
+
+/// Hosts made of network namespaces on one bridge; removed on drop.
+struct Hosts {
+    prefix: String,
+    subnet: String,
+    names: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Hosts {
+    /// Namespaces `{prefix}-{name}` at 10.S.0.(k+1)/24 for each name, and
+    /// a bridge namespace joining them.
+    fn new(names: &[&str]) -> Hosts {
+        let id = format!("{}{}", std::process::id() % 10_000, unique());
+        let prefix = format!("lg{id}");
+        let subnet = format!("10.{}.{}", 100 + std::process::id() % 100, unique() % 250);
+        let mut h = Hosts {
+            prefix: prefix.clone(),
+            subnet: subnet.clone(),
+            names: Vec::new(),
+            children: Vec::new(),
+        };
+        let br = format!("{prefix}-br");
+        sh(&["ip", "netns", "add", &br]);
+        h.names.push(br.clone());
+        sh(&["ip", "-n", &br, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &br, "link", "set", "br0", "up"]);
+        for (k, name) in names.iter().enumerate() {
+            let ns = format!("{prefix}-{name}");
+            sh(&["ip", "netns", "add", &ns]);
+            h.names.push(ns.clone());
+            let (a, b) = (format!("{prefix}a{k}"), format!("{prefix}b{k}"));
+            // Created inside the bridge namespace, one end moved out.
+            sh(&[
+                "ip", "-n", &br, "link", "add", &a, "type", "veth", "peer", "name", &b,
+            ]);
+            sh(&["ip", "-n", &br, "link", "set", &b, "netns", &ns]);
+            sh(&["ip", "-n", &br, "link", "set", &a, "master", "br0", "up"]);
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{subnet}.{}/24", k + 1),
+                "dev",
+                &b,
+            ]);
+            sh(&["ip", "-n", &ns, "link", "set", &b, "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        }
+        h
+    }
+
+    fn ns(&self, name: &str) -> String {
+        format!("{}-{name}", self.prefix)
+    }
+
+    /// The address of host number `k` (its position in `new`'s names).
+    fn ip(&self, k: usize) -> String {
+        format!("{}.{}", self.subnet, k + 1)
+    }
+
+    /// A command run inside host `name`.
+    fn cmd(&self, name: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns(name)]);
+        c
+    }
+
+    /// Starts a lego daemon in host `name`; returns once it prints the line
+    /// starting with `ready`.
+    fn daemon(&mut self, name: &str, args: &[&str], ready: &str) -> usize {
+        let mut child = self
+            .cmd(name)
+            .arg(lego())
+            .args(args)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            match lines.next() {
+                Some(Ok(l)) if l.starts_with(ready) => break,
+                Some(Ok(_)) => {}
+                _ => panic!("{args:?} in {name} ended before it was ready"),
+            }
+        }
+        std::thread::spawn(move || lines.for_each(drop));
+        self.children.push(child);
+        self.children.len() - 1
+    }
+
+    fn status(&self, name: &str, manager: &str) -> serde_json::Value {
+        let out = self
+            .cmd(name)
+            .arg(lego())
+            .args(["status", "--json", "--manager", manager])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status: {}", text(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for n in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", n]).status();
+        }
+    }
+}
+
+const HOSTS: [&str; 5] = ["mgr", "mem1", "mem2", "mem3", "proc"];
+const PORT: u16 = 7400;
+
+/// A manager and three memory daemons of 48 MiB each, every one on its
+/// own host; returns the hosts, the manager's address and its state dir.
+fn cluster(timeout: &str) -> (Hosts, String, PathBuf) {
+    let mut h = Hosts::new(&HOSTS);
+    let manager = format!("{}:{PORT}", h.ip(0));
+    let state = tmp().join(format!("{}-state", h.prefix));
+    let _ = std::fs::remove_dir_all(&state);
+    h.daemon(
+        "mgr",
+        &[
+            "manager",
+            "--listen",
+            &manager,
+            "--state",
+            state.to_str().unwrap(),
+            "--heartbeat-timeout",
+            timeout,
+        ],
+        "lego manager: serving",
+    );
+    for k in 1..=3 {
+        let listen = format!("{}:{PORT}", h.ip(k));
+        h.daemon(
+            &format!("mem{k}"),
+            &[
+                "memory",
+                "--listen",
+                &listen,
+                "--capacity",
+                "48M",
+                "--manager",
+                &manager,
+            ],
+            "lego memory: serving",
+        );
+    }
+    (h, manager, state)
+}
+
+fn memory_states(s: &serde_json::Value) -> Vec<(String, String)> {
+    s["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["kind"] == "memory")
+        .map(|c| {
+            (
+                c["addr"].as_str().unwrap().to_string(),
+                c["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// `checksum_stress` over `mb` MiB with a 16 MiB ExCache, run on the
+/// program's host with its memory placed by the manager.
+fn run_on_cluster(h: &Hosts, manager: &str, prog: &str, args: &[&str]) -> Child {
+    h.cmd("proc")
+        .arg(lego())
+        .args([
+            "run",
+            "--quiet",
+            "--excache",
+            "16M",
+            "--manager",
+            manager,
+            "--",
+            prog,
+        ])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn check_against_plain(got: Output, prog: &str, args: &[&str]) {
+    let want = Command::new(prog).args(args).output().unwrap();
+    assert!(want.status.success());
+    assert!(got.status.success(), "under lego: {}", text(&got.stderr));
+    assert_eq!(text(&got.stdout), text(&want.stdout));
+}
+
+#[test]
+fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
+    let (h, manager, _) = cluster("3s");
+    let prog = compile("checksum_stress", &[]);
+    let p = prog.to_str().unwrap();
+    // 96 MiB: twice what any one memory daemon holds.
+    let args = ["96", "2", "2"];
+    let got = run_on_cluster(&h, &manager, p, &args)
+        .wait_with_output()
+        .unwrap();
+    let s = h.status("mgr", &manager);
+    check_against_plain(got, p, &args);
+    // Its memory was spread over all three daemons (placements are
+    // forgotten once the daemons report the space gone, a few heartbeats
+    // later; the units each daemon held show in its use meanwhile).
+    let comps = s["components"].as_array().unwrap();
+    let used: Vec<u64> = comps
+        .iter()
+        .filter(|c| c["kind"] == "memory")
+        .map(|c| c["units"].as_u64().unwrap())
+        .collect();
+    assert_eq!(used.len(), 3);
+    assert!(
+        used.iter().all(|&u| u >= 1),
+        "units per daemon: {used:?}\n{s}"
+    );
+    assert!(used.iter().sum::<u64>() >= 6, "96 MiB is 6 units: {used:?}");
+}
+
+#[test]
+fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
+    let (mut h, manager, state) = cluster("3s");
+    let before = memory_states(&h.status("mgr", &manager));
+    let prog = compile("checksum_stress", &[]);
+    let p = prog.to_str().unwrap();
+    let args = ["96", "2", "6"];
+    let run = run_on_cluster(&h, &manager, p, &args);
+    std::thread::sleep(Duration::from_millis(300));
+    // kill -9 the manager mid-run, then start it again on its state.
+    let mgr = &mut h.children[0];
+    mgr.kill().unwrap();
+    mgr.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let again = h.daemon(
+        "mgr",
+        &[
+            "manager",
+            "--listen",
+            &manager,
+            "--state",
+            state.to_str().unwrap(),
+            "--heartbeat-timeout",
+            "3s",
+        ],
+        "lego manager: serving",
+    );
+    h.children.swap(0, again);
+    let got = run.wait_with_output().unwrap();
+    check_against_plain(got, p, &args);
+    // The memory daemons registered again: the same members, alive.
+    assert!(wait_until(Duration::from_secs(5), || memory_states(
+        &h.status("mgr", &manager)
+    ) == before));
+    assert!(before.iter().all(|(_, s)| s == "alive"), "{before:?}");
+}
+
+#[test]
+fn a_silent_memory_daemon_is_failed_within_the_timeout_and_gets_no_placements() {
+    let (h, manager, _) = cluster("1s");
+    // Stop the first memory daemon (no heartbeats, no answers).
+    let silent = h.children[1].id();
+    let addr = format!("{}:{PORT}", h.ip(1));
+    let stopped = std::time::Instant::now();
+    sh(&["kill", "-STOP", &silent.to_string()]);
+    let failed = wait_until(Duration::from_secs(4), || {
+        memory_states(&h.status("mgr", &manager))
+            .iter()
+            .any(|(a, s)| a == &addr && s == "failed")
+    });
+    let took = stopped.elapsed();
+    if !failed {
+        sh(&["kill", "-CONT", &silent.to_string()]);
+    }
+    assert!(failed, "not marked failed");
+    // Timeout 1 s, checked every 100 ms, heartbeats every 333 ms.
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
+    // A program started now gets its memory only from the other two.
+    let prog = compile("checksum_stress", &[]);
+    let p = prog.to_str().unwrap();
+    let args = ["64", "2", "1"];
+    let got = run_on_cluster(&h, &manager, p, &args)
+        .wait_with_output()
+        .unwrap();
+    let s = h.status("mgr", &manager);
+    sh(&["kill", "-CONT", &silent.to_string()]);
+    check_against_plain(got, p, &args);
+    for c in s["components"].as_array().unwrap() {
+        if c["kind"] != "memory" {
+            continue;
+        }
+        let units = c["units"].as_u64().unwrap();
+        if c["addr"] == addr.as_str() {
+            assert_eq!(units, 0, "the failed daemon got placements: {s}");
+        } else {
+            assert!(units >= 1, "{s}");
+        }
+    }
+    // Heartbeating again, it is alive again.
+    assert!(wait_until(Duration::from_secs(3), || {
+        memory_states(&h.status("mgr", &manager))
+            .iter()
+            .all(|(_, s)| s == "alive")
+    }));
+}
+
+#[test]
+fn cluster_commands_answer_bad_input_with_one_line_errors() {
+    let cases: &[&[&str]] = &[
+        &["status", "--manager", "127.0.0.1:1"],
+        &["status", "--manager", "no-port-here"],
+        &[
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "64M",
+            "--manager",
+            "127.0.0.1:1",
+        ],
+        &[
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "lots",
+            "--manager",
+            "127.0.0.1:1",
+        ],
+        &[
+            "manager",
+            "--listen",
+            "nonsense",
+            "--state",
+            "/tmp/lego-never",
+        ],
+        &[
+            "manager",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+            "/tmp/x",
+            "--heartbeat-timeout",
+            "soon",
+        ],
+        &["run", "--manager", "127.0.0.1:1", "--", "true"],
+    ];
+    for args in cases {
+        let out = Command::new(lego()).args(*args).output().unwrap();
+        assert!(!out.status.success(), "{args:?} succeeded");
+        let err = text(&out.stderr);
+        let first = err.lines().next().unwrap_or("");
+        assert!(
+            first.contains("127.0.0.1:1")
+                || first.contains("invalid value")
+                || first.contains("not an address"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
