@@ -103,12 +103,22 @@ pub fn status(manager: &str, json: bool) -> ExitCode {
             "PROCESSOR", "PID", "EXCACHE"
         );
         for p in &s.processes {
+            let mut program: String = p
+                .process
+                .program
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .take(60)
+                .collect();
+            if p.process.program.chars().count() > 60 {
+                program.push('…');
+            }
             println!(
                 "{:<10} {:>8} {:>10}  {}",
                 p.processor,
                 p.process.pid,
                 human(p.process.excache_bytes),
-                p.process.program
+                program
             );
         }
     }

@@ -5,6 +5,8 @@
 #![deny(unsafe_code)]
 
 mod cluster;
+mod processor;
+mod remote;
 mod run;
 mod size;
 
@@ -31,6 +33,8 @@ enum Command {
     Memory(MemoryArgs),
     /// Run the global manager (GPM and GMM): membership, memory and process placement.
     Manager(cluster::ManagerArgs),
+    /// Run a processor daemon: runs the programs the global manager places on this host.
+    Processor(processor::ProcessorArgs),
     /// Show the cluster (with --manager) or one memory daemon (with --memory).
     Status(StatusArgs),
 }
@@ -95,6 +99,10 @@ fn main() -> ExitCode {
         Command::Manager(args) => {
             init_logging();
             cluster::manager(args)
+        }
+        Command::Processor(args) => {
+            init_logging();
+            processor::processor(args)
         }
         Command::Status(args) => match (&args.memory, &args.manager) {
             (_, Some(m)) => cluster::status(m, args.json),

@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// the program).
     #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
     manager: Option<String>,
+    /// With --manager: run the program on this host, not on the processor
+    /// daemon the manager picks (what processor daemons themselves use).
+    #[arg(long, requires = "manager")]
+    local: bool,
     /// Capacity of the memory daemon started for this run.
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
     capacity: u64,
@@ -167,6 +171,13 @@ fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
 }
 
 pub fn run(args: RunArgs) -> ExitCode {
+    if let (Some(m), false) = (&args.manager, args.local) {
+        match crate::remote::processors_alive(m) {
+            Ok(true) => return crate::remote::run_remote(m, &args.command, args.excache),
+            Ok(false) => {} // No processor daemon: this host runs it.
+            Err(e) => return fail(e),
+        }
+    }
     let prog = &args.command[0];
     let Some(path) = resolve(prog) else {
         eprintln!("lego: {}: command not found", prog.to_string_lossy());

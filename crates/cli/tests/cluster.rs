@@ -145,8 +145,9 @@ impl Drop for Hosts {
 const HOSTS: [&str; 5] = ["mgr", "mem1", "mem2", "mem3", "proc"];
 const PORT: u16 = 7400;
 
-/// A manager and three memory daemons of 48 MiB each, every one on its
-/// own host; returns the hosts, the manager's address and its state dir.
+/// A manager, three memory daemons of 48 MiB each and a processor daemon
+/// with a 64 MiB ExCache, every one on its own host; returns the hosts, the
+/// manager's address and its state dir.
 fn cluster(timeout: &str) -> (Hosts, String, PathBuf) {
     let mut h = Hosts::new(&HOSTS);
     let manager = format!("{}:{PORT}", h.ip(0));
@@ -181,15 +182,28 @@ fn cluster(timeout: &str) -> (Hosts, String, PathBuf) {
             "lego memory: serving",
         );
     }
+    let listen = format!("{}:{PORT}", h.ip(4));
+    h.daemon(
+        "proc",
+        &[
+            "processor",
+            "--listen",
+            &listen,
+            "--manager",
+            &manager,
+            "--excache",
+            "64M",
+        ],
+        "lego processor: serving",
+    );
     (h, manager, state)
 }
 
-fn memory_states(s: &serde_json::Value) -> Vec<(String, String)> {
+fn component_states(s: &serde_json::Value) -> Vec<(String, String)> {
     s["components"]
         .as_array()
         .unwrap()
         .iter()
-        .filter(|c| c["kind"] == "memory")
         .map(|c| {
             (
                 c["addr"].as_str().unwrap().to_string(),
@@ -199,10 +213,11 @@ fn memory_states(s: &serde_json::Value) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `checksum_stress` over `mb` MiB with a 16 MiB ExCache, run on the
-/// program's host with its memory placed by the manager.
+/// `prog` with a 16 MiB ExCache, started from the manager's host: the
+/// manager places it on the processor daemon's host, and its memory on the
+/// memory daemons.
 fn run_on_cluster(h: &Hosts, manager: &str, prog: &str, args: &[&str]) -> Child {
-    h.cmd("proc")
+    h.cmd("mgr")
         .arg(lego())
         .args([
             "run",
@@ -215,6 +230,7 @@ fn run_on_cluster(h: &Hosts, manager: &str, prog: &str, args: &[&str]) -> Child 
             prog,
         ])
         .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -258,9 +274,50 @@ fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
 }
 
 #[test]
+fn a_program_on_a_processor_daemon_gets_stdin_and_gives_back_output_and_status() {
+    let (h, manager, _) = cluster("3s");
+    let mut c = run_on_cluster(
+        &h,
+        &manager,
+        "/usr/bin/python3",
+        &[
+            "-c",
+            "import sys, os; d = sys.stdin.read(); print(len(d), d.count('x')); \
+             print('pid', os.getpid() > 0, file=sys.stderr); sys.exit(7)",
+        ],
+    );
+    let mut stdin = c.stdin.take().unwrap();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        stdin.write_all(&vec![b'x'; 300_000]).unwrap();
+        stdin
+    });
+    // While it runs (it waits for the end of its input), the processor
+    // lists it.
+    let listed = wait_until(Duration::from_secs(5), || {
+        h.status("mgr", &manager)["processes"]
+            .as_array()
+            .is_some_and(|p| {
+                p.iter()
+                    .any(|p| p["program"].as_str().unwrap_or("").contains("python3"))
+            })
+    });
+    drop(feeder.join().unwrap());
+    let out = c.wait_with_output().unwrap();
+    assert!(listed, "the running program never showed in lego status");
+    assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "300000 300000\n");
+    assert!(
+        text(&out.stderr).contains("pid True"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
 fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
     let (mut h, manager, state) = cluster("3s");
-    let before = memory_states(&h.status("mgr", &manager));
+    let before = component_states(&h.status("mgr", &manager));
     let prog = compile("checksum_stress", &[]);
     let p = prog.to_str().unwrap();
     let args = ["96", "2", "6"];
@@ -288,7 +345,7 @@ fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
     let got = run.wait_with_output().unwrap();
     check_against_plain(got, p, &args);
     // The memory daemons registered again: the same members, alive.
-    assert!(wait_until(Duration::from_secs(5), || memory_states(
+    assert!(wait_until(Duration::from_secs(5), || component_states(
         &h.status("mgr", &manager)
     ) == before));
     assert!(before.iter().all(|(_, s)| s == "alive"), "{before:?}");
@@ -303,7 +360,7 @@ fn a_silent_memory_daemon_is_failed_within_the_timeout_and_gets_no_placements() 
     let stopped = std::time::Instant::now();
     sh(&["kill", "-STOP", &silent.to_string()]);
     let failed = wait_until(Duration::from_secs(4), || {
-        memory_states(&h.status("mgr", &manager))
+        component_states(&h.status("mgr", &manager))
             .iter()
             .any(|(a, s)| a == &addr && s == "failed")
     });
@@ -337,7 +394,7 @@ fn a_silent_memory_daemon_is_failed_within_the_timeout_and_gets_no_placements() 
     }
     // Heartbeating again, it is alive again.
     assert!(wait_until(Duration::from_secs(3), || {
-        memory_states(&h.status("mgr", &manager))
+        component_states(&h.status("mgr", &manager))
             .iter()
             .all(|(_, s)| s == "alive")
     }));

@@ -136,6 +136,10 @@ impl Cluster {
                 excache_bytes,
             } => self.place_process(excache_bytes),
             Request::Status => Reply::Status(self.status(now)),
+            Request::Launch { .. } | Request::Signal { .. } => Reply::Error {
+                message: "the global manager runs no programs: send Launch to a processor daemon"
+                    .into(),
+            },
         };
         (reply, ch)
     }

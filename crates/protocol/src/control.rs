@@ -122,18 +122,50 @@ pub enum Request {
     PlaceProcess { program: String, excache_bytes: u64 },
     /// The whole cluster, for `lego status`.
     Status,
+    /// To a processor daemon: run `argv` (in `cwd`, with `env`) with an
+    /// ExCache of `excache_bytes`. Answered with `Launched`, then the
+    /// program's output as `Stdio` frames, then `Exited`; the client sends
+    /// the program's input as `Stdio` frames meanwhile.
+    Launch {
+        argv: Vec<String>,
+        cwd: String,
+        env: Vec<(String, String)>,
+        excache_bytes: u64,
+    },
+    /// To a processor daemon, during a `Launch`: deliver signal `signum`
+    /// to the program.
+    Signal { signum: i32 },
 }
 
 /// Replies of the global manager.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
-    Registered { id: u64, heartbeat_ms: u64 },
+    Registered {
+        id: u64,
+        heartbeat_ms: u64,
+    },
     Ok,
-    Placed { id: u64, addr: String },
-    Processor { id: u64, addr: String },
+    Placed {
+        id: u64,
+        addr: String,
+    },
+    Processor {
+        id: u64,
+        addr: String,
+    },
     Status(ClusterStatus),
-    Error { message: String },
+    Launched {
+        pid: u32,
+    },
+    /// The program ended: its exit code, or the signal that killed it.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// One component in `lego status`.

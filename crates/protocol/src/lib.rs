@@ -75,6 +75,8 @@ pub const MAX_BATCH_PAGES: usize = 512;
 pub const MAX_STRING_BYTES: usize = 4096;
 /// Largest frame body accepted; anything larger is refused before allocation.
 pub const MAX_BODY_BYTES: usize = MAX_BATCH_PAGES * (PAGE_SIZE + 8) + 64;
+/// Most bytes of a standard stream in one `Stdio` frame.
+pub const MAX_STDIO_BYTES: usize = 64 << 10;
 /// Longest control message (JSON).
 pub const MAX_CONTROL_BYTES: usize = 1 << 20;
 /// Size of the fixed frame header.
@@ -221,6 +223,10 @@ pub enum Message<'a> {
     /// processor daemons), a [`control::Request`] or [`control::Reply`] as
     /// JSON. Rare and small next to page traffic, so it is kept readable.
     Control { json: &'a str },
+    /// Bytes of a program's standard stream `fd` (0 in, 1 out, 2 err),
+    /// between `lego run` and the processor daemon running the program;
+    /// empty data is end of file.
+    Stdio { fd: u8, data: &'a [u8] },
 }
 
 impl Message<'_> {
@@ -280,6 +286,7 @@ mod kind {
     pub const GET_STATS: u16 = 50;
     pub const STATS: u16 = 51;
     pub const CONTROL: u16 = 60;
+    pub const STDIO: u16 = 61;
 }
 
 struct Writer<'b>(&'b mut Vec<u8>);
@@ -452,6 +459,13 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.0.extend_from_slice(json.as_bytes());
             kind::CONTROL
         }
+        Message::Stdio { fd, data } => {
+            assert!(data.len() <= MAX_STDIO_BYTES, "stdio chunk too large");
+            w.u8(*fd);
+            w.u32(data.len() as u32);
+            w.0.extend_from_slice(data);
+            kind::STDIO
+        }
     };
     let body_len = out.len() - start - HEADER_BYTES;
     debug_assert!(body_len <= MAX_BODY_BYTES);
@@ -477,7 +491,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, DecodeError> 
     if body_len > MAX_BODY_BYTES {
         return Err(DecodeError::TooLarge(body_len));
     }
-    if !(kind::HELLO..=kind::CONTROL).contains(&kind) {
+    if !(kind::HELLO..=kind::STDIO).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     Ok(Header {
@@ -660,6 +674,20 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
                 .map_err(|_| DecodeError::BadUtf8)?;
             Message::Control { json }
         }
+        kind::STDIO => {
+            let fd = r.u8("stream")?;
+            if fd > 2 {
+                return Err(DecodeError::BadValue("stream", fd as u64));
+            }
+            let len = r.u32("stdio length")? as usize;
+            if len > MAX_STDIO_BYTES {
+                return Err(DecodeError::BadValue("stdio length", len as u64));
+            }
+            Message::Stdio {
+                fd,
+                data: r.take(len, "stdio data")?,
+            }
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if !r.buf.is_empty() {
@@ -785,6 +813,10 @@ mod tests {
             }),
             Message::Control {
                 json: r#"{"op":"status"}"#,
+            },
+            Message::Stdio {
+                fd: 1,
+                data: b"hello\n",
             },
         ] {
             roundtrip(m);

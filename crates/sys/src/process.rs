@@ -21,6 +21,16 @@ extern "C" fn forward(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_v
     }
 }
 
+/// Sends signal `sig` to process `pid`.
+pub fn send_signal(pid: i32, sig: i32) -> std::io::Result<()> {
+    // SAFETY: kill has no memory arguments.
+    if unsafe { libc::kill(pid, sig) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
 /// this process to `pid`.
 pub fn forward_signals_to(pid: i32) {
