@@ -63,11 +63,10 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
 }
 
 pub fn status(manager: &str, json: bool) -> ExitCode {
-    let s = match lego_transport::control_call(manager, &Request::Status, Duration::from_secs(5)) {
+    let s = match lego_transport::ask_manager(manager, &Request::Status) {
         Ok(Reply::Status(s)) => s,
-        Ok(Reply::Error { message }) => return fail("lego status", message),
         Ok(other) => return fail("lego status", format!("unexpected answer {other:?}")),
-        Err(e) => return fail("lego status", format!("global manager {manager}: {e}")),
+        Err(e) => return fail("lego status", e),
     };
     if json {
         match serde_json::to_string_pretty(&s) {

@@ -89,25 +89,18 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
         Listener::local_addr(&listener),
         human(args.excache)
     );
-    loop {
-        match Listener::accept(&listener) {
-            Ok(s) => {
-                let host = host.clone();
-                let _ = std::thread::Builder::new()
-                    .name("lego-processor-conn".into())
-                    .spawn(move || {
-                        let peer = s.peer();
-                        if let Err(e) = serve(s, &host) {
-                            tracing::warn!(%peer, error = %e, "closing connection");
-                        }
-                    });
+    lego_transport::serve_connections(
+        listener,
+        "lego-processor-conn",
+        &AtomicBool::new(false),
+        move |s: TcpStream| {
+            let peer = s.peer();
+            if let Err(e) = serve(s, &host) {
+                tracing::warn!(%peer, error = %e, "closing connection");
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
+        },
+    );
+    ExitCode::SUCCESS
 }
 
 fn send_reply(w: &Mutex<FramedConn<TcpStream>>, id: u64, r: &Reply) -> Result<(), ConnError> {

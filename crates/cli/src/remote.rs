@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use lego_protocol::control::{self, Kind, Reply, Request, State};
 use lego_protocol::{Message, Role, MAX_STDIO_BYTES};
-use lego_transport::{control_call, FramedConn, Tcp, Transport};
+use lego_transport::{ask_manager, FramedConn, Tcp, Transport};
 
 use crate::LEGO_FAILED;
 
@@ -21,16 +21,14 @@ fn fail(msg: impl std::fmt::Display) -> ExitCode {
 
 /// Whether the cluster at `manager` has an alive processor daemon.
 pub fn processors_alive(manager: &str) -> Result<bool, String> {
-    match control_call(manager, &Request::Status, Duration::from_secs(5)) {
-        Ok(Reply::Status(s)) => Ok(s
+    match ask_manager(manager, &Request::Status)? {
+        Reply::Status(s) => Ok(s
             .components
             .iter()
             .any(|c| c.kind == Kind::Processor && c.state == State::Alive)),
-        Ok(Reply::Error { message }) => Err(format!("global manager {manager}: {message}")),
-        Ok(other) => Err(format!(
+        other => Err(format!(
             "global manager {manager}: unexpected answer {other:?}"
         )),
-        Err(e) => Err(format!("global manager {manager}: {e}")),
     }
 }
 
@@ -51,17 +49,14 @@ pub fn run_remote(manager: &str, command: &[OsString], excache: u64) -> ExitCode
         program: argv[0].clone(),
         excache_bytes: excache,
     };
-    let addr = match control_call(manager, &place, Duration::from_secs(5)) {
+    let addr = match ask_manager(manager, &place) {
         Ok(Reply::Processor { addr, .. }) => addr,
-        Ok(Reply::Error { message }) => {
-            return fail(format!("global manager {manager}: {message}"))
-        }
         Ok(other) => {
             return fail(format!(
                 "global manager {manager}: unexpected answer {other:?}"
             ))
         }
-        Err(e) => return fail(format!("global manager {manager}: {e}")),
+        Err(e) => return fail(e),
     };
     let stream = match Tcp.connect(&addr, Duration::from_secs(5)) {
         Ok(s) => s,

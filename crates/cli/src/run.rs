@@ -135,19 +135,14 @@ fn check_daemon(addr: &str) -> Result<(), String> {
 /// manager ids.
 fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
     use lego_protocol::control::{Kind, Reply, Request, State, PLACEMENT_BYTES};
-    let status =
-        match lego_transport::control_call(manager, &Request::Status, Duration::from_secs(5)) {
-            Ok(Reply::Status(s)) => s,
-            Ok(Reply::Error { message }) => {
-                return Err(format!("global manager {manager}: {message}"))
-            }
-            Ok(other) => {
-                return Err(format!(
-                    "global manager {manager}: unexpected answer {other:?}"
-                ))
-            }
-            Err(e) => return Err(format!("global manager {manager}: {e}")),
-        };
+    let status = match lego_transport::ask_manager(manager, &Request::Status)? {
+        Reply::Status(s) => s,
+        other => {
+            return Err(format!(
+                "global manager {manager}: unexpected answer {other:?}"
+            ))
+        }
+    };
     let mut mem: Vec<_> = status
         .components
         .into_iter()

@@ -142,6 +142,23 @@ impl Drop for Hosts {
     }
 }
 
+/// Starts the manager on host "mgr"; returns its index in `h.children`.
+fn start_manager(h: &mut Hosts, addr: &str, state: &std::path::Path, timeout: &str) -> usize {
+    h.daemon(
+        "mgr",
+        &[
+            "manager",
+            "--listen",
+            addr,
+            "--state",
+            state.to_str().unwrap(),
+            "--heartbeat-timeout",
+            timeout,
+        ],
+        "lego manager: serving",
+    )
+}
+
 const HOSTS: [&str; 5] = ["mgr", "mem1", "mem2", "mem3", "proc"];
 const PORT: u16 = 7400;
 
@@ -153,19 +170,7 @@ fn cluster(timeout: &str) -> (Hosts, String, PathBuf) {
     let manager = format!("{}:{PORT}", h.ip(0));
     let state = tmp().join(format!("{}-state", h.prefix));
     let _ = std::fs::remove_dir_all(&state);
-    h.daemon(
-        "mgr",
-        &[
-            "manager",
-            "--listen",
-            &manager,
-            "--state",
-            state.to_str().unwrap(),
-            "--heartbeat-timeout",
-            timeout,
-        ],
-        "lego manager: serving",
-    );
+    start_manager(&mut h, &manager, &state, timeout);
     for k in 1..=3 {
         let listen = format!("{}:{PORT}", h.ip(k));
         h.daemon(
@@ -328,19 +333,7 @@ fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
     mgr.kill().unwrap();
     mgr.wait().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let again = h.daemon(
-        "mgr",
-        &[
-            "manager",
-            "--listen",
-            &manager,
-            "--state",
-            state.to_str().unwrap(),
-            "--heartbeat-timeout",
-            "3s",
-        ],
-        "lego manager: serving",
-    );
+    let again = start_manager(&mut h, &manager, &state, "3s");
     h.children.swap(0, again);
     let got = run.wait_with_output().unwrap();
     check_against_plain(got, p, &args);

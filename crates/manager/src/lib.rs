@@ -100,7 +100,11 @@ impl Manager {
             let (inner, stop) = (inner.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("lego-manager-accept".into())
-                .spawn(move || accept_loop(listener, inner, stop))
+                .spawn(move || {
+                    lego_transport::serve_connections(listener, "lego-manager-conn", &stop, {
+                        move |s| serve_connection(s, inner.clone())
+                    })
+                })
                 .expect("spawn accept thread")
         };
         let ticker = {
@@ -155,29 +159,6 @@ impl Manager {
         let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
         for t in self.threads.drain(..) {
             let _ = t.join();
-        }
-    }
-}
-
-fn accept_loop<L: Listener>(listener: L, inner: Arc<Inner>, stop: Arc<AtomicBool>) {
-    loop {
-        let stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let inner = inner.clone();
-        let spawned = std::thread::Builder::new()
-            .name("lego-manager-conn".into())
-            .spawn(move || serve_connection(stream, inner));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }
 }

@@ -50,7 +50,11 @@ impl MemoryDaemon {
             let (store, stop) = (store.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("lego-memory-accept".into())
-                .spawn(move || accept_loop(listener, store, stop))
+                .spawn(move || {
+                    lego_transport::serve_connections(listener, "lego-memory-conn", &stop, {
+                        move |s| serve_connection(s, store.clone())
+                    })
+                })
                 .expect("spawn accept thread")
         };
         Ok(Self {
@@ -118,29 +122,6 @@ impl MemoryDaemon {
         let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.accept.take() {
             let _ = t.join();
-        }
-    }
-}
-
-fn accept_loop<L: Listener>(listener: L, store: Arc<Mutex<Store>>, stop: Arc<AtomicBool>) {
-    loop {
-        let stream = match listener.accept() {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                std::thread::sleep(Duration::from_millis(50));
-                continue;
-            }
-        };
-        if stop.load(Ordering::SeqCst) {
-            return;
-        }
-        let store = store.clone();
-        let spawned = std::thread::Builder::new()
-            .name("lego-memory-conn".into())
-            .spawn(move || serve_connection(stream, store));
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "cannot start a connection thread");
         }
     }
 }

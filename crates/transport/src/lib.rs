@@ -336,6 +336,47 @@ pub fn control_call(
     ControlClient::connect(addr, "lego", timeout)?.call(req)
 }
 
+/// Accepts connections on `listener` until `stop` is set, serving each on
+/// a thread of its own named `name`. Accept errors (a full descriptor
+/// table) are logged and retried; they never end the loop.
+pub fn serve_connections<L: Listener>(
+    listener: L,
+    name: &str,
+    stop: &std::sync::atomic::AtomicBool,
+    serve: impl Fn(L::Stream) + Clone + Send + 'static,
+) {
+    loop {
+        let stream = match listener.accept() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let serve = serve.clone();
+        let spawned = std::thread::Builder::new()
+            .name(name.to_string())
+            .spawn(move || serve(stream));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a connection thread");
+        }
+    }
+}
+
+/// One request to the global manager at `addr`; its `Error` replies and
+/// connection failures become one message naming the manager.
+pub fn ask_manager(addr: &str, req: &control::Request) -> Result<control::Reply, String> {
+    match control_call(addr, req, Duration::from_secs(5)) {
+        Ok(control::Reply::Error { message }) => Err(format!("global manager {addr}: {message}")),
+        Ok(reply) => Ok(reply),
+        Err(e) => Err(format!("global manager {addr}: {e}")),
+    }
+}
+
 /// How long a component waits for the global manager's answer.
 const MANAGER_TIMEOUT: Duration = Duration::from_secs(3);
 
