@@ -94,29 +94,41 @@ pub fn run_remote(manager: &str, command: &[OsString], excache: u64) -> ExitCode
         Err(e) => return fail(format!("processor daemon {addr}: {e}")),
     }
     let _ = conn.stream().set_read_timeout(None);
-    // This terminal's input goes to the program.
-    if let Ok(w) = conn.stream().try_clone() {
-        std::thread::spawn(move || {
-            let mut w = FramedConn::new(w);
-            let mut buf = vec![0u8; MAX_STDIO_BYTES];
-            let mut stdin = std::io::stdin().lock();
-            loop {
-                let n = stdin.read(&mut buf).unwrap_or(0);
-                if w.send(
-                    0,
-                    &Message::Stdio {
-                        fd: 0,
-                        data: &buf[..n],
-                    },
-                )
-                .is_err()
-                    || n == 0
-                {
-                    return;
-                }
-            }
-        });
+    // One writer for the program's input and the signals sent to lego
+    // run (Ctrl-C, kill), which go to the program: frames must not
+    // interleave.
+    let writer = match conn.stream().try_clone() {
+        Ok(w) => std::sync::Arc::new(std::sync::Mutex::new(FramedConn::new(w))),
+        Err(e) => return fail(format!("processor daemon {addr}: {e}")),
+    };
+    let send = move |m: &Message<'_>| {
+        writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(0, m)
+            .is_ok()
+    };
+    let signal = send.clone();
+    if let Err(e) = lego_sys::process::signals_to(move |signum| {
+        let json = control::to_json(&Request::Signal { signum });
+        signal(&Message::Control { json: &json });
+    }) {
+        eprintln!("lego: signals will not reach the program: {e}");
     }
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; MAX_STDIO_BYTES];
+        let mut stdin = std::io::stdin().lock();
+        loop {
+            let n = stdin.read(&mut buf).unwrap_or(0);
+            if !send(&Message::Stdio {
+                fd: 0,
+                data: &buf[..n],
+            }) || n == 0
+            {
+                return;
+            }
+        }
+    });
     loop {
         let f = match conn.recv() {
             Ok(f) => f,

@@ -324,6 +324,46 @@ fn a_program_on_a_processor_daemon_gets_stdin_and_gives_back_output_and_status()
 }
 
 #[test]
+fn a_signal_sent_to_lego_run_reaches_the_program_on_the_processor_daemon() {
+    use std::os::unix::process::ExitStatusExt;
+    let (h, manager, _) = cluster("3s");
+    let c = run_on_cluster(&h, &manager, "/usr/bin/sleep", &["30"]);
+    // Once it runs there, SIGTERM to the local lego run (in the "mgr"
+    // host, a child of `ip netns exec`).
+    assert!(wait_until(Duration::from_secs(5), || {
+        h.status("mgr", &manager)["processes"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    }));
+    let lego_run = wait_for_child(c.id());
+    let started = std::time::Instant::now();
+    sh(&["kill", "-TERM", &lego_run.to_string()]);
+    let out = c.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc_sigterm()), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // It ended there, not only here.
+    assert!(wait_until(Duration::from_secs(4), || {
+        h.status("mgr", &manager)["processes"]
+            .as_array()
+            .is_some_and(|p| p.is_empty())
+    }));
+}
+
+/// The pid of `ip netns exec`'s child (it execs, so it is `pid` itself
+/// once the exec happened).
+fn wait_for_child(pid: u32) -> u32 {
+    assert!(wait_until(Duration::from_secs(5), || {
+        std::fs::read_link(format!("/proc/{pid}/exe"))
+            .is_ok_and(|e| e.file_name().is_some_and(|n| n == "lego"))
+    }));
+    pid
+}
+
+fn libc_sigterm() -> i32 {
+    15
+}
+
+#[test]
 fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
     let (mut h, manager, state) = cluster("3s");
     let before = component_states(&h.status("mgr", &manager));

@@ -21,6 +21,56 @@ extern "C" fn forward(sig: i32, info: *mut libc::siginfo_t, _ctx: *mut libc::c_v
     }
 }
 
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+
+extern "C" fn to_pipe(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    let _ = (info, ctx);
+    let fd = SIGNAL_PIPE.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let b = sig as u8;
+        // SAFETY: write is async-signal-safe; one byte from a valid buffer.
+        unsafe { libc::write(fd, &b as *const u8 as *const libc::c_void, 1) };
+    }
+}
+
+/// Delivers SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
+/// this process to `deliver`, called on a thread of its own, instead of
+/// their default action (for `lego run` of a program on another host).
+pub fn signals_to(deliver: impl Fn(i32) + Send + 'static) -> std::io::Result<()> {
+    let (r, w) = pipe()?;
+    SIGNAL_PIPE.store(w, Ordering::Relaxed);
+    std::thread::Builder::new()
+        .name("lego-signals".into())
+        .spawn(move || loop {
+            let mut b = 0u8;
+            // SAFETY: reads one byte into a valid buffer.
+            let n = unsafe { libc::read(r, &mut b as *mut u8 as *mut libc::c_void, 1) };
+            match n {
+                1 => deliver(b as i32),
+                n if n < 0 && crate::last_error().kind() == std::io::ErrorKind::Interrupted => {}
+                _ => return,
+            }
+        })?;
+    for sig in [
+        libc::SIGINT,
+        libc::SIGTERM,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+        libc::SIGUSR1,
+        libc::SIGUSR2,
+    ] {
+        // SAFETY: sa is fully initialised; the handler only calls write.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = to_pipe as *const () as usize;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+    Ok(())
+}
+
 /// Sends signal `sig` to process `pid`.
 pub fn send_signal(pid: i32, sig: i32) -> std::io::Result<()> {
     // SAFETY: kill has no memory arguments.
