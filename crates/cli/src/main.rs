@@ -5,6 +5,7 @@
 #![deny(unsafe_code)]
 
 mod cluster;
+mod config;
 mod processor;
 mod remote;
 mod run;
@@ -21,6 +22,11 @@ use clap::{Parser, Subcommand};
     about = "Run unmodified programs with disaggregated memory (a LegoOS splitkernel in user space)"
 )]
 struct Cli {
+    /// Settings from a TOML file, one table per command ([memory],
+    /// [manager], [processor], [run]) keyed by long flag names; flags and
+    /// environment variables win over it.
+    #[arg(long, global = true, value_name = "FILE", env = "LEGO_CONFIG")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -74,6 +80,11 @@ struct StatusArgs {
 const LEGO_FAILED: u8 = 125;
 
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    if let Err(e) = config::apply::<Cli>(&args) {
+        eprintln!("lego: {e}");
+        return ExitCode::from(LEGO_FAILED);
+    }
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run::run(args),

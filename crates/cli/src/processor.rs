@@ -29,7 +29,7 @@ pub struct ProcessorArgs {
     #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
     manager: String,
     /// This host's ExCache budget, shared by the programs it runs, e.g. 1G.
-    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LEGO_EXCACHE")]
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, env = "LEGO_PROCESSOR_EXCACHE")]
     excache: u64,
     /// Address clients reach this daemon at, if not the listening address.
     #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]

@@ -24,7 +24,7 @@ pub const RUNTIME_LIB: &str = "liblego_runtime.so";
 #[command(trailing_var_arg = true)]
 pub struct RunArgs {
     /// Local memory the program's disaggregated pages may occupy (its ExCache), e.g. 64M.
-    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "64M", value_parser = parse_size, env = "LEGO_RUN_EXCACHE")]
     excache: u64,
     /// Memory daemon to use, HOST:PORT; repeat for several (the first is the
     /// home of the address space). Without it, lego starts one on loopback

@@ -492,3 +492,78 @@ fn cluster_commands_answer_bad_input_with_one_line_errors() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// The capacity a memory daemon started with `args` (and `env`) reports.
+fn capacity_of(args: &[&str], env: &[(&str, &str)]) -> u64 {
+    let mut child = Command::new(lego())
+        .args(args)
+        .envs(env.iter().copied())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().expect("the daemon starts").unwrap();
+        if let Some(rest) = line.strip_prefix("lego memory: serving on ") {
+            break rest.split(' ').next().unwrap().to_string();
+        }
+    };
+    let out = Command::new(lego())
+        .args(["status", "--json", "--memory", &addr])
+        .output()
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    s["capacity_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn settings_come_from_flags_then_environment_then_the_config_file() {
+    let file = tmp().join(format!("lego-{}-{}.toml", std::process::id(), unique()));
+    std::fs::write(
+        &file,
+        "[memory]\nlisten = \"127.0.0.1:0\"\ncapacity = \"96M\"\n\n[manager]\nstate = \"/tmp/x\"\n",
+    )
+    .unwrap();
+    let f = file.to_str().unwrap();
+    const MIB: u64 = 1 << 20;
+    assert_eq!(capacity_of(&["--config", f, "memory"], &[]), 96 * MIB);
+    assert_eq!(
+        capacity_of(&["--config", f, "memory"], &[("LEGO_CAPACITY", "80M")]),
+        80 * MIB
+    );
+    assert_eq!(
+        capacity_of(
+            &["--config", f, "memory", "--capacity", "72M"],
+            &[("LEGO_CAPACITY", "80M")]
+        ),
+        72 * MIB
+    );
+    // The file through LEGO_CONFIG.
+    assert_eq!(capacity_of(&["memory"], &[("LEGO_CONFIG", f)]), 96 * MIB);
+    // A setting the command does not have, and a file that is not TOML.
+    std::fs::write(&file, "[memory]\ncapacity = \"1G\"\nspeed = \"fast\"\n").unwrap();
+    let out = Command::new(lego())
+        .args(["--config", f, "memory", "--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("[memory] has no setting 'speed'"),
+        "{}",
+        text(&out.stderr)
+    );
+    std::fs::write(&file, "[memory\n").unwrap();
+    let out = Command::new(lego())
+        .args(["--config", f, "memory"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).starts_with("lego: config file"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_file(&file);
+}
