@@ -166,26 +166,36 @@ const PORT: u16 = 7400;
 /// with a 64 MiB ExCache, every one on its own host; returns the hosts, the
 /// manager's address and its state dir.
 fn cluster(timeout: &str) -> (Hosts, String, PathBuf) {
+    cluster_with(timeout, 3)
+}
+
+/// Starts the 48 MiB memory daemon of host `mem{k}`.
+fn start_memory(h: &mut Hosts, k: usize, manager: &str) -> usize {
+    let listen = format!("{}:{PORT}", h.ip(k));
+    h.daemon(
+        &format!("mem{k}"),
+        &[
+            "memory",
+            "--listen",
+            &listen,
+            "--capacity",
+            "48M",
+            "--manager",
+            manager,
+        ],
+        "lego memory: serving",
+    )
+}
+
+/// As [`cluster`], with only the first `memories` memory daemons started.
+fn cluster_with(timeout: &str, memories: usize) -> (Hosts, String, PathBuf) {
     let mut h = Hosts::new(&HOSTS);
     let manager = format!("{}:{PORT}", h.ip(0));
     let state = tmp().join(format!("{}-state", h.prefix));
     let _ = std::fs::remove_dir_all(&state);
     start_manager(&mut h, &manager, &state, timeout);
-    for k in 1..=3 {
-        let listen = format!("{}:{PORT}", h.ip(k));
-        h.daemon(
-            &format!("mem{k}"),
-            &[
-                "memory",
-                "--listen",
-                &listen,
-                "--capacity",
-                "48M",
-                "--manager",
-                &manager,
-            ],
-            "lego memory: serving",
-        );
+    for k in 1..=memories {
+        start_memory(&mut h, k, &manager);
     }
     let listen = format!("{}:{PORT}", h.ip(4));
     h.daemon(
@@ -280,6 +290,43 @@ fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
         most.values().sum::<u64>() >= 6,
         "96 MiB is 6 units: {most:?}"
     );
+}
+
+#[test]
+fn a_memory_daemon_added_while_a_program_runs_takes_its_new_memory() {
+    let (mut h, manager, _) = cluster_with("3s", 2);
+    // 96 MiB of data written 8 MiB at a time, then every byte checked:
+    // with the interpreter's own memory and temporaries, more than the two
+    // daemons there at the start hold (96 MiB, in 16 MiB units).
+    let script = concat!(
+        "import time, hashlib\n",
+        "def chunk(k):\n",
+        "    return bytearray(hashlib.sha256(bytes([k])).digest() * 262144)\n",
+        "chunks = []\n",
+        "for k in range(12):\n",
+        "    chunks.append(chunk(k))\n",
+        "    time.sleep(0.15)\n",
+        "bad = sum(c != chunk(k) for k, c in enumerate(chunks))\n",
+        "print('chunks', len(chunks), 'mismatches', bad)\n",
+    );
+    let mut run = run_on_cluster(&h, &manager, "/usr/bin/python3", &["-c", script]);
+    std::thread::sleep(Duration::from_millis(400));
+    start_memory(&mut h, 3, &manager);
+    let added = format!("{}:{PORT}", h.ip(3));
+    let mut most = 0;
+    while run.try_wait().unwrap().is_none() {
+        let s = h.status("mgr", &manager);
+        for c in s["components"].as_array().unwrap() {
+            if c["addr"] == added.as_str() {
+                most = most.max(c["units"].as_u64().unwrap());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = run.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "chunks 12 mismatches 0\n");
+    assert!(most >= 1, "the added daemon got no units");
 }
 
 #[test]

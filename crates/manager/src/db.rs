@@ -126,14 +126,7 @@ mod tests {
             );
             assert!(matches!(r, Reply::Registered { id: 1, .. }));
             db.save(&c, &ch).unwrap();
-            let (_, ch) = c.apply(
-                1,
-                Request::PlaceMemory {
-                    space: 9,
-                    unit: 2,
-                    among: vec![],
-                },
-            );
+            let (_, ch) = c.apply(1, Request::PlaceMemory { space: 9, unit: 2 });
             db.save(&c, &ch).unwrap();
         }
         let db = Db::open(&dir).unwrap();

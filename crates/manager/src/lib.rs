@@ -226,13 +226,7 @@ mod tests {
         .unwrap();
         assert!(matches!(r, Reply::Registered { id: 1, .. }), "{r:?}");
         let mut c = ControlClient::connect(m.addr(), "t", t).unwrap();
-        let placed = c
-            .call(&Request::PlaceMemory {
-                space: 3,
-                unit: 0,
-                among: vec![],
-            })
-            .unwrap();
+        let placed = c.call(&Request::PlaceMemory { space: 3, unit: 0 }).unwrap();
         assert!(matches!(placed, Reply::Placed { id: 1, .. }), "{placed:?}");
         drop(c);
         m.shutdown();

@@ -128,9 +128,7 @@ impl Cluster {
                 }
                 None => unknown(id),
             },
-            Request::PlaceMemory { space, unit, among } => {
-                self.place_memory(now, space, unit, &among, &mut ch)
-            }
+            Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
             Request::PlaceProcess {
                 program: _,
                 excache_bytes,
@@ -267,14 +265,7 @@ impl Cluster {
         n
     }
 
-    fn place_memory(
-        &mut self,
-        now: u64,
-        space: u64,
-        unit: u64,
-        among: &[u64],
-        ch: &mut Changes,
-    ) -> Reply {
+    fn place_memory(&mut self, now: u64, space: u64, unit: u64, ch: &mut Changes) -> Reply {
         if let Some(p) = self.placements.get(&(space, unit)) {
             let c = &self.components[&p.component];
             return Reply::Placed {
@@ -291,26 +282,29 @@ impl Cluster {
         let best = self
             .components
             .iter()
-            .filter(|(id, c)| {
-                c.kind == Kind::Memory
-                    && c.state == State::Alive
-                    && (among.is_empty() || among.contains(id))
-            })
+            .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
             .map(|(id, c)| (free(id, c), *id))
             .filter(|&(f, _)| f >= PLACEMENT_BYTES)
             .max_by_key(|&(f, id)| (f, std::cmp::Reverse(id)));
         let Some((_, id)) = best else {
-            let (cap, n) = self
+            let (cap, placed, n) = self
                 .components
-                .values()
-                .filter(|c| c.kind == Kind::Memory && c.state == State::Alive)
-                .fold((0, 0), |(cap, n), c| (cap + c.capacity_bytes, n + 1));
+                .iter()
+                .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
+                .fold((0, 0, 0), |(cap, placed, n), (id, c)| {
+                    let units = units.get(id).copied().unwrap_or(0);
+                    (
+                        cap + c.capacity_bytes,
+                        placed + units * PLACEMENT_BYTES,
+                        n + 1,
+                    )
+                });
             return Reply::Error {
                 message: format!(
                     "no memory daemon has room for another {} MiB ({n} alive, {} MiB capacity, {} MiB placed)",
                     PLACEMENT_BYTES >> 20,
                     cap >> 20,
-                    (self.placements.len() as u64 * PLACEMENT_BYTES) >> 20
+                    placed >> 20
                 ),
             };
         };
@@ -436,15 +430,7 @@ mod tests {
     }
 
     fn place(c: &mut Cluster, now: u64, space: u64, unit: u64) -> Reply {
-        c.apply(
-            now,
-            Request::PlaceMemory {
-                space,
-                unit,
-                among: vec![],
-            },
-        )
-        .0
+        c.apply(now, Request::PlaceMemory { space, unit }).0
     }
 
     fn placed_on(r: &Reply) -> u64 {

@@ -109,15 +109,8 @@ pub enum Request {
     /// A component leaves for good.
     Leave { id: u64 },
     /// Where unit `unit` (offset in the region / [`PLACEMENT_BYTES`]) of
-    /// address space `space` lives; placed now if it is not yet, on one of
-    /// the memory daemons `among` (the ones the program is connected to;
-    /// empty: any).
-    PlaceMemory {
-        space: u64,
-        unit: u64,
-        #[serde(default)]
-        among: Vec<u64>,
-    },
+    /// address space `space` lives; placed now if it is not yet.
+    PlaceMemory { space: u64, unit: u64 },
     /// Which processor should run a new program.
     PlaceProcess { program: String, excache_bytes: u64 },
     /// The whole cluster, for `lego status`.

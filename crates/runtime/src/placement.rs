@@ -4,10 +4,11 @@
 //! Without a global manager the placement is fixed: vRegion `i` (1 GiB)
 //! lives on daemon `i mod n`. With one (`LEGO_MANAGER`), a unit is placed
 //! when its first page is written back: the runtime asks the manager's GMM,
-//! which picks, among the daemons this program is connected to, the one
-//! with the most free capacity. So a program can use more memory than any
-//! one daemon has. Pages of a unit that was never placed were never stored
-//! anywhere: they read as zeros.
+//! which picks the alive memory daemon with the most free capacity. So a
+//! program can use more memory than any one daemon has, and a daemon that
+//! joins the cluster while it runs takes its new units at once (the
+//! runtime connects to it then). Pages of a unit that was never placed
+//! were never stored anywhere: they read as zeros.
 
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,8 @@ use lego_transport::ControlClient;
 const UNIT: usize = PLACEMENT_BYTES as usize;
 const UNPLACED: u8 = u8::MAX;
 
-/// The global manager this program asks, and the manager ids of its
-/// daemons (in the order of the runtime's daemon list).
+/// The global manager this program asks, and the manager ids of the
+/// daemons it is connected to (in the order of the runtime's daemon list).
 struct Gmm {
     addr: String,
     ids: Vec<u64>,
@@ -76,10 +77,17 @@ impl Placement {
 
     /// The daemon that holds (or, placed now, will hold) region offset
     /// `off` of address space `space`. Asks the manager for a new unit,
-    /// retrying for `timeout` while it is unreachable (restarting).
-    pub fn place(&mut self, off: usize, space: u64, timeout: Duration) -> Result<usize, String> {
+    /// retrying for `timeout` while it is unreachable (restarting). A unit
+    /// placed on a daemon this program is not connected to yet comes back
+    /// as `Err((id, addr))`: connect, then [`Placement::bind`].
+    pub fn place(
+        &mut self,
+        off: usize,
+        space: u64,
+        timeout: Duration,
+    ) -> Result<Result<usize, (u64, String)>, String> {
         if let Some(d) = self.placed(off) {
-            return Ok(d);
+            return Ok(Ok(d));
         }
         let unit = off / UNIT;
         let Some(gmm) = self.gmm.as_mut() else {
@@ -88,7 +96,6 @@ impl Placement {
         let req = Request::PlaceMemory {
             space,
             unit: unit as u64,
-            among: gmm.ids.clone(),
         };
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
@@ -107,12 +114,10 @@ impl Placement {
             match c.call(&req) {
                 Ok(Reply::Placed { id, addr }) => {
                     let Some(d) = gmm.ids.iter().position(|&i| i == id) else {
-                        return Err(format!(
-                            "the global manager placed memory on daemon {id} ({addr}), which this program is not connected to"
-                        ));
+                        return Ok(Err((id, addr)));
                     };
                     self.table[unit] = d as u8;
-                    return Ok(d);
+                    return Ok(Ok(d));
                 }
                 Ok(Reply::Error { message }) => return Err(message),
                 Ok(other) => return Err(format!("unexpected answer {other:?}")),
@@ -127,6 +132,21 @@ impl Placement {
             "global manager {} unreachable for {:.0?} ({last}): cannot place new memory",
             gmm.addr, timeout
         ))
+    }
+
+    /// Region offset `off`'s unit lives on daemon `id` of the manager, now
+    /// connected as the runtime's daemon `index` (the next one).
+    pub fn bind(&mut self, off: usize, id: u64, index: usize) -> Result<(), String> {
+        let Some(gmm) = self.gmm.as_mut() else {
+            return Err("no global manager".into());
+        };
+        if index >= UNPLACED as usize {
+            return Err(format!("too many memory daemons (at most {UNPLACED})"));
+        }
+        debug_assert_eq!(index, gmm.ids.len());
+        gmm.ids.push(id);
+        self.table[off / UNIT] = index as u8;
+        Ok(())
     }
 
     /// In a forked child: the parent's connection to the manager is the

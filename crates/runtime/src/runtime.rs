@@ -117,7 +117,8 @@ pub struct Runtime {
     tuning: Tuning,
     pid: u32,
     pidfd: i32,
-    /// Descriptors a forked child must close (its parent's connections).
+    /// Descriptors a forked child must close besides the daemon
+    /// connections (the control connection, userfaultfd, pidfd).
     fds: Vec<i32>,
     /// Zeros to install from: a fault page and a full prefetch window.
     zero: Box<[u8]>,
@@ -295,11 +296,9 @@ fn start(
 
     let n = daemons.len();
     let budget_pages = cache.budget();
-    let mut fds: Vec<i32> = daemons
-        .iter()
-        .filter_map(|d| d.conn.stream().raw_fd())
-        .collect();
-    fds.extend(control.stream().raw_fd());
+    // The daemon connections' descriptors are found in `Shared` at fork
+    // (their list grows while the program runs).
+    let mut fds: Vec<i32> = control.stream().raw_fd().into_iter().collect();
     fds.push(uffd.as_raw_fd());
     let pidfd = mm::own_pidfd();
     fds.push(pidfd);
@@ -412,18 +411,24 @@ extern "C" fn after_fork_child() {
     let mut guard = unsafe { Box::from_raw(guard) };
     let mut cache = std::mem::replace(&mut guard.cache, ExCache::new(0, 1));
     let mut placement = std::mem::replace(&mut guard.placement, Placement::fixed(0, 1));
+    let daemon_addrs: Vec<String> = guard.daemons.iter().map(|d| d.addr.clone()).collect();
+    let daemon_fds: Vec<i32> = guard
+        .daemons
+        .iter()
+        .filter_map(|d| d.conn.stream().raw_fd())
+        .collect();
     drop(guard);
     placement.after_fork();
     // fork cleared the write protection of clean pages: treat every
     // resident page as dirty.
     cache.mark_resident_dirty();
     // The parent's connections, userfaultfd and pidfd are the parent's.
-    for &fd in &parent.fds {
+    for &fd in daemon_fds.iter().chain(&parent.fds) {
         process::close(fd);
     }
     start(
         parent.region,
-        parent.daemon_addrs.clone(),
+        daemon_addrs,
         parent.program.clone(),
         parent.timeout,
         parent.stats,
@@ -463,12 +468,39 @@ impl Runtime {
             })
     }
 
-    /// The daemon that stores `addr` (placing its unit now if needed).
+    /// The daemon that stores `addr` (placing its unit now if needed, and
+    /// connecting to the daemon the manager picks if it is a new one).
     fn daemon_for(&self, g: &mut Shared, addr: usize) -> usize {
-        let space = self.space.0;
+        let off = addr - self.region.base;
+        let placed = g
+            .placement
+            .place(off, self.space.0, self.timeout)
+            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")));
+        let (id, daemon_addr) = match placed {
+            Ok(d) => return d,
+            Err(new) => new,
+        };
+        let mut conn = connect(&daemon_addr, &self.program, self.timeout);
+        space_call(
+            &mut conn,
+            &daemon_addr,
+            &Message::AttachSpace {
+                space: self.space,
+                region_base: VirtAddr(self.region.base as u64),
+                region_bytes: self.region.len as u64,
+            },
+        );
+        let d = g.daemons.len();
         g.placement
-            .place(addr - self.region.base, space, self.timeout)
-            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")))
+            .bind(off, id, d)
+            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")));
+        g.daemons.push(Daemon {
+            addr: daemon_addr,
+            conn,
+        });
+        g.wb_addrs.push(Vec::new());
+        g.wb_data.push(Vec::new());
+        d
     }
 
     fn pager_loop(&'static self) -> ! {
@@ -479,11 +511,16 @@ impl Runtime {
             events: libc::POLLIN,
             revents: 0,
         }];
-        for d in &lock(&self.shared).daemons {
-            fds.push(d.pollfd());
-        }
         let mut last_sample = Instant::now();
         loop {
+            // The daemons this program uses (more join while it runs).
+            {
+                let g = lock(&self.shared);
+                if g.daemons.len() + 1 != fds.len() {
+                    fds.truncate(1);
+                    fds.extend(g.daemons.iter().map(Daemon::pollfd));
+                }
+            }
             let _ = process::poll(&mut fds, 500);
             if fds[1..].iter().any(|f| f.revents != 0) {
                 self.check_daemons();
@@ -1144,7 +1181,6 @@ impl Runtime {
 
     /// Copies the remote pages of `[from, from+len)` to `to`.
     fn move_contents(&self, g: &mut Shared, from: usize, to: usize, len: usize) {
-        let n = g.daemons.len();
         let remote: Vec<usize> = (0..len / PAGE_SIZE)
             .filter(|k| g.cache.is_remote(self.page_index(from) + k))
             .collect();
@@ -1173,7 +1209,7 @@ impl Runtime {
                 g.wb_data[d].extend_from_slice(&page);
             }
             self.send_writebacks(g);
-            for d in 0..n {
+            for d in 0..g.daemons.len() {
                 g.wb_addrs[d].clear();
                 g.wb_data[d].clear();
             }
