@@ -51,6 +51,18 @@ pub fn signals_to(deliver: impl Fn(i32) + Send + 'static) -> std::io::Result<()>
                 _ => return,
             }
         })?;
+    // The handler only calls write.
+    handle_passed_signals(to_pipe);
+    Ok(())
+}
+
+/// A signal handler of the `SA_SIGINFO` kind.
+type Handler = extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void);
+
+/// Installs `handler` (which must call only async-signal-safe functions)
+/// for the signals lego passes on to a program: SIGINT, SIGTERM, SIGHUP,
+/// SIGQUIT, SIGUSR1 and SIGUSR2.
+fn handle_passed_signals(handler: Handler) {
     for sig in [
         libc::SIGINT,
         libc::SIGTERM,
@@ -59,16 +71,16 @@ pub fn signals_to(deliver: impl Fn(i32) + Send + 'static) -> std::io::Result<()>
         libc::SIGUSR1,
         libc::SIGUSR2,
     ] {
-        // SAFETY: sa is fully initialised; the handler only calls write.
+        // SAFETY: sa is fully initialised; the handler is async-signal-safe
+        // by this function's contract.
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = to_pipe as *const () as usize;
+            sa.sa_sigaction = handler as *const () as usize;
             sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
-    Ok(())
 }
 
 /// Sends signal `sig` to process `pid`.
@@ -85,24 +97,8 @@ pub fn send_signal(pid: i32, sig: i32) -> std::io::Result<()> {
 /// this process to `pid`.
 pub fn forward_signals_to(pid: i32) {
     CHILD.store(pid, Ordering::Relaxed);
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ] {
-        // SAFETY: sa is fully initialised; the handler only calls
-        // async-signal-safe functions.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = forward as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    // The handler only calls kill.
+    handle_passed_signals(forward);
 }
 
 /// Ends this process the way a child ended: by the same signal, or with the
