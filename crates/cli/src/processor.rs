@@ -89,10 +89,10 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
         Listener::local_addr(&listener),
         human(args.excache)
     );
-    lego_transport::serve_connections(
+    let served = lego_transport::serve_connections(
         listener,
-        "lego-processor-conn",
-        &AtomicBool::new(false),
+        "lego-processor",
+        Arc::new(AtomicBool::new(false)),
         move |s: TcpStream| {
             let peer = s.peer();
             if let Err(e) = serve(s, &host) {
@@ -100,6 +100,7 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
             }
         },
     );
+    let _ = served.join();
     ExitCode::SUCCESS
 }
 

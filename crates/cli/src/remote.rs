@@ -12,12 +12,8 @@ use lego_protocol::control::{self, Kind, Reply, Request, State};
 use lego_protocol::{Message, Role, MAX_STDIO_BYTES};
 use lego_transport::{ask_manager, FramedConn, Tcp, Transport};
 
+use crate::run::fail;
 use crate::LEGO_FAILED;
-
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("lego: {msg}");
-    ExitCode::from(LEGO_FAILED)
-}
 
 /// Whether the cluster at `manager` has an alive processor daemon.
 pub fn processors_alive(manager: &str) -> Result<bool, String> {

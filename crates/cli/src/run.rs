@@ -15,7 +15,6 @@ use lego_sys::stats::{self, SharedStats};
 use serde_json::json;
 
 use crate::size::{human, parse_size};
-use crate::LEGO_FAILED;
 
 /// Name of the runtime library, found next to the `lego` binary.
 pub const RUNTIME_LIB: &str = "liblego_runtime.so";
@@ -54,9 +53,9 @@ pub struct RunArgs {
     command: Vec<OsString>,
 }
 
-fn fail(msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("lego: {msg}");
-    ExitCode::from(LEGO_FAILED)
+/// Prints `lego: MSG` and returns lego's failure status.
+pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    crate::fail("lego", msg)
 }
 
 /// Finds `prog` like a shell does.

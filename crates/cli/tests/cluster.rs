@@ -544,27 +544,9 @@ fn cluster_commands_answer_bad_input_with_one_line_errors() {
 
 /// The capacity a memory daemon started with `args` (and `env`) reports.
 fn capacity_of(args: &[&str], env: &[(&str, &str)]) -> u64 {
-    let mut child = Command::new(lego())
-        .args(args)
-        .envs(env.iter().copied())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().expect("the daemon starts").unwrap();
-        if let Some(rest) = line.strip_prefix("lego memory: serving on ") {
-            break rest.split(' ').next().unwrap().to_string();
-        }
-    };
-    let out = Command::new(lego())
-        .args(["status", "--json", "--memory", &addr])
-        .output()
-        .unwrap();
-    let _ = child.kill();
-    let _ = child.wait();
-    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    s["capacity_bytes"].as_u64().unwrap()
+    Daemon::start_with(args, env).status()["capacity_bytes"]
+        .as_u64()
+        .unwrap()
 }
 
 #[test]

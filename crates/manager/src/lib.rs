@@ -97,15 +97,10 @@ impl Manager {
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
-            let (inner, stop) = (inner.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("lego-manager-accept".into())
-                .spawn(move || {
-                    lego_transport::serve_connections(listener, "lego-manager-conn", &stop, {
-                        move |s| serve_connection(s, inner.clone())
-                    })
-                })
-                .expect("spawn accept thread")
+            let inner = inner.clone();
+            lego_transport::serve_connections(listener, "lego-manager", stop.clone(), move |s| {
+                serve_connection(s, inner.clone())
+            })
         };
         let ticker = {
             let (inner, stop) = (inner.clone(), stop.clone());

@@ -47,15 +47,10 @@ impl MemoryDaemon {
         let store = Arc::new(Mutex::new(Store::new(capacity_bytes)));
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
-            let (store, stop) = (store.clone(), stop.clone());
-            std::thread::Builder::new()
-                .name("lego-memory-accept".into())
-                .spawn(move || {
-                    lego_transport::serve_connections(listener, "lego-memory-conn", &stop, {
-                        move |s| serve_connection(s, store.clone())
-                    })
-                })
-                .expect("spawn accept thread")
+            let store = store.clone();
+            lego_transport::serve_connections(listener, "lego-memory", stop.clone(), move |s| {
+                serve_connection(s, store.clone())
+            })
         };
         Ok(Self {
             addr,

@@ -237,8 +237,9 @@ impl Prefetcher {
         Some(a.dense(back))
     }
 
-    /// The typical walk length (for tests and statistics).
-    pub fn extent(&self) -> i64 {
+    /// The typical walk length (for tests).
+    #[cfg(test)]
+    fn extent(&self) -> i64 {
         self.extent
     }
 

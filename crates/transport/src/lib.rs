@@ -336,10 +336,24 @@ pub fn control_call(
     ControlClient::connect(addr, "lego", timeout)?.call(req)
 }
 
-/// Accepts connections on `listener` until `stop` is set, serving each on
-/// a thread of its own named `name`. Accept errors (a full descriptor
-/// table) are logged and retried; they never end the loop.
+/// Accepts connections on `listener`, on a thread `{name}-accept`, until
+/// `stop` is set; serves each on a thread `{name}-conn` of its own. Accept
+/// errors (a full descriptor table) are logged and retried; they never end
+/// the loop.
 pub fn serve_connections<L: Listener>(
+    listener: L,
+    name: &str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    serve: impl Fn(L::Stream) + Clone + Send + 'static,
+) -> std::thread::JoinHandle<()> {
+    let conn_name = format!("{name}-conn");
+    std::thread::Builder::new()
+        .name(format!("{name}-accept"))
+        .spawn(move || accept_loop(listener, &conn_name, &stop, serve))
+        .expect("spawn accept thread")
+}
+
+fn accept_loop<L: Listener>(
     listener: L,
     name: &str,
     stop: &std::sync::atomic::AtomicBool,

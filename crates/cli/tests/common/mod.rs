@@ -144,8 +144,17 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(capacity: &str) -> Daemon {
+        Self::start_with(
+            &["memory", "--listen", "127.0.0.1:0", "--capacity", capacity],
+            &[],
+        )
+    }
+
+    /// `lego ARGS` (a memory daemon) with `env` added to the environment.
+    pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Daemon {
         let mut child = Command::new(lego())
-            .args(["memory", "--listen", "127.0.0.1:0", "--capacity", capacity])
+            .args(args)
+            .envs(env.iter().copied())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
