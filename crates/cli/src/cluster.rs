@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use lego_protocol::control::{Reply, Request};
+use lego_protocol::control::{Reply, Request, State};
 
 use crate::size::human;
 use crate::{fail, LEGO_FAILED};
@@ -137,6 +137,83 @@ pub fn status(manager: &str, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[derive(clap::Args)]
+pub struct DrainArgs {
+    /// Id of the memory daemon to empty (the ID column of `lego status`).
+    #[arg(value_name = "MEMORY-ID")]
+    id: u64,
+    /// Global manager of the cluster, HOST:PORT.
+    #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
+    manager: String,
+    /// Stop waiting after this long, e.g. 30s or 5m; the drain itself goes on.
+    #[arg(long, value_name = "TIME", default_value = "10m", value_parser = parse_duration)]
+    timeout: Duration,
+    /// Start the drain and return at once (`lego status` shows its progress).
+    #[arg(long)]
+    no_wait: bool,
+}
+
+/// `lego drain`: marks a memory daemon draining, then waits, printing what
+/// is left on it, until the programs using it have moved their memory away
+/// and it has left the cluster.
+pub fn drain(args: DrainArgs) -> ExitCode {
+    let id = args.id;
+    match lego_transport::ask_manager(&args.manager, &Request::Drain { id }) {
+        Ok(Reply::Ok) => {}
+        Ok(other) => return fail("lego drain", format!("unexpected answer {other:?}")),
+        Err(e) => return fail("lego drain", e),
+    }
+    eprintln!("lego drain: memory daemon {id} is draining; no new memory goes to it");
+    if args.no_wait {
+        return ExitCode::SUCCESS;
+    }
+    let deadline = std::time::Instant::now() + args.timeout;
+    let mut last = None;
+    loop {
+        let c = match lego_transport::ask_manager(&args.manager, &Request::Status) {
+            Ok(Reply::Status(s)) => s.components.into_iter().find(|c| c.id == id),
+            Ok(other) => return fail("lego drain", format!("unexpected answer {other:?}")),
+            Err(e) => return fail("lego drain", e),
+        };
+        let Some(c) = c else {
+            return fail("lego drain", format!("memory daemon {id} is gone from the cluster"));
+        };
+        match c.state {
+            State::Left => {
+                eprintln!("lego drain: memory daemon {id} holds nothing and has left the cluster");
+                return ExitCode::SUCCESS;
+            }
+            State::Failed => {
+                return fail(
+                    "lego drain",
+                    format!("memory daemon {id} failed while draining: what it held is lost"),
+                )
+            }
+            State::Alive | State::Draining => {}
+        }
+        let left = (c.used_bytes, c.units);
+        if last != Some(left) {
+            eprintln!(
+                "lego drain: {} in {} units left on memory daemon {id}",
+                human(c.used_bytes),
+                c.units
+            );
+            last = Some(left);
+        }
+        if std::time::Instant::now() >= deadline {
+            return fail(
+                "lego drain",
+                format!(
+                    "memory daemon {id} still holds {} after {:?}; the drain goes on",
+                    human(c.used_bytes),
+                    args.timeout
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 #[cfg(test)]

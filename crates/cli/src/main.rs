@@ -43,6 +43,8 @@ enum Command {
     Processor(processor::ProcessorArgs),
     /// Show the cluster (with --manager) or one memory daemon (with --memory).
     Status(StatusArgs),
+    /// Move everything off a memory daemon while its programs run, then let it leave.
+    Drain(cluster::DrainArgs),
 }
 
 #[derive(clap::Args)]
@@ -105,6 +107,7 @@ fn main() -> ExitCode {
                 size::human(args.capacity)
             );
             d.wait();
+            eprintln!("lego memory: drained; left the cluster");
             ExitCode::SUCCESS
         }
         Command::Manager(args) => {
@@ -120,6 +123,7 @@ fn main() -> ExitCode {
             (Some(mem), None) => memory_status(mem, args.json),
             (None, None) => fail("lego status", "give --manager or --memory"),
         },
+        Command::Drain(args) => cluster::drain(args),
     }
 }
 

@@ -351,12 +351,21 @@ impl Report {
                 self.elapsed.as_secs_f64()
             );
         }
+        let migrated = s.migrated_pages.load(Relaxed);
+        let moved = if migrated > 0 {
+            format!(
+                "lego: moved {} off draining memory daemons\n",
+                human(migrated * lego_protocol::PAGE_SIZE as u64)
+            )
+        } else {
+            String::new()
+        };
         format!(
             "lego: {} after {:.2} s | ExCache {} | peak resident {}\n\
              lego: misses {} ({} fetched, {} zero-filled) | miss latency p50 {} p99 {}\n\
              lego: ahead of misses: {} pages prefetched, {} zero-filled\n\
              lego: evictions {} | writebacks {} ({} zero and {} unchanged pages dropped instead) | network {} out, {} in\n\
-             lego: coverage {}\n",
+             {moved}lego: coverage {}\n",
             self.end(),
             self.elapsed.as_secs_f64(),
             human(self.excache),
@@ -400,6 +409,7 @@ impl Report {
             "dirtied": s.dirtied.load(Relaxed),
             "evictions": s.evictions.load(Relaxed),
             "writebacks": s.writebacks.load(Relaxed),
+            "migrated_pages": s.migrated_pages.load(Relaxed),
             "bytes_out": s.bytes_out.load(Relaxed),
             "bytes_in": s.bytes_in.load(Relaxed),
             "miss_latency_us": {

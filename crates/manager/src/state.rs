@@ -129,6 +129,15 @@ impl Cluster {
                 None => unknown(id),
             },
             Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
+            Request::Drain { id } => self.drain(id, &mut ch),
+            Request::Draining => Reply::Draining {
+                ids: self
+                    .components
+                    .iter()
+                    .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Draining)
+                    .map(|(&id, _)| id)
+                    .collect(),
+            },
             Request::PlaceProcess {
                 program: _,
                 excache_bytes,
@@ -252,7 +261,65 @@ impl Cluster {
                 self.placements.remove(&k);
                 ch.unplaced.insert(k);
             }
+            // A drained daemon holds nothing and nothing is placed on it:
+            // it leaves.
+            let c = self.components.get_mut(&id).expect("looked up above");
+            if c.state == State::Draining
+                && used_bytes == 0
+                && c.spaces.is_empty()
+                && !self.placements.values().any(|p| p.component == id)
+            {
+                c.state = State::Left;
+                ch.components.insert(id);
+                return Reply::Left;
+            }
         }
+        Reply::Ok
+    }
+
+    /// Starts draining memory daemon `id`, if the other alive memory
+    /// daemons have room for every unit placed on it.
+    fn drain(&mut self, id: u64, ch: &mut Changes) -> Reply {
+        let error = |message: String| Reply::Error { message };
+        let Some(c) = self.components.get(&id) else {
+            return error(format!("no component {id} in this cluster"));
+        };
+        if c.kind != Kind::Memory {
+            return error(format!(
+                "component {id} is a {} daemon; only memory daemons are drained",
+                c.kind
+            ));
+        }
+        match c.state {
+            State::Alive => {}
+            State::Draining => return Reply::Ok,
+            State::Failed => {
+                return error(format!(
+                    "memory daemon {id} has failed: its memory is gone, there is nothing to move"
+                ))
+            }
+            State::Left => return error(format!("memory daemon {id} has left the cluster")),
+        }
+        let units = self.units();
+        let on_it = units.get(&id).copied().unwrap_or(0);
+        let room: u64 = self
+            .components
+            .iter()
+            .filter(|(&o, c)| o != id && c.kind == Kind::Memory && c.state == State::Alive)
+            .map(|(o, c)| {
+                c.capacity_bytes
+                    .saturating_sub(units.get(o).copied().unwrap_or(0) * PLACEMENT_BYTES)
+                    / PLACEMENT_BYTES
+            })
+            .sum();
+        if room < on_it {
+            return error(format!(
+                "cannot drain memory daemon {id}: its {on_it} units ({} MiB) do not fit on the other alive memory daemons (room for {room})",
+                on_it * PLACEMENT_BYTES >> 20
+            ));
+        }
+        self.components.get_mut(&id).expect("looked up above").state = State::Draining;
+        ch.components.insert(id);
         Reply::Ok
     }
 
@@ -268,10 +335,14 @@ impl Cluster {
     fn place_memory(&mut self, now: u64, space: u64, unit: u64, ch: &mut Changes) -> Reply {
         if let Some(p) = self.placements.get(&(space, unit)) {
             let c = &self.components[&p.component];
-            return Reply::Placed {
-                id: p.component,
-                addr: c.addr.clone(),
-            };
+            // A unit on a draining daemon is placed again: the runtime
+            // asking moves it there.
+            if c.state != State::Draining {
+                return Reply::Placed {
+                    id: p.component,
+                    addr: c.addr.clone(),
+                };
+            }
         }
         let units = self.units();
         // The memory daemon with the most capacity not yet placed.
@@ -606,5 +677,53 @@ mod tests {
         assert!(r.tick(50_900).is_empty());
         assert_eq!(placed_on(&place(&mut r, 50_900, 1, 0)), a);
         assert_eq!(r.tick(51_001).components.len(), 1);
+    }
+
+    #[test]
+    fn a_drained_daemon_gets_its_units_placed_elsewhere_then_leaves() {
+        let mut c = Cluster::new(900);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 32 * MIB);
+        let p = register(&mut c, 0, Kind::Processor, "p:1", 64 * MIB);
+        for u in 0..4 {
+            place(&mut c, 1, 7, u);
+        }
+        let hb = |c: &mut Cluster, t: u64, id: u64, used: u64, spaces: Vec<u64>| {
+            c.apply(
+                t,
+                Request::Heartbeat {
+                    id,
+                    used_bytes: used,
+                    load: 0,
+                    spaces,
+                    processes: vec![],
+                },
+            )
+            .0
+        };
+        let drain = |c: &mut Cluster, id: u64| c.apply(2, Request::Drain { id }).0;
+        // Bad targets are refused with a reason.
+        assert!(matches!(drain(&mut c, 99), Reply::Error { message } if message.contains("no component 99")));
+        assert!(matches!(drain(&mut c, p), Reply::Error { message } if message.contains("only memory daemons")));
+        // a holds 3 units (48 MiB), b has room for 1: a cannot be drained.
+        let on_a = (0..4)
+            .filter(|&u| placed_on(&place(&mut c, 1, 7, u)) == a)
+            .count();
+        assert_eq!(on_a, 3);
+        assert!(matches!(drain(&mut c, a), Reply::Error { message } if message.contains("do not fit")));
+        // b's one unit fits on a.
+        assert_eq!(drain(&mut c, b), Reply::Ok);
+        assert_eq!(drain(&mut c, b), Reply::Ok, "draining again is no error");
+        assert_eq!(c.apply(3, Request::Draining).0, Reply::Draining { ids: vec![b] });
+        // Its unit is placed again on a when asked; no new unit goes to b.
+        let moved = (0..4).find(|&u| c.placements[&(7, u)].component == b).unwrap();
+        assert_eq!(placed_on(&place(&mut c, 3, 7, moved)), a);
+        assert!(matches!(place(&mut c, 3, 8, 0), Reply::Error { .. }));
+        // Still holding pages: stays draining.
+        assert_eq!(hb(&mut c, 4, b, 4096, vec![7]), Reply::Ok);
+        // Empty: told it has left, and never placed on again.
+        assert_eq!(hb(&mut c, 5, b, 0, vec![]), Reply::Left);
+        assert_eq!(c.components[&b].state, State::Left);
+        assert!(matches!(drain(&mut c, b), Reply::Error { message } if message.contains("has left")));
     }
 }

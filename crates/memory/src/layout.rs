@@ -186,6 +186,48 @@ impl Layout {
         (self.brk, freed)
     }
 
+    /// The break's start, the break and the mappings (start, end), to move
+    /// the layout to another daemon.
+    pub fn export(&self) -> (u64, u64, Vec<(u64, u64)>) {
+        let mappings = self.vmas.iter().map(|(&s, &e)| (s, e)).collect();
+        (self.brk_start, self.brk, mappings)
+    }
+
+    /// A layout of the region `[base, end)` from what [`Layout::export`]
+    /// gave on another daemon; checked, as it comes from the network.
+    pub fn import(
+        base: u64,
+        end: u64,
+        brk_start: u64,
+        brk: u64,
+        mappings: &[(u64, u64)],
+    ) -> Result<Self, LayoutError> {
+        if brk_start != base + VREGION_BYTES
+            || brk < brk_start
+            || brk > brk_start + VREGION_BYTES
+            || end < base + 3 * VREGION_BYTES
+        {
+            return Err(LayoutError::BadRange(brk_start, brk.saturating_sub(brk_start)));
+        }
+        let mut vmas = BTreeMap::new();
+        let mut last_end = base;
+        for &(s, e) in mappings {
+            let ok = s.is_multiple_of(PAGE) && e.is_multiple_of(PAGE) && s >= last_end && e > s;
+            if !ok || e > end {
+                return Err(LayoutError::BadRange(s, e.saturating_sub(s)));
+            }
+            vmas.insert(s, e);
+            last_end = e;
+        }
+        Ok(Self {
+            base,
+            end,
+            vmas,
+            brk_start,
+            brk,
+        })
+    }
+
     /// Whether `addr` lies in a mapping or below the break.
     pub fn contains(&self, addr: u64) -> bool {
         if addr >= self.brk_start && addr < round_up(self.brk) {
@@ -261,6 +303,30 @@ mod tests {
         l.mmap(VREGION_BYTES - PAGE).unwrap();
         let b = l.mmap(2 * PAGE).unwrap();
         assert_eq!((b - BASE) % VREGION_BYTES, 0);
+    }
+
+    #[test]
+    fn export_and_import_give_the_same_layout() {
+        let mut l = layout();
+        let a = l.mmap(3 * PAGE).unwrap();
+        let b = l.mmap(PAGE).unwrap();
+        l.munmap(a + PAGE, PAGE).unwrap();
+        l.brk(BASE + VREGION_BYTES + 5 * PAGE);
+        let (brk_start, brk, maps) = l.export();
+        let mut m = Layout::import(BASE, BASE + 64 * VREGION_BYTES, brk_start, brk, &maps).unwrap();
+        assert_eq!(m.export(), l.export());
+        assert!(m.contains(b) && !m.contains(a + PAGE));
+        assert_eq!(m.mmap(PAGE).unwrap(), l.mmap(PAGE).unwrap());
+        // Overlapping, unaligned or outside mappings are refused.
+        let end = BASE + 64 * VREGION_BYTES;
+        for bad in [
+            vec![(a, a + 2 * PAGE), (a + PAGE, a + 3 * PAGE)],
+            vec![(a + 1, a + PAGE)],
+            vec![(end, end + PAGE)],
+        ] {
+            assert!(Layout::import(BASE, end, brk_start, brk, &bad).is_err());
+        }
+        assert!(Layout::import(BASE, end, brk_start, brk_start - PAGE, &maps).is_err());
     }
 
     #[test]

@@ -103,11 +103,13 @@ impl MemoryDaemon {
         Ok(id)
     }
 
-    /// Serves until the process ends.
-    pub fn wait(mut self) {
-        if let Some(t) = self.accept.take() {
-            let _ = t.join();
+    /// Serves until the daemon has left its cluster (drained; with no
+    /// manager, until the process ends).
+    pub fn wait(self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
         }
+        self.shutdown();
     }
 
     /// Stops accepting; existing connections end when their peers leave.
@@ -153,6 +155,7 @@ enum Reply {
     Opened(SpaceId),
     Pages,
     Stats(DaemonStats),
+    Layout(u64, u64, Vec<(u64, u64)>),
 }
 
 fn request_loop<S: Stream>(
@@ -175,6 +178,14 @@ fn request_loop<S: Stream>(
             Ok(Reply::Opened(space)) => conn.send(id, &Message::SpaceOpened { space })?,
             Ok(Reply::Pages) => conn.send(id, &Message::Pages { data: &pages })?,
             Ok(Reply::Stats(s)) => conn.send(id, &Message::Stats(s))?,
+            Ok(Reply::Layout(brk_start, brk, mappings)) => conn.send(
+                id,
+                &Message::Layout {
+                    brk_start: VirtAddr(brk_start),
+                    brk: VirtAddr(brk),
+                    mappings,
+                },
+            )?,
             Err(Refusal(code, message)) => conn.send(
                 id,
                 &Message::Error {
@@ -259,6 +270,17 @@ fn handle(
             .write_pages(need(space)?, &addrs, data)
             .map(|_| Reply::Done),
         Message::GetStats => Ok(Reply::Stats(st.stats())),
+        Message::GetLayout => {
+            let (brk_start, brk, mappings) = st.get_layout(need(space)?)?;
+            Ok(Reply::Layout(brk_start, brk, mappings))
+        }
+        Message::Layout {
+            brk_start,
+            brk,
+            mappings,
+        } => st
+            .set_layout(need(space)?, brk_start.0, brk.0, &mappings)
+            .map(|_| Reply::Done),
         other => Err(Refusal(
             Invalid,
             format!("{} is not a request a memory daemon serves", other.name()),

@@ -184,6 +184,26 @@ impl Store {
         })
     }
 
+    /// The layout of a space whose home this daemon is: break start,
+    /// break, mappings.
+    pub fn get_layout(&mut self, id: SpaceId) -> Result<(u64, u64, Vec<(u64, u64)>), Refusal> {
+        Ok(self.layout(id)?.export())
+    }
+
+    /// Makes this daemon the home of space `id` (attached here), with the
+    /// layout its old home had.
+    pub fn set_layout(
+        &mut self,
+        id: SpaceId,
+        brk_start: u64,
+        brk: u64,
+        mappings: &[(u64, u64)],
+    ) -> Result<(), Refusal> {
+        let s = self.space(id)?;
+        s.layout = Some(Layout::import(s.base, s.end, brk_start, brk, mappings)?);
+        Ok(())
+    }
+
     pub fn mmap(&mut self, id: SpaceId, len: u64) -> Result<VirtAddr, Refusal> {
         Ok(VirtAddr(self.layout(id)?.mmap(len)?))
     }

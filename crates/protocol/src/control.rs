@@ -18,6 +18,13 @@
 //!    |                  Placed{id, addr}     |  most free capacity wins
 //!    |<--------------------------------------|
 //!
+//! runtime of a program                 global manager (drain)
+//!    | Draining                              |  a few times a second
+//!    |-------------------------------------->|
+//!    |                   Draining{ids}       |  units on those daemons are
+//!    |<--------------------------------------|  copied elsewhere, placed by
+//!                                            |  PlaceMemory again
+//!
 //! lego run / status                    global manager (GPM)
 //!    | PlaceProcess{program, excache}        |
 //!    |-------------------------------------->|
@@ -109,8 +116,16 @@ pub enum Request {
     /// A component leaves for good.
     Leave { id: u64 },
     /// Where unit `unit` (offset in the region / [`PLACEMENT_BYTES`]) of
-    /// address space `space` lives; placed now if it is not yet.
+    /// address space `space` lives; placed now if it is not yet, or placed
+    /// again if it is on a draining daemon (the asker then moves it).
     PlaceMemory { space: u64, unit: u64 },
+    /// Move every unit off memory daemon `id` (`lego drain`): it gets no
+    /// new placements, the programs with units on it move them, and once
+    /// it holds nothing it is told to leave.
+    Drain { id: u64 },
+    /// Which memory daemons are draining (asked by every program's runtime
+    /// a few times a second).
+    Draining,
     /// Which processor should run a new program.
     PlaceProcess { program: String, excache_bytes: u64 },
     /// The whole cluster, for `lego status`.
@@ -148,6 +163,13 @@ pub enum Reply {
         addr: String,
     },
     Status(ClusterStatus),
+    /// The memory daemons being drained.
+    Draining {
+        ids: Vec<u64>,
+    },
+    /// To a heartbeat of a drained memory daemon: it holds nothing any
+    /// more and has left the cluster.
+    Left,
     Launched {
         pid: u32,
     },

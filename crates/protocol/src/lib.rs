@@ -61,7 +61,7 @@ use thiserror::Error;
 pub mod control;
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 /// First bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: [u8; 4] = *b"LEGO";
 /// Bytes in a page, the unit of every transfer.
@@ -77,6 +77,8 @@ pub const MAX_STRING_BYTES: usize = 4096;
 pub const MAX_BODY_BYTES: usize = MAX_BATCH_PAGES * (PAGE_SIZE + 8) + 64;
 /// Most bytes of a standard stream in one `Stdio` frame.
 pub const MAX_STDIO_BYTES: usize = 64 << 10;
+/// Most mappings in one `Layout` (one frame body).
+pub const MAX_MAPPINGS: usize = (MAX_BODY_BYTES - 24) / 16;
 /// Longest control message (JSON).
 pub const MAX_CONTROL_BYTES: usize = 1 << 20;
 /// Size of the fixed frame header.
@@ -227,6 +229,16 @@ pub enum Message<'a> {
     /// between `lego run` and the processor daemon running the program;
     /// empty data is end of file.
     Stdio { fd: u8, data: &'a [u8] },
+    /// Ask the home daemon of the connection's space for its layout (a
+    /// drain moving the home elsewhere); answered with `Layout`.
+    GetLayout,
+    /// An address space's layout: the mappings (start, end) and the break.
+    /// Sent to a daemon, it makes that daemon the space's home.
+    Layout {
+        brk_start: VirtAddr,
+        brk: VirtAddr,
+        mappings: Vec<(u64, u64)>,
+    },
 }
 
 impl Message<'_> {
@@ -287,6 +299,8 @@ mod kind {
     pub const STATS: u16 = 51;
     pub const CONTROL: u16 = 60;
     pub const STDIO: u16 = 61;
+    pub const GET_LAYOUT: u16 = 62;
+    pub const LAYOUT: u16 = 63;
 }
 
 struct Writer<'b>(&'b mut Vec<u8>);
@@ -466,6 +480,22 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.0.extend_from_slice(data);
             kind::STDIO
         }
+        Message::GetLayout => kind::GET_LAYOUT,
+        Message::Layout {
+            brk_start,
+            brk,
+            mappings,
+        } => {
+            assert!(mappings.len() <= MAX_MAPPINGS, "layout too large");
+            w.u64(brk_start.0);
+            w.u64(brk.0);
+            w.u32(mappings.len() as u32);
+            for &(start, end) in mappings {
+                w.u64(start);
+                w.u64(end);
+            }
+            kind::LAYOUT
+        }
     };
     let body_len = out.len() - start - HEADER_BYTES;
     debug_assert!(body_len <= MAX_BODY_BYTES);
@@ -491,7 +521,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, DecodeError> 
     if body_len > MAX_BODY_BYTES {
         return Err(DecodeError::TooLarge(body_len));
     }
-    if !(kind::HELLO..=kind::STDIO).contains(&kind) {
+    if !(kind::HELLO..=kind::LAYOUT).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     Ok(Header {
@@ -688,6 +718,23 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
                 data: r.take(len, "stdio data")?,
             }
         }
+        kind::GET_LAYOUT => Message::GetLayout,
+        kind::LAYOUT => {
+            let brk_start = r.addr("break start")?;
+            let brk = r.addr("break")?;
+            let n = r.u32("mapping count")? as usize;
+            if n > MAX_MAPPINGS || r.buf.len() < n * 16 {
+                return Err(DecodeError::BadValue("mapping count", n as u64));
+            }
+            let mappings = (0..n)
+                .map(|_| Ok((r.u64("mapping start")?, r.u64("mapping end")?)))
+                .collect::<Result<_, DecodeError>>()?;
+            Message::Layout {
+                brk_start,
+                brk,
+                mappings,
+            }
+        }
         other => return Err(DecodeError::UnknownKind(other)),
     };
     if !r.buf.is_empty() {
@@ -817,6 +864,12 @@ mod tests {
             Message::Stdio {
                 fd: 1,
                 data: b"hello\n",
+            },
+            Message::GetLayout,
+            Message::Layout {
+                brk_start: VirtAddr(1 << 30),
+                brk: VirtAddr((1 << 30) + 8192),
+                mappings: vec![(1 << 31, (1 << 31) + 4096)],
             },
         ] {
             roundtrip(m);

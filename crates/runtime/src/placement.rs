@@ -149,6 +149,38 @@ impl Placement {
         Ok(())
     }
 
+    /// The global manager's address, if it places this program's memory.
+    pub fn manager(&self) -> Option<&str> {
+        self.gmm.as_ref().map(|g| g.addr.as_str())
+    }
+
+    /// The runtime's index of the daemon with manager id `id`, if this
+    /// program is connected to it.
+    pub fn index_of(&self, id: u64) -> Option<usize> {
+        self.gmm.as_ref()?.ids.iter().position(|&i| i == id)
+    }
+
+    /// The first unit placed on daemon `d`, as a region offset.
+    pub fn first_on(&self, d: usize) -> Option<usize> {
+        self.table.iter().position(|&x| x as usize == d).map(|u| u * UNIT)
+    }
+
+    /// Forgets where region offset `off`'s unit lives, so the next
+    /// [`Placement::place`] asks the manager again (a drain moving it).
+    pub fn unplace(&mut self, off: usize) {
+        if let Some(x) = self.table.get_mut(off / UNIT) {
+            *x = UNPLACED;
+        }
+    }
+
+    /// Records that region offset `off`'s unit lives on daemon `d` (a move
+    /// that failed puts it back).
+    pub fn set(&mut self, off: usize, d: usize) {
+        if let Some(x) = self.table.get_mut(off / UNIT) {
+            *x = d as u8;
+        }
+    }
+
     /// In a forked child: the parent's connection to the manager is the
     /// parent's (this drops only the child's copy of its descriptor).
     pub fn after_fork(&mut self) {
@@ -169,6 +201,22 @@ mod tests {
         assert_eq!(p.placed(VREGION_BYTES as usize + 5), Some(1));
         assert_eq!(p.placed(3 * VREGION_BYTES as usize), Some(0));
         assert_eq!(p.placed(100 * VREGION_BYTES as usize), None);
+    }
+
+    #[test]
+    fn a_unit_unplaced_for_a_move_is_asked_for_again() {
+        let mut p = Placement::managed(64 << 20, "127.0.0.1:1".into(), vec![4, 9]);
+        assert_eq!(p.manager(), Some("127.0.0.1:1"));
+        assert_eq!(p.index_of(9), Some(1));
+        assert_eq!(p.index_of(5), None);
+        p.set(UNIT + 5, 1);
+        p.set(3 * UNIT, 1);
+        assert_eq!(p.first_on(1), Some(UNIT));
+        assert_eq!(p.first_on(0), None);
+        p.unplace(UNIT);
+        assert_eq!(p.placed(UNIT), None);
+        assert_eq!(p.first_on(1), Some(3 * UNIT));
+        assert_eq!(Placement::fixed(1 << 30, 1).manager(), None);
     }
 
     #[test]

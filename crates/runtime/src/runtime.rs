@@ -35,7 +35,8 @@ use lego_sys::process::die;
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::{Fault, Uffd};
 use lego_sys::{mm, process};
-use lego_transport::{ConnError, FramedConn, Stream, Tcp, Transport};
+use lego_protocol::control::{Reply, Request, PLACEMENT_BYTES};
+use lego_transport::{ConnError, ControlClient, FramedConn, Stream, Tcp, Transport};
 
 use crate::config::{Tuning, MAX_PREFETCH_PAGES};
 use crate::excache::{ExCache, Victim};
@@ -45,29 +46,55 @@ use crate::prefetch::Prefetcher;
 use crate::region::{self, Region};
 use crate::{config::Config, coverage};
 
-/// The vRegion size, which decides which daemon holds a page.
+/// How often a program's runtime asks the global manager which memory
+/// daemons are draining.
+const DRAIN_POLL: Duration = Duration::from_millis(200);
+
 /// The longest gap [`Runtime::spans`] bridges, in pages.
 const BRIDGE_PAGES: usize = 64;
 
+/// A memory daemon this program uses. Its index in `Shared::daemons` is
+/// what the placement table records, so a drained daemon keeps its place
+/// with its connection closed (`None`): no unit is placed on it any more.
 struct Daemon {
     addr: String,
-    conn: FramedConn<TcpStream>,
+    conn: Option<FramedConn<TcpStream>>,
 }
 
 impl Daemon {
     /// Polls the connection for data or hang-up.
-    fn pollfd(&self) -> libc::pollfd {
-        libc::pollfd {
-            fd: self.conn.stream().raw_fd().unwrap_or(-1),
+    fn pollfd(&self) -> Option<libc::pollfd> {
+        Some(libc::pollfd {
+            fd: self.conn.as_ref()?.stream().raw_fd().unwrap_or(-1),
             events: libc::POLLIN | libc::POLLRDHUP,
             revents: 0,
-        }
+        })
     }
+}
+
+/// The open connection of a daemon that holds a placed unit (a drained
+/// one, closed, holds none).
+fn live<'a>(
+    conn: &'a mut Option<FramedConn<TcpStream>>,
+    addr: &str,
+) -> &'a mut FramedConn<TcpStream> {
+    conn.as_mut().unwrap_or_else(|| {
+        die(&format!(
+            "runtime: memory daemon {addr} was drained, yet a page placed on it was asked for"
+        ))
+    })
 }
 
 struct Shared {
     cache: ExCache,
     daemons: Vec<Daemon>,
+    /// Bumped whenever a daemon connection opens or closes (the pager
+    /// polls them all).
+    daemons_changed: u64,
+    /// The daemon holding the space's layout (the control connection's).
+    home: usize,
+    /// The control connection's descriptor, for a fork child to close.
+    control_fd: i32,
     placement: Placement,
     next_id: u64,
     victims: Vec<Victim>,
@@ -91,6 +118,8 @@ struct Shared {
 
 struct Control {
     conn: FramedConn<TcpStream>,
+    /// The home daemon's address.
+    addr: String,
     next_id: u64,
 }
 
@@ -110,15 +139,14 @@ pub struct Runtime {
     shared: Mutex<Shared>,
     control: Mutex<Control>,
     space: SpaceId,
-    daemon_addrs: Vec<String>,
     program: String,
     timeout: Duration,
     stats: Option<&'static SharedStats>,
     tuning: Tuning,
     pid: u32,
     pidfd: i32,
-    /// Descriptors a forked child must close besides the daemon
-    /// connections (the control connection, userfaultfd, pidfd).
+    /// Descriptors a forked child must close besides the daemon and
+    /// control connections (userfaultfd, pidfd).
     fds: Vec<i32>,
     /// Zeros to install from: a fault page and a full prefetch window.
     zero: Box<[u8]>,
@@ -216,9 +244,11 @@ pub fn init() {
         }
         None => Placement::fixed(region.len, cfg.daemons.len()),
     };
+    let home = cfg.daemons[0].clone();
     start(
         region,
-        cfg.daemons,
+        home,
+        cfg.daemons.into_iter().map(Some).collect(),
         program_name(),
         cfg.timeout,
         cfg.stats,
@@ -237,7 +267,8 @@ pub fn init() {
 #[allow(clippy::too_many_arguments)]
 fn start(
     region: Region,
-    daemon_addrs: Vec<String>,
+    home: String,
+    daemon_addrs: Vec<Option<String>>,
     program: String,
     timeout: Duration,
     stats: Option<&'static SharedStats>,
@@ -247,7 +278,6 @@ fn start(
     origin: Origin,
 ) {
     let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
-    let home = daemon_addrs[0].clone();
     let mut control = connect(&home, &program, timeout);
     let open = match origin {
         Origin::Fresh => Message::OpenSpace {
@@ -272,25 +302,35 @@ fn start(
         region_base: VirtAddr(region.base as u64),
         region_bytes: region.len as u64,
     };
+    // A drained daemon keeps its index, unconnected.
     let daemons: Vec<Daemon> = daemon_addrs
-        .iter()
-        .enumerate()
-        .map(|(i, addr)| {
-            let mut conn = connect(addr, &program, timeout);
+        .into_iter()
+        .map(|addr| {
+            let Some(addr) = addr else {
+                return Daemon {
+                    addr: String::new(),
+                    conn: None,
+                };
+            };
+            let mut conn = connect(&addr, &program, timeout);
             let msg = match origin {
-                Origin::Fork { parent } if i > 0 => Message::ForkSpace {
+                Origin::Fork { parent } if addr != home => Message::ForkSpace {
                     parent,
                     child: space,
                 },
                 _ => attach.clone(),
             };
-            space_call(&mut conn, addr, &msg);
+            space_call(&mut conn, &addr, &msg);
             Daemon {
-                addr: addr.clone(),
-                conn,
+                addr,
+                conn: Some(conn),
             }
         })
         .collect();
+    let home_index = daemons
+        .iter()
+        .position(|d| d.conn.is_some() && d.addr == home)
+        .unwrap_or_else(|| die("runtime: the home memory daemon is not among the daemons"));
     uffd.register(region.base, region.len)
         .unwrap_or_else(|e| die(&format!("runtime: {e}")));
 
@@ -298,8 +338,8 @@ fn start(
     let budget_pages = cache.budget();
     // The daemon connections' descriptors are found in `Shared` at fork
     // (their list grows while the program runs).
-    let mut fds: Vec<i32> = control.stream().raw_fd().into_iter().collect();
-    fds.push(uffd.as_raw_fd());
+    let control_fd = control.stream().raw_fd().unwrap_or(-1);
+    let mut fds = vec![uffd.as_raw_fd()];
     let pidfd = mm::own_pidfd();
     fds.push(pidfd);
     let rt = Box::new(Runtime {
@@ -308,6 +348,9 @@ fn start(
         shared: Mutex::new(Shared {
             cache,
             daemons,
+            daemons_changed: 0,
+            home: home_index,
+            control_fd,
             placement,
             next_id: 1,
             victims: Vec::new(),
@@ -324,10 +367,10 @@ fn start(
         }),
         control: Mutex::new(Control {
             conn: control,
+            addr: home,
             next_id: 2,
         }),
         space,
-        daemon_addrs,
         program,
         timeout,
         stats,
@@ -344,6 +387,10 @@ fn start(
     RUNTIME.store(rt as *const Runtime as *mut Runtime, Ordering::Release);
     process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));
+    if let Some(manager) = lock(&rt.shared).placement.manager().map(str::to_string) {
+        process::spawn_thread(heap::mark_runtime_thread, move || rt.drain_loop(manager))
+            .unwrap_or_else(|e| die(&format!("runtime: cannot start the drain thread: {e}")));
+    }
 }
 
 // fork: the prepare handler freezes the pager (no writeback can change the
@@ -411,12 +458,18 @@ extern "C" fn after_fork_child() {
     let mut guard = unsafe { Box::from_raw(guard) };
     let mut cache = std::mem::replace(&mut guard.cache, ExCache::new(0, 1));
     let mut placement = std::mem::replace(&mut guard.placement, Placement::fixed(0, 1));
-    let daemon_addrs: Vec<String> = guard.daemons.iter().map(|d| d.addr.clone()).collect();
-    let daemon_fds: Vec<i32> = guard
+    let daemon_addrs: Vec<Option<String>> = guard
         .daemons
         .iter()
-        .filter_map(|d| d.conn.stream().raw_fd())
+        .map(|d| d.conn.as_ref().map(|_| d.addr.clone()))
         .collect();
+    let mut daemon_fds: Vec<i32> = guard
+        .daemons
+        .iter()
+        .filter_map(|d| d.conn.as_ref()?.stream().raw_fd())
+        .collect();
+    daemon_fds.push(guard.control_fd);
+    let home = guard.daemons[guard.home].addr.clone();
     drop(guard);
     placement.after_fork();
     // fork cleared the write protection of clean pages: treat every
@@ -428,6 +481,7 @@ extern "C" fn after_fork_child() {
     }
     start(
         parent.region,
+        home,
         daemon_addrs,
         parent.program.clone(),
         parent.timeout,
@@ -471,13 +525,16 @@ impl Runtime {
     /// The daemon that stores `addr` (placing its unit now if needed, and
     /// connecting to the daemon the manager picks if it is a new one).
     fn daemon_for(&self, g: &mut Shared, addr: usize) -> usize {
+        self.try_daemon_for(g, addr)
+            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")))
+    }
+
+    /// [`Runtime::daemon_for`], with the manager's refusal (or absence) as
+    /// an error.
+    fn try_daemon_for(&self, g: &mut Shared, addr: usize) -> Result<usize, String> {
         let off = addr - self.region.base;
-        let placed = g
-            .placement
-            .place(off, self.space.0, self.timeout)
-            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")));
-        let (id, daemon_addr) = match placed {
-            Ok(d) => return d,
+        let (id, daemon_addr) = match g.placement.place(off, self.space.0, self.timeout)? {
+            Ok(d) => return Ok(d),
             Err(new) => new,
         };
         let mut conn = connect(&daemon_addr, &self.program, self.timeout);
@@ -491,16 +548,225 @@ impl Runtime {
             },
         );
         let d = g.daemons.len();
-        g.placement
-            .bind(off, id, d)
-            .unwrap_or_else(|e| die(&format!("runtime: {e}; stopping the program")));
+        g.placement.bind(off, id, d)?;
         g.daemons.push(Daemon {
             addr: daemon_addr,
-            conn,
+            conn: Some(conn),
         });
+        g.daemons_changed += 1;
         g.wb_addrs.push(Vec::new());
         g.wb_data.push(Vec::new());
-        d
+        Ok(d)
+    }
+
+    /// The drain thread of a program whose memory a global manager
+    /// places: a few times a second it asks which memory daemons are
+    /// draining, and moves this program's units off those it uses (see
+    /// [`Runtime::drain_daemon`]). The manager being away only delays it.
+    fn drain_loop(&'static self, manager: String) -> ! {
+        let _scope = RuntimeScope::enter();
+        let mut client: Option<ControlClient> = None;
+        let mut failing: Option<String> = None;
+        loop {
+            std::thread::sleep(DRAIN_POLL);
+            if client.is_none() {
+                client = ControlClient::connect(&manager, "lego-runtime", DRAIN_POLL * 5).ok();
+            }
+            let Some(c) = client.as_mut() else {
+                continue;
+            };
+            let ids = match c.call(&Request::Draining) {
+                Ok(Reply::Draining { ids }) => ids,
+                _ => {
+                    client = None;
+                    continue;
+                }
+            };
+            let drained: Vec<usize> = {
+                let g = lock(&self.shared);
+                ids.iter()
+                    .filter_map(|&id| g.placement.index_of(id))
+                    .filter(|&d| g.daemons[d].conn.is_some())
+                    .collect()
+            };
+            for d in drained {
+                match self.drain_daemon(d) {
+                    Ok(()) => failing = None,
+                    // Said once per reason; tried again at the next poll.
+                    Err(e) if failing.as_ref() != Some(&e) => {
+                        process::warn(&format!("cannot move memory off a draining daemon yet: {e}"));
+                        failing = Some(e);
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
+
+    /// Moves every unit of this program on daemon `d` to a daemon the
+    /// manager places it on now, one unit per hold of the lock so the
+    /// program's faults are served in between; then, if `d` is the home,
+    /// moves the layout too; then closes the connections to `d`, which
+    /// frees the space there.
+    fn drain_daemon(&self, d: usize) -> Result<(), String> {
+        loop {
+            let mut g = lock(&self.shared);
+            let Some(off) = g.placement.first_on(d) else {
+                break;
+            };
+            self.move_unit(&mut g, d, off)?;
+        }
+        let mut g = lock(&self.shared);
+        if g.home == d {
+            self.move_home(&mut g)?;
+        }
+        // The last reference to the space at `d`: it frees it.
+        g.daemons[d].conn = None;
+        g.daemons_changed += 1;
+        Ok(())
+    }
+
+    /// Moves the unit at region offset `off` from daemon `d`: placed anew
+    /// by the manager, its pages `d` holds are copied to the new daemon,
+    /// then forgotten at `d`. Until the copy is complete the unit stays on
+    /// `d`; the lock is held throughout, so no writeback or fetch of the
+    /// program sees it half moved.
+    fn move_unit(&self, g: &mut Shared, d: usize, off: usize) -> Result<(), String> {
+        let unit = PLACEMENT_BYTES as usize;
+        let base = self.region.base + off / unit * unit;
+        g.placement.unplace(off);
+        let t = match self.try_daemon_for(g, base) {
+            Ok(t) if t != d => t,
+            Ok(_) => return Err("the manager placed the unit on the draining daemon again".into()),
+            Err(e) => {
+                g.placement.set(off, d);
+                return Err(e);
+            }
+        };
+        let first = self.page_index(base);
+        let end = (first + unit / PAGE_SIZE).min(self.region.len / PAGE_SIZE);
+        let pages: Vec<VirtAddr> = (first..end)
+            .filter(|&i| g.cache.is_remote(i))
+            .map(|i| VirtAddr(self.page_addr(i) as u64))
+            .collect();
+        for chunk in pages.chunks(MAX_BATCH_PAGES) {
+            if let Err(e) = self.copy_pages(g, d, t, chunk) {
+                g.placement.set(off, d);
+                return Err(e);
+            }
+        }
+        let id = g.next_id;
+        g.next_id += 1;
+        let Daemon { addr, conn } = &mut g.daemons[d];
+        let discard = Message::Discard {
+            addr: VirtAddr(base as u64),
+            len: unit.min(self.region.base + self.region.len - base) as u64,
+        };
+        match live(conn, addr).call(id, &discard) {
+            Ok(f) if f.message == Message::Done => {}
+            Ok(f) => die(&format!("memory daemon {addr}: discard failed: {:?}", f.message)),
+            Err(e) => self.daemon_failed(addr, e),
+        }
+        if let Some(s) = self.stats {
+            s.migrated_pages.fetch_add(pages.len() as u64, Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Reads `addrs` from daemon `from` and stores them at daemon `to`.
+    fn copy_pages(
+        &self,
+        g: &mut Shared,
+        from: usize,
+        to: usize,
+        addrs: &[VirtAddr],
+    ) -> Result<(), String> {
+        let (rid, wid) = (g.next_id, g.next_id + 1);
+        g.next_id += 2;
+        let [src, dst] = g
+            .daemons
+            .get_disjoint_mut([from, to])
+            .map_err(|_| "a unit cannot move to the daemon it is on".to_string())?;
+        let data = match live(&mut src.conn, &src.addr).call(
+            rid,
+            &Message::ReadPages {
+                addrs: addrs.into(),
+            },
+        ) {
+            Ok(f) => match f.message {
+                Message::Pages { data } if data.len() == addrs.len() * PAGE_SIZE => data,
+                other => die(&format!(
+                    "memory daemon {} answered a page read with {other:?}",
+                    src.addr
+                )),
+            },
+            Err(e) => self.daemon_failed(&src.addr, e),
+        };
+        match live(&mut dst.conn, &dst.addr).call(
+            wid,
+            &Message::WritePages {
+                addrs: addrs.into(),
+                data,
+            },
+        ) {
+            Ok(f) if f.message == Message::Done => Ok(()),
+            Ok(f) => Err(format!(
+                "memory daemon {} refused the moved pages: {:?}",
+                dst.addr, f.message
+            )),
+            Err(e) => self.daemon_failed(&dst.addr, e),
+        }
+    }
+
+    /// Makes another daemon the home of this space: the one holding the
+    /// region's first unit (placed now if need be), given the layout the
+    /// old home had. The control connection moves there.
+    fn move_home(&self, g: &mut Shared) -> Result<(), String> {
+        let old = g.home;
+        g.placement.unplace(0);
+        let h = match self.try_daemon_for(g, self.region.base) {
+            Ok(h) if h != old => h,
+            Ok(_) => return Err("the manager placed the home on the draining daemon".into()),
+            Err(e) => return Err(e),
+        };
+        let mut c = lock(&self.control);
+        let id = c.next_id;
+        c.next_id += 1;
+        let Control { conn, addr, .. } = &mut *c;
+        let layout = match conn.call(id, &Message::GetLayout) {
+            Ok(f) => match f.message {
+                Message::Layout {
+                    brk_start,
+                    brk,
+                    mappings,
+                } => Message::Layout {
+                    brk_start,
+                    brk,
+                    mappings,
+                },
+                other => die(&format!(
+                    "memory daemon {addr} answered a layout request with {other:?}"
+                )),
+            },
+            Err(e) => self.daemon_failed(addr, e),
+        };
+        let new_addr = g.daemons[h].addr.clone();
+        let mut new = connect(&new_addr, &self.program, self.timeout);
+        space_call(
+            &mut new,
+            &new_addr,
+            &Message::AttachSpace {
+                space: self.space,
+                region_base: VirtAddr(self.region.base as u64),
+                region_bytes: self.region.len as u64,
+            },
+        );
+        space_call(&mut new, &new_addr, &layout);
+        g.control_fd = new.stream().raw_fd().unwrap_or(-1);
+        c.conn = new;
+        c.addr = new_addr;
+        g.home = h;
+        Ok(())
     }
 
     fn pager_loop(&'static self) -> ! {
@@ -511,14 +777,17 @@ impl Runtime {
             events: libc::POLLIN,
             revents: 0,
         }];
+        let mut polled = None;
         let mut last_sample = Instant::now();
         loop {
-            // The daemons this program uses (more join while it runs).
+            // The daemons this program uses (more join while it runs,
+            // drained ones are closed).
             {
                 let g = lock(&self.shared);
-                if g.daemons.len() + 1 != fds.len() {
+                if polled != Some(g.daemons_changed) {
                     fds.truncate(1);
-                    fds.extend(g.daemons.iter().map(Daemon::pollfd));
+                    fds.extend(g.daemons.iter().filter_map(Daemon::pollfd));
+                    polled = Some(g.daemons_changed);
                 }
             }
             let _ = process::poll(&mut fds, 500);
@@ -571,11 +840,13 @@ impl Runtime {
     fn check_daemons(&self) {
         let mut g = lock(&self.shared);
         for d in &mut g.daemons {
-            let mut p = [d.pollfd()];
-            if process::poll(&mut p, 0).unwrap_or(0) == 0 {
+            let (Some(p), Some(conn)) = (d.pollfd(), d.conn.as_mut()) else {
+                continue;
+            };
+            if process::poll(&mut [p], 0).unwrap_or(0) == 0 {
                 continue;
             }
-            let why = match d.conn.recv() {
+            let why = match conn.recv() {
                 Err(ConnError::Closed) => "closed the connection".to_string(),
                 Err(e) => e.to_string(),
                 Ok(f) => format!("sent an unexpected {:?}", f.message),
@@ -741,25 +1012,25 @@ impl Runtime {
             fetch_addrs,
             ..
         } = g;
-        let daemon = &mut daemons[d];
-        let (out0, in0) = (daemon.conn.bytes_out, daemon.conn.bytes_in);
+        let Daemon { addr, conn } = &mut daemons[d];
+        let conn = live(conn, addr);
+        let (out0, in0) = (conn.bytes_out, conn.bytes_in);
         let msg = Message::ReadPages {
             addrs: fetch_addrs.as_slice().into(),
         };
         let reply = if self.tuning.poll_us == 0 {
-            daemon.conn.call(id, &msg)
+            conn.call(id, &msg)
         } else {
-            call_polling(&mut daemon.conn, id, &msg, self.tuning.poll_us)
+            call_polling(conn, id, &msg, self.tuning.poll_us)
         };
         let data = match reply {
             Ok(frame) => match frame.message {
                 Message::Pages { data } if data.len() == fetch.len() * PAGE_SIZE => data,
                 other => die(&format!(
-                    "memory daemon {} answered a page read with {other:?}",
-                    daemon.addr
+                    "memory daemon {addr} answered a page read with {other:?}"
                 )),
             },
-            Err(e) => self.daemon_failed(&daemon.addr, e),
+            Err(e) => self.daemon_failed(addr, e),
         };
         let mut k = 0;
         if let Some(write) = fault_write {
@@ -783,8 +1054,8 @@ impl Runtime {
             &data[k * PAGE_SIZE..],
         );
         if let Some(s) = self.stats {
-            s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
-            s.bytes_in.fetch_add(daemon.conn.bytes_in - in0, Relaxed);
+            s.bytes_out.fetch_add(conn.bytes_out - out0, Relaxed);
+            s.bytes_in.fetch_add(conn.bytes_in - in0, Relaxed);
         }
     }
 
@@ -967,19 +1238,20 @@ impl Runtime {
                 g.next_id += 1;
                 let from = k * MAX_BATCH_PAGES * PAGE_SIZE;
                 let bytes = &data[from..from + chunk.len() * PAGE_SIZE];
-                let daemon = &mut g.daemons[d];
-                let out0 = daemon.conn.bytes_out;
-                if let Err(e) = daemon.conn.send(
+                let Daemon { addr, conn } = &mut g.daemons[d];
+                let conn = live(conn, addr);
+                let out0 = conn.bytes_out;
+                if let Err(e) = conn.send(
                     id,
                     &Message::WritePages {
                         addrs: chunk.into(),
                         data: bytes,
                     },
                 ) {
-                    self.daemon_failed(&daemon.addr, e);
+                    self.daemon_failed(addr, e);
                 }
                 if let Some(s) = self.stats {
-                    s.bytes_out.fetch_add(daemon.conn.bytes_out - out0, Relaxed);
+                    s.bytes_out.fetch_add(conn.bytes_out - out0, Relaxed);
                 }
                 pending.push((d, id));
             }
@@ -987,27 +1259,26 @@ impl Runtime {
             g.wb_data[d] = data;
         }
         for (d, id) in pending {
-            let daemon = &mut g.daemons[d];
-            let in0 = daemon.conn.bytes_in;
-            match daemon.conn.recv() {
+            let Daemon { addr, conn } = &mut g.daemons[d];
+            let conn = live(conn, addr);
+            let in0 = conn.bytes_in;
+            match conn.recv() {
                 Ok(f) if f.request_id == id && f.message == Message::Done => {}
                 Ok(f) => match f.message {
                     Message::Error {
                         code: ErrorCode::NoMemory,
                         message,
                     } => die(&format!(
-                        "memory daemon {} is out of memory ({message}); cannot write back evicted pages, stopping the program",
-                        daemon.addr
+                        "memory daemon {addr} is out of memory ({message}); cannot write back evicted pages, stopping the program"
                     )),
                     other => die(&format!(
-                        "memory daemon {} refused a writeback: {other:?}",
-                        daemon.addr
+                        "memory daemon {addr} refused a writeback: {other:?}"
                     )),
                 },
-                Err(e) => self.daemon_failed(&daemon.addr, e),
+                Err(e) => self.daemon_failed(addr, e),
             }
             if let Some(s) = self.stats {
-                s.bytes_in.fetch_add(daemon.conn.bytes_in - in0, Relaxed);
+                s.bytes_in.fetch_add(conn.bytes_in - in0, Relaxed);
             }
         }
     }
@@ -1017,19 +1288,17 @@ impl Runtime {
         let mut c = lock(&self.control);
         let id = c.next_id;
         c.next_id += 1;
-        let reply = match c.conn.call(id, msg) {
+        let Control { conn, addr, .. } = &mut *c;
+        let reply = match conn.call(id, msg) {
             Ok(f) => f.message,
-            Err(e) => self.daemon_failed(&self.daemon_addrs[0], e),
+            Err(e) => self.daemon_failed(addr, e),
         };
         match reply {
             Message::Mapped { addr } => Ok(Message::Mapped { addr }),
             Message::BrkIs { brk } => Ok(Message::BrkIs { brk }),
             Message::Done => Ok(Message::Done),
             Message::Error { code, .. } => Err(Errno(code.errno())),
-            other => die(&format!(
-                "memory daemon {} sent an unexpected {other:?}",
-                self.daemon_addrs[0]
-            )),
+            other => die(&format!("memory daemon {addr} sent an unexpected {other:?}")),
         }
     }
 
@@ -1067,13 +1336,13 @@ impl Runtime {
             seen[d] = true;
         }
         for (d, s) in seen.into_iter().enumerate() {
-            if !s || (skip_home && d == 0) {
+            if !s || (skip_home && d == g.home) {
                 continue;
             }
             let id = g.next_id;
             g.next_id += 1;
-            let daemon = &mut g.daemons[d];
-            match daemon.conn.call(
+            let Daemon { addr: at, conn } = &mut g.daemons[d];
+            match live(conn, at).call(
                 id,
                 &Message::Discard {
                     addr: VirtAddr(addr as u64),
@@ -1081,11 +1350,8 @@ impl Runtime {
                 },
             ) {
                 Ok(f) if f.message == Message::Done => {}
-                Ok(f) => die(&format!(
-                    "memory daemon {}: discard failed: {:?}",
-                    daemon.addr, f.message
-                )),
-                Err(e) => self.daemon_failed(&daemon.addr, e),
+                Ok(f) => die(&format!("memory daemon {at}: discard failed: {:?}", f.message)),
+                Err(e) => self.daemon_failed(at, e),
             }
         }
     }
@@ -1190,8 +1456,8 @@ impl Runtime {
                 let d = self.daemon_of(g, src);
                 let id = g.next_id;
                 g.next_id += 1;
-                let daemon = &mut g.daemons[d];
-                let page = match daemon.conn.call(
+                let Daemon { addr, conn } = &mut g.daemons[d];
+                let page = match live(conn, addr).call(
                     id,
                     &Message::ReadPages {
                         addrs: vec![VirtAddr(src as u64)].into(),
@@ -1199,9 +1465,9 @@ impl Runtime {
                 ) {
                     Ok(f) => match f.message {
                         Message::Pages { data } => data.to_vec(),
-                        other => die(&format!("memory daemon {}: {other:?}", daemon.addr)),
+                        other => die(&format!("memory daemon {addr}: {other:?}")),
                     },
-                    Err(e) => self.daemon_failed(&daemon.addr, e),
+                    Err(e) => self.daemon_failed(addr, e),
                 };
                 let dst = to + k * PAGE_SIZE;
                 let d = self.daemon_for(g, dst);

@@ -127,16 +127,21 @@ pub fn exit_like(status: std::process::ExitStatus) -> ! {
     std::process::exit(status.code().unwrap_or(1))
 }
 
+/// Writes `lego: <msg>` to stderr with one `write` (no stdio lock, which
+/// the program may hold).
+pub fn warn(msg: &str) {
+    let line = format!("lego: {msg}\n");
+    // SAFETY: write takes a valid buffer of the given length.
+    unsafe { libc::write(2, line.as_ptr() as *const libc::c_void, line.len()) };
+}
+
 /// Writes `lego: <msg>` to stderr and ends the process at once with
 /// [`FATAL_EXIT_CODE`], without running exit handlers (which could touch
 /// memory that can no longer be served).
 pub fn die(msg: &str) -> ! {
-    let line = format!("lego: {msg}\n");
-    // SAFETY: write and _exit take a valid buffer and no other pointers.
-    unsafe {
-        libc::write(2, line.as_ptr() as *const libc::c_void, line.len());
-        libc::_exit(FATAL_EXIT_CODE)
-    }
+    warn(msg);
+    // SAFETY: _exit takes no pointers.
+    unsafe { libc::_exit(FATAL_EXIT_CODE) }
 }
 
 /// Exit status of a program whose runtime hit a fatal error.

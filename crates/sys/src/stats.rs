@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::last_error;
 
-const MAGIC: u64 = 0x4c45_474f_5354_4131; // "LEGOSTA1"
+const MAGIC: u64 = 0x4c45_474f_5354_4132; // "LEGOSTA2"
 /// Histogram buckets: 1 µs wide below 1024 µs, 1024 µs wide above.
 pub const HIST_BUCKETS: usize = 2048;
 /// Processes whose coverage is recorded separately.
@@ -52,6 +52,8 @@ pub struct SharedStats {
     pub evictions: AtomicU64,
     /// Dirty pages written back before being dropped.
     pub writebacks: AtomicU64,
+    /// Pages moved between memory daemons off a draining one.
+    pub migrated_pages: AtomicU64,
     /// Bytes sent to and received from memory daemons.
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,

@@ -452,7 +452,9 @@ impl Member {
         }
     }
 
-    /// Heartbeats on a background thread until `stop` is set; `beat` builds
+    /// Heartbeats on a background thread until `stop` is set (here too,
+    /// when the manager answers that the component has left: drained);
+    /// `beat` builds
     /// each heartbeat (its id is filled in here). After a lost connection
     /// or a manager that no longer knows this component (restarted without
     /// its state), it registers again with the same id.
@@ -494,6 +496,11 @@ impl Member {
                         }
                         match c.call(&req) {
                             Ok(control::Reply::Ok) => {}
+                            Ok(control::Reply::Left) => {
+                                tracing::info!(id = self.id, "drained: left the cluster");
+                                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                                return;
+                            }
                             Ok(other) => {
                                 tracing::warn!(reply = ?other, "heartbeat refused; registering again");
                                 conn = None;
