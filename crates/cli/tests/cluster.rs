@@ -10,7 +10,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
@@ -292,18 +292,39 @@ fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
     );
 }
 
+/// The memory daemon of host `mem{k}` in a status: (id, state, units, used bytes).
+fn memory_entry(s: &serde_json::Value, h: &Hosts, k: usize) -> (u64, String, u64, u64) {
+    let addr = format!("{}:{PORT}", h.ip(k));
+    let c = s["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["addr"] == addr.as_str())
+        .unwrap_or_else(|| panic!("{addr} not in {s}"));
+    (
+        c["id"].as_u64().unwrap(),
+        c["state"].as_str().unwrap().to_string(),
+        c["units"].as_u64().unwrap(),
+        c["used_bytes"].as_u64().unwrap(),
+    )
+}
+
 #[test]
-fn a_memory_daemon_added_while_a_program_runs_takes_its_new_memory() {
+fn memory_daemons_added_and_drained_while_a_program_runs_lose_nothing() {
     let (mut h, manager, _) = cluster_with("3s", 2);
-    // 96 MiB of data written 8 MiB at a time, then every byte checked:
-    // with the interpreter's own memory and temporaries, more than the two
-    // daemons there at the start hold (96 MiB, in 16 MiB units).
+    // 96 MiB of data written 8 MiB at a time, every byte checked at the
+    // end: with the interpreter's own memory, more than the two daemons
+    // there at the start hold (96 MiB, in 16 MiB units). Half way, it
+    // waits for a line on stdin: the drain happens there.
     let script = concat!(
-        "import time, hashlib\n",
+        "import sys, time, hashlib\n",
         "def chunk(k):\n",
         "    return bytearray(hashlib.sha256(bytes([k])).digest() * 262144)\n",
         "chunks = []\n",
         "for k in range(12):\n",
+        "    if k == 6:\n",
+        "        print('half', flush=True)\n",
+        "        sys.stdin.readline()\n",
         "    chunks.append(chunk(k))\n",
         "    time.sleep(0.15)\n",
         "bad = sum(c != chunk(k) for k, c in enumerate(chunks))\n",
@@ -311,24 +332,54 @@ fn a_memory_daemon_added_while_a_program_runs_takes_its_new_memory() {
     );
     let mut run = run_on_cluster(&h, &manager, "/usr/bin/python3", &["-c", script]);
     std::thread::sleep(Duration::from_millis(400));
-    // Room to spare: how many 16 MiB units the interpreter's memory
-    // touches varies from run to run (9 or 10).
-    start_memory(&mut h, 3, &manager, "96M");
-    let added = format!("{}:{PORT}", h.ip(3));
-    let mut most = 0;
-    while run.try_wait().unwrap().is_none() {
-        let s = h.status("mgr", &manager);
-        for c in s["components"].as_array().unwrap() {
-            if c["addr"] == added.as_str() {
-                most = most.max(c["units"].as_u64().unwrap());
-            }
+    // Hot-add. Room to spare: the daemons left after the drain hold the
+    // whole program (it touches 9 or 10 units from run to run).
+    start_memory(&mut h, 3, &manager, "160M");
+    let mut out = BufReader::new(run.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "half\n", "{}", {
+        let _ = run.kill();
+        text(&run.wait_with_output().unwrap().stderr)
+    });
+    // mem1 is the program's home (the most free memory when it started,
+    // the lowest id of a tie) and holds some of its pages.
+    let s = h.status("mgr", &manager);
+    let (id, state, units, used) = memory_entry(&s, &h, 1);
+    assert_eq!(state, "alive");
+    assert!(units >= 1 && used > 0, "nothing on mem1 to move: {s}");
+    assert!(memory_entry(&s, &h, 3).2 >= 1, "the added daemon got no units: {s}");
+    let drain = h
+        .cmd("mgr")
+        .arg(lego())
+        .args(["drain", &id.to_string(), "--manager", &manager, "--timeout", "60s"])
+        .output()
+        .unwrap();
+    let said = text(&drain.stderr);
+    assert!(drain.status.success(), "{said}");
+    assert!(said.contains("has left the cluster"), "{said}");
+    // Drained while the program waits; it goes on, writes the other half
+    // and checks every byte, some of which now come from where mem1's
+    // pages went.
+    run.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let status = run.wait().unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(status.success(), "{rest}");
+    assert_eq!(rest, "chunks 12 mismatches 0\n");
+    // The drained daemon ends holding no pages, leaves, and exits.
+    let (_, state, units, used) = memory_entry(&h.status("mgr", &manager), &h, 1);
+    assert_eq!((state.as_str(), units, used), ("left", 0, 0));
+    let mem1 = &mut h.children[1];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(st) = mem1.try_wait().unwrap() {
+            break st;
         }
+        assert!(std::time::Instant::now() < deadline, "mem1 did not exit");
         std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = run.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    assert_eq!(text(&out.stdout), "chunks 12 mismatches 0\n");
-    assert!(most >= 1, "the added daemon got no units");
+    };
+    assert!(exit.success(), "{exit:?}");
 }
 
 #[test]
