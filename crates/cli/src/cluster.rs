@@ -178,7 +178,10 @@ pub fn drain(args: DrainArgs) -> ExitCode {
             Err(e) => return fail("lego drain", e),
         };
         let Some(c) = c else {
-            return fail("lego drain", format!("memory daemon {id} is gone from the cluster"));
+            return fail(
+                "lego drain",
+                format!("memory daemon {id} is gone from the cluster"),
+            );
         };
         match c.state {
             State::Left => {

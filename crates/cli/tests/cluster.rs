@@ -348,11 +348,21 @@ fn memory_daemons_added_and_drained_while_a_program_runs_lose_nothing() {
     let (id, state, units, used) = memory_entry(&s, &h, 1);
     assert_eq!(state, "alive");
     assert!(units >= 1 && used > 0, "nothing on mem1 to move: {s}");
-    assert!(memory_entry(&s, &h, 3).2 >= 1, "the added daemon got no units: {s}");
+    assert!(
+        memory_entry(&s, &h, 3).2 >= 1,
+        "the added daemon got no units: {s}"
+    );
     let drain = h
         .cmd("mgr")
         .arg(lego())
-        .args(["drain", &id.to_string(), "--manager", &manager, "--timeout", "60s"])
+        .args([
+            "drain",
+            &id.to_string(),
+            "--manager",
+            &manager,
+            "--timeout",
+            "60s",
+        ])
         .output()
         .unwrap();
     let said = text(&drain.stderr);

@@ -315,7 +315,7 @@ impl Cluster {
         if room < on_it {
             return error(format!(
                 "cannot drain memory daemon {id}: its {on_it} units ({} MiB) do not fit on the other alive memory daemons (room for {room})",
-                on_it * PLACEMENT_BYTES >> 20
+                (on_it * PLACEMENT_BYTES) >> 20
             ));
         }
         self.components.get_mut(&id).expect("looked up above").state = State::Draining;
@@ -703,20 +703,31 @@ mod tests {
         };
         let drain = |c: &mut Cluster, id: u64| c.apply(2, Request::Drain { id }).0;
         // Bad targets are refused with a reason.
-        assert!(matches!(drain(&mut c, 99), Reply::Error { message } if message.contains("no component 99")));
-        assert!(matches!(drain(&mut c, p), Reply::Error { message } if message.contains("only memory daemons")));
+        assert!(
+            matches!(drain(&mut c, 99), Reply::Error { message } if message.contains("no component 99"))
+        );
+        assert!(
+            matches!(drain(&mut c, p), Reply::Error { message } if message.contains("only memory daemons"))
+        );
         // a holds 3 units (48 MiB), b has room for 1: a cannot be drained.
         let on_a = (0..4)
             .filter(|&u| placed_on(&place(&mut c, 1, 7, u)) == a)
             .count();
         assert_eq!(on_a, 3);
-        assert!(matches!(drain(&mut c, a), Reply::Error { message } if message.contains("do not fit")));
+        assert!(
+            matches!(drain(&mut c, a), Reply::Error { message } if message.contains("do not fit"))
+        );
         // b's one unit fits on a.
         assert_eq!(drain(&mut c, b), Reply::Ok);
         assert_eq!(drain(&mut c, b), Reply::Ok, "draining again is no error");
-        assert_eq!(c.apply(3, Request::Draining).0, Reply::Draining { ids: vec![b] });
+        assert_eq!(
+            c.apply(3, Request::Draining).0,
+            Reply::Draining { ids: vec![b] }
+        );
         // Its unit is placed again on a when asked; no new unit goes to b.
-        let moved = (0..4).find(|&u| c.placements[&(7, u)].component == b).unwrap();
+        let moved = (0..4)
+            .find(|&u| c.placements[&(7, u)].component == b)
+            .unwrap();
         assert_eq!(placed_on(&place(&mut c, 3, 7, moved)), a);
         assert!(matches!(place(&mut c, 3, 8, 0), Reply::Error { .. }));
         // Still holding pages: stays draining.
@@ -724,6 +735,8 @@ mod tests {
         // Empty: told it has left, and never placed on again.
         assert_eq!(hb(&mut c, 5, b, 0, vec![]), Reply::Left);
         assert_eq!(c.components[&b].state, State::Left);
-        assert!(matches!(drain(&mut c, b), Reply::Error { message } if message.contains("has left")));
+        assert!(
+            matches!(drain(&mut c, b), Reply::Error { message } if message.contains("has left"))
+        );
     }
 }

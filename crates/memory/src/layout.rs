@@ -28,6 +28,10 @@ fn round_up(v: u64) -> u64 {
     v.div_ceil(PAGE) * PAGE
 }
 
+/// A layout as it travels between daemons: the break's start, the break and
+/// the mappings (start, end), in address order.
+pub type Exported = (u64, u64, Vec<(u64, u64)>);
+
 /// Mappings as `start -> end`, non-overlapping, plus the break.
 #[derive(Clone, Debug)]
 pub struct Layout {
@@ -186,9 +190,9 @@ impl Layout {
         (self.brk, freed)
     }
 
-    /// The break's start, the break and the mappings (start, end), to move
-    /// the layout to another daemon.
-    pub fn export(&self) -> (u64, u64, Vec<(u64, u64)>) {
+    /// The break's start, the break and the mappings, to move the layout to
+    /// another daemon.
+    pub fn export(&self) -> Exported {
         let mappings = self.vmas.iter().map(|(&s, &e)| (s, e)).collect();
         (self.brk_start, self.brk, mappings)
     }
@@ -207,7 +211,10 @@ impl Layout {
             || brk > brk_start + VREGION_BYTES
             || end < base + 3 * VREGION_BYTES
         {
-            return Err(LayoutError::BadRange(brk_start, brk.saturating_sub(brk_start)));
+            return Err(LayoutError::BadRange(
+                brk_start,
+                brk.saturating_sub(brk_start),
+            ));
         }
         let mut vmas = BTreeMap::new();
         let mut last_end = base;

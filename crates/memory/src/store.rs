@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use lego_protocol::{DaemonStats, ErrorCode, SpaceId, VirtAddr, PAGE_SIZE};
 
-use crate::layout::{Layout, LayoutError};
+use crate::layout::{Exported, Layout, LayoutError};
 
 /// Page contents, shared between a forked space and its parent until one
 /// of them writes the page.
@@ -186,7 +186,7 @@ impl Store {
 
     /// The layout of a space whose home this daemon is: break start,
     /// break, mappings.
-    pub fn get_layout(&mut self, id: SpaceId) -> Result<(u64, u64, Vec<(u64, u64)>), Refusal> {
+    pub fn get_layout(&mut self, id: SpaceId) -> Result<Exported, Refusal> {
         Ok(self.layout(id)?.export())
     }
 

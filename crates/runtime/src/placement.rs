@@ -162,7 +162,10 @@ impl Placement {
 
     /// The first unit placed on daemon `d`, as a region offset.
     pub fn first_on(&self, d: usize) -> Option<usize> {
-        self.table.iter().position(|&x| x as usize == d).map(|u| u * UNIT)
+        self.table
+            .iter()
+            .position(|&x| x as usize == d)
+            .map(|u| u * UNIT)
     }
 
     /// Forgets where region offset `off`'s unit lives, so the next

@@ -30,12 +30,12 @@ use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering, Ordering::Relaxed};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use lego_protocol::control::{Reply, Request, PLACEMENT_BYTES};
 use lego_protocol::{ErrorCode, Message, Role, SpaceId, VirtAddr, MAX_BATCH_PAGES, PAGE_SIZE};
 use lego_sys::process::die;
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::{Fault, Uffd};
 use lego_sys::{mm, process};
-use lego_protocol::control::{Reply, Request, PLACEMENT_BYTES};
 use lego_transport::{ConnError, ControlClient, FramedConn, Stream, Tcp, Transport};
 
 use crate::config::{Tuning, MAX_PREFETCH_PAGES};
@@ -594,7 +594,9 @@ impl Runtime {
                     Ok(()) => failing = None,
                     // Said once per reason; tried again at the next poll.
                     Err(e) if failing.as_ref() != Some(&e) => {
-                        process::warn(&format!("cannot move memory off a draining daemon yet: {e}"));
+                        process::warn(&format!(
+                            "cannot move memory off a draining daemon yet: {e}"
+                        ));
                         failing = Some(e);
                     }
                     Err(_) => {}
@@ -664,7 +666,10 @@ impl Runtime {
         };
         match live(conn, addr).call(id, &discard) {
             Ok(f) if f.message == Message::Done => {}
-            Ok(f) => die(&format!("memory daemon {addr}: discard failed: {:?}", f.message)),
+            Ok(f) => die(&format!(
+                "memory daemon {addr}: discard failed: {:?}",
+                f.message
+            )),
             Err(e) => self.daemon_failed(addr, e),
         }
         if let Some(s) = self.stats {
@@ -1298,7 +1303,9 @@ impl Runtime {
             Message::BrkIs { brk } => Ok(Message::BrkIs { brk }),
             Message::Done => Ok(Message::Done),
             Message::Error { code, .. } => Err(Errno(code.errno())),
-            other => die(&format!("memory daemon {addr} sent an unexpected {other:?}")),
+            other => die(&format!(
+                "memory daemon {addr} sent an unexpected {other:?}"
+            )),
         }
     }
 
@@ -1350,7 +1357,10 @@ impl Runtime {
                 },
             ) {
                 Ok(f) if f.message == Message::Done => {}
-                Ok(f) => die(&format!("memory daemon {at}: discard failed: {:?}", f.message)),
+                Ok(f) => die(&format!(
+                    "memory daemon {at}: discard failed: {:?}",
+                    f.message
+                )),
                 Err(e) => self.daemon_failed(at, e),
             }
         }
