@@ -12,6 +12,8 @@ mod run;
 mod size;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -92,10 +94,13 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Memory(args) => {
             init_logging();
-            let d = match lego_memory::MemoryDaemon::start(&args.listen, args.capacity) {
+            let mut d = match lego_memory::MemoryDaemon::start(&args.listen, args.capacity) {
                 Ok(d) => d,
                 Err(e) => return fail("lego memory", e),
             };
+            if let Err(e) = stop_on_signals(d.stopper()) {
+                return fail("lego memory", e);
+            }
             if let Some(m) = &args.manager {
                 if let Err(e) = d.join(m, args.advertise.as_deref()) {
                     return fail("lego memory", e);
@@ -106,8 +111,15 @@ fn main() -> ExitCode {
                 d.addr(),
                 size::human(args.capacity)
             );
-            d.wait();
-            eprintln!("lego memory: drained; left the cluster");
+            match d.wait() {
+                lego_memory::Ended::Drained => {
+                    eprintln!("lego memory: drained; left the cluster")
+                }
+                lego_memory::Ended::Stopped if args.manager.is_some() => {
+                    eprintln!("lego memory: stopped; left the cluster")
+                }
+                lego_memory::Ended::Stopped => eprintln!("lego memory: stopped"),
+            }
             ExitCode::SUCCESS
         }
         Command::Manager(args) => {
@@ -128,6 +140,17 @@ fn main() -> ExitCode {
 }
 
 /// Prints `lego CMD: MSG` and returns lego's failure status.
+/// A daemon's way out: SIGINT, SIGTERM, SIGHUP and SIGQUIT set `stop` (the
+/// daemon then leaves its cluster and exits 0); SIGUSR1 and SIGUSR2 are
+/// ignored.
+fn stop_on_signals(stop: Arc<AtomicBool>) -> std::io::Result<()> {
+    lego_sys::process::signals_to(move |sig| {
+        if lego_sys::process::asks_to_end(sig) {
+            stop.store(true, Ordering::SeqCst);
+        }
+    })
+}
+
 fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("{cmd}: {msg}");
     ExitCode::from(LEGO_FAILED)

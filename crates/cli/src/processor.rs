@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,9 +67,13 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
         Ok(m) => m,
         Err(e) => return fail("lego processor", e),
     };
-    {
+    let stop = Arc::new(AtomicBool::new(false));
+    if let Err(e) = crate::stop_on_signals(stop.clone()) {
+        return fail("lego processor", e);
+    }
+    let membership = {
         let host = host.clone();
-        member.keep_alive(Arc::new(AtomicBool::new(false)), move || {
+        member.keep_alive(stop.clone(), move || {
             let running = host
                 .running
                 .lock()
@@ -82,26 +86,74 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
                 spaces: vec![],
                 processes: running,
             }
-        });
-    }
+        })
+    };
     eprintln!(
         "lego processor: serving on {} with {} of ExCache",
         Listener::local_addr(&listener),
         human(args.excache)
     );
-    let served = lego_transport::serve_connections(
-        listener,
-        "lego-processor",
-        Arc::new(AtomicBool::new(false)),
-        move |s: TcpStream| {
-            let peer = s.peer();
-            if let Err(e) = serve(s, &host) {
-                tracing::warn!(%peer, error = %e, "closing connection");
-            }
-        },
-    );
-    let _ = served.join();
+    {
+        let host = host.clone();
+        // Not joined: the process ends with the programs it runs.
+        let _ = lego_transport::serve_connections(
+            listener,
+            "lego-processor",
+            stop.clone(),
+            move |s: TcpStream| {
+                let peer = s.peer();
+                if let Err(e) = serve(s, &host) {
+                    tracing::warn!(%peer, error = %e, "closing connection");
+                }
+            },
+        );
+    }
+    while !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    end_programs(&host);
+    membership.leave();
+    eprintln!("lego processor: stopped; left the cluster");
     ExitCode::SUCCESS
+}
+
+/// How long the programs of a stopped processor daemon get to end after
+/// SIGTERM before they are killed.
+const END_GRACE: Duration = Duration::from_secs(5);
+
+/// Ends the programs this daemon runs: SIGTERM, then SIGKILL after
+/// [`END_GRACE`]; their clients get their exit status meanwhile.
+fn end_programs(host: &Host) {
+    let pids = || -> Vec<i32> {
+        let running = host.running.lock().unwrap_or_else(|p| p.into_inner());
+        // Placeholder ids (programs not started yet) are not pids.
+        running
+            .iter()
+            .filter(|p| p.pid < 1 << 30)
+            .map(|p| p.pid as i32)
+            .collect()
+    };
+    let first = pids();
+    if first.is_empty() {
+        return;
+    }
+    tracing::info!(
+        programs = first.len(),
+        "stopping the programs this daemon runs"
+    );
+    for &pid in &first {
+        let _ = lego_sys::process::send_signal(pid, lego_sys::process::SIGTERM);
+    }
+    let deadline = std::time::Instant::now() + END_GRACE;
+    while std::time::Instant::now() < deadline {
+        if pids().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in pids() {
+        let _ = lego_sys::process::send_signal(pid, lego_sys::process::SIGKILL);
+    }
 }
 
 fn send_reply(w: &Mutex<FramedConn<TcpStream>>, id: u64, r: &Reply) -> Result<(), ConnError> {

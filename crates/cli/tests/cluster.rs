@@ -252,6 +252,30 @@ fn run_on_cluster(h: &Hosts, manager: &str, prog: &str, args: &[&str]) -> Child 
         .unwrap()
 }
 
+/// The checksummed stress program with its arguments (MiB, threads,
+/// rounds), run on the cluster and checked against a plain run.
+struct Stress {
+    prog: PathBuf,
+    args: [&'static str; 3],
+}
+
+impl Stress {
+    fn new(args: [&'static str; 3]) -> Self {
+        Stress {
+            prog: compile("checksum_stress", &[]),
+            args,
+        }
+    }
+
+    fn start(&self, h: &Hosts, manager: &str) -> Child {
+        run_on_cluster(h, manager, self.prog.to_str().unwrap(), &self.args)
+    }
+
+    fn check(&self, got: Output) {
+        check_against_plain(got, self.prog.to_str().unwrap(), &self.args)
+    }
+}
+
 fn check_against_plain(got: Output, prog: &str, args: &[&str]) {
     let want = Command::new(prog).args(args).output().unwrap();
     assert!(want.status.success());
@@ -262,11 +286,9 @@ fn check_against_plain(got: Output, prog: &str, args: &[&str]) {
 #[test]
 fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
     let (h, manager, _) = cluster("3s");
-    let prog = compile("checksum_stress", &[]);
-    let p = prog.to_str().unwrap();
     // 96 MiB: twice what any one memory daemon holds.
-    let args = ["96", "2", "2"];
-    let mut run = run_on_cluster(&h, &manager, p, &args);
+    let stress = Stress::new(["96", "2", "2"]);
+    let mut run = stress.start(&h, &manager);
     // While it runs, its memory spreads over all three daemons (once it
     // ends, the daemons stop reporting its space and the manager forgets
     // the placements): the most units seen on each.
@@ -283,7 +305,7 @@ fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    check_against_plain(run.wait_with_output().unwrap(), p, &args);
+    stress.check(run.wait_with_output().unwrap());
     assert_eq!(most.len(), 3);
     assert!(most.values().all(|&u| u >= 1), "units per daemon: {most:?}");
     assert!(
@@ -459,6 +481,55 @@ fn a_signal_sent_to_lego_run_reaches_the_program_on_the_processor_daemon() {
     }));
 }
 
+#[test]
+fn stopped_daemons_leave_the_cluster_and_programs_then_run_where_lego_run_is() {
+    use std::os::unix::process::ExitStatusExt;
+    // A timeout longer than the test waits: leaving must not wait for it
+    // (heartbeats, which list the programs, come every 2 s).
+    let (mut h, manager, _) = cluster("6s");
+    let stop = |h: &mut Hosts, k: usize| {
+        sh(&["kill", "-TERM", &h.children[k].id().to_string()]);
+        let st = h.children[k].wait().unwrap();
+        assert!(st.success(), "daemon {k} ended with {st:?}");
+    };
+    // An idle memory daemon (index 3) stopped.
+    stop(&mut h, 3);
+    // The processor daemon (index 4) stopped while it runs a program.
+    let sleeper = run_on_cluster(&h, &manager, "/usr/bin/sleep", &["60"]);
+    assert!(wait_until(Duration::from_secs(6), || {
+        h.status("mgr", &manager)["processes"]
+            .as_array()
+            .is_some_and(|p| !p.is_empty())
+    }));
+    let stopped = std::time::Instant::now();
+    stop(&mut h, 4);
+    // The program it ran was ended, and its client says how.
+    let out = sleeper.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc_sigterm()), "{out:?}");
+    assert!(
+        stopped.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        stopped.elapsed()
+    );
+    let s = h.status("mgr", &manager);
+    let states = component_states(&s);
+    let proc_addr = format!("{}:{PORT}", h.ip(4));
+    let mem3 = format!("{}:{PORT}", h.ip(3));
+    for (addr, state) in &states {
+        let want = if *addr == proc_addr || *addr == mem3 {
+            "left"
+        } else {
+            "alive"
+        };
+        assert_eq!(state, want, "{addr}: {s}");
+    }
+    assert_eq!(s["processes"].as_array().map(Vec::len), Some(0), "{s}");
+    // With no processor daemon left, lego run --manager runs the program
+    // where it is typed, its memory on the two memory daemons still there.
+    let stress = Stress::new(["64", "2", "1"]);
+    stress.check(stress.start(&h, &manager).wait_with_output().unwrap());
+}
+
 /// The pid of `ip netns exec`'s child (it execs, so it is `pid` itself
 /// once the exec happened).
 fn wait_for_child(pid: u32) -> u32 {
@@ -477,10 +548,8 @@ fn libc_sigterm() -> i32 {
 fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
     let (mut h, manager, state) = cluster("3s");
     let before = component_states(&h.status("mgr", &manager));
-    let prog = compile("checksum_stress", &[]);
-    let p = prog.to_str().unwrap();
-    let args = ["96", "2", "6"];
-    let run = run_on_cluster(&h, &manager, p, &args);
+    let stress = Stress::new(["96", "2", "6"]);
+    let run = stress.start(&h, &manager);
     std::thread::sleep(Duration::from_millis(300));
     // kill -9 the manager mid-run, then start it again on its state.
     let mgr = &mut h.children[0];
@@ -489,8 +558,7 @@ fn the_program_survives_a_manager_restart_and_the_cluster_is_the_same_after() {
     std::thread::sleep(Duration::from_millis(500));
     let again = start_manager(&mut h, &manager, &state, "3s");
     h.children.swap(0, again);
-    let got = run.wait_with_output().unwrap();
-    check_against_plain(got, p, &args);
+    stress.check(run.wait_with_output().unwrap());
     // The memory daemons registered again: the same members, alive.
     assert!(wait_until(Duration::from_secs(5), || component_states(
         &h.status("mgr", &manager)
@@ -519,15 +587,11 @@ fn a_silent_memory_daemon_is_failed_within_the_timeout_and_gets_no_placements() 
     // Timeout 1 s, checked every 100 ms, heartbeats every 333 ms.
     assert!(took < Duration::from_millis(2500), "took {took:?}");
     // A program started now gets its memory only from the other two.
-    let prog = compile("checksum_stress", &[]);
-    let p = prog.to_str().unwrap();
-    let args = ["64", "2", "1"];
-    let got = run_on_cluster(&h, &manager, p, &args)
-        .wait_with_output()
-        .unwrap();
+    let stress = Stress::new(["64", "2", "1"]);
+    let got = stress.start(&h, &manager).wait_with_output().unwrap();
     let s = h.status("mgr", &manager);
     sh(&["kill", "-CONT", &silent.to_string()]);
-    check_against_plain(got, p, &args);
+    stress.check(got);
     for c in s["components"].as_array().unwrap() {
         if c["kind"] != "memory" {
             continue;

@@ -119,15 +119,7 @@ impl Cluster {
                 spaces,
                 processes,
             } => self.heartbeat(now, id, used_bytes, load, spaces, processes, &mut ch),
-            Request::Leave { id } => match self.components.get_mut(&id) {
-                Some(c) => {
-                    c.state = State::Left;
-                    c.processes.clear();
-                    ch.components.insert(id);
-                    Reply::Ok
-                }
-                None => unknown(id),
-            },
+            Request::Leave { id } => self.leave(id, &mut ch),
             Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
             Request::Drain { id } => self.drain(id, &mut ch),
             Request::Draining => Reply::Draining {
@@ -273,6 +265,31 @@ impl Cluster {
                 ch.components.insert(id);
                 return Reply::Left;
             }
+        }
+        Reply::Ok
+    }
+
+    /// Component `id` leaves (it was stopped): it gets nothing more, and
+    /// what was placed on it went with it.
+    fn leave(&mut self, id: u64, ch: &mut Changes) -> Reply {
+        let Some(c) = self.components.get_mut(&id) else {
+            return unknown(id);
+        };
+        c.state = State::Left;
+        c.used_bytes = 0;
+        c.load = 0;
+        c.spaces.clear();
+        c.processes.clear();
+        ch.components.insert(id);
+        let gone: Vec<(u64, u64)> = self
+            .placements
+            .iter()
+            .filter(|(_, p)| p.component == id)
+            .map(|(&k, _)| k)
+            .collect();
+        for k in gone {
+            self.placements.remove(&k);
+            ch.unplaced.insert(k);
         }
         Reply::Ok
     }
@@ -738,5 +755,47 @@ mod tests {
         assert!(
             matches!(drain(&mut c, b), Reply::Error { message } if message.contains("has left"))
         );
+    }
+
+    #[test]
+    fn a_component_that_leaves_takes_its_placements_and_gets_no_more() {
+        let mut c = Cluster::new(900);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 64 * MIB);
+        let p = register(&mut c, 0, Kind::Processor, "p:1", 64 * MIB);
+        let on: Vec<u64> = (0..4).map(|u| placed_on(&place(&mut c, 1, 7, u))).collect();
+        assert!(on.contains(&a) && on.contains(&b));
+        let (reply, ch) = c.apply(2, Request::Leave { id: a });
+        assert_eq!(reply, Reply::Ok);
+        assert_eq!(c.components[&a].state, State::Left);
+        // Its units went with it (the records are removed from storage).
+        assert!(c.placements.values().all(|pl| pl.component == b));
+        assert_eq!(ch.unplaced.len(), on.iter().filter(|&&x| x == a).count());
+        // Nothing new goes to it; its old units are placed again elsewhere.
+        assert!((0..4).all(|u| placed_on(&place(&mut c, 3, 7, u)) == b));
+        assert_eq!(
+            c.apply(3, Request::Leave { id: p }).0,
+            Reply::Ok,
+            "a processor leaves too"
+        );
+        let req = Request::PlaceProcess {
+            program: "x".into(),
+            excache_bytes: MIB,
+        };
+        assert!(matches!(c.apply(4, req).0, Reply::Error { .. }));
+        // Leaving is not heartbeating: a heartbeat after it is told to
+        // register again, and an unknown id is an error.
+        let hb = Request::Heartbeat {
+            id: a,
+            used_bytes: 0,
+            load: 0,
+            spaces: vec![],
+            processes: vec![],
+        };
+        assert!(matches!(c.apply(5, hb).0, Reply::Error { .. }));
+        assert!(matches!(
+            c.apply(5, Request::Leave { id: 99 }).0,
+            Reply::Error { .. }
+        ));
     }
 }

@@ -32,6 +32,17 @@ pub struct MemoryDaemon {
     store: Arc<Mutex<Store>>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
+    membership: Option<lego_transport::Membership>,
+}
+
+/// Why [`MemoryDaemon::wait`] returned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Drained by the manager: it held nothing when it left.
+    Drained,
+    /// Stopped (its stop flag was set, e.g. by a signal); it told its
+    /// manager, if any, that it leaves.
+    Stopped,
 }
 
 fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
@@ -57,6 +68,7 @@ impl MemoryDaemon {
             store,
             stop,
             accept: Some(accept),
+            membership: None,
         })
     }
 
@@ -74,7 +86,7 @@ impl MemoryDaemon {
     /// and keeps heartbeating: used bytes and the spaces it holds. When the
     /// manager is unreachable or restarted, it registers again (keeping its
     /// id) as soon as it answers; serving never stops meanwhile.
-    pub fn join(&self, manager: &str, advertise: Option<&str>) -> Result<u64, String> {
+    pub fn join(&mut self, manager: &str, advertise: Option<&str>) -> Result<u64, String> {
         let store = self.store.clone();
         let stop = self.stop.clone();
         let addr = advertise.unwrap_or(&self.addr).to_string();
@@ -90,7 +102,7 @@ impl MemoryDaemon {
             capacity_bytes,
         )?;
         let id = member.id();
-        member.keep_alive(stop, move || {
+        let membership = member.keep_alive(stop, move || {
             let (used_bytes, spaces) = report();
             lego_protocol::control::Request::Heartbeat {
                 id: 0,
@@ -100,21 +112,45 @@ impl MemoryDaemon {
                 processes: vec![],
             }
         });
+        self.membership = Some(membership);
         Ok(id)
     }
 
-    /// Serves until the daemon has left its cluster (drained; with no
-    /// manager, until the process ends).
-    pub fn wait(self) {
+    /// Setting this flag stops the daemon: [`MemoryDaemon::wait`] returns.
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Serves until the daemon has left its cluster (drained) or is
+    /// stopped, then shuts down.
+    pub fn wait(self) -> Ended {
         while !self.stop.load(Ordering::SeqCst) {
             std::thread::sleep(Duration::from_millis(100));
         }
+        let drained = self.membership.as_ref().is_some_and(|m| m.drained());
         self.shutdown();
+        if drained {
+            Ended::Drained
+        } else {
+            Ended::Stopped
+        }
     }
 
-    /// Stops accepting; existing connections end when their peers leave.
+    /// Stops accepting and leaves the cluster, if in one; existing
+    /// connections end when their peers leave (or the process exits).
     pub fn shutdown(mut self) {
         self.stop.store(true, Ordering::SeqCst);
+        if let Some(m) = self.membership.take() {
+            let s = self.stats();
+            if !m.drained() && s.spaces > 0 {
+                tracing::warn!(
+                    spaces = s.spaces,
+                    used_bytes = s.used_bytes,
+                    "leaving while holding memory of running programs: they will stop (drain a daemon before stopping it)"
+                );
+            }
+            m.leave();
+        }
         // Wake the blocking accept.
         let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
         if let Some(t) = self.accept.take() {

@@ -56,6 +56,14 @@ pub fn signals_to(deliver: impl Fn(i32) + Send + 'static) -> std::io::Result<()>
     Ok(())
 }
 
+pub use libc::{SIGKILL, SIGTERM};
+
+/// Whether `sig`, one of those [`signals_to`] delivers, asks a process to
+/// end: SIGINT, SIGTERM, SIGHUP or SIGQUIT (not SIGUSR1 or SIGUSR2).
+pub fn asks_to_end(sig: i32) -> bool {
+    [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT].contains(&sig)
+}
+
 /// A signal handler of the `SA_SIGINFO` kind.
 type Handler = extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void);
 

@@ -9,6 +9,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use lego_protocol::{
@@ -452,23 +454,26 @@ impl Member {
         }
     }
 
-    /// Heartbeats on a background thread until `stop` is set (here too,
-    /// when the manager answers that the component has left: drained);
-    /// `beat` builds
-    /// each heartbeat (its id is filled in here). After a lost connection
-    /// or a manager that no longer knows this component (restarted without
-    /// its state), it registers again with the same id.
+    /// Heartbeats on a background thread until `stop` is set or
+    /// [`Membership::leave`] is called; `beat` builds each heartbeat (its
+    /// id is filled in here). After a lost connection or a manager that no
+    /// longer knows this component (restarted without its state), it
+    /// registers again with the same id. When the manager answers that the
+    /// component has left (drained), it sets `stop` and ends.
     pub fn keep_alive(
         mut self,
-        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        stop: Arc<AtomicBool>,
         mut beat: impl FnMut() -> control::Request + Send + 'static,
-    ) {
+    ) -> Membership {
+        let (wake_tx, wake) = std::sync::mpsc::channel::<()>();
+        let drained = Arc::new(AtomicBool::new(false));
+        let (thread_stop, thread_drained) = (stop.clone(), drained.clone());
         let spawned = std::thread::Builder::new()
             .name("lego-heartbeat".into())
             .spawn(move || {
                 let mut conn: Option<ControlClient> = None;
                 let mut lost = false;
-                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                while !thread_stop.load(Ordering::SeqCst) {
                     if conn.is_none() {
                         match ControlClient::connect(&self.manager, "lego", MANAGER_TIMEOUT)
                             .map_err(|e| e.to_string())
@@ -498,7 +503,8 @@ impl Member {
                             Ok(control::Reply::Ok) => {}
                             Ok(control::Reply::Left) => {
                                 tracing::info!(id = self.id, "drained: left the cluster");
-                                stop.store(true, std::sync::atomic::Ordering::SeqCst);
+                                thread_drained.store(true, Ordering::SeqCst);
+                                thread_stop.store(true, Ordering::SeqCst);
                                 return;
                             }
                             Ok(other) => {
@@ -513,11 +519,66 @@ impl Member {
                             }
                         }
                     }
-                    std::thread::sleep(self.heartbeat);
+                    // Sleeps a period, or less if told to leave.
+                    let _ = wake.recv_timeout(self.heartbeat);
+                }
+                // Stopped: say so, from this thread, so no heartbeat or
+                // registration can follow the leave.
+                let leave = control::Request::Leave { id: self.id };
+                let said = match conn.as_mut() {
+                    Some(c) => c.call(&leave).map_err(|e| e.to_string()),
+                    None => control_call(&self.manager, &leave, MANAGER_TIMEOUT)
+                        .map_err(|e| e.to_string()),
+                };
+                match said {
+                    Ok(control::Reply::Ok) => {
+                        tracing::info!(id = self.id, "left the cluster")
+                    }
+                    Ok(other) => {
+                        tracing::warn!(reply = ?other, "the global manager refused the leave")
+                    }
+                    Err(e) => tracing::warn!(manager = %self.manager, error = %e,
+                        "cannot tell the global manager this component leaves; it will mark it failed"),
                 }
             });
-        if let Err(e) = spawned {
-            tracing::error!(error = %e, "cannot start the heartbeat thread");
+        let thread = match spawned {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the heartbeat thread");
+                None
+            }
+        };
+        Membership {
+            stop,
+            drained,
+            wake: wake_tx,
+            thread,
+        }
+    }
+}
+
+/// A component heartbeating to its manager ([`Member::keep_alive`]).
+pub struct Membership {
+    stop: Arc<AtomicBool>,
+    drained: Arc<AtomicBool>,
+    wake: std::sync::mpsc::Sender<()>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Membership {
+    /// Whether the manager said this component was drained and has left.
+    pub fn drained(&self) -> bool {
+        self.drained.load(Ordering::SeqCst)
+    }
+
+    /// Stops heartbeating and tells the manager this component leaves
+    /// (unless it already left, drained); returns once that is said or
+    /// could not be.
+    pub fn leave(mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = self.wake.send(());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
