@@ -176,13 +176,24 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
             other.name()
         )),
     };
-    let (argv, cwd, env, excache_bytes) = match req {
+    let (job, excache_bytes) = match req {
         Ok(Request::Launch {
             argv,
             cwd,
             env,
             excache_bytes,
-        }) if !argv.is_empty() => (argv, cwd, env, excache_bytes),
+            summary,
+            stats,
+        }) if !argv.is_empty() => (
+            Job {
+                argv,
+                cwd,
+                env,
+                summary,
+                stats,
+            },
+            excache_bytes,
+        ),
         Ok(other) => {
             let message = format!("a processor daemon serves Launch, not {other:?}");
             return send_reply(&writer, id, &Reply::Error { message });
@@ -207,21 +218,12 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
         // Listed under a placeholder id until the program's pid is known.
         running.push(ProcessInfo {
             pid: slot,
-            program: argv.join(" "),
+            program: job.argv.join(" "),
             excache_bytes,
         });
     }
     let mut listed_as = slot;
-    let result = run_program(
-        &mut conn,
-        &writer,
-        id,
-        host,
-        &argv,
-        &cwd,
-        &env,
-        &mut listed_as,
-    );
+    let result = run_program(&mut conn, &writer, id, host, &job, &mut listed_as);
     let mut running = host.running.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(k) = running.iter().position(|p| p.pid == listed_as) {
         running.remove(k);
@@ -229,17 +231,29 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
     result
 }
 
-#[allow(clippy::too_many_arguments)]
+/// A program a client asked this daemon to run.
+struct Job {
+    argv: Vec<String>,
+    cwd: String,
+    env: Vec<(String, String)>,
+    /// Print lego's run summary after the program's stderr.
+    summary: bool,
+    /// Send the run's statistics back with its exit status.
+    stats: bool,
+}
+
+/// The most statistics JSON sent back (it is a few KiB).
+const MAX_STATS_BYTES: u64 = 256 << 10;
+
 fn run_program(
     conn: &mut FramedConn<TcpStream>,
     writer: &Mutex<FramedConn<TcpStream>>,
     id: u64,
     host: &Host,
-    argv: &[String],
-    cwd: &str,
-    env: &[(String, String)],
+    job: &Job,
     listed_as: &mut u32,
 ) -> Result<(), ConnError> {
+    let Job { argv, cwd, env, .. } = job;
     let excache_bytes = {
         let running = host.running.lock().unwrap_or_else(|p| p.into_inner());
         running
@@ -249,8 +263,23 @@ fn run_program(
     };
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
-    cmd.args(["run", "--quiet", "--manager", &host.manager, "--local"])
-        .arg("--excache")
+    cmd.args(["run", "--manager", &host.manager, "--local"]);
+    if !job.summary {
+        cmd.arg("--quiet");
+    }
+    // The wrapper writes the statistics here; they go back with the exit
+    // status.
+    let stats_file = job.stats.then(|| {
+        std::env::temp_dir().join(format!(
+            "lego-processor-{}-{}.json",
+            std::process::id(),
+            *listed_as
+        ))
+    });
+    if let Some(f) = &stats_file {
+        cmd.arg("--stats").arg(f);
+    }
+    cmd.arg("--excache")
         .arg(excache_bytes.to_string())
         .arg("--")
         .args(argv)
@@ -314,12 +343,23 @@ fn run_program(
         }
         status
     });
+    let stats = stats_file.and_then(|f| {
+        let read = std::fs::File::open(&f).and_then(|file| {
+            let mut text = String::new();
+            file.take(MAX_STATS_BYTES).read_to_string(&mut text)?;
+            Ok(text)
+        });
+        let _ = std::fs::remove_file(&f);
+        read.map_err(|e| tracing::warn!(error = %e, "no statistics from the run"))
+            .ok()
+    });
     let reply = match status {
         Ok(s) => {
             use std::os::unix::process::ExitStatusExt;
             Reply::Exited {
                 code: s.code(),
                 signal: s.signal(),
+                stats,
             }
         }
         Err(e) => Reply::Error {

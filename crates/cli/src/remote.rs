@@ -5,6 +5,7 @@
 
 use std::ffi::OsString;
 use std::io::{Read, Write};
+use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -36,7 +37,17 @@ fn environment() -> Vec<(String, String)> {
         .collect()
 }
 
-pub fn run_remote(manager: &str, command: &[OsString], excache: u64) -> ExitCode {
+/// Runs `command` on the processor daemon the manager picks. Unless
+/// `quiet`, lego's run summary (printed there) follows the program's
+/// stderr; with `stats`, the run's statistics are written to that file
+/// here.
+pub fn run_remote(
+    manager: &str,
+    command: &[OsString],
+    excache: u64,
+    quiet: bool,
+    stats: Option<&Path>,
+) -> ExitCode {
     let argv: Vec<String> = command
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -70,6 +81,8 @@ pub fn run_remote(manager: &str, command: &[OsString], excache: u64) -> ExitCode
             .unwrap_or_default(),
         env: environment(),
         excache_bytes: excache,
+        summary: !quiet,
+        stats: stats.is_some(),
     };
     let json = control::to_json(&launch);
     let launched = match conn.call(1, &Message::Control { json: &json }) {
@@ -144,8 +157,28 @@ pub fn run_remote(manager: &str, command: &[OsString], excache: u64) -> ExitCode
                 let _ = std::io::stderr().write_all(data);
             }
             Message::Control { json } => match control::from_json::<Reply>(json) {
-                Ok(Reply::Exited { code, signal }) => {
+                Ok(Reply::Exited {
+                    code,
+                    signal,
+                    stats: json,
+                }) => {
                     use std::os::unix::process::ExitStatusExt;
+                    if let Some(f) = stats {
+                        match json {
+                            Some(j) => {
+                                if let Err(e) = std::fs::write(f, j) {
+                                    eprintln!("lego: cannot write {}: {e}", f.display());
+                                }
+                            }
+                            None => eprintln!(
+                                "lego: processor daemon {addr} sent no statistics for {}",
+                                f.display()
+                            ),
+                        }
+                    }
+                    if !quiet {
+                        eprintln!("lego: ran on processor daemon {addr}");
+                    }
                     let raw = match (code, signal) {
                         (Some(c), _) => (c & 0xff) << 8,
                         (None, Some(s)) => s & 0x7f,

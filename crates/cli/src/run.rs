@@ -167,7 +167,15 @@ fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
 pub fn run(args: RunArgs) -> ExitCode {
     if let (Some(m), false) = (&args.manager, args.local) {
         match crate::remote::processors_alive(m) {
-            Ok(true) => return crate::remote::run_remote(m, &args.command, args.excache),
+            Ok(true) => {
+                return crate::remote::run_remote(
+                    m,
+                    &args.command,
+                    args.excache,
+                    args.quiet,
+                    args.stats.as_deref(),
+                )
+            }
             Ok(false) => {} // No processor daemon: this host runs it.
             Err(e) => return fail(e),
         }

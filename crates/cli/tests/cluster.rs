@@ -453,6 +453,36 @@ fn a_program_on_a_processor_daemon_gets_stdin_and_gives_back_output_and_status()
         "{}",
         text(&out.stderr)
     );
+    // Not quiet, with --stats: lego's summary of the run there follows the
+    // program's stderr, and its statistics come back to a file here.
+    let stats = tmp().join(format!("{}-remote-stats.json", h.prefix));
+    let _ = std::fs::remove_file(&stats);
+    let out = h
+        .cmd("mgr")
+        .arg(lego())
+        .args(["run", "--excache", "16M", "--manager", &manager, "--stats"])
+        .arg(&stats)
+        .args([
+            "--",
+            "/usr/bin/python3",
+            "-c",
+            "print(len(bytearray(20 << 20)))",
+        ])
+        .output()
+        .unwrap();
+    let err = text(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(text(&out.stdout), format!("{}\n", 20 << 20));
+    assert!(err.contains("lego: exit 0 after"), "{err}");
+    let proc_addr = format!("{}:{PORT}", h.ip(4));
+    assert!(
+        err.contains(&format!("lego: ran on processor daemon {proc_addr}")),
+        "{err}"
+    );
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+    let _ = std::fs::remove_file(&stats);
+    assert_eq!(j["exit_code"], 0, "{j}");
+    assert!(j["misses"].as_u64().unwrap() > 0, "{j}");
 }
 
 #[test]

@@ -133,12 +133,18 @@ pub enum Request {
     /// To a processor daemon: run `argv` (in `cwd`, with `env`) with an
     /// ExCache of `excache_bytes`. Answered with `Launched`, then the
     /// program's output as `Stdio` frames, then `Exited`; the client sends
-    /// the program's input as `Stdio` frames meanwhile.
+    /// the program's input as `Stdio` frames meanwhile. With `summary`,
+    /// lego's run summary follows the program's stderr; with `stats`,
+    /// `Exited` carries the run's statistics.
     Launch {
         argv: Vec<String>,
         cwd: String,
         env: Vec<(String, String)>,
         excache_bytes: u64,
+        #[serde(default)]
+        summary: bool,
+        #[serde(default)]
+        stats: bool,
     },
     /// To a processor daemon, during a `Launch`: deliver signal `signum`
     /// to the program.
@@ -173,10 +179,13 @@ pub enum Reply {
     Launched {
         pid: u32,
     },
-    /// The program ended: its exit code, or the signal that killed it.
+    /// The program ended: its exit code, or the signal that killed it;
+    /// the run's statistics (the JSON `lego run --stats` writes) if asked.
     Exited {
         code: Option<i32>,
         signal: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        stats: Option<String>,
     },
     Error {
         message: String,
