@@ -154,7 +154,45 @@ impl Cluster {
                 ch.components.insert(id);
             }
         }
+        self.drop_lost_units(now, &mut ch);
         ch
+    }
+
+    /// Units on failed daemons are lost with their pages; once no live
+    /// memory daemon holds their space any more (its program stopped),
+    /// they are forgotten. The wait (a timeout and two heartbeats) lets
+    /// every daemon report its spaces after a manager restart.
+    fn drop_lost_units(&mut self, now: u64, ch: &mut Changes) {
+        let wait = self.timeout_ms + 2 * self.heartbeat_ms();
+        let failed: BTreeSet<u64> = self
+            .components
+            .iter()
+            .filter(|(_, c)| c.state == State::Failed)
+            .map(|(&id, _)| id)
+            .collect();
+        if failed.is_empty() {
+            return;
+        }
+        let held: BTreeSet<u64> = self
+            .components
+            .values()
+            .filter(|c| matches!(c.state, State::Alive | State::Draining))
+            .flat_map(|c| c.spaces.iter().copied())
+            .collect();
+        let gone: Vec<(u64, u64)> = self
+            .placements
+            .iter()
+            .filter(|(&(space, _), p)| {
+                failed.contains(&p.component)
+                    && now.saturating_sub(p.at_ms) > wait
+                    && !held.contains(&space)
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        for k in gone {
+            self.placements.remove(&k);
+            ch.unplaced.insert(k);
+        }
     }
 
     fn register(
@@ -517,6 +555,17 @@ mod tests {
         }
     }
 
+    fn hb(c: &mut Cluster, now: u64, id: u64, used: u64, spaces: Vec<u64>) -> Reply {
+        let req = Request::Heartbeat {
+            id,
+            used_bytes: used,
+            load: 0,
+            spaces,
+            processes: vec![],
+        };
+        c.apply(now, req).0
+    }
+
     fn place(c: &mut Cluster, now: u64, space: u64, unit: u64) -> Reply {
         c.apply(now, Request::PlaceMemory { space, unit }).0
     }
@@ -589,6 +638,37 @@ mod tests {
             },
         );
         assert_eq!(c.components[&b].state, State::Alive);
+    }
+
+    #[test]
+    fn units_lost_with_a_failed_daemon_are_forgotten_once_their_space_is_gone() {
+        let mut c = Cluster::new(900);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 64 * MIB);
+        // Space 7 spreads over both; b then goes silent.
+        for u in 0..4 {
+            place(&mut c, 0, 7, u);
+        }
+        let on_b = c.placements.values().filter(|p| p.component == b).count();
+        assert!(on_b > 0);
+        let mut t = 0;
+        while t < 2400 {
+            t += 300;
+            hb(&mut c, t, a, 4096, vec![7]);
+            c.tick(t);
+        }
+        assert_eq!(c.components[&b].state, State::Failed);
+        // While a still holds the space (its program runs), b's units stay
+        // (well past the wait after a manager restart).
+        assert_eq!(
+            c.placements.values().filter(|p| p.component == b).count(),
+            on_b
+        );
+        // The program stopped: a holds it no more; b's units go too.
+        hb(&mut c, t + 300, a, 0, vec![]);
+        let ch = c.tick(t + 300);
+        assert!(c.placements.is_empty(), "{:?}", c.placements);
+        assert_eq!(ch.unplaced.len(), on_b);
     }
 
     #[test]
@@ -705,19 +785,6 @@ mod tests {
         for u in 0..4 {
             place(&mut c, 1, 7, u);
         }
-        let hb = |c: &mut Cluster, t: u64, id: u64, used: u64, spaces: Vec<u64>| {
-            c.apply(
-                t,
-                Request::Heartbeat {
-                    id,
-                    used_bytes: used,
-                    load: 0,
-                    spaces,
-                    processes: vec![],
-                },
-            )
-            .0
-        };
         let drain = |c: &mut Cluster, id: u64| c.apply(2, Request::Drain { id }).0;
         // Bad targets are refused with a reason.
         assert!(
