@@ -153,6 +153,10 @@ pub struct DrainArgs {
     /// Start the drain and return at once (`lego status` shows its progress).
     #[arg(long)]
     no_wait: bool,
+    /// Stop draining: the daemon takes new memory again; what already moved
+    /// off it stays where it went.
+    #[arg(long, conflicts_with_all = ["no_wait", "timeout"])]
+    cancel: bool,
 }
 
 /// `lego drain`: marks a memory daemon draining, then waits, printing what
@@ -160,6 +164,16 @@ pub struct DrainArgs {
 /// and it has left the cluster.
 pub fn drain(args: DrainArgs) -> ExitCode {
     let id = args.id;
+    if args.cancel {
+        return match lego_transport::ask_manager(&args.manager, &Request::Undrain { id }) {
+            Ok(Reply::Ok) => {
+                eprintln!("lego drain: memory daemon {id} is not draining; it takes new memory");
+                ExitCode::SUCCESS
+            }
+            Ok(other) => fail("lego drain", format!("unexpected answer {other:?}")),
+            Err(e) => fail("lego drain", e),
+        };
+    }
     match lego_transport::ask_manager(&args.manager, &Request::Drain { id }) {
         Ok(Reply::Ok) => {}
         Ok(other) => return fail("lego drain", format!("unexpected answer {other:?}")),

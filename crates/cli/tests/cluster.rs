@@ -374,19 +374,24 @@ fn memory_daemons_added_and_drained_while_a_program_runs_lose_nothing() {
         memory_entry(&s, &h, 3).2 >= 1,
         "the added daemon got no units: {s}"
     );
-    let drain = h
-        .cmd("mgr")
-        .arg(lego())
-        .args([
-            "drain",
-            &id.to_string(),
-            "--manager",
-            &manager,
-            "--timeout",
-            "60s",
-        ])
-        .output()
-        .unwrap();
+    let drain = |args: &[&str]| {
+        h.cmd("mgr")
+            .arg(lego())
+            .arg("drain")
+            .args(args)
+            .args(["--manager", &manager])
+            .output()
+            .unwrap()
+    };
+    // A drain of mem2 started and cancelled at once: whatever moved in
+    // between stays moved, and mem2 takes memory again.
+    let id2 = memory_entry(&s, &h, 2).0.to_string();
+    for args in [&[&id2, "--no-wait"][..], &[&id2, "--cancel"]] {
+        let out = drain(args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out.stderr));
+    }
+    assert_eq!(memory_entry(&h.status("mgr", &manager), &h, 2).1, "alive");
+    let drain = drain(&[&id.to_string(), "--timeout", "60s"]);
     let said = text(&drain.stderr);
     assert!(drain.status.success(), "{said}");
     assert!(said.contains("has left the cluster"), "{said}");
@@ -681,6 +686,17 @@ fn cluster_commands_answer_bad_input_with_one_line_errors() {
             "soon",
         ],
         &["run", "--manager", "127.0.0.1:1", "--", "true"],
+        &["drain", "2", "--manager", "127.0.0.1:1"],
+        &["drain", "2", "--cancel", "--manager", "127.0.0.1:1"],
+        &["drain", "two", "--manager", "127.0.0.1:1"],
+        &[
+            "drain",
+            "2",
+            "--timeout",
+            "soon",
+            "--manager",
+            "127.0.0.1:1",
+        ],
     ];
     for args in cases {
         let out = Command::new(lego()).args(*args).output().unwrap();

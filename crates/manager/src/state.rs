@@ -122,6 +122,7 @@ impl Cluster {
             Request::Leave { id } => self.leave(id, &mut ch),
             Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
             Request::Drain { id } => self.drain(id, &mut ch),
+            Request::Undrain { id } => self.undrain(id, &mut ch),
             Request::Draining => Reply::Draining {
                 ids: self
                     .components
@@ -376,6 +377,29 @@ impl Cluster {
         self.components.get_mut(&id).expect("looked up above").state = State::Draining;
         ch.components.insert(id);
         Reply::Ok
+    }
+
+    /// Cancels the drain of memory daemon `id`: it is alive again.
+    fn undrain(&mut self, id: u64, ch: &mut Changes) -> Reply {
+        let Some(c) = self.components.get_mut(&id) else {
+            return Reply::Error {
+                message: format!("no component {id} in this cluster"),
+            };
+        };
+        match (c.kind, c.state) {
+            (Kind::Memory, State::Draining) => {
+                c.state = State::Alive;
+                ch.components.insert(id);
+                Reply::Ok
+            }
+            (Kind::Memory, State::Alive) => Reply::Ok,
+            (Kind::Memory, state) => Reply::Error {
+                message: format!("memory daemon {id} is {state}, not draining"),
+            },
+            (kind, _) => Reply::Error {
+                message: format!("component {id} is a {kind} daemon, not a memory daemon"),
+            },
+        }
     }
 
     /// Units placed on each component.
@@ -822,6 +846,28 @@ mod tests {
         assert!(
             matches!(drain(&mut c, b), Reply::Error { message } if message.contains("has left"))
         );
+    }
+
+    #[test]
+    fn a_cancelled_drain_makes_the_daemon_take_placements_again() {
+        let mut c = Cluster::new(900);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 64 * MIB);
+        let p = register(&mut c, 0, Kind::Processor, "p:1", 64 * MIB);
+        let undrain = |c: &mut Cluster, id: u64| c.apply(2, Request::Undrain { id }).0;
+        assert_eq!(c.apply(1, Request::Drain { id: b }).0, Reply::Ok);
+        assert_eq!(placed_on(&place(&mut c, 1, 7, 0)), a);
+        assert_eq!(undrain(&mut c, b), Reply::Ok);
+        assert_eq!(c.components[&b].state, State::Alive);
+        assert_eq!(undrain(&mut c, b), Reply::Ok, "not draining: nothing to do");
+        // b has the most room now.
+        assert_eq!(placed_on(&place(&mut c, 2, 7, 1)), b);
+        let refused =
+            |r: Reply, why: &str| matches!(r, Reply::Error { message } if message.contains(why));
+        assert!(refused(undrain(&mut c, 99), "no component 99"));
+        assert!(refused(undrain(&mut c, p), "not a memory daemon"));
+        c.apply(3, Request::Leave { id: b });
+        assert!(refused(undrain(&mut c, b), "is left, not draining"));
     }
 
     #[test]

@@ -123,6 +123,9 @@ pub enum Request {
     /// new placements, the programs with units on it move them, and once
     /// it holds nothing it is told to leave.
     Drain { id: u64 },
+    /// Stop draining memory daemon `id` (`lego drain --cancel`): it takes
+    /// new placements again; what already moved stays where it is.
+    Undrain { id: u64 },
     /// Which memory daemons are draining (asked by every program's runtime
     /// a few times a second).
     Draining,
