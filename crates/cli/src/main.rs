@@ -139,7 +139,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Prints `lego CMD: MSG` and returns lego's failure status.
 /// A daemon's way out: SIGINT, SIGTERM, SIGHUP and SIGQUIT set `stop` (the
 /// daemon then leaves its cluster and exits 0); SIGUSR1 and SIGUSR2 are
 /// ignored.
@@ -151,6 +150,7 @@ fn stop_on_signals(stop: Arc<AtomicBool>) -> std::io::Result<()> {
     })
 }
 
+/// Prints `lego CMD: MSG` and returns lego's failure status.
 fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("{cmd}: {msg}");
     ExitCode::from(LEGO_FAILED)

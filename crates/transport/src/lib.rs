@@ -525,8 +525,9 @@ impl Member {
                 // Stopped: say so, from this thread, so no heartbeat or
                 // registration can follow the leave.
                 let leave = control::Request::Leave { id: self.id };
-                let said = match conn.as_mut() {
-                    Some(c) => c.call(&leave).map_err(|e| e.to_string()),
+                // On the heartbeat connection, or a new one if that broke.
+                let said = match conn.as_mut().and_then(|c| c.call(&leave).ok()) {
+                    Some(reply) => Ok(reply),
                     None => control_call(&self.manager, &leave, MANAGER_TIMEOUT)
                         .map_err(|e| e.to_string()),
                 };
