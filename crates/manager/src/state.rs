@@ -180,20 +180,11 @@ impl Cluster {
             .filter(|c| matches!(c.state, State::Alive | State::Draining))
             .flat_map(|c| c.spaces.iter().copied())
             .collect();
-        let gone: Vec<(u64, u64)> = self
-            .placements
-            .iter()
-            .filter(|(&(space, _), p)| {
-                failed.contains(&p.component)
-                    && now.saturating_sub(p.at_ms) > wait
-                    && !held.contains(&space)
-            })
-            .map(|(&k, _)| k)
-            .collect();
-        for k in gone {
-            self.placements.remove(&k);
-            ch.unplaced.insert(k);
-        }
+        unplace_where(&mut self.placements, ch, |(space, _), p| {
+            failed.contains(&p.component)
+                && now.saturating_sub(p.at_ms) > wait
+                && !held.contains(&space)
+        });
     }
 
     fn register(
@@ -278,23 +269,13 @@ impl Cluster {
             // Units of spaces this daemon no longer holds (their programs
             // ended) are free again; a unit placed a moment ago may not be
             // attached yet.
-            let gone: Vec<(u64, u64)> = self
-                .placements
-                .iter()
-                .filter(|(&(space, _), p)| {
-                    p.component == id
-                        && now.saturating_sub(p.at_ms) > grace
-                        && !c.spaces.contains(&space)
-                })
-                .map(|(&k, _)| k)
-                .collect();
-            for k in gone {
-                self.placements.remove(&k);
-                ch.unplaced.insert(k);
-            }
+            unplace_where(&mut self.placements, ch, |(space, _), p| {
+                p.component == id
+                    && now.saturating_sub(p.at_ms) > grace
+                    && !c.spaces.contains(&space)
+            });
             // A drained daemon holds nothing and nothing is placed on it:
             // it leaves.
-            let c = self.components.get_mut(&id).expect("looked up above");
             if c.state == State::Draining
                 && used_bytes == 0
                 && c.spaces.is_empty()
@@ -320,16 +301,7 @@ impl Cluster {
         c.spaces.clear();
         c.processes.clear();
         ch.components.insert(id);
-        let gone: Vec<(u64, u64)> = self
-            .placements
-            .iter()
-            .filter(|(_, p)| p.component == id)
-            .map(|(&k, _)| k)
-            .collect();
-        for k in gone {
-            self.placements.remove(&k);
-            ch.unplaced.insert(k);
-        }
+        unplace_where(&mut self.placements, ch, |_, p| p.component == id);
         Reply::Ok
     }
 
@@ -549,6 +521,21 @@ impl Cluster {
     }
 }
 
+/// Forgets the placements `gone` picks, noting them for storage.
+fn unplace_where(
+    placements: &mut BTreeMap<(u64, u64), Placement>,
+    ch: &mut Changes,
+    gone: impl Fn((u64, u64), &Placement) -> bool,
+) {
+    placements.retain(|&k, p| {
+        let drop = gone(k, p);
+        if drop {
+            ch.unplaced.insert(k);
+        }
+        !drop
+    });
+}
+
 fn unknown(id: u64) -> Reply {
     Reply::Error {
         message: format!("unknown component {id}: register again"),
@@ -631,16 +618,7 @@ mod tests {
         let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
         let b = register(&mut c, 0, Kind::Memory, "b:1", 64 * MIB);
         for t in [300, 600, 900] {
-            c.apply(
-                t,
-                Request::Heartbeat {
-                    id: a,
-                    used_bytes: 0,
-                    load: 0,
-                    spaces: vec![],
-                    processes: vec![],
-                },
-            );
+            hb(&mut c, t, a, 0, vec![]);
             c.tick(t);
         }
         let ch = c.tick(1001 + 1);
@@ -651,16 +629,7 @@ mod tests {
             assert_eq!(placed_on(&place(&mut c, 1300, 1, u)), a);
         }
         // A failed component that heartbeats again is alive again.
-        c.apply(
-            1400,
-            Request::Heartbeat {
-                id: b,
-                used_bytes: 0,
-                load: 0,
-                spaces: vec![],
-                processes: vec![],
-            },
-        );
+        hb(&mut c, 1400, b, 0, vec![]);
         assert_eq!(c.components[&b].state, State::Alive);
     }
 
@@ -898,14 +867,7 @@ mod tests {
         assert!(matches!(c.apply(4, req).0, Reply::Error { .. }));
         // Leaving is not heartbeating: a heartbeat after it is told to
         // register again, and an unknown id is an error.
-        let hb = Request::Heartbeat {
-            id: a,
-            used_bytes: 0,
-            load: 0,
-            spaces: vec![],
-            processes: vec![],
-        };
-        assert!(matches!(c.apply(5, hb).0, Reply::Error { .. }));
+        assert!(matches!(hb(&mut c, 5, a, 0, vec![]), Reply::Error { .. }));
         assert!(matches!(
             c.apply(5, Request::Leave { id: 99 }).0,
             Reply::Error { .. }

@@ -248,7 +248,7 @@ pub fn init() {
     start(
         region,
         home,
-        cfg.daemons.into_iter().map(Some).collect(),
+        cfg.daemons.into_iter().map(|a| (a, true)).collect(),
         program_name(),
         cfg.timeout,
         cfg.stats,
@@ -268,7 +268,7 @@ pub fn init() {
 fn start(
     region: Region,
     home: String,
-    daemon_addrs: Vec<Option<String>>,
+    daemon_addrs: Vec<(String, bool)>,
     program: String,
     timeout: Duration,
     stats: Option<&'static SharedStats>,
@@ -302,16 +302,13 @@ fn start(
         region_base: VirtAddr(region.base as u64),
         region_bytes: region.len as u64,
     };
-    // A drained daemon keeps its index, unconnected.
+    // A drained daemon (not to connect to) keeps its index, unconnected.
     let daemons: Vec<Daemon> = daemon_addrs
         .into_iter()
-        .map(|addr| {
-            let Some(addr) = addr else {
-                return Daemon {
-                    addr: String::new(),
-                    conn: None,
-                };
-            };
+        .map(|(addr, connect_to)| {
+            if !connect_to {
+                return Daemon { addr, conn: None };
+            }
             let mut conn = connect(&addr, &program, timeout);
             let msg = match origin {
                 Origin::Fork { parent } if addr != home => Message::ForkSpace {
@@ -458,10 +455,10 @@ extern "C" fn after_fork_child() {
     let mut guard = unsafe { Box::from_raw(guard) };
     let mut cache = std::mem::replace(&mut guard.cache, ExCache::new(0, 1));
     let mut placement = std::mem::replace(&mut guard.placement, Placement::fixed(0, 1));
-    let daemon_addrs: Vec<Option<String>> = guard
+    let daemon_addrs: Vec<(String, bool)> = guard
         .daemons
         .iter()
-        .map(|d| d.conn.as_ref().map(|_| d.addr.clone()))
+        .map(|d| (d.addr.clone(), d.conn.is_some()))
         .collect();
     let mut daemon_fds: Vec<i32> = guard
         .daemons
@@ -534,19 +531,17 @@ impl Runtime {
     fn try_daemon_for(&self, g: &mut Shared, addr: usize) -> Result<usize, String> {
         let off = addr - self.region.base;
         let (id, daemon_addr) = match g.placement.place(off, self.space.0, self.timeout)? {
-            Ok(d) => return Ok(d),
+            Ok(d) if g.daemons[d].conn.is_some() => return Ok(d),
+            // A daemon this program drained, placed on again (its drain
+            // was cancelled): attached anew.
+            Ok(d) => {
+                g.daemons[d].conn = Some(self.attach(&g.daemons[d].addr));
+                g.daemons_changed += 1;
+                return Ok(d);
+            }
             Err(new) => new,
         };
-        let mut conn = connect(&daemon_addr, &self.program, self.timeout);
-        space_call(
-            &mut conn,
-            &daemon_addr,
-            &Message::AttachSpace {
-                space: self.space,
-                region_base: VirtAddr(self.region.base as u64),
-                region_bytes: self.region.len as u64,
-            },
-        );
+        let conn = self.attach(&daemon_addr);
         let d = g.daemons.len();
         g.placement.bind(off, id, d)?;
         g.daemons.push(Daemon {
@@ -557,6 +552,21 @@ impl Runtime {
         g.wb_addrs.push(Vec::new());
         g.wb_data.push(Vec::new());
         Ok(d)
+    }
+
+    /// A new connection to the daemon at `addr`, bound to this space.
+    fn attach(&self, addr: &str) -> FramedConn<TcpStream> {
+        let mut conn = connect(addr, &self.program, self.timeout);
+        space_call(
+            &mut conn,
+            addr,
+            &Message::AttachSpace {
+                space: self.space,
+                region_base: VirtAddr(self.region.base as u64),
+                region_bytes: self.region.len as u64,
+            },
+        );
+        conn
     }
 
     /// The drain thread of a program whose memory a global manager
@@ -756,16 +766,7 @@ impl Runtime {
             Err(e) => self.daemon_failed(addr, e),
         };
         let new_addr = g.daemons[h].addr.clone();
-        let mut new = connect(&new_addr, &self.program, self.timeout);
-        space_call(
-            &mut new,
-            &new_addr,
-            &Message::AttachSpace {
-                space: self.space,
-                region_base: VirtAddr(self.region.base as u64),
-                region_bytes: self.region.len as u64,
-            },
-        );
+        let mut new = self.attach(&new_addr);
         space_call(&mut new, &new_addr, &layout);
         g.control_fd = new.stream().raw_fd().unwrap_or(-1);
         c.conn = new;
