@@ -623,19 +623,20 @@ impl Runtime {
     fn drain_daemon(&self, d: usize) -> Result<(), String> {
         loop {
             let mut g = lock(&self.shared);
-            let Some(off) = g.placement.first_on(d) else {
-                break;
-            };
-            self.move_unit(&mut g, d, off)?;
+            if let Some(off) = g.placement.first_on(d) {
+                self.move_unit(&mut g, d, off)?;
+                continue;
+            }
+            // Still under the lock that found no unit on `d`: none can be
+            // placed there before its connection closes.
+            if g.home == d {
+                self.move_home(&mut g)?;
+            }
+            // The last reference to the space at `d`: it frees it.
+            g.daemons[d].conn = None;
+            g.daemons_changed += 1;
+            return Ok(());
         }
-        let mut g = lock(&self.shared);
-        if g.home == d {
-            self.move_home(&mut g)?;
-        }
-        // The last reference to the space at `d`: it frees it.
-        g.daemons[d].conn = None;
-        g.daemons_changed += 1;
-        Ok(())
     }
 
     /// Moves the unit at region offset `off` from daemon `d`: placed anew
@@ -735,10 +736,12 @@ impl Runtime {
 
     /// Makes another daemon the home of this space: the one holding the
     /// region's first unit (placed now if need be), given the layout the
-    /// old home had. The control connection moves there.
+    /// old home had. The control connection moves there. The unit is not
+    /// placed anew: if it sits on another draining daemon, the manager
+    /// would move it without its pages; the home follows it there and
+    /// moves again when that daemon is drained.
     fn move_home(&self, g: &mut Shared) -> Result<(), String> {
         let old = g.home;
-        g.placement.unplace(0);
         let h = match self.try_daemon_for(g, self.region.base) {
             Ok(h) if h != old => h,
             Ok(_) => return Err("the manager placed the home on the draining daemon".into()),
@@ -750,15 +753,7 @@ impl Runtime {
         let Control { conn, addr, .. } = &mut *c;
         let layout = match conn.call(id, &Message::GetLayout) {
             Ok(f) => match f.message {
-                Message::Layout {
-                    brk_start,
-                    brk,
-                    mappings,
-                } => Message::Layout {
-                    brk_start,
-                    brk,
-                    mappings,
-                },
+                layout @ Message::Layout { .. } => layout,
                 other => die(&format!(
                     "memory daemon {addr} answered a layout request with {other:?}"
                 )),
