@@ -283,18 +283,18 @@ fn check_against_plain(got: Output, prog: &str, args: &[&str]) {
     assert_eq!(text(&got.stdout), text(&want.stdout));
 }
 
-#[test]
-fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
-    let (h, manager, _) = cluster("3s");
-    // 96 MiB: twice what any one memory daemon holds.
-    let stress = Stress::new(["96", "2", "2"]);
-    let mut run = stress.start(&h, &manager);
-    // While it runs, its memory spreads over all three daemons (once it
-    // ends, the daemons stop reporting its space and the manager forgets
-    // the placements): the most units seen on each.
+/// The most units the manager's status showed on each memory daemon (by
+/// address) while `run` ran. Sampled during the run: once a program ends,
+/// the daemons stop reporting its space and the manager forgets its
+/// placements.
+fn most_units_while_running(
+    h: &Hosts,
+    manager: &str,
+    run: &mut Child,
+) -> std::collections::BTreeMap<String, u64> {
     let mut most = std::collections::BTreeMap::<String, u64>::new();
     while run.try_wait().unwrap().is_none() {
-        let s = h.status("mgr", &manager);
+        let s = h.status("mgr", manager);
         for c in s["components"].as_array().unwrap() {
             if c["kind"] == "memory" {
                 let m = most
@@ -305,6 +305,17 @@ fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    most
+}
+
+#[test]
+fn a_program_larger_than_any_memory_daemon_runs_across_hosts() {
+    let (h, manager, _) = cluster("3s");
+    // 96 MiB: twice what any one memory daemon holds.
+    let stress = Stress::new(["96", "2", "2"]);
+    let mut run = stress.start(&h, &manager);
+    // While it runs, its memory spreads over all three daemons.
+    let most = most_units_while_running(&h, &manager, &mut run);
     stress.check(run.wait_with_output().unwrap());
     assert_eq!(most.len(), 3);
     assert!(most.values().all(|&u| u >= 1), "units per daemon: {most:?}");
@@ -623,19 +634,16 @@ fn a_silent_memory_daemon_is_failed_within_the_timeout_and_gets_no_placements() 
     assert!(took < Duration::from_millis(2500), "took {took:?}");
     // A program started now gets its memory only from the other two.
     let stress = Stress::new(["64", "2", "1"]);
-    let got = stress.start(&h, &manager).wait_with_output().unwrap();
-    let s = h.status("mgr", &manager);
+    let mut run = stress.start(&h, &manager);
+    let most = most_units_while_running(&h, &manager, &mut run);
     sh(&["kill", "-CONT", &silent.to_string()]);
-    stress.check(got);
-    for c in s["components"].as_array().unwrap() {
-        if c["kind"] != "memory" {
-            continue;
-        }
-        let units = c["units"].as_u64().unwrap();
-        if c["addr"] == addr.as_str() {
-            assert_eq!(units, 0, "the failed daemon got placements: {s}");
+    stress.check(run.wait_with_output().unwrap());
+    assert_eq!(most.len(), 3, "{most:?}");
+    for (a, &units) in &most {
+        if *a == addr {
+            assert_eq!(units, 0, "the failed daemon got placements: {most:?}");
         } else {
-            assert!(units >= 1, "{s}");
+            assert!(units >= 1, "{most:?}");
         }
     }
     // Heartbeating again, it is alive again.
