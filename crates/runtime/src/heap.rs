@@ -44,6 +44,23 @@ impl Drop for RuntimeScope {
     }
 }
 
+/// A call of a program thread into the runtime: runtime code (as
+/// [`RuntimeScope`]) with every signal blocked, so no handler of the
+/// program runs (or forks) while the thread holds a runtime lock.
+pub struct RuntimeCall {
+    _scope: RuntimeScope,
+    _signals: lego_sys::process::SignalsBlocked,
+}
+
+impl RuntimeCall {
+    pub fn enter() -> Self {
+        Self {
+            _signals: lego_sys::process::SignalsBlocked::new(),
+            _scope: RuntimeScope::enter(),
+        }
+    }
+}
+
 /// Marks the calling thread as a runtime thread for good (the pager).
 pub fn mark_runtime_thread() {
     IN_RUNTIME.with(|c| c.set(true));
@@ -54,10 +71,52 @@ pub fn in_runtime() -> bool {
     IN_RUNTIME.try_with(|c| c.get()).unwrap_or(true)
 }
 
+/// The code of the C library and of the dynamic loader, as `[start, end)`
+/// ranges, learnt once at start-up ([`learn_system_code`]).
+static SYSTEM_CODE: [(AtomicUsize, AtomicUsize); 8] =
+    [const { (AtomicUsize::new(0), AtomicUsize::new(0)) }; 8];
+
+/// Records where the C library's and the loader's code lie.
+pub fn learn_system_code() {
+    let ranges = lego_sys::loader::system_code_ranges();
+    for (slot, &(start, end)) in SYSTEM_CODE.iter().zip(&ranges) {
+        slot.0.store(start, Ordering::Relaxed);
+        slot.1.store(end, Ordering::Release);
+    }
+}
+
+/// Whether a call made from `caller` (a return address) is glibc's own:
+/// code of the C library or of the loader.
+fn called_by_system(caller: usize) -> bool {
+    SYSTEM_CODE.iter().any(|(start, end)| {
+        let end = end.load(Ordering::Acquire);
+        end != 0 && caller < end && caller >= start.load(Ordering::Relaxed)
+    })
+}
+
+/// Whether an allocation requested from `caller` comes from the internal
+/// heap: made by runtime code, or by glibc for itself.
+///
+/// Memory glibc allocates for itself is process-wide state that runtime
+/// threads read too, and it must never fault: the locale data a new
+/// thread's start-up reads (`setlocale` allocated it; seen deadlocking a
+/// thread created after fork), the loader's link maps and TLS tables that
+/// `pthread_create` walks, name-service and time-zone state. Such a
+/// read of a page only the reading thread could bring back is a deadlock,
+/// so that state lives in memory that is never evicted. The program's own
+/// data (what it, or any other library, allocates) is disaggregated.
+pub fn internal_for(caller: usize) -> bool {
+    in_runtime() || called_by_system(caller)
+}
+
 /// A test-and-set lock that needs no allocation and can be held across
 /// `fork` (see [`prepare_fork`]).
 pub struct SpinLock<T> {
     locked: AtomicBool,
+    /// The holder's [`lego_sys::process::thread_id`] (0: none), so that a
+    /// fork from a signal handler that interrupted the holder does not wait
+    /// for itself.
+    owner: AtomicUsize,
     value: std::cell::UnsafeCell<T>,
 }
 
@@ -68,6 +127,7 @@ impl<T> SpinLock<T> {
     pub const fn new(value: T) -> Self {
         Self {
             locked: AtomicBool::new(false),
+            owner: AtomicUsize::new(0),
             value: std::cell::UnsafeCell::new(value),
         }
     }
@@ -86,10 +146,31 @@ impl<T> SpinLock<T> {
                 std::thread::yield_now();
             }
         }
+        self.owner
+            .store(lego_sys::process::thread_id(), Ordering::Relaxed);
     }
 
     fn release(&self) {
+        self.owner.store(0, Ordering::Relaxed);
         self.locked.store(false, Ordering::Release);
+    }
+
+    /// Whether the calling thread holds the lock.
+    fn held_here(&self) -> bool {
+        self.locked.load(Ordering::Acquire)
+            && self.owner.load(Ordering::Relaxed) == lego_sys::process::thread_id()
+    }
+
+    /// Acquires the lock for a fork unless the calling thread holds it
+    /// already (the fork is made by a signal handler that interrupted the
+    /// holder, which releases it when the handler returns, in the parent
+    /// and in the child alike). Returns whether it was acquired here.
+    fn acquire_for_fork(&self) -> bool {
+        if self.held_here() {
+            return false;
+        }
+        self.acquire();
+        true
     }
 
     /// Runs `f` with the lock held.
@@ -311,17 +392,30 @@ unsafe impl std::alloc::GlobalAlloc for InternalAlloc {
 
 // fork: the child must not inherit a heap locked by a thread that does not
 // exist in it. The region heap is taken first (its holders may need the
-// runtime's locks), the internal heap last (everyone may need it).
+// runtime's locks), the internal heap last (everyone may need it). A lock
+// the forking thread already holds (a fork from a signal handler) is
+// neither taken nor released by the fork.
+
+/// Which heaps `prepare_fork_*` acquired (bit 0: region, bit 1: internal).
+static FORK_TAKEN: AtomicUsize = AtomicUsize::new(0);
 
 pub fn prepare_fork_region() {
-    REGION_HEAP.acquire();
+    if REGION_HEAP.acquire_for_fork() {
+        FORK_TAKEN.fetch_or(1, Ordering::Relaxed);
+    }
 }
 pub fn prepare_fork_internal() {
-    INTERNAL.acquire();
+    if INTERNAL.acquire_for_fork() {
+        FORK_TAKEN.fetch_or(2, Ordering::Relaxed);
+    }
 }
 pub fn finish_fork_internal() {
-    INTERNAL.release();
+    if FORK_TAKEN.fetch_and(!2, Ordering::Relaxed) & 2 != 0 {
+        INTERNAL.release();
+    }
 }
 pub fn finish_fork_region() {
-    REGION_HEAP.release();
+    if FORK_TAKEN.fetch_and(!1, Ordering::Relaxed) & 1 != 0 {
+        REGION_HEAP.release();
+    }
 }

@@ -32,12 +32,14 @@ fn fail(e: i32) -> *mut c_void {
     std::ptr::null_mut()
 }
 
-/// Runs an allocation on the heap the calling thread should use.
+/// Runs an allocation on the heap for a request made from `caller` (see
+/// [`heap::internal_for`]).
 fn alloc_with(
+    caller: usize,
     f: impl FnOnce(&mut dlmalloc::Dlmalloc<heap::RegionPages>) -> *mut u8,
     g: impl FnOnce(&mut dlmalloc::Dlmalloc<heap::KernelPages>) -> *mut u8,
 ) -> *mut c_void {
-    let p = if in_runtime() {
+    let p = if heap::internal_for(caller) {
         INTERNAL.with(g)
     } else {
         REGION_HEAP.with(f)
@@ -49,22 +51,51 @@ fn alloc_with(
     }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn malloc(size: size_t) -> *mut c_void {
+/// Defines the exported C allocation function `$name`, which passes its
+/// return address (who called it) to `$with_caller` as the argument after
+/// its own: at entry, before any prologue, it is the word at the stack
+/// pointer. A tail jump keeps the stack as the caller left it, so
+/// `$with_caller` returns straight to the caller.
+macro_rules! pass_caller {
+    ($name:ident($($arg:ident: $ty:ty),*) -> $ret:ty, $reg:literal => $with_caller:ident) => {
+        #[unsafe(naked)]
+        #[no_mangle]
+        pub unsafe extern "C" fn $name($($arg: $ty),*) -> $ret {
+            core::arch::naked_asm!(
+                concat!("mov ", $reg, ", qword ptr [rsp]"),
+                "jmp {}",
+                sym $with_caller,
+            )
+        }
+    };
+}
+
+pass_caller!(malloc(size: size_t) -> *mut c_void, "rsi" => malloc_from);
+pass_caller!(calloc(n: size_t, size: size_t) -> *mut c_void, "rdx" => calloc_from);
+pass_caller!(realloc(p: *mut c_void, size: size_t) -> *mut c_void, "rdx" => realloc_from);
+pass_caller!(reallocarray(p: *mut c_void, n: size_t, size: size_t) -> *mut c_void, "rcx" => reallocarray_from);
+pass_caller!(memalign(align: size_t, size: size_t) -> *mut c_void, "rdx" => memalign_from);
+pass_caller!(aligned_alloc(align: size_t, size: size_t) -> *mut c_void, "rdx" => memalign_from);
+pass_caller!(posix_memalign(out: *mut *mut c_void, align: size_t, size: size_t) -> c_int, "rcx" => posix_memalign_from);
+pass_caller!(valloc(size: size_t) -> *mut c_void, "rsi" => valloc_from);
+pass_caller!(pvalloc(size: size_t) -> *mut c_void, "rsi" => pvalloc_from);
+
+unsafe extern "C" fn malloc_from(size: size_t, caller: usize) -> *mut c_void {
     // SAFETY: dlmalloc's C-shaped API accepts any size.
     alloc_with(
+        caller,
         |d| unsafe { d.c_malloc(size) },
         |d| unsafe { d.c_malloc(size) },
     )
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn calloc(n: size_t, size: size_t) -> *mut c_void {
+unsafe extern "C" fn calloc_from(n: size_t, size: size_t, caller: usize) -> *mut c_void {
     let Some(total) = n.checked_mul(size) else {
         return fail(libc::ENOMEM);
     };
     // SAFETY: as for malloc; calloc returns zeroed memory.
     alloc_with(
+        caller,
         |d| unsafe { d.calloc(total, MALLOC_ALIGN) },
         |d| unsafe { d.calloc(total, MALLOC_ALIGN) },
     )
@@ -131,17 +162,17 @@ pub unsafe extern "C" fn cfree(p: *mut c_void) {
     unsafe { free(p) }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
+unsafe extern "C" fn realloc_from(p: *mut c_void, size: size_t, caller: usize) -> *mut c_void {
     if p.is_null() {
         // SAFETY: as for malloc.
-        return unsafe { malloc(size) };
+        return unsafe { malloc_from(size, caller) };
     }
     if size == 0 {
         // SAFETY: as for free (glibc frees and returns NULL).
         unsafe { free(p) };
         return std::ptr::null_mut();
     }
+    // A block stays on the heap that owns it.
     let q = if region::contains(p as usize) {
         // SAFETY: p is a live allocation of the region heap.
         REGION_HEAP.with(|d| unsafe { d.c_realloc(p as *mut u8, size) })
@@ -156,45 +187,43 @@ pub unsafe extern "C" fn realloc(p: *mut c_void, size: size_t) -> *mut c_void {
     }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn reallocarray(p: *mut c_void, n: size_t, size: size_t) -> *mut c_void {
+unsafe extern "C" fn reallocarray_from(
+    p: *mut c_void,
+    n: size_t,
+    size: size_t,
+    caller: usize,
+) -> *mut c_void {
     match n.checked_mul(size) {
         // SAFETY: as for realloc.
-        Some(total) => unsafe { realloc(p, total) },
+        Some(total) => unsafe { realloc_from(p, total, caller) },
         None => fail(libc::ENOMEM),
     }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn memalign(align: size_t, size: size_t) -> *mut c_void {
+unsafe extern "C" fn memalign_from(align: size_t, size: size_t, caller: usize) -> *mut c_void {
     if !align.is_power_of_two() {
         return fail(libc::EINVAL);
     }
     let align = align.max(MALLOC_ALIGN);
     // SAFETY: align is a power of two.
     alloc_with(
+        caller,
         |d| unsafe { d.c_memalign(align, size) },
         |d| unsafe { d.c_memalign(align, size) },
     )
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn aligned_alloc(align: size_t, size: size_t) -> *mut c_void {
-    // SAFETY: as for memalign.
-    unsafe { memalign(align, size) }
-}
-
-#[no_mangle]
-pub unsafe extern "C" fn posix_memalign(
+unsafe extern "C" fn posix_memalign_from(
     out: *mut *mut c_void,
     align: size_t,
     size: size_t,
+    caller: usize,
 ) -> c_int {
     if !align.is_power_of_two() || !align.is_multiple_of(std::mem::size_of::<usize>()) {
         return libc::EINVAL;
     }
     // SAFETY: as for memalign.
-    let p = unsafe { memalign(align, size) };
+    let p = unsafe { memalign_from(align, size, caller) };
     if p.is_null() {
         return libc::ENOMEM;
     }
@@ -203,17 +232,15 @@ pub unsafe extern "C" fn posix_memalign(
     0
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn valloc(size: size_t) -> *mut c_void {
+unsafe extern "C" fn valloc_from(size: size_t, caller: usize) -> *mut c_void {
     // SAFETY: as for memalign.
-    unsafe { memalign(lego_sys::PAGE_SIZE, size) }
+    unsafe { memalign_from(lego_sys::PAGE_SIZE, size, caller) }
 }
 
-#[no_mangle]
-pub unsafe extern "C" fn pvalloc(size: size_t) -> *mut c_void {
+unsafe extern "C" fn pvalloc_from(size: size_t, caller: usize) -> *mut c_void {
     let size = size.div_ceil(lego_sys::PAGE_SIZE).max(1) * lego_sys::PAGE_SIZE;
     // SAFETY: as for memalign.
-    unsafe { memalign(lego_sys::PAGE_SIZE, size) }
+    unsafe { memalign_from(lego_sys::PAGE_SIZE, size, caller) }
 }
 
 #[no_mangle]

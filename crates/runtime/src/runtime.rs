@@ -40,7 +40,7 @@ use lego_transport::{ConnError, ControlClient, FramedConn, Stream, Tcp, Transpor
 
 use crate::config::{Tuning, MAX_PREFETCH_PAGES};
 use crate::excache::{ExCache, Victim};
-use crate::heap::{self, RuntimeScope};
+use crate::heap::{self, RuntimeCall, RuntimeScope};
 use crate::placement::Placement;
 use crate::prefetch::Prefetcher;
 use crate::region::{self, Region};
@@ -215,6 +215,7 @@ fn program_name() -> String {
 /// and the program runs with its heap in ordinary local memory.
 pub fn init() {
     let _scope = RuntimeScope::enter();
+    heap::learn_system_code();
     let Some(cfg) = Config::from_env() else {
         return;
     };
@@ -1307,7 +1308,7 @@ impl Runtime {
 
     /// Places a new anonymous mapping in the region.
     pub fn map(&self, len: usize) -> Result<usize, Errno> {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         match self.layout_call(&Message::Mmap { len: len as u64 })? {
             Message::Mapped { addr } => Ok(addr.0 as usize),
             _ => Err(Errno(libc::ENOMEM)),
@@ -1367,7 +1368,7 @@ impl Runtime {
     /// the heap to reuse; remote copies are dropped, so reuse neither
     /// fetches nor writes back stale data.
     pub fn freed(&self, addr: usize, len: usize) {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         if len == 0 || !self.region.covers(addr, len) {
             return;
         }
@@ -1382,7 +1383,7 @@ impl Runtime {
     /// Unmaps a range of the region: contents are freed here and remotely,
     /// the address range returns to the layout.
     pub fn unmap(&self, addr: usize, len: usize) -> Result<(), Errno> {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         let len = page_align_up(len);
         if !addr.is_multiple_of(PAGE_SIZE) || !self.region.covers(addr, len) {
             return Err(Errno(libc::EINVAL));
@@ -1399,7 +1400,7 @@ impl Runtime {
     /// `madvise(MADV_DONTNEED/FREE)` on the region: contents read back as
     /// zeros afterwards.
     pub fn discard(&self, addr: usize, len: usize) -> Result<(), Errno> {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         let len = page_align_up(len);
         if !addr.is_multiple_of(PAGE_SIZE) || !self.region.covers(addr, len) {
             return Err(Errno(libc::EINVAL));
@@ -1419,7 +1420,7 @@ impl Runtime {
         new_len: usize,
         may_move: bool,
     ) -> Result<usize, Errno> {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         let (old_len, new_len) = (page_align_up(old_len), page_align_up(new_len));
         if !old.is_multiple_of(PAGE_SIZE) || new_len == 0 || !self.region.covers(old, old_len) {
             return Err(Errno(libc::EINVAL));
@@ -1494,7 +1495,7 @@ impl Runtime {
     /// first, so the pager never reads a page the program cannot (and the
     /// program still gets SIGSEGV on them, from the kernel).
     pub fn protect(&self, addr: usize, len: usize, prot: i32) -> Result<(), Errno> {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         let len = page_align_up(len);
         if !addr.is_multiple_of(PAGE_SIZE) || !self.region.covers(addr, len) {
             return Err(Errno(libc::EINVAL));
@@ -1512,7 +1513,7 @@ impl Runtime {
 
     /// Moves the program break (`0` queries it).
     pub fn brk(&self, new_brk: usize) -> usize {
-        let _scope = RuntimeScope::enter();
+        let _call = RuntimeCall::enter();
         let mut g = lock(&self.shared);
         let old = match self.layout_call(&Message::Brk {
             new_brk: VirtAddr(0),

@@ -8,8 +8,10 @@
 //!   symbols that the runtime interposes;
 //! - [`stats`]: the statistics page shared between `lego run` and the
 //!   runtime of every process it starts;
-//! - [`process`]: the few process-control calls `lego run` needs.
+//! - [`process`]: the few process-control calls `lego run` needs;
+//! - [`loader`]: where the C library's and the dynamic loader's code lie.
 
+pub mod loader;
 pub mod mm;
 pub mod process;
 pub mod stats;

@@ -266,3 +266,44 @@ pub fn wait_readable_or_eof(fd: i32) {
     }];
     let _ = poll(&mut p, 30_000);
 }
+
+/// Every signal blocked in the calling thread until this is dropped (then
+/// the mask it had before is restored): a signal handler of the program
+/// cannot run, and so cannot `fork`, while the thread holds one of the
+/// runtime's locks.
+pub struct SignalsBlocked {
+    old: libc::sigset_t,
+}
+
+impl SignalsBlocked {
+    pub fn new() -> Self {
+        // SAFETY: both sets are plain data written by the calls; a failing
+        // pthread_sigmask leaves `old` as the empty set it was given.
+        unsafe {
+            let mut all: libc::sigset_t = std::mem::zeroed();
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigfillset(&mut all);
+            libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut old);
+            Self { old }
+        }
+    }
+}
+
+impl Default for SignalsBlocked {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for SignalsBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores a mask read by pthread_sigmask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut()) };
+    }
+}
+
+/// An identifier of the calling thread, cheap to read (`pthread_self`).
+pub fn thread_id() -> usize {
+    // SAFETY: pthread_self has no preconditions.
+    unsafe { libc::pthread_self() as usize }
+}
