@@ -1,7 +1,7 @@
 //! Every message lego components exchange on the wire, and its codec.
 //!
 //! No other crate defines a wire struct: daemons, the runtime and the CLI all
-//! speak through [`Message`], [`encode`] and [`FrameDecoder`].
+//! speak through [`Message`], [`encode`] and [`decode`].
 //!
 //! # Frames
 //!
@@ -243,9 +243,44 @@ pub enum Message<'a> {
 
 impl Message<'_> {
     /// The message's kind, for error messages ("ReadPages").
-    pub fn name(&self) -> String {
-        let s = format!("{self:?}");
-        s.split([' ', '{', '(']).next().unwrap_or("?").to_string()
+    pub fn name(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::HelloOk { .. } => "HelloOk",
+            Message::Refused { .. } => "Refused",
+            Message::OpenSpace { .. } => "OpenSpace",
+            Message::SpaceOpened { .. } => "SpaceOpened",
+            Message::ForkSpace { .. } => "ForkSpace",
+            Message::AttachSpace { .. } => "AttachSpace",
+            Message::Mmap { .. } => "Mmap",
+            Message::Mapped { .. } => "Mapped",
+            Message::Munmap { .. } => "Munmap",
+            Message::Mremap { .. } => "Mremap",
+            Message::Brk { .. } => "Brk",
+            Message::BrkIs { .. } => "BrkIs",
+            Message::Discard { .. } => "Discard",
+            Message::ReadPages { .. } => "ReadPages",
+            Message::Pages { .. } => "Pages",
+            Message::WritePages { .. } => "WritePages",
+            Message::Done => "Done",
+            Message::Error { .. } => "Error",
+            Message::GetStats => "GetStats",
+            Message::Stats(_) => "Stats",
+            Message::Control { .. } => "Control",
+            Message::Stdio { .. } => "Stdio",
+            Message::GetLayout => "GetLayout",
+            Message::Layout { .. } => "Layout",
+        }
+    }
+
+    /// A short description for error messages: the kind, and for an
+    /// `Error` its code and text (never page data, which can be 2 MiB).
+    pub fn describe(&self) -> String {
+        match self {
+            Message::Error { code, message } => format!("Error {code:?}: {message}"),
+            Message::Pages { data } => format!("Pages ({} bytes)", data.len()),
+            other => other.name().to_string(),
+        }
     }
 }
 

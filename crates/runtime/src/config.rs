@@ -12,6 +12,7 @@
 //! | `LEGO_PREFETCH_PAGES` | largest prefetch window in pages (default 64; 0 turns prefetching off) |
 //! | `LEGO_MANAGER` | global manager that places the program's memory on the daemons of `LEGO_MEMORY` (default: none, vRegion `i` on daemon `i mod n`) |
 //! | `LEGO_MEMORY_IDS` | the manager's ids of the daemons of `LEGO_MEMORY`, in the same order (with `LEGO_MANAGER`) |
+//! | `LEGO_INJECT` | `pager-self-fault`: the pager faults on its own region after 300 ms (a test of `lego run`'s hang detection) |
 
 use std::time::Duration;
 
@@ -27,6 +28,7 @@ pub struct Config {
     pub stats: Option<&'static SharedStats>,
     pub timeout: Duration,
     pub tuning: Tuning,
+    pub inject_self_fault: bool,
 }
 
 /// How the pager trades memory for speed (kept across fork).
@@ -81,6 +83,7 @@ impl Config {
                 eviction: var("LEGO_EVICTION").unwrap_or(Policy::Refault),
                 poll_us: var("LEGO_POLL_US").unwrap_or(0),
             },
+            inject_self_fault: std::env::var("LEGO_INJECT").as_deref() == Ok("pager-self-fault"),
         })
     }
 }

@@ -66,6 +66,7 @@ pub struct Victim {
 }
 
 /// Page states of one region.
+#[derive(Clone)]
 pub struct ExCache {
     state: Vec<u8>,
     fifo: VecDeque<u32>,

@@ -258,7 +258,7 @@ fn bootstrap_alloc(size: usize) -> Option<usize> {
 unsafe impl Allocator for RegionPages {
     fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
         let addr = match crate::runtime::get() {
-            Some(rt) => rt.map(size).ok(),
+            Some(rt) => rt.map(size).map_err(|e| e.errno_or_stop()).ok(),
             None => {
                 region::ensure();
                 bootstrap_alloc(size)
@@ -284,14 +284,19 @@ unsafe impl Allocator for RegionPages {
         }
         match crate::runtime::get() {
             Some(rt) if !region::in_bootstrap(ptr as usize) => {
-                rt.unmap(ptr as usize + newsize, oldsize - newsize).is_ok()
+                rt.unmap(ptr as usize + newsize, oldsize - newsize)
+                    .map_err(|e| e.errno_or_stop())
+                    .is_ok()
             }
             _ => false,
         }
     }
     fn free(&self, ptr: *mut u8, size: usize) -> bool {
         match crate::runtime::get() {
-            Some(rt) if !region::in_bootstrap(ptr as usize) => rt.unmap(ptr as usize, size).is_ok(),
+            Some(rt) if !region::in_bootstrap(ptr as usize) => rt
+                .unmap(ptr as usize, size)
+                .map_err(|e| e.errno_or_stop())
+                .is_ok(),
             _ => false,
         }
     }

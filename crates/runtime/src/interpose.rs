@@ -18,7 +18,8 @@ use libc::{c_int, c_void, intptr_t, off_t, size_t};
 
 use crate::heap::{self, in_runtime, RuntimeScope, INTERNAL, REGION_HEAP};
 use crate::region;
-use crate::runtime::{self, Errno};
+use crate::memory_calls::CallError;
+use crate::runtime;
 
 const MALLOC_ALIGN: usize = 16;
 
@@ -150,7 +151,9 @@ unsafe fn discard_freed_interior(p: usize) -> bool {
     let end = (p + size).saturating_sub(64) / PAGE_SIZE * PAGE_SIZE;
     if let Some(rt) = runtime::get() {
         if end > first && !region::in_bootstrap(p) {
-            rt.freed(first, end - first);
+            if let Err(e) = rt.freed(first, end - first) {
+                e.errno_or_stop();
+            }
         }
     }
     true
@@ -305,7 +308,8 @@ pub unsafe extern "C" fn mmap(
             let _s = RuntimeScope::enter();
             return match rt.map(len) {
                 Ok(a) => a as *mut c_void,
-                Err(Errno(e)) => {
+                Err(e) => {
+                    let e = e.errno_or_stop();
                     set_errno(e);
                     libc::MAP_FAILED
                 }
@@ -317,8 +321,8 @@ pub unsafe extern "C" fn mmap(
                 set_errno(libc::ENOMEM);
                 return libc::MAP_FAILED;
             }
-            if rt.discard(addr as usize, len).is_err() {
-                set_errno(libc::EINVAL);
+            if let Err(e) = rt.discard(addr as usize, len) {
+                set_errno(e.errno_or_stop());
                 return libc::MAP_FAILED;
             }
             if prot != libc::PROT_READ | libc::PROT_WRITE {
@@ -351,7 +355,8 @@ pub unsafe extern "C" fn munmap(addr: *mut c_void, len: size_t) -> c_int {
         if rt.region.overlaps(addr as usize, len) {
             return match rt.unmap(addr as usize, len) {
                 Ok(()) => 0,
-                Err(Errno(e)) => {
+                Err(e) => {
+                    let e = e.errno_or_stop();
                     set_errno(e);
                     -1
                 }
@@ -390,7 +395,8 @@ pub unsafe extern "C" fn mremap(
                 flags & libc::MREMAP_MAYMOVE != 0,
             ) {
                 Ok(a) => a as *mut c_void,
-                Err(Errno(e)) => {
+                Err(e) => {
+                    let e = e.errno_or_stop();
                     set_errno(e);
                     libc::MAP_FAILED
                 }
@@ -411,8 +417,8 @@ pub unsafe extern "C" fn madvise(addr: *mut c_void, len: size_t, advice: c_int) 
     if let Some(rt) = managing() {
         if rt.region.overlaps(addr as usize, len) {
             if matches!(advice, libc::MADV_DONTNEED | libc::MADV_FREE) {
-                if let Err(Errno(e)) = rt.discard(addr as usize, len) {
-                    set_errno(e);
+                if let Err(e) = rt.discard(addr as usize, len) {
+                    set_errno(e.errno_or_stop());
                     return -1;
                 }
             }
@@ -435,11 +441,12 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -
     let r = match managing() {
         Some(rt) if rt.region.overlaps(addr as usize, len) => rt.protect(addr as usize, len, prot),
         _ => mm::mprotect_raw(addr as usize, len, prot)
-            .map_err(|e| Errno(e.raw_os_error().unwrap_or(libc::EINVAL))),
+            .map_err(|e| CallError::Refused(e.raw_os_error().unwrap_or(libc::EINVAL))),
     };
     match r {
         Ok(()) => 0,
-        Err(Errno(e)) => {
+        Err(e) => {
+                    let e = e.errno_or_stop();
             set_errno(e);
             -1
         }
@@ -455,7 +462,10 @@ fn kernel_brk(addr: usize) -> usize {
 pub unsafe extern "C" fn brk(addr: *mut c_void) -> c_int {
     let want = addr as usize;
     let got = match managing() {
-        Some(rt) => rt.brk(want),
+        Some(rt) => rt.brk(want).unwrap_or_else(|e| {
+            e.errno_or_stop();
+            0
+        }),
         None => kernel_brk(want),
     };
     if got == want {
@@ -470,7 +480,10 @@ pub unsafe extern "C" fn brk(addr: *mut c_void) -> c_int {
 pub unsafe extern "C" fn sbrk(incr: intptr_t) -> *mut c_void {
     let rt = managing();
     let cur = match rt {
-        Some(rt) => rt.brk(0),
+        Some(rt) => rt.brk(0).unwrap_or_else(|e| {
+            e.errno_or_stop();
+            0
+        }),
         None => kernel_brk(0),
     };
     if incr == 0 {
@@ -478,7 +491,10 @@ pub unsafe extern "C" fn sbrk(incr: intptr_t) -> *mut c_void {
     }
     let want = cur.wrapping_add_signed(incr);
     let got = match rt {
-        Some(rt) => rt.brk(want),
+        Some(rt) => rt.brk(want).unwrap_or_else(|e| {
+            e.errno_or_stop();
+            0
+        }),
         None => kernel_brk(want),
     };
     if got == want {

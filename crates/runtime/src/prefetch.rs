@@ -202,6 +202,7 @@ impl Stream {
     }
 }
 
+#[derive(Clone)]
 pub struct Prefetcher {
     streams: [Stream; STREAMS],
     live: usize,

@@ -1,0 +1,324 @@
+//! A runtime's life: [`init`] when the library loads (connect, register
+//! the region, start the pager), and fork, which gives the child a runtime
+//! of its own over a copy-on-write clone of the parent's space. exec needs
+//! nothing: the new image loads the library again; exit needs nothing
+//! either: the daemons free a space when its last connection closes.
+//!
+//! # fork
+//! The prepare handler takes the region heap, the pager's state lock and
+//! the internal heap (in that order), so the child inherits them
+//! consistent and the parent's pager is frozen: no writeback can change
+//! the parent's remote pages until the child has cloned the space at the
+//! daemons. The child handler runs in the forking thread before anything
+//! else of the program does: it uses only the internal heap and glibc state
+//! that lives there, so nothing it does can fault (connects, the handshake,
+//! the new userfaultfd, and `pthread_create` of the child's pager, whose
+//! start-up reads glibc's locale and loader data).
+
+use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::Relaxed};
+use std::sync::MutexGuard;
+use std::time::Duration;
+
+use lego_protocol::{Message, SpaceId, VirtAddr, PAGE_SIZE};
+use lego_sys::process::{self, die};
+use lego_sys::stats::SharedStats;
+use lego_sys::uffd::Uffd;
+use lego_sys::mm;
+
+use crate::config::{Config, Tuning};
+use crate::excache::ExCache;
+use crate::heap::{self, RuntimeScope};
+use crate::memory_calls::LayoutConn;
+use crate::pager::Pager;
+use crate::placement::Placement;
+use crate::pool::{self, Daemon, DaemonError, DaemonPool};
+use crate::region::{self, Region};
+use crate::runtime::{self, lock, Runtime, State};
+use lego_transport::Stream;
+
+/// Where a runtime's address space comes from.
+#[derive(Clone, Copy)]
+enum Origin {
+    /// A new program image.
+    Fresh,
+    /// A forked child: a copy-on-write clone of the parent's space.
+    Fork { parent: SpaceId },
+}
+
+/// What a runtime is made of, besides its connections.
+struct Parts {
+    region: Region,
+    home: String,
+    /// Every daemon's address, and whether to connect to it (a drained
+    /// one keeps its index, unconnected).
+    daemons: Vec<(String, bool)>,
+    program: String,
+    timeout: Duration,
+    stats: Option<&'static SharedStats>,
+    tuning: Tuning,
+    inject_self_fault: bool,
+    pager: Pager,
+    placement: Placement,
+}
+
+fn program_name() -> String {
+    std::fs::read_link("/proc/self/exe")
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Connects to the memory daemons, registers the region and starts the
+/// pager. Without `LEGO_MEMORY` in the environment the runtime stays off
+/// and the program runs with its heap in ordinary local memory.
+pub fn init() {
+    let _scope = RuntimeScope::enter();
+    heap::learn_system_code();
+    let Some(cfg) = Config::from_env() else {
+        return;
+    };
+    region::ensure();
+    let region =
+        region::get().unwrap_or_else(|| die("runtime: cannot reserve the disaggregated region"));
+    let budget_pages = (cfg.excache_bytes / PAGE_SIZE).max(16);
+    let mut cache = ExCache::with_policy(region.len / PAGE_SIZE, budget_pages, cfg.tuning.eviction);
+    // Pages the program touched before the runtime connected are resident
+    // and (for all we know) dirty.
+    let used = heap::BOOTSTRAP_USED
+        .load(Relaxed)
+        .min(heap::BOOTSTRAP_BYTES);
+    if let Ok(present) = mm::resident_pages(region.base, used / PAGE_SIZE) {
+        for (i, p) in present.into_iter().enumerate() {
+            if p {
+                cache.installed(i, true);
+            }
+        }
+    }
+    let placement = match cfg.manager {
+        Some((manager, ids)) => {
+            if ids.len() != cfg.daemons.len() {
+                die("runtime: LEGO_MEMORY_IDS must give one manager id per daemon of LEGO_MEMORY");
+            }
+            Placement::managed(region.len, manager, ids)
+        }
+        None => Placement::fixed(region.len, cfg.daemons.len()),
+    };
+    let parts = Parts {
+        region,
+        home: cfg.daemons[0].clone(),
+        daemons: cfg.daemons.into_iter().map(|a| (a, true)).collect(),
+        program: program_name(),
+        timeout: cfg.timeout,
+        stats: cfg.stats,
+        tuning: cfg.tuning,
+        inject_self_fault: cfg.inject_self_fault,
+        pager: Pager::new(region.base, region.len, cache, cfg.tuning.prefetch_pages),
+        placement,
+    };
+    start(parts, Origin::Fresh).unwrap_or_else(|e| die(&format!("{e}")));
+    process::at_fork(before_fork, after_fork_parent, after_fork_child);
+}
+
+/// Opens the address space at the daemons, registers the region with a new
+/// userfaultfd, publishes the runtime and starts its threads.
+fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
+    let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    let mut layout = pool::connect(&p.home, &p.program, p.timeout)?;
+    let open = match origin {
+        Origin::Fresh => Message::OpenSpace {
+            pid: std::process::id(),
+            program: &p.program,
+            region_base: VirtAddr(p.region.base as u64),
+            region_bytes: p.region.len as u64,
+            bootstrap_bytes: heap::BOOTSTRAP_BYTES as u64,
+        },
+        Origin::Fork { parent } => Message::ForkSpace {
+            parent,
+            child: SpaceId(0),
+        },
+    };
+    let space = pool::space_call(&mut layout, &p.home, &open)?.ok_or_else(|| {
+        DaemonError::Unexpected {
+            addr: p.home.clone(),
+            request: open.name(),
+            reply: "Done (no address space was opened)".into(),
+        }
+    })?;
+    let attach = Message::AttachSpace {
+        space,
+        region_base: VirtAddr(p.region.base as u64),
+        region_bytes: p.region.len as u64,
+    };
+    let mut daemons = Vec::with_capacity(p.daemons.len());
+    for (addr, connect_to) in p.daemons {
+        if !connect_to {
+            daemons.push(Daemon { addr, conn: None });
+            continue;
+        }
+        let mut conn = pool::connect(&addr, &p.program, p.timeout)?;
+        let msg = match origin {
+            Origin::Fork { parent } if addr != p.home => Message::ForkSpace {
+                parent,
+                child: space,
+            },
+            _ => attach.clone(),
+        };
+        pool::space_call(&mut conn, &addr, &msg)?;
+        daemons.push(Daemon {
+            addr,
+            conn: Some(conn),
+        });
+    }
+    let home = daemons
+        .iter()
+        .position(|d| d.conn.is_some() && d.addr == p.home)
+        .unwrap_or_else(|| die("runtime: the home memory daemon is not among the daemons"));
+    uffd.register(p.region.base, p.region.len)
+        .unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    let manager = p.placement.manager().map(str::to_string);
+    let pool = DaemonPool::new(
+        daemons,
+        p.placement,
+        home,
+        space,
+        (p.region.base, p.region.len),
+        p.program.clone(),
+        p.timeout,
+        p.tuning.poll_us,
+    );
+    let rt = runtime::publish(Box::new(Runtime {
+        region: p.region,
+        uffd,
+        pidfd: mm::own_pidfd(),
+        state: std::sync::Mutex::new(State {
+            pager: p.pager,
+            pool,
+            layout_fd: layout.stream().raw_fd().unwrap_or(-1),
+        }),
+        layout: std::sync::Mutex::new(LayoutConn {
+            conn: layout,
+            addr: p.home,
+            next_id: 1,
+        }),
+        space,
+        program: p.program,
+        timeout: p.timeout,
+        stats: p.stats,
+        tuning: p.tuning,
+        inject_self_fault: p.inject_self_fault,
+        pid: std::process::id(),
+    }));
+    if let Some(s) = rt.stats {
+        s.processes.fetch_add(1, Relaxed);
+    }
+    process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
+        .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));
+    if let Some(manager) = manager {
+        process::spawn_thread(heap::mark_runtime_thread, move || rt.drain_loop(manager))
+            .unwrap_or_else(|e| die(&format!("runtime: cannot start the drain thread: {e}")));
+    }
+    Ok(())
+}
+
+/// The state lock held across fork (a boxed guard; a thread-local would
+/// allocate from the locked region heap on first use).
+static FORK_GUARD: AtomicPtr<MutexGuard<'static, State>> = AtomicPtr::new(std::ptr::null_mut());
+static FORK_PIPE: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
+
+extern "C" fn before_fork() {
+    heap::prepare_fork_region();
+    if let Some(rt) = runtime::get() {
+        let _scope = RuntimeScope::enter();
+        let guard = Box::new(lock(&rt.state));
+        FORK_GUARD.store(Box::into_raw(guard), Relaxed);
+        if let Ok((r, w)) = process::pipe() {
+            FORK_PIPE[0].store(r, Relaxed);
+            FORK_PIPE[1].store(w, Relaxed);
+        }
+    }
+    heap::prepare_fork_internal();
+}
+
+/// The pipe `before_fork` opened (read end, write end), if any; -1s if not.
+fn take_fork_pipe() -> (i32, i32) {
+    (
+        FORK_PIPE[0].swap(-1, Relaxed),
+        FORK_PIPE[1].swap(-1, Relaxed),
+    )
+}
+
+extern "C" fn after_fork_parent() {
+    heap::finish_fork_internal();
+    let (r, w) = take_fork_pipe();
+    if r >= 0 {
+        // Wait until the child has cloned our space (or died trying).
+        process::close(w);
+        process::wait_readable_or_eof(r);
+        process::close(r);
+    }
+    let guard = FORK_GUARD.swap(std::ptr::null_mut(), Relaxed);
+    if !guard.is_null() {
+        // SAFETY: set by before_fork from Box::into_raw, taken once.
+        drop(unsafe { Box::from_raw(guard) });
+    }
+    heap::finish_fork_region();
+}
+
+extern "C" fn after_fork_child() {
+    heap::finish_fork_internal();
+    heap::finish_fork_region();
+    let Some(parent) = runtime::get() else {
+        return;
+    };
+    let _scope = RuntimeScope::enter();
+    runtime::unpublish();
+    let guard = FORK_GUARD.swap(std::ptr::null_mut(), Relaxed);
+    if guard.is_null() {
+        die("runtime: fork handlers out of order");
+    }
+    // SAFETY: set by before_fork from Box::into_raw (copied into this child
+    // by fork), taken once.
+    let mut guard = unsafe { Box::from_raw(guard) };
+    let st = &mut *guard;
+    let mut pager = std::mem::replace(&mut st.pager, Pager::new(0, 0, ExCache::new(0, 1), 0));
+    let mut placement = std::mem::replace(&mut st.pool.placement, Placement::fixed(0, 1));
+    let daemons: Vec<(String, bool)> = st
+        .pool
+        .daemons
+        .iter()
+        .map(|d| (d.addr.clone(), d.conn.is_some()))
+        .collect();
+    let home = st.pool.daemons[st.pool.home].addr.clone();
+    // The parent's connections, userfaultfd and pidfd are the parent's.
+    let mut fds = st.pool.fds();
+    fds.push(st.layout_fd);
+    fds.extend([parent.uffd.as_raw_fd(), parent.pidfd]);
+    drop(guard);
+    for fd in fds {
+        process::close(fd);
+    }
+    placement.after_fork();
+    // fork cleared the write protection of clean pages.
+    pager.after_fork();
+    let parts = Parts {
+        region: parent.region,
+        home,
+        daemons,
+        program: parent.program.clone(),
+        timeout: parent.timeout,
+        stats: parent.stats,
+        tuning: parent.tuning,
+        inject_self_fault: false,
+        pager,
+        placement,
+    };
+    let origin = Origin::Fork {
+        parent: parent.space,
+    };
+    start(parts, origin).unwrap_or_else(|e| die(&format!("{e}")));
+    let (r, w) = take_fork_pipe();
+    if w >= 0 {
+        process::signal_pipe(w);
+        process::close(w);
+        process::close(r);
+    }
+}

@@ -1,0 +1,779 @@
+//! The pager core: what a miss brings in, which pages leave and how they
+//! are written back, what happens to the pages of a range the program
+//! unmaps, frees or moves. No syscalls and no sockets: the page table and
+//! the memory daemons are the two traits below; the runtime passes the
+//! real ones (userfaultfd, the daemon pool), the unit tests fakes.
+//!
+//! # Miss
+//! fault on page `i` → resident? (a write to a clean page: mark it dirty,
+//! lift the write protection) : plan the miss (the page, and what the
+//! prefetcher predicts, split at a change of daemon) → make room (evict
+//! batches until it fits) → install the faulting page first (its thread
+//! resumes at once), then the pages fetched ahead, then the never-written
+//! pages ahead (zero-filled).
+//!
+//! # Eviction
+//! take a batch of victims → write-protect the dirty ones (writers now wait
+//! in a write-protect fault) → copy them out; one that still holds what it
+//! was installed with needs no writeback → send one write per daemon → wait
+//! for every ack → drop all victims → blocked writers fault again and are
+//! served as misses. Clean pages are write-protected from the moment they
+//! are installed, so dropping them needs no writeback and cannot lose a
+//! write.
+
+use lego_protocol::{VirtAddr, MAX_BATCH_PAGES, PAGE_SIZE};
+
+use crate::config::MAX_PREFETCH_PAGES;
+use crate::excache::{ExCache, Victim};
+use crate::pool::DaemonError;
+use crate::prefetch::Prefetcher;
+
+/// The longest gap [`spans`] bridges, in pages.
+const BRIDGE_PAGES: usize = 64;
+
+/// The local page table of the region, as the pager uses it.
+pub trait PageTable {
+    /// Installs `src` (whole pages) at `addr`, write-protected if `wp`, and
+    /// wakes the threads waiting on those pages. Returns how many pages
+    /// were installed: fewer than given when one was present already.
+    fn copy_in(&mut self, addr: usize, src: &[u8], wp: bool) -> Result<usize, TableError>;
+    /// Sets or lifts write protection (lifting it wakes waiting writers).
+    fn write_protect(&mut self, addr: usize, len: usize, on: bool) -> Result<(), TableError>;
+    /// Wakes the threads waiting on a range without resolving their faults.
+    fn wake(&mut self, addr: usize, len: usize);
+    /// Copies the resident page at `addr` into `dst` (one page).
+    fn copy_out(&mut self, addr: usize, dst: &mut [u8]);
+    /// Drops the pages of `ranges` (address, length): they read as missing.
+    fn drop_pages(&mut self, ranges: &[(usize, usize)]) -> Result<(), TableError>;
+}
+
+/// A page-table operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    /// The range is no longer mapped (the program unmapped it while a
+    /// fault on it was being served).
+    #[error("the range is no longer mapped")]
+    Gone,
+    #[error("{what}: {source}")]
+    Os {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The memory daemons of a space, numbered, as the pager uses them.
+pub trait Backing {
+    /// The daemon holding `addr`'s unit, if it is placed.
+    fn daemon_of(&self, addr: usize) -> Option<usize>;
+    /// The daemon to store `addr` on (its unit placed now if need be).
+    fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError>;
+    /// Reads pages `addrs`, all on daemon `d`: their contents, in order.
+    fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError>;
+    /// Sends a write of pages `addrs` (contents `data`) to daemon `d`; it
+    /// counts as done only after [`Backing::await_writes`].
+    fn write_pages(&mut self, d: usize, addrs: &[VirtAddr], data: &[u8])
+        -> Result<(), DaemonError>;
+    /// Waits until every write sent is acknowledged.
+    fn await_writes(&mut self) -> Result<(), DaemonError>;
+    /// Daemon `d` forgets `[addr, addr+len)`.
+    fn discard_on(&mut self, d: usize, addr: usize, len: usize) -> Result<(), DaemonError>;
+    /// The daemons holding some unit of `[addr, addr+len)`, each once.
+    fn holders(&self, addr: usize, len: usize) -> Vec<usize>;
+    /// The daemon that holds the layout (and forgets the contents of a
+    /// range it unmaps by itself).
+    fn home(&self) -> usize;
+    /// How many daemons there are (indices are below this).
+    fn count(&self) -> usize;
+}
+
+/// Why the pager could not do what was asked. The pager loop and the
+/// interposers decide what it means for the program.
+#[derive(Debug, thiserror::Error)]
+pub enum PagerError {
+    #[error("cannot {what} page {addr:#x}: {source}")]
+    Table {
+        what: &'static str,
+        addr: usize,
+        #[source]
+        source: TableError,
+    },
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+    #[error("the ExCache is full but nothing can be evicted")]
+    Stuck,
+}
+
+fn table(what: &'static str, addr: usize) -> impl FnOnce(TableError) -> PagerError {
+    move |source| PagerError::Table { what, addr, source }
+}
+
+/// A fault as the kernel reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fault {
+    pub page: usize,
+    /// The access was a write.
+    pub write: bool,
+    /// A write to a write-protected page (not a miss).
+    pub wp: bool,
+}
+
+/// What the pager counted; the runtime adds them to the shared statistics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub remote_misses: u64,
+    pub zero_fills: u64,
+    pub prefetched: u64,
+    pub prefilled: u64,
+    pub dirtied: u64,
+    pub evictions: u64,
+    pub writebacks: u64,
+    pub zero_drops: u64,
+    pub unchanged_drops: u64,
+    pub migrated_pages: u64,
+}
+
+/// The pager of one address space: the ExCache, the prefetcher and the
+/// scratch lists of the miss and eviction paths.
+#[derive(Clone)]
+pub struct Pager {
+    base: usize,
+    len: usize,
+    cache: ExCache,
+    prefetch: Prefetcher,
+    /// Pages evicted per batch.
+    batch: usize,
+    pub counters: Counters,
+    /// Zeros to install from: a fault page and a full prefetch window.
+    zero: Box<[u8]>,
+    // Scratch lists, kept to avoid allocating on the miss path.
+    fetch: Vec<usize>,
+    fill: Vec<usize>,
+    fetch_addrs: Vec<VirtAddr>,
+    victims: Vec<Victim>,
+    span_pages: Vec<usize>,
+    ranges: Vec<(usize, usize)>,
+    wb_addrs: Vec<Vec<VirtAddr>>,
+    wb_data: Vec<Vec<u8>>,
+    unchanged: Vec<usize>,
+    runs: Scratch,
+}
+
+impl Pager {
+    /// The pager of the region `[base, base+len)` with `cache` (its budget
+    /// and what is resident already), prefetching up to `prefetch_pages`.
+    pub fn new(base: usize, len: usize, cache: ExCache, prefetch_pages: usize) -> Self {
+        Self {
+            base,
+            len,
+            batch: (cache.budget() / 16).clamp(8, 256),
+            cache,
+            prefetch: Prefetcher::new(prefetch_pages),
+            counters: Counters::default(),
+            zero: vec![0; (MAX_PREFETCH_PAGES + 1) * PAGE_SIZE].into_boxed_slice(),
+            fetch: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
+            fill: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
+            fetch_addrs: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
+            victims: Vec::new(),
+            span_pages: Vec::new(),
+            ranges: Vec::new(),
+            wb_addrs: Vec::new(),
+            wb_data: Vec::new(),
+            unchanged: Vec::new(),
+            runs: Scratch::default(),
+        }
+    }
+
+    pub fn cache(&self) -> &ExCache {
+        &self.cache
+    }
+
+    fn index(&self, addr: usize) -> usize {
+        (addr - self.base) / PAGE_SIZE
+    }
+
+    fn addr(&self, index: usize) -> usize {
+        self.base + index * PAGE_SIZE
+    }
+
+    fn contains(&self, addr: usize) -> bool {
+        addr >= self.base && addr < self.base + self.len
+    }
+
+    /// Serves one fault. Returns whether it was a miss (the caller times
+    /// misses).
+    pub fn fault<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        f: Fault,
+    ) -> Result<bool, PagerError> {
+        if !self.contains(f.page) {
+            t.wake(f.page, PAGE_SIZE);
+            return Ok(false);
+        }
+        let i = self.index(f.page);
+        if self.cache.is_resident(i) {
+            if f.wp {
+                self.cache.dirtied(i);
+                self.counters.dirtied += 1;
+                t.write_protect(f.page, PAGE_SIZE, false)
+                    .map_err(table("unprotect", f.page))?;
+            } else {
+                t.wake(f.page, PAGE_SIZE);
+            }
+            return Ok(false);
+        }
+        self.plan_miss(b, i);
+        let remote = self.cache.is_remote(i);
+        // Room for every page planned, the faulting one included (it is in
+        // `fetch` only when remote).
+        let need = self.fetch.len() + self.fill.len() + usize::from(!remote);
+        while !self.cache.has_room(need) {
+            self.evict_batch(t, b)?;
+        }
+        // The faulting page first: its thread resumes as soon as it is in.
+        if !remote {
+            let zero = &self.zero[..PAGE_SIZE];
+            if !install_fault_page(t, &mut self.cache, self.base, i, zero, !f.write, false)? {
+                // Unmapped under us (munmap raced the fault): nothing to do.
+                return Ok(true);
+            }
+        }
+        if !self.fetch.is_empty() {
+            self.fetch_and_install(t, b, remote.then_some(f.write))?;
+        }
+        let before = self.cache.resident();
+        let zeros = &self.zero[..self.fill.len() * PAGE_SIZE];
+        install_runs(t, self.base, &mut self.cache, &self.fill, zeros, &mut self.runs);
+        let c = &mut self.counters;
+        if remote {
+            c.remote_misses += 1;
+        } else {
+            c.zero_fills += 1;
+        }
+        c.prefetched += self.fetch.len().saturating_sub(remote as usize) as u64;
+        c.prefilled += (self.cache.resident() - before) as u64;
+        Ok(true)
+    }
+
+    /// Decides what a miss on page `i` brings in: `fetch` gets the remote
+    /// pages (`i` first if it is remote), `fill` the never-written pages
+    /// ahead to zero-fill (`i` itself is installed separately when not
+    /// remote). Resident pages ahead are skipped; the pages stop at the
+    /// region's end and at a change of daemon, and take at most a quarter
+    /// of the budget.
+    fn plan_miss<B: Backing>(&mut self, b: &B, i: usize) {
+        self.fetch.clear();
+        self.fill.clear();
+        // One read goes to one daemon: the first remote page's.
+        let mut daemon: Option<Option<usize>> = None;
+        if self.cache.is_remote(i) {
+            self.fetch.push(i);
+            daemon = Some(b.daemon_of(self.addr(i)));
+        }
+        let Some(ahead) = self.prefetch.on_miss(i) else {
+            return;
+        };
+        let pages = self.len / PAGE_SIZE;
+        let max = ahead
+            .count
+            .min(self.cache.budget() / 4)
+            .min(MAX_PREFETCH_PAGES);
+        for k in 1..=max as i64 {
+            let j = ahead.from + k * ahead.stride;
+            if j < 0 || j as usize >= pages {
+                break;
+            }
+            let j = j as usize;
+            if j == i || self.cache.is_resident(j) {
+                continue;
+            }
+            if self.cache.is_remote(j) {
+                let d = b.daemon_of(self.addr(j));
+                if *daemon.get_or_insert(d) != d {
+                    break;
+                }
+                self.fetch.push(j);
+            } else {
+                self.fill.push(j);
+            }
+        }
+    }
+
+    /// Fetches `fetch` in one read and installs the pages; if `fault_write`
+    /// is set the first one is the faulting page (installed writable if the
+    /// fault was a write or a write is predicted), the others are
+    /// prefetched (see [`install_runs`]).
+    fn fetch_and_install<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        fault_write: Option<bool>,
+    ) -> Result<(), PagerError> {
+        let first = self.addr(self.fetch[0]);
+        let d = b.daemon_of(first).ok_or(DaemonError::Unplaced { addr: first })?;
+        self.fetch_addrs.clear();
+        for k in 0..self.fetch.len() {
+            self.fetch_addrs
+                .push(VirtAddr(self.addr(self.fetch[k]) as u64));
+        }
+        let data = b.read_pages(d, &self.fetch_addrs)?;
+        let mut k = 0;
+        if let Some(write) = fault_write {
+            let i = self.fetch[0];
+            let predicted = !write && self.cache.predicts_write(i);
+            let wp = !write && !predicted;
+            let page = &data[..PAGE_SIZE];
+            install_fault_page(t, &mut self.cache, self.base, i, page, wp, predicted)?;
+            k = 1;
+        }
+        // Prefetched pages, one copy per run of neighbours: clean, but
+        // writable if their last residency was written.
+        install_runs(
+            t,
+            self.base,
+            &mut self.cache,
+            &self.fetch[k..],
+            &data[k * PAGE_SIZE..],
+            &mut self.runs,
+        );
+        Ok(())
+    }
+
+    /// Whether a batch of the budget is free (the pager loop evicts
+    /// between faults until it is).
+    pub fn has_free_batch(&self) -> bool {
+        self.cache.has_room(self.batch)
+    }
+
+    /// Evicts the oldest batch of resident pages.
+    pub fn evict_batch<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+    ) -> Result<(), PagerError> {
+        let mut victims = std::mem::take(&mut self.victims);
+        self.cache.pick_victims(self.batch, &mut victims);
+        if victims.is_empty() {
+            return Err(PagerError::Stuck);
+        }
+        let r = self.write_back_and_drop(t, b, &victims);
+        self.victims = victims;
+        r
+    }
+
+    /// Evicts every resident page of `[addr, addr+len)` (before a range
+    /// moves or loses read access).
+    pub fn evict_range<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        addr: usize,
+        len: usize,
+    ) -> Result<(), PagerError> {
+        let resident = self.cache.resident_in(self.index(addr), len / PAGE_SIZE);
+        self.write_back_and_drop(t, b, &resident)
+    }
+
+    /// Writes back the dirty pages among `victims`, waits for every ack,
+    /// then drops them all locally; a batch at a time, so the buffers stay
+    /// small however large the range.
+    fn write_back_and_drop<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        victims: &[Victim],
+    ) -> Result<(), PagerError> {
+        for chunk in victims.chunks(self.batch) {
+            self.write_back_and_drop_batch(t, b, chunk)?;
+        }
+        Ok(())
+    }
+
+    fn write_back_and_drop_batch<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        victims: &[Victim],
+    ) -> Result<(), PagerError> {
+        self.clear_writebacks(b.count());
+        self.unchanged.clear();
+        let mut unchanged_remote = 0u64;
+        // Stop writers before copying: a write after the copy would be
+        // lost. One call per run of dirty victims, bridging pages that are
+        // not mapped or already write-protected (clean).
+        self.span_pages.clear();
+        self.span_pages
+            .extend(victims.iter().filter(|v| v.dirty).map(|v| v.index));
+        let cache = &self.cache;
+        spans(
+            self.base,
+            &mut self.span_pages,
+            |k| !cache.is_resident(k) || !cache.is_dirty(k),
+            &mut self.ranges,
+        );
+        for &(addr, len) in &self.ranges {
+            t.write_protect(addr, len, true)
+                .map_err(table("write-protect", addr))?;
+        }
+        let mut dirty = 0;
+        for v in victims.iter().filter(|v| v.dirty) {
+            let addr = self.addr(v.index);
+            let d = b.daemon_for(addr)?;
+            let buf = &mut self.wb_data[d];
+            let at = buf.len();
+            buf.resize(at + PAGE_SIZE, 0);
+            t.copy_out(addr, &mut buf[at..]);
+            // A page dirty only by prediction may hold what it was
+            // installed with: zeros no daemon holds (dropped, it reads as
+            // zeros again), or its fetched contents (the daemon's copy is
+            // current). Either needs no writeback.
+            let remote = self.cache.is_remote(v.index);
+            let unchanged = if remote {
+                self.cache.unchanged_since_fetch(v.index, &buf[at..])
+            } else {
+                buf[at..].iter().all(|&b| b == 0)
+            };
+            if unchanged {
+                buf.truncate(at);
+                self.unchanged.push(v.index);
+                unchanged_remote += u64::from(remote);
+                continue;
+            }
+            // Written: predicted again at its next fetch.
+            self.cache.saw_write(v.index);
+            self.wb_addrs[d].push(VirtAddr(addr as u64));
+            dirty += 1;
+        }
+        if dirty > 0 {
+            self.send_writebacks(b)?;
+        }
+        // Bridging only pages that are not mapped.
+        self.span_pages.clear();
+        self.span_pages.extend(victims.iter().map(|v| v.index));
+        let cache = &self.cache;
+        spans(
+            self.base,
+            &mut self.span_pages,
+            |k| !cache.is_resident(k),
+            &mut self.ranges,
+        );
+        t.drop_pages(&self.ranges)
+            .map_err(table("drop", self.ranges.first().map_or(0, |r| r.0)))?;
+        // `unchanged` lists victims in the order of `victims`.
+        let mut unchanged = self.unchanged.iter().peekable();
+        for v in victims {
+            let same = unchanged.next_if_eq(&&v.index).is_some();
+            self.cache.evicted(Victim {
+                dirty: v.dirty && !same,
+                ..*v
+            });
+        }
+        let c = &mut self.counters;
+        c.evictions += victims.len() as u64;
+        c.writebacks += dirty;
+        c.zero_drops += self.unchanged.len() as u64 - unchanged_remote;
+        c.unchanged_drops += unchanged_remote;
+        Ok(())
+    }
+
+    fn clear_writebacks(&mut self, daemons: usize) {
+        self.wb_addrs.resize_with(daemons, Vec::new);
+        self.wb_data.resize_with(daemons, Vec::new);
+        for d in 0..daemons {
+            self.wb_addrs[d].clear();
+            self.wb_data[d].clear();
+        }
+    }
+
+    /// Sends the batched writebacks to every daemon (all writes first, then
+    /// all acks).
+    fn send_writebacks<B: Backing>(&mut self, b: &mut B) -> Result<(), DaemonError> {
+        for d in 0..self.wb_addrs.len() {
+            let (addrs, data) = (&self.wb_addrs[d], &self.wb_data[d]);
+            for (k, chunk) in addrs.chunks(MAX_BATCH_PAGES).enumerate() {
+                let from = k * MAX_BATCH_PAGES * PAGE_SIZE;
+                b.write_pages(d, chunk, &data[from..from + chunk.len() * PAGE_SIZE])?;
+            }
+        }
+        b.await_writes()
+    }
+
+    /// Forgets the contents of `[addr, addr+len)` locally and at the
+    /// daemons (but the home if `home_done`: it forgot them as part of the
+    /// layout change).
+    pub fn forget<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        addr: usize,
+        len: usize,
+        home_done: bool,
+    ) -> Result<(), PagerError> {
+        let first = self.index(addr);
+        let remote = self.cache.any_remote(first, len / PAGE_SIZE);
+        self.cache.discard(first, len / PAGE_SIZE);
+        t.drop_pages(&[(addr, len)]).map_err(table("drop", addr))?;
+        if remote {
+            // Only if a daemon holds a page of the range.
+            discard_at_daemons(b, addr, len, home_done)?;
+        }
+        Ok(())
+    }
+
+    /// The program freed `[addr, addr+len)` (inside a block of the region
+    /// heap): its contents are dead. Resident pages stay for the heap to
+    /// reuse; remote copies are dropped, so reuse neither fetches nor
+    /// writes back stale data.
+    pub fn freed<B: Backing>(&mut self, b: &mut B, addr: usize, len: usize) -> Result<(), PagerError> {
+        if self
+            .cache
+            .forget_remote(self.index(addr), len / PAGE_SIZE)
+        {
+            discard_at_daemons(b, addr, len, false)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the remote pages of `[from, from+len)` to `to` (an mremap
+    /// that moved a mapping; its resident pages were evicted first).
+    pub fn move_contents<B: Backing>(
+        &mut self,
+        b: &mut B,
+        from: usize,
+        to: usize,
+        len: usize,
+    ) -> Result<(), PagerError> {
+        let (first_from, first_to) = (self.index(from), self.index(to));
+        let remote: Vec<usize> = (0..len / PAGE_SIZE)
+            .filter(|k| self.cache.is_remote(first_from + k))
+            .collect();
+        for chunk in remote.chunks(self.batch) {
+            self.clear_writebacks(b.count());
+            for &k in chunk {
+                let src = from + k * PAGE_SIZE;
+                let d = b.daemon_of(src).ok_or(DaemonError::Unplaced { addr: src })?;
+                let page = b.read_pages(d, &[VirtAddr(src as u64)])?.to_vec();
+                let dst = to + k * PAGE_SIZE;
+                let d = b.daemon_for(dst)?;
+                // The daemon count grows when a unit lands on a new one.
+                self.clear_grown(b.count());
+                self.wb_addrs[d].push(VirtAddr(dst as u64));
+                self.wb_data[d].extend_from_slice(&page);
+            }
+            self.send_writebacks(b)?;
+        }
+        self.cache.move_remote(first_from, first_to, len / PAGE_SIZE);
+        Ok(())
+    }
+
+    /// Grows the writeback lists to `daemons` without clearing them.
+    fn clear_grown(&mut self, daemons: usize) {
+        if self.wb_addrs.len() < daemons {
+            self.wb_addrs.resize_with(daemons, Vec::new);
+            self.wb_data.resize_with(daemons, Vec::new);
+        }
+    }
+
+    /// Moves the pages daemon `from` holds of the unit `[base, base+len)`
+    /// to daemon `to`, then has `from` forget them. Returns how many moved.
+    pub fn move_unit<B: Backing>(
+        &mut self,
+        b: &mut B,
+        base: usize,
+        len: usize,
+        from: usize,
+        to: usize,
+    ) -> Result<usize, DaemonError> {
+        let first = self.index(base);
+        let end = (first + len / PAGE_SIZE).min(self.len / PAGE_SIZE);
+        let pages: Vec<VirtAddr> = (first..end)
+            .filter(|&i| self.cache.is_remote(i))
+            .map(|i| VirtAddr(self.addr(i) as u64))
+            .collect();
+        for chunk in pages.chunks(MAX_BATCH_PAGES) {
+            let data = b.read_pages(from, chunk)?.to_vec();
+            b.write_pages(to, chunk, &data)?;
+            b.await_writes()?;
+        }
+        b.discard_on(from, base, len)?;
+        self.counters.migrated_pages += pages.len() as u64;
+        Ok(pages.len())
+    }
+
+    /// In a forked child: every resident page counts as dirty (the kernel
+    /// dropped the write protection that kept clean pages clean).
+    pub fn after_fork(&mut self) {
+        self.cache.mark_resident_dirty();
+    }
+}
+
+/// Each daemon holding a unit of `[addr, addr+len)` forgets its part (but
+/// the home if `skip_home`).
+fn discard_at_daemons<B: Backing>(
+    b: &mut B,
+    addr: usize,
+    len: usize,
+    skip_home: bool,
+) -> Result<(), DaemonError> {
+    let home = b.home();
+    for d in b.holders(addr, len) {
+        if !(skip_home && d == home) {
+            b.discard_on(d, addr, len)?;
+        }
+    }
+    Ok(())
+}
+
+/// Installs the faulting page `i` from `src`, write-protected (clean) if
+/// `wp`; `predicted`: writable only because its last residency was
+/// written. `Ok(false)`: not installed because its range is gone (its
+/// thread is woken to fault again) or it was already present.
+fn install_fault_page<T: PageTable>(
+    t: &mut T,
+    cache: &mut ExCache,
+    base: usize,
+    i: usize,
+    src: &[u8],
+    wp: bool,
+    predicted: bool,
+) -> Result<bool, PagerError> {
+    let at = base + i * PAGE_SIZE;
+    match t.copy_in(at, src, wp) {
+        Ok(1) if predicted => cache.installed_unobserved(i, Some(src)),
+        Ok(1) => cache.installed(i, !wp),
+        Ok(_) => return Ok(false),
+        Err(TableError::Gone) => {
+            t.wake(at, PAGE_SIZE);
+            return Ok(false);
+        }
+        Err(e) => return Err(table("install", at)(e)),
+    }
+    Ok(true)
+}
+
+/// Installs `pages` (page indices of the region at `base`, in any order)
+/// from the matching pages of `data`, one copy per run of consecutive
+/// pages, ascending or descending, that are installed alike: a page no
+/// daemon holds (a zero fill) or whose last residency was written goes in
+/// writable and counts dirty (by prediction), any other write-protected
+/// and clean. A descending run (a walk down memory) is put in address order
+/// in `scratch` first. A page that cannot be installed (its range unmapped,
+/// or already present) is skipped: it was only brought ahead, a later
+/// access faults it in.
+pub fn install_runs<T: PageTable>(
+    t: &mut T,
+    base: usize,
+    cache: &mut ExCache,
+    pages: &[usize],
+    data: &[u8],
+    scratch: &mut Scratch,
+) {
+    let writable = |c: &ExCache, p: usize| !c.is_remote(p) || c.predicts_write(p);
+    let mut k = 0;
+    while k < pages.len() {
+        let w = writable(cache, pages[k]);
+        let step: isize = match pages.get(k + 1) {
+            Some(&n) if n == pages[k] + 1 => 1,
+            Some(&n) if n + 1 == pages[k] => -1,
+            _ => 1,
+        };
+        let mut len = 1;
+        while k + len < pages.len()
+            && pages[k + len] as isize == pages[k] as isize + step * len as isize
+            && writable(cache, pages[k + len]) == w
+        {
+            len += 1;
+        }
+        if step > 0 {
+            let src = &data[k * PAGE_SIZE..(k + len) * PAGE_SIZE];
+            install_one_run(t, base, cache, &pages[k..k + len], src, w);
+        } else {
+            scratch.pages.clear();
+            scratch.data.clear();
+            for n in (k..k + len).rev() {
+                scratch.pages.push(pages[n]);
+                scratch
+                    .data
+                    .extend_from_slice(&data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
+            }
+            install_one_run(t, base, cache, &scratch.pages, &scratch.data, w);
+        }
+        k += len;
+    }
+}
+
+/// Room to put a descending run in address order.
+#[derive(Clone, Default)]
+pub struct Scratch {
+    pages: Vec<usize>,
+    data: Vec<u8>,
+}
+
+/// Installs the ascending run `pages` from `src`, writable if `w`.
+fn install_one_run<T: PageTable>(
+    t: &mut T,
+    base: usize,
+    cache: &mut ExCache,
+    pages: &[usize],
+    src: &[u8],
+    w: bool,
+) {
+    let at = base + pages[0] * PAGE_SIZE;
+    let done = match t.copy_in(at, src, !w) {
+        Ok(done) => done,
+        Err(e) => {
+            if matches!(e, TableError::Gone) {
+                t.wake(at, pages.len() * PAGE_SIZE);
+            }
+            0
+        }
+    };
+    for (n, &p) in pages[..done].iter().enumerate() {
+        if w {
+            // A fetched page is kept track of: eviction compares it.
+            let fetched = cache
+                .is_remote(p)
+                .then(|| &src[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
+            cache.installed_unobserved(p, fetched);
+        } else {
+            cache.installed(p, false);
+        }
+    }
+}
+
+/// Address ranges covering `pages` (page indices of the region at `base`,
+/// sorted here), merged across gaps of at most [`BRIDGE_PAGES`] pages that
+/// `bridge` allows to be covered too. Each call that changes mappings ends
+/// in a TLB shootdown: an IPI to every other CPU running the program, which
+/// on these VMs costs about as much as a page fetch. Victims come in
+/// eviction order, two threads' pages interleaved, so sorting alone often
+/// halves the ranges.
+pub fn spans(
+    base: usize,
+    pages: &mut [usize],
+    bridge: impl Fn(usize) -> bool,
+    out: &mut Vec<(usize, usize)>,
+) {
+    pages.sort_unstable();
+    out.clear();
+    let range = |first: usize, end: usize| (base + first * PAGE_SIZE, (end - first) * PAGE_SIZE);
+    let mut run: Option<(usize, usize)> = None; // first page, end
+    for &p in pages.iter() {
+        run = match run {
+            Some((first, end)) if p < end => Some((first, end)),
+            Some((first, end)) if p - end <= BRIDGE_PAGES && (end..p).all(&bridge) => {
+                Some((first, p + 1))
+            }
+            Some((first, end)) => {
+                out.push(range(first, end));
+                Some((p, p + 1))
+            }
+            None => Some((p, p + 1)),
+        };
+    }
+    if let Some((first, end)) = run {
+        out.push(range(first, end));
+    }
+}
