@@ -283,11 +283,10 @@ unsafe impl Allocator for RegionPages {
             return false;
         }
         match crate::runtime::get() {
-            Some(rt) if !region::in_bootstrap(ptr as usize) => {
-                rt.unmap(ptr as usize + newsize, oldsize - newsize)
-                    .map_err(|e| e.errno_or_stop())
-                    .is_ok()
-            }
+            Some(rt) if !region::in_bootstrap(ptr as usize) => rt
+                .unmap(ptr as usize + newsize, oldsize - newsize)
+                .map_err(|e| e.errno_or_stop())
+                .is_ok(),
             _ => false,
         }
     }

@@ -17,8 +17,8 @@ use lego_sys::{mm, PAGE_SIZE};
 use libc::{c_int, c_void, intptr_t, off_t, size_t};
 
 use crate::heap::{self, in_runtime, RuntimeScope, INTERNAL, REGION_HEAP};
-use crate::region;
 use crate::memory_calls::CallError;
+use crate::region;
 use crate::runtime;
 
 const MALLOC_ALIGN: usize = 16;
@@ -446,7 +446,7 @@ pub unsafe extern "C" fn mprotect(addr: *mut c_void, len: size_t, prot: c_int) -
     match r {
         Ok(()) => 0,
         Err(e) => {
-                    let e = e.errno_or_stop();
+            let e = e.errno_or_stop();
             set_errno(e);
             -1
         }

@@ -20,10 +20,10 @@ use std::sync::MutexGuard;
 use std::time::Duration;
 
 use lego_protocol::{Message, SpaceId, VirtAddr, PAGE_SIZE};
+use lego_sys::mm;
 use lego_sys::process::{self, die};
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::Uffd;
-use lego_sys::mm;
 
 use crate::config::{Config, Tuning};
 use crate::excache::ExCache;
@@ -136,13 +136,12 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
             child: SpaceId(0),
         },
     };
-    let space = pool::space_call(&mut layout, &p.home, &open)?.ok_or_else(|| {
-        DaemonError::Unexpected {
+    let space =
+        pool::space_call(&mut layout, &p.home, &open)?.ok_or_else(|| DaemonError::Unexpected {
             addr: p.home.clone(),
             request: open.name(),
             reply: "Done (no address space was opened)".into(),
-        }
-    })?;
+        })?;
     let attach = Message::AttachSpace {
         space,
         region_base: VirtAddr(p.region.base as u64),

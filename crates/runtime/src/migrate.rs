@@ -114,9 +114,7 @@ impl Runtime {
             if to == d {
                 return Err(DrainError::PlacedBack("a unit"));
             }
-            self.with_pager_locked(st, |pager, pool, _| {
-                pager.move_unit(pool, base, len, d, to)
-            })?;
+            self.with_pager_locked(st, |pager, pool, _| pager.move_unit(pool, base, len, d, to))?;
             Ok(())
         })();
         if moved.is_err() {

@@ -236,7 +236,11 @@ impl DaemonPool {
     }
 
     /// One request to daemon `d`: its address and reply.
-    fn exchange(&mut self, d: usize, msg: &Message<'_>) -> Result<(&str, Message<'_>), DaemonError> {
+    fn exchange(
+        &mut self,
+        d: usize,
+        msg: &Message<'_>,
+    ) -> Result<(&str, Message<'_>), DaemonError> {
         let id = self.next_id();
         let poll_us = if matches!(msg, Message::ReadPages { .. }) {
             self.poll_us

@@ -332,7 +332,7 @@ impl Prefetcher {
         match s.ahead {
             Some((st, _, last)) if just_past(p, st, last) => {
                 // Walked off the end of the window: all of it was used.
-                s.window = (s.window * 2).clamp(FIRST_WINDOW, max);
+                s.window = (s.window * 2).max(FIRST_WINDOW).min(max);
                 // The pages read in between never missed: remember the
                 // walk as the stride it was, not as one long jump.
                 s.len = 0;

@@ -23,115 +23,24 @@
 
 use lego_protocol::{VirtAddr, MAX_BATCH_PAGES, PAGE_SIZE};
 
+mod install;
+#[cfg(test)]
+mod tests;
+mod traits;
+
+use install::install_fault_page;
+pub use install::{install_runs, spans, Scratch};
+use traits::table;
+pub use traits::{Backing, Counters, Fault, PageTable, PagerError, TableError};
+
 use crate::config::MAX_PREFETCH_PAGES;
 use crate::excache::{ExCache, Victim};
 use crate::pool::DaemonError;
 use crate::prefetch::Prefetcher;
 
-/// The longest gap [`spans`] bridges, in pages.
-const BRIDGE_PAGES: usize = 64;
-
-/// The local page table of the region, as the pager uses it.
-pub trait PageTable {
-    /// Installs `src` (whole pages) at `addr`, write-protected if `wp`, and
-    /// wakes the threads waiting on those pages. Returns how many pages
-    /// were installed: fewer than given when one was present already.
-    fn copy_in(&mut self, addr: usize, src: &[u8], wp: bool) -> Result<usize, TableError>;
-    /// Sets or lifts write protection (lifting it wakes waiting writers).
-    fn write_protect(&mut self, addr: usize, len: usize, on: bool) -> Result<(), TableError>;
-    /// Wakes the threads waiting on a range without resolving their faults.
-    fn wake(&mut self, addr: usize, len: usize);
-    /// Copies the resident page at `addr` into `dst` (one page).
-    fn copy_out(&mut self, addr: usize, dst: &mut [u8]);
-    /// Drops the pages of `ranges` (address, length): they read as missing.
-    fn drop_pages(&mut self, ranges: &[(usize, usize)]) -> Result<(), TableError>;
-}
-
-/// A page-table operation that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum TableError {
-    /// The range is no longer mapped (the program unmapped it while a
-    /// fault on it was being served).
-    #[error("the range is no longer mapped")]
-    Gone,
-    #[error("{what}: {source}")]
-    Os {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-/// The memory daemons of a space, numbered, as the pager uses them.
-pub trait Backing {
-    /// The daemon holding `addr`'s unit, if it is placed.
-    fn daemon_of(&self, addr: usize) -> Option<usize>;
-    /// The daemon to store `addr` on (its unit placed now if need be).
-    fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError>;
-    /// Reads pages `addrs`, all on daemon `d`: their contents, in order.
-    fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError>;
-    /// Sends a write of pages `addrs` (contents `data`) to daemon `d`; it
-    /// counts as done only after [`Backing::await_writes`].
-    fn write_pages(&mut self, d: usize, addrs: &[VirtAddr], data: &[u8])
-        -> Result<(), DaemonError>;
-    /// Waits until every write sent is acknowledged.
-    fn await_writes(&mut self) -> Result<(), DaemonError>;
-    /// Daemon `d` forgets `[addr, addr+len)`.
-    fn discard_on(&mut self, d: usize, addr: usize, len: usize) -> Result<(), DaemonError>;
-    /// The daemons holding some unit of `[addr, addr+len)`, each once.
-    fn holders(&self, addr: usize, len: usize) -> Vec<usize>;
-    /// The daemon that holds the layout (and forgets the contents of a
-    /// range it unmaps by itself).
-    fn home(&self) -> usize;
-    /// How many daemons there are (indices are below this).
-    fn count(&self) -> usize;
-}
-
-/// Why the pager could not do what was asked. The pager loop and the
-/// interposers decide what it means for the program.
-#[derive(Debug, thiserror::Error)]
-pub enum PagerError {
-    #[error("cannot {what} page {addr:#x}: {source}")]
-    Table {
-        what: &'static str,
-        addr: usize,
-        #[source]
-        source: TableError,
-    },
-    #[error(transparent)]
-    Daemon(#[from] DaemonError),
-    #[error("the ExCache is full but nothing can be evicted")]
-    Stuck,
-}
-
-fn table(what: &'static str, addr: usize) -> impl FnOnce(TableError) -> PagerError {
-    move |source| PagerError::Table { what, addr, source }
-}
-
-/// A fault as the kernel reports it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fault {
-    pub page: usize,
-    /// The access was a write.
-    pub write: bool,
-    /// A write to a write-protected page (not a miss).
-    pub wp: bool,
-}
-
-/// What the pager counted; the runtime adds them to the shared statistics.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Counters {
-    pub remote_misses: u64,
-    pub zero_fills: u64,
-    pub prefetched: u64,
-    pub prefilled: u64,
-    pub dirtied: u64,
-    pub evictions: u64,
-    pub writebacks: u64,
-    pub zero_drops: u64,
-    pub unchanged_drops: u64,
-    pub migrated_pages: u64,
-}
+/// Zeros to install from: a fault page and a full prefetch window.
+static ZEROS: [u8; (MAX_PREFETCH_PAGES + 1) * PAGE_SIZE] =
+    [0; (MAX_PREFETCH_PAGES + 1) * PAGE_SIZE];
 
 /// The pager of one address space: the ExCache, the prefetcher and the
 /// scratch lists of the miss and eviction paths.
@@ -144,8 +53,6 @@ pub struct Pager {
     /// Pages evicted per batch.
     batch: usize,
     pub counters: Counters,
-    /// Zeros to install from: a fault page and a full prefetch window.
-    zero: Box<[u8]>,
     // Scratch lists, kept to avoid allocating on the miss path.
     fetch: Vec<usize>,
     fill: Vec<usize>,
@@ -170,7 +77,6 @@ impl Pager {
             cache,
             prefetch: Prefetcher::new(prefetch_pages),
             counters: Counters::default(),
-            zero: vec![0; (MAX_PREFETCH_PAGES + 1) * PAGE_SIZE].into_boxed_slice(),
             fetch: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
             fill: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
             fetch_addrs: Vec::with_capacity(MAX_PREFETCH_PAGES + 1),
@@ -234,7 +140,7 @@ impl Pager {
         }
         // The faulting page first: its thread resumes as soon as it is in.
         if !remote {
-            let zero = &self.zero[..PAGE_SIZE];
+            let zero = &ZEROS[..PAGE_SIZE];
             if !install_fault_page(t, &mut self.cache, self.base, i, zero, !f.write, false)? {
                 // Unmapped under us (munmap raced the fault): nothing to do.
                 return Ok(true);
@@ -244,8 +150,15 @@ impl Pager {
             self.fetch_and_install(t, b, remote.then_some(f.write))?;
         }
         let before = self.cache.resident();
-        let zeros = &self.zero[..self.fill.len() * PAGE_SIZE];
-        install_runs(t, self.base, &mut self.cache, &self.fill, zeros, &mut self.runs);
+        let zeros = &ZEROS[..self.fill.len() * PAGE_SIZE];
+        install_runs(
+            t,
+            self.base,
+            &mut self.cache,
+            &self.fill,
+            zeros,
+            &mut self.runs,
+        );
         let c = &mut self.counters;
         if remote {
             c.remote_misses += 1;
@@ -312,7 +225,9 @@ impl Pager {
         fault_write: Option<bool>,
     ) -> Result<(), PagerError> {
         let first = self.addr(self.fetch[0]);
-        let d = b.daemon_of(first).ok_or(DaemonError::Unplaced { addr: first })?;
+        let d = b
+            .daemon_of(first)
+            .ok_or(DaemonError::Unplaced { addr: first })?;
         self.fetch_addrs.clear();
         for k in 0..self.fetch.len() {
             self.fetch_addrs
@@ -526,11 +441,13 @@ impl Pager {
     /// heap): its contents are dead. Resident pages stay for the heap to
     /// reuse; remote copies are dropped, so reuse neither fetches nor
     /// writes back stale data.
-    pub fn freed<B: Backing>(&mut self, b: &mut B, addr: usize, len: usize) -> Result<(), PagerError> {
-        if self
-            .cache
-            .forget_remote(self.index(addr), len / PAGE_SIZE)
-        {
+    pub fn freed<B: Backing>(
+        &mut self,
+        b: &mut B,
+        addr: usize,
+        len: usize,
+    ) -> Result<(), PagerError> {
+        if self.cache.forget_remote(self.index(addr), len / PAGE_SIZE) {
             discard_at_daemons(b, addr, len, false)?;
         }
         Ok(())
@@ -553,7 +470,9 @@ impl Pager {
             self.clear_writebacks(b.count());
             for &k in chunk {
                 let src = from + k * PAGE_SIZE;
-                let d = b.daemon_of(src).ok_or(DaemonError::Unplaced { addr: src })?;
+                let d = b
+                    .daemon_of(src)
+                    .ok_or(DaemonError::Unplaced { addr: src })?;
                 let page = b.read_pages(d, &[VirtAddr(src as u64)])?.to_vec();
                 let dst = to + k * PAGE_SIZE;
                 let d = b.daemon_for(dst)?;
@@ -564,7 +483,8 @@ impl Pager {
             }
             self.send_writebacks(b)?;
         }
-        self.cache.move_remote(first_from, first_to, len / PAGE_SIZE);
+        self.cache
+            .move_remote(first_from, first_to, len / PAGE_SIZE);
         Ok(())
     }
 
@@ -624,156 +544,4 @@ fn discard_at_daemons<B: Backing>(
         }
     }
     Ok(())
-}
-
-/// Installs the faulting page `i` from `src`, write-protected (clean) if
-/// `wp`; `predicted`: writable only because its last residency was
-/// written. `Ok(false)`: not installed because its range is gone (its
-/// thread is woken to fault again) or it was already present.
-fn install_fault_page<T: PageTable>(
-    t: &mut T,
-    cache: &mut ExCache,
-    base: usize,
-    i: usize,
-    src: &[u8],
-    wp: bool,
-    predicted: bool,
-) -> Result<bool, PagerError> {
-    let at = base + i * PAGE_SIZE;
-    match t.copy_in(at, src, wp) {
-        Ok(1) if predicted => cache.installed_unobserved(i, Some(src)),
-        Ok(1) => cache.installed(i, !wp),
-        Ok(_) => return Ok(false),
-        Err(TableError::Gone) => {
-            t.wake(at, PAGE_SIZE);
-            return Ok(false);
-        }
-        Err(e) => return Err(table("install", at)(e)),
-    }
-    Ok(true)
-}
-
-/// Installs `pages` (page indices of the region at `base`, in any order)
-/// from the matching pages of `data`, one copy per run of consecutive
-/// pages, ascending or descending, that are installed alike: a page no
-/// daemon holds (a zero fill) or whose last residency was written goes in
-/// writable and counts dirty (by prediction), any other write-protected
-/// and clean. A descending run (a walk down memory) is put in address order
-/// in `scratch` first. A page that cannot be installed (its range unmapped,
-/// or already present) is skipped: it was only brought ahead, a later
-/// access faults it in.
-pub fn install_runs<T: PageTable>(
-    t: &mut T,
-    base: usize,
-    cache: &mut ExCache,
-    pages: &[usize],
-    data: &[u8],
-    scratch: &mut Scratch,
-) {
-    let writable = |c: &ExCache, p: usize| !c.is_remote(p) || c.predicts_write(p);
-    let mut k = 0;
-    while k < pages.len() {
-        let w = writable(cache, pages[k]);
-        let step: isize = match pages.get(k + 1) {
-            Some(&n) if n == pages[k] + 1 => 1,
-            Some(&n) if n + 1 == pages[k] => -1,
-            _ => 1,
-        };
-        let mut len = 1;
-        while k + len < pages.len()
-            && pages[k + len] as isize == pages[k] as isize + step * len as isize
-            && writable(cache, pages[k + len]) == w
-        {
-            len += 1;
-        }
-        if step > 0 {
-            let src = &data[k * PAGE_SIZE..(k + len) * PAGE_SIZE];
-            install_one_run(t, base, cache, &pages[k..k + len], src, w);
-        } else {
-            scratch.pages.clear();
-            scratch.data.clear();
-            for n in (k..k + len).rev() {
-                scratch.pages.push(pages[n]);
-                scratch
-                    .data
-                    .extend_from_slice(&data[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
-            }
-            install_one_run(t, base, cache, &scratch.pages, &scratch.data, w);
-        }
-        k += len;
-    }
-}
-
-/// Room to put a descending run in address order.
-#[derive(Clone, Default)]
-pub struct Scratch {
-    pages: Vec<usize>,
-    data: Vec<u8>,
-}
-
-/// Installs the ascending run `pages` from `src`, writable if `w`.
-fn install_one_run<T: PageTable>(
-    t: &mut T,
-    base: usize,
-    cache: &mut ExCache,
-    pages: &[usize],
-    src: &[u8],
-    w: bool,
-) {
-    let at = base + pages[0] * PAGE_SIZE;
-    let done = match t.copy_in(at, src, !w) {
-        Ok(done) => done,
-        Err(e) => {
-            if matches!(e, TableError::Gone) {
-                t.wake(at, pages.len() * PAGE_SIZE);
-            }
-            0
-        }
-    };
-    for (n, &p) in pages[..done].iter().enumerate() {
-        if w {
-            // A fetched page is kept track of: eviction compares it.
-            let fetched = cache
-                .is_remote(p)
-                .then(|| &src[n * PAGE_SIZE..(n + 1) * PAGE_SIZE]);
-            cache.installed_unobserved(p, fetched);
-        } else {
-            cache.installed(p, false);
-        }
-    }
-}
-
-/// Address ranges covering `pages` (page indices of the region at `base`,
-/// sorted here), merged across gaps of at most [`BRIDGE_PAGES`] pages that
-/// `bridge` allows to be covered too. Each call that changes mappings ends
-/// in a TLB shootdown: an IPI to every other CPU running the program, which
-/// on these VMs costs about as much as a page fetch. Victims come in
-/// eviction order, two threads' pages interleaved, so sorting alone often
-/// halves the ranges.
-pub fn spans(
-    base: usize,
-    pages: &mut [usize],
-    bridge: impl Fn(usize) -> bool,
-    out: &mut Vec<(usize, usize)>,
-) {
-    pages.sort_unstable();
-    out.clear();
-    let range = |first: usize, end: usize| (base + first * PAGE_SIZE, (end - first) * PAGE_SIZE);
-    let mut run: Option<(usize, usize)> = None; // first page, end
-    for &p in pages.iter() {
-        run = match run {
-            Some((first, end)) if p < end => Some((first, end)),
-            Some((first, end)) if p - end <= BRIDGE_PAGES && (end..p).all(&bridge) => {
-                Some((first, p + 1))
-            }
-            Some((first, end)) => {
-                out.push(range(first, end));
-                Some((p, p + 1))
-            }
-            None => Some((p, p + 1)),
-        };
-    }
-    if let Some((first, end)) = run {
-        out.push(range(first, end));
-    }
 }
