@@ -54,7 +54,7 @@ pub struct RunArgs {
 }
 
 /// Prints `lego: MSG` and returns lego's failure status.
-pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
     crate::fail("lego", msg)
 }
 
@@ -166,16 +166,8 @@ fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
 
 pub fn run(args: RunArgs) -> ExitCode {
     if let (Some(m), false) = (&args.manager, args.local) {
-        match crate::remote::processors_alive(m) {
-            Ok(true) => {
-                return crate::remote::run_remote(
-                    m,
-                    &args.command,
-                    args.excache,
-                    args.quiet,
-                    args.stats.as_deref(),
-                )
-            }
+        match lego_processor::remote::processors_alive(m) {
+            Ok(true) => return run_on_processor(m, &args),
             Ok(false) => {} // No processor daemon: this host runs it.
             Err(e) => return fail(e),
         }
@@ -289,6 +281,44 @@ pub fn run(args: RunArgs) -> ExitCode {
         d.shutdown();
     }
     lego_sys::process::exit_like(status)
+}
+
+/// Runs the program on the processor daemon the manager at `manager`
+/// picks; ends this process the way the program ended.
+fn run_on_processor(manager: &str, args: &RunArgs) -> ExitCode {
+    let job = lego_processor::RemoteRun {
+        manager: manager.to_string(),
+        argv: args
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        excache_bytes: args.excache,
+        summary: !args.quiet,
+        stats: args.stats.is_some(),
+    };
+    let ended = match job.run() {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    if let Some(f) = &args.stats {
+        match &ended.stats {
+            Some(j) => {
+                if let Err(e) = std::fs::write(f, j) {
+                    eprintln!("lego: cannot write {}: {e}", f.display());
+                }
+            }
+            None => eprintln!(
+                "lego: processor daemon {} sent no statistics for {}",
+                ended.processor,
+                f.display()
+            ),
+        }
+    }
+    if !args.quiet {
+        eprintln!("lego: ran on processor daemon {}", ended.processor);
+    }
+    lego_sys::process::exit_like(ended.status)
 }
 
 /// What the runtime measured, read from the shared statistics page.
