@@ -257,6 +257,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start {}: {e}", path.display())),
     };
     lego_sys::process::forward_signals_to(child.id() as i32);
+    // A program whose pager cannot serve its faults would wait forever.
+    let watchdog = lego_processor::Watchdog::start(child.id())
+        .map_err(|e| eprintln!("lego: the program runs without a watchdog against hangs: {e}"))
+        .ok();
     let status = loop {
         match child.wait() {
             Ok(s) => break s,
@@ -265,6 +269,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     let elapsed = start.elapsed();
+    let hung = watchdog.and_then(lego_processor::Watchdog::finish);
+    if let Some(h) = &hung {
+        eprintln!("lego: {h}");
+    }
     let report = Report::collect(shared, &args, &path, status, elapsed);
     if !args.quiet {
         eprint!("{}", report.text());
@@ -279,6 +287,9 @@ pub fn run(args: RunArgs) -> ExitCode {
     }
     if let Some(d) = embedded {
         d.shutdown();
+    }
+    if hung.is_some() {
+        return ExitCode::from(crate::LEGO_FAILED);
     }
     lego_sys::process::exit_like(status)
 }
