@@ -7,7 +7,6 @@
 mod cluster;
 mod config;
 mod processor;
-mod remote;
 mod run;
 mod size;
 

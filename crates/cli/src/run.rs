@@ -54,7 +54,7 @@ pub struct RunArgs {
 }
 
 /// Prints `lego: MSG` and returns lego's failure status.
-pub(crate) fn fail(msg: impl std::fmt::Display) -> ExitCode {
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
     crate::fail("lego", msg)
 }
 
@@ -166,16 +166,8 @@ fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
 
 pub fn run(args: RunArgs) -> ExitCode {
     if let (Some(m), false) = (&args.manager, args.local) {
-        match crate::remote::processors_alive(m) {
-            Ok(true) => {
-                return crate::remote::run_remote(
-                    m,
-                    &args.command,
-                    args.excache,
-                    args.quiet,
-                    args.stats.as_deref(),
-                )
-            }
+        match lego_processor::remote::processors_alive(m) {
+            Ok(true) => return run_on_processor(m, &args),
             Ok(false) => {} // No processor daemon: this host runs it.
             Err(e) => return fail(e),
         }
@@ -265,6 +257,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start {}: {e}", path.display())),
     };
     lego_sys::process::forward_signals_to(child.id() as i32);
+    // A program whose pager cannot serve its faults would wait forever.
+    let watchdog = lego_processor::Watchdog::start(child.id())
+        .map_err(|e| eprintln!("lego: the program runs without a watchdog against hangs: {e}"))
+        .ok();
     let status = loop {
         match child.wait() {
             Ok(s) => break s,
@@ -273,6 +269,10 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     let elapsed = start.elapsed();
+    let hung = watchdog.and_then(lego_processor::Watchdog::finish);
+    if let Some(h) = &hung {
+        eprintln!("lego: {h}");
+    }
     let report = Report::collect(shared, &args, &path, status, elapsed);
     if !args.quiet {
         eprint!("{}", report.text());
@@ -288,7 +288,48 @@ pub fn run(args: RunArgs) -> ExitCode {
     if let Some(d) = embedded {
         d.shutdown();
     }
+    if hung.is_some() {
+        return ExitCode::from(crate::LEGO_FAILED);
+    }
     lego_sys::process::exit_like(status)
+}
+
+/// Runs the program on the processor daemon the manager at `manager`
+/// picks; ends this process the way the program ended.
+fn run_on_processor(manager: &str, args: &RunArgs) -> ExitCode {
+    let job = lego_processor::RemoteRun {
+        manager: manager.to_string(),
+        argv: args
+            .command
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect(),
+        excache_bytes: args.excache,
+        summary: !args.quiet,
+        stats: args.stats.is_some(),
+    };
+    let ended = match job.run() {
+        Ok(e) => e,
+        Err(e) => return fail(e),
+    };
+    if let Some(f) = &args.stats {
+        match &ended.stats {
+            Some(j) => {
+                if let Err(e) = std::fs::write(f, j) {
+                    eprintln!("lego: cannot write {}: {e}", f.display());
+                }
+            }
+            None => eprintln!(
+                "lego: processor daemon {} sent no statistics for {}",
+                ended.processor,
+                f.display()
+            ),
+        }
+    }
+    if !args.quiet {
+        eprintln!("lego: ran on processor daemon {}", ended.processor);
+    }
+    lego_sys::process::exit_like(ended.status)
 }
 
 /// What the runtime measured, read from the shared statistics page.

@@ -9,7 +9,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -371,4 +371,94 @@ fn bad_arguments_get_one_line_errors() {
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
+}
+
+/// Runs `lego run ARGS` with `env` added; returns its output and how long
+/// it took, killing it and its program (and failing) if it runs over
+/// `limit`.
+fn run_bounded(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output, Duration) {
+    use std::os::unix::process::CommandExt;
+    let started = Instant::now();
+    let mut run = Command::new(lego())
+        .arg("run")
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let ended = wait_until(limit, || run.try_wait().unwrap().is_some());
+    let took = started.elapsed();
+    if !ended {
+        Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", run.id())])
+            .status()
+            .unwrap();
+    }
+    let out = run.wait_with_output().unwrap();
+    assert!(
+        ended,
+        "lego run {args:?} still running after {limit:?}: {}",
+        text(&out.stderr)
+    );
+    (out, took)
+}
+
+#[test]
+fn a_program_whose_every_thread_waits_on_an_unserved_fault_is_stopped_with_a_clear_error() {
+    // The hung process is a grandchild of lego run, below a shell that
+    // would go on (and print "after") if only the hung process ended.
+    let prog = compile("unserved_fault", &[]);
+    let script = format!("env -u LD_PRELOAD {}; echo after", prog.display());
+    let (out, took) = run_bounded(
+        &["--quiet", "--", "sh", "-c", &script],
+        &[],
+        Duration::from_secs(15),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert_eq!(text(&out.stdout), "touching\n", "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.contains("page fault"))
+        .unwrap_or_else(|| panic!("no line names the page fault: {err}"));
+    assert!(
+        line.starts_with("lego: process ")
+            && line.contains("(unserved_fault): every thread has waited over 3 s")
+            && line.ends_with("stopping the program"),
+        "{line}"
+    );
+    // Not before the wait it reports, and well within the bound.
+    assert!(took >= Duration::from_secs(3), "stopped after {took:?}");
+}
+
+#[test]
+#[ignore = "needs LEGO_INJECT in the runtime"]
+fn a_pager_that_faults_on_its_own_region_does_not_hang_the_program() {
+    // The runtime's pager reads a non-resident page of its own region
+    // ~300 ms after start: it, and every later miss of the program, blocks
+    // in handle_userfault for good.
+    let (out, _) = run_bounded(
+        &[
+            "--excache",
+            "8M",
+            "--",
+            "python3",
+            "-c",
+            "b = [bytearray(1 << 20) for _ in range(64)]\n\
+             for _ in range(1000):\n    for x in b: x[::4096] = b'x' * 256\n\
+             print('done')",
+        ],
+        &[("LEGO_INJECT", "pager-self-fault")],
+        Duration::from_secs(15),
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(125), "{err}");
+    assert!(!text(&out.stdout).contains("done"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("lego: process ") && l.contains("page fault")),
+        "{err}"
+    );
 }

@@ -245,6 +245,21 @@ pub fn from_json<'a, T: Deserialize<'a>>(json: &'a str) -> Result<T, String> {
     serde_json::from_str(json).map_err(|e| format!("malformed control message: {e}"))
 }
 
+/// Formats bytes for people (`1.5 MiB`), as the messages of the control
+/// plane and lego's commands show sizes.
+pub fn human_bytes(bytes: u64) -> String {
+    let b = bytes as f64;
+    if b >= (1u64 << 30) as f64 {
+        format!("{:.2} GiB", b / (1u64 << 30) as f64)
+    } else if b >= (1 << 20) as f64 {
+        format!("{:.1} MiB", b / (1 << 20) as f64)
+    } else if b >= 1024.0 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,5 +277,13 @@ mod tests {
         let e = from_json::<Request>(r#"{"op":"launch_missiles"}"#).unwrap_err();
         assert!(e.contains("malformed control message"), "{e}");
         assert!(from_json::<Request>("{").is_err());
+    }
+
+    #[test]
+    fn sizes_for_people() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(64 << 20), "64.0 MiB");
+        assert_eq!(human_bytes(3 << 29), "1.50 GiB");
     }
 }

@@ -56,7 +56,7 @@ pub fn signals_to(deliver: impl Fn(i32) + Send + 'static) -> std::io::Result<()>
     Ok(())
 }
 
-pub use libc::{SIGKILL, SIGTERM};
+pub use libc::{SIGKILL, SIGSTOP, SIGTERM};
 
 /// Whether `sig`, one of those [`signals_to`] delivers, asks a process to
 /// end: SIGINT, SIGTERM, SIGHUP or SIGQUIT (not SIGUSR1 or SIGUSR2).

@@ -1,0 +1,461 @@
+//! The processor daemon (`lego processor`): joins the cluster with the
+//! host's ExCache budget, runs the programs the global process manager
+//! places on it (`lego run --manager` on any host), each as `lego run
+//! --manager --local` here with its share of the budget, streams their
+//! stdin, stdout and stderr to and from the client, delivers the client's
+//! signals, reports the exit status, and tells the manager what it runs.
+//!
+//! [`ProcessorDaemon::start`] binds, joins and serves on background
+//! threads, one per connection; [`ProcessorDaemon::wait`] returns once it
+//! is stopped, after ending its programs and leaving the cluster.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use lego_protocol::control::{self, human_bytes, Kind, ProcessInfo, Reply, Request};
+use lego_protocol::{Message, MAX_STDIO_BYTES};
+use lego_transport::{
+    ConnError, FramedConn, Listener, Member, Membership, Stream, Tcp, Transport, TransportError,
+};
+
+/// How a processor daemon is set up (the flags of `lego processor`).
+#[derive(Clone, Debug)]
+pub struct ProcessorConfig {
+    /// Address to listen on for programs to run, HOST:PORT.
+    pub listen: String,
+    /// Global manager of the cluster, HOST:PORT.
+    pub manager: String,
+    /// This host's ExCache budget, shared by the programs it runs.
+    pub excache_bytes: u64,
+    /// Address clients reach this daemon at, if not the listening address.
+    pub advertise: Option<String>,
+    /// The `lego` binary: each program runs under its `run --local`.
+    pub lego_exe: PathBuf,
+}
+
+/// Why a processor daemon could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessorError {
+    #[error(transparent)]
+    Listen(#[from] TransportError),
+    /// The manager was unreachable or refused the registration; the message
+    /// names the manager.
+    #[error("{0}")]
+    Join(String),
+}
+
+/// A running processor daemon.
+pub struct ProcessorDaemon {
+    addr: String,
+    host: Arc<Host>,
+    stop: Arc<AtomicBool>,
+    membership: Membership,
+}
+
+/// What the connection threads share: the budget and the programs running
+/// within it.
+struct Host {
+    manager: String,
+    budget: u64,
+    lego_exe: PathBuf,
+    running: Mutex<Vec<ProcessInfo>>,
+}
+
+impl Host {
+    fn running(&self) -> MutexGuard<'_, Vec<ProcessInfo>> {
+        // A panic in one connection thread must not take the others down.
+        self.running.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Placeholder ids for programs not started yet, above any pid.
+const FIRST_SLOT: u32 = 1 << 30;
+
+fn next_slot() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(FIRST_SLOT);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+impl ProcessorDaemon {
+    /// Binds `config.listen`, registers with the manager and starts
+    /// serving and heartbeating.
+    pub fn start(config: ProcessorConfig) -> Result<Self, ProcessorError> {
+        let listener = Tcp.listen(&config.listen)?;
+        let addr = Listener::local_addr(&listener);
+        let advertised = config.advertise.clone().unwrap_or_else(|| addr.clone());
+        let member = Member::join(
+            &config.manager,
+            Kind::Processor,
+            &advertised,
+            config.excache_bytes,
+        )
+        .map_err(ProcessorError::Join)?;
+        let host = Arc::new(Host {
+            manager: config.manager,
+            budget: config.excache_bytes,
+            lego_exe: config.lego_exe,
+            running: Mutex::new(Vec::new()),
+        });
+        let stop = Arc::new(AtomicBool::new(false));
+        let membership = {
+            let host = host.clone();
+            member.keep_alive(stop.clone(), move || {
+                let running = host.running().clone();
+                Request::Heartbeat {
+                    id: 0,
+                    used_bytes: running.iter().map(|p| p.excache_bytes).sum(),
+                    load: running.len() as u32,
+                    spaces: vec![],
+                    processes: running,
+                }
+            })
+        };
+        {
+            let host = host.clone();
+            // Not joined: the process ends with the programs it runs.
+            let _ = lego_transport::serve_connections(
+                listener,
+                "lego-processor",
+                stop.clone(),
+                move |s: TcpStream| {
+                    let peer = s.peer();
+                    if let Err(e) = serve(s, &host) {
+                        tracing::warn!(%peer, error = %e, "closing connection");
+                    }
+                },
+            );
+        }
+        Ok(Self {
+            addr,
+            host,
+            stop,
+            membership,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// Setting this flag stops the daemon (see [`ProcessorDaemon::wait`]).
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Serves until stopped (its stop flag set, or drained by the manager),
+    /// then ends the programs it runs and leaves the cluster.
+    pub fn wait(self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        end_programs(&self.host);
+        self.membership.leave();
+    }
+}
+
+/// How long the programs of a stopped processor daemon get to end after
+/// SIGTERM before they are killed.
+const END_GRACE: Duration = Duration::from_secs(5);
+
+/// Ends the programs this daemon runs: SIGTERM, then SIGKILL after
+/// [`END_GRACE`]; their clients get their exit status meanwhile.
+fn end_programs(host: &Host) {
+    let pids = || -> Vec<i32> {
+        // Placeholder ids (programs not started yet) are not pids.
+        host.running()
+            .iter()
+            .filter(|p| p.pid < FIRST_SLOT)
+            .map(|p| p.pid as i32)
+            .collect()
+    };
+    let first = pids();
+    if first.is_empty() {
+        return;
+    }
+    tracing::info!(
+        programs = first.len(),
+        "stopping the programs this daemon runs"
+    );
+    for &pid in &first {
+        let _ = lego_sys::process::send_signal(pid, lego_sys::process::SIGTERM);
+    }
+    let deadline = Instant::now() + END_GRACE;
+    while Instant::now() < deadline {
+        if pids().is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in pids() {
+        let _ = lego_sys::process::send_signal(pid, lego_sys::process::SIGKILL);
+    }
+}
+
+fn send_reply(w: &Mutex<FramedConn<TcpStream>>, id: u64, r: &Reply) -> Result<(), ConnError> {
+    let json = control::to_json(r);
+    w.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(id, &Message::Control { json: &json })
+}
+
+/// A program a client asked this daemon to run.
+struct Job {
+    argv: Vec<String>,
+    cwd: String,
+    env: Vec<(String, String)>,
+    /// Print lego's run summary after the program's stderr.
+    summary: bool,
+    /// Send the run's statistics back with its exit status.
+    stats: bool,
+}
+
+/// One client connection: a `Launch` request, then the program's run.
+fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
+    let mut conn = FramedConn::new(stream.try_clone()?);
+    conn.server_handshake(host.budget, Duration::from_secs(10))?;
+    let writer = Mutex::new(FramedConn::new(stream));
+    let f = conn.recv()?;
+    let id = f.request_id;
+    let req = match f.message {
+        Message::Control { json } => control::from_json::<Request>(json),
+        other => Err(format!(
+            "{} is not a request a processor daemon serves",
+            other.name()
+        )),
+    };
+    let (job, excache_bytes) = match req {
+        Ok(Request::Launch {
+            argv,
+            cwd,
+            env,
+            excache_bytes,
+            summary,
+            stats,
+        }) if !argv.is_empty() => (
+            Job {
+                argv,
+                cwd,
+                env,
+                summary,
+                stats,
+            },
+            excache_bytes,
+        ),
+        Ok(other) => {
+            let message = format!("a processor daemon serves Launch, not {other:?}");
+            return send_reply(&writer, id, &Reply::Error { message });
+        }
+        Err(message) => return send_reply(&writer, id, &Reply::Error { message }),
+    };
+    // The ExCache budget is split among the programs: refuse what does not
+    // fit.
+    let slot = next_slot();
+    {
+        let mut running = host.running();
+        let used: u64 = running.iter().map(|p| p.excache_bytes).sum();
+        if used + excache_bytes > host.budget {
+            let message = format!(
+                "this processor has {} of ExCache free, the program asks for {}",
+                human_bytes(host.budget.saturating_sub(used)),
+                human_bytes(excache_bytes)
+            );
+            drop(running);
+            return send_reply(&writer, id, &Reply::Error { message });
+        }
+        // Listed under a placeholder id until the program's pid is known.
+        running.push(ProcessInfo {
+            pid: slot,
+            program: job.argv.join(" "),
+            excache_bytes,
+        });
+    }
+    let mut listed_as = slot;
+    let result = run_program(
+        &mut conn,
+        &writer,
+        id,
+        host,
+        &job,
+        excache_bytes,
+        &mut listed_as,
+    );
+    let mut running = host.running();
+    if let Some(k) = running.iter().position(|p| p.pid == listed_as) {
+        running.remove(k);
+    }
+    result
+}
+
+/// The most statistics JSON sent back (it is a few KiB).
+const MAX_STATS_BYTES: u64 = 256 << 10;
+
+/// Runs `job` under `lego run --local`, relays its input, output and
+/// signals, and answers its exit status. `listed_as` is the program's id
+/// in the host's list: the placeholder, then its pid.
+fn run_program(
+    conn: &mut FramedConn<TcpStream>,
+    writer: &Mutex<FramedConn<TcpStream>>,
+    id: u64,
+    host: &Host,
+    job: &Job,
+    excache_bytes: u64,
+    listed_as: &mut u32,
+) -> Result<(), ConnError> {
+    let Job { argv, cwd, env, .. } = job;
+    let mut cmd = Command::new(&host.lego_exe);
+    cmd.args(["run", "--manager", &host.manager, "--local"]);
+    if !job.summary {
+        cmd.arg("--quiet");
+    }
+    // The wrapper writes the statistics here; they go back with the exit
+    // status.
+    let stats_file = job.stats.then(|| {
+        std::env::temp_dir().join(format!(
+            "lego-processor-{}-{}.json",
+            std::process::id(),
+            *listed_as
+        ))
+    });
+    if let Some(f) = &stats_file {
+        cmd.arg("--stats").arg(f);
+    }
+    cmd.arg("--excache")
+        .arg(excache_bytes.to_string())
+        .arg("--")
+        .args(argv)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if !cwd.is_empty() {
+        cmd.current_dir(cwd);
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            let message = format!("cannot start {}: {e}", argv[0]);
+            return send_reply(writer, id, &Reply::Error { message });
+        }
+    };
+    let pid = child.id();
+    if let Some(p) = host.running().iter_mut().find(|p| p.pid == *listed_as) {
+        p.pid = pid;
+        *listed_as = pid;
+    }
+    send_reply(writer, id, &Reply::Launched { pid })?;
+    let outputs = [
+        (
+            1u8,
+            child
+                .stdout
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+        (
+            2u8,
+            child
+                .stderr
+                .take()
+                .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        ),
+    ];
+    let mut stdin = child.stdin.take();
+    let status = std::thread::scope(|sc| {
+        let pumps: Vec<_> = outputs
+            .into_iter()
+            .filter_map(|(fd, r)| r.map(|r| (fd, r)))
+            .map(|(fd, mut r)| sc.spawn(move || pump_out(fd, &mut *r, writer)))
+            .collect();
+        // Input and signals from the client, until it leaves or the
+        // program ends (then its read side is shut to end this loop).
+        let reader = conn.stream().try_clone();
+        sc.spawn(|| pump_in(conn, &mut stdin, pid));
+        let status = child.wait();
+        for p in pumps {
+            let _ = p.join();
+        }
+        if let Ok(r) = reader {
+            let _ = r.shutdown(std::net::Shutdown::Read);
+        }
+        status
+    });
+    let stats = stats_file.and_then(|f| {
+        let read = std::fs::File::open(&f).and_then(|file| {
+            let mut text = String::new();
+            file.take(MAX_STATS_BYTES).read_to_string(&mut text)?;
+            Ok(text)
+        });
+        let _ = std::fs::remove_file(&f);
+        read.map_err(|e| tracing::warn!(error = %e, "no statistics from the run"))
+            .ok()
+    });
+    let reply = match status {
+        Ok(s) => {
+            use std::os::unix::process::ExitStatusExt;
+            Reply::Exited {
+                code: s.code(),
+                signal: s.signal(),
+                stats,
+            }
+        }
+        Err(e) => Reply::Error {
+            message: format!("waiting for the program failed: {e}"),
+        },
+    };
+    send_reply(writer, id, &reply)
+}
+
+/// Sends what the program writes on `fd` to the client, then end of file.
+fn pump_out(fd: u8, r: &mut dyn Read, writer: &Mutex<FramedConn<TcpStream>>) {
+    let mut buf = vec![0u8; MAX_STDIO_BYTES];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => 0,
+        };
+        let sent = writer.lock().unwrap_or_else(|p| p.into_inner()).send(
+            0,
+            &Message::Stdio {
+                fd,
+                data: &buf[..n],
+            },
+        );
+        if n == 0 || sent.is_err() {
+            return;
+        }
+    }
+}
+
+/// Feeds the client's input to the program and delivers its signals.
+fn pump_in(
+    conn: &mut FramedConn<TcpStream>,
+    stdin: &mut Option<std::process::ChildStdin>,
+    pid: u32,
+) {
+    while let Ok(f) = conn.recv() {
+        match f.message {
+            Message::Stdio { fd: 0, data: [] } => *stdin = None,
+            Message::Stdio { fd: 0, data } => {
+                if let Some(s) = stdin.as_mut() {
+                    if s.write_all(data).is_err() {
+                        *stdin = None;
+                    }
+                }
+            }
+            Message::Control { json } => {
+                if let Ok(Request::Signal { signum }) = control::from_json(json) {
+                    let _ = lego_sys::process::send_signal(pid as i32, signum);
+                }
+            }
+            _ => {}
+        }
+    }
+}
