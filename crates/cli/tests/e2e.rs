@@ -434,7 +434,6 @@ fn a_program_whose_every_thread_waits_on_an_unserved_fault_is_stopped_with_a_cle
 }
 
 #[test]
-#[ignore = "needs LEGO_INJECT in the runtime"]
 fn a_pager_that_faults_on_its_own_region_does_not_hang_the_program() {
     // The runtime's pager reads a non-resident page of its own region
     // ~300 ms after start: it, and every later miss of the program, blocks
