@@ -336,6 +336,8 @@ impl Pager {
         for v in victims.iter().filter(|v| v.dirty) {
             let addr = self.addr(v.index);
             let d = b.daemon_for(addr)?;
+            // A unit placed on a daemon that joined since grows the lists.
+            self.grow_writebacks(b.count());
             let buf = &mut self.wb_data[d];
             let at = buf.len();
             buf.resize(at + PAGE_SIZE, 0);
@@ -476,8 +478,7 @@ impl Pager {
                 let page = b.read_pages(d, &[VirtAddr(src as u64)])?.to_vec();
                 let dst = to + k * PAGE_SIZE;
                 let d = b.daemon_for(dst)?;
-                // The daemon count grows when a unit lands on a new one.
-                self.clear_grown(b.count());
+                self.grow_writebacks(b.count());
                 self.wb_addrs[d].push(VirtAddr(dst as u64));
                 self.wb_data[d].extend_from_slice(&page);
             }
@@ -489,7 +490,7 @@ impl Pager {
     }
 
     /// Grows the writeback lists to `daemons` without clearing them.
-    fn clear_grown(&mut self, daemons: usize) {
+    fn grow_writebacks(&mut self, daemons: usize) {
         if self.wb_addrs.len() < daemons {
             self.wb_addrs.resize_with(daemons, Vec::new);
             self.wb_data.resize_with(daemons, Vec::new);

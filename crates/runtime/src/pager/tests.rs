@@ -76,6 +76,8 @@ struct FakeDaemons {
     read_buf: Vec<u8>,
     reads: usize,
     pages_written: usize,
+    /// The next unit placed goes to a daemon that joins then (hot-add).
+    join_on_next_place: bool,
 }
 
 impl FakeDaemons {
@@ -89,6 +91,7 @@ impl FakeDaemons {
             read_buf: Vec::new(),
             reads: 0,
             pages_written: 0,
+            join_on_next_place: false,
         }
     }
     fn unit(addr: usize) -> usize {
@@ -109,8 +112,14 @@ impl Backing for FakeDaemons {
         self.placed.get(&Self::unit(addr)).copied()
     }
     fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError> {
-        let n = self.stores.len();
         let u = Self::unit(addr);
+        if self.join_on_next_place && !self.placed.contains_key(&u) {
+            self.join_on_next_place = false;
+            self.stores.push(HashMap::new());
+            self.dead.push(false);
+            self.placed.insert(u, self.stores.len() - 1);
+        }
+        let n = self.stores.len();
         Ok(*self.placed.entry(u).or_insert(u % n))
     }
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {
@@ -476,6 +485,22 @@ fn a_drained_unit_moves_with_its_pages() {
         assert_eq!(m.read(word(p, 0)), p as u64 + 1);
     }
     m.check();
+}
+
+#[test]
+fn a_unit_placed_on_a_daemon_that_joined_is_written_there() {
+    let mut m = Machine::new(64, 8, 0, 1);
+    m.write(word(0, 0), 1);
+    m.daemons.join_on_next_place = false;
+    m.evict();
+    m.daemons.join_on_next_place = true;
+    m.write(word(UNIT_PAGES, 0), 2);
+    m.evict();
+    m.check();
+    assert_eq!(m.daemons.count(), 2);
+    assert_eq!(m.daemons.stores[1].len(), 1);
+    assert_eq!(m.read(word(UNIT_PAGES, 0)), 2);
+    assert_eq!(m.read(word(0, 0)), 1);
 }
 
 #[test]
