@@ -16,7 +16,7 @@
 //! start-up reads glibc's locale and loader data).
 
 use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::Relaxed};
-use std::sync::MutexGuard;
+use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
 use lego_protocol::{Message, SpaceId, VirtAddr, PAGE_SIZE};
@@ -30,7 +30,7 @@ use crate::excache::ExCache;
 use crate::heap::{self, RuntimeScope};
 use crate::memory_calls::LayoutConn;
 use crate::pager::Pager;
-use crate::placement::Placement;
+use crate::placement::{Placement, Placer};
 use crate::pool::{self, Daemon, DaemonError, DaemonPool};
 use crate::region::{self, Region};
 use crate::runtime::{self, lock, Runtime, State};
@@ -173,6 +173,11 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         .unwrap_or_else(|| die("runtime: the home memory daemon is not among the daemons"));
     uffd.register(p.region.base, p.region.len)
         .unwrap_or_else(|e| die(&format!("runtime: {e}")));
+    // With a manager, units are placed by a thread of their own.
+    let placer = p
+        .placement
+        .manager()
+        .map(|m| Arc::new(Placer::new(m.to_string(), p.placement.ids().to_vec())));
     let manager = p.placement.manager().map(str::to_string);
     let pool = DaemonPool::new(
         daemons,
@@ -183,6 +188,7 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         p.program.clone(),
         p.timeout,
         p.tuning.poll_us,
+        placer.clone(),
     );
     let rt = runtime::publish(Box::new(Runtime {
         region: p.region,
@@ -211,6 +217,17 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
     }
     process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));
+    if let Some(placer) = placer {
+        let (program, timeout, region) = (rt.program.clone(), rt.timeout, rt.region);
+        let attach = move |addr: &str| {
+            pool::attach(addr, &program, timeout, space, (region.base, region.len))
+                .map_err(|e| e.to_string())
+        };
+        process::spawn_thread(heap::mark_runtime_thread, move || {
+            placer.run(space.0, timeout, attach)
+        })
+        .unwrap_or_else(|e| die(&format!("runtime: cannot start the placer thread: {e}")));
+    }
     if let Some(manager) = manager {
         process::spawn_thread(heap::mark_runtime_thread, move || rt.drain_loop(manager))
             .unwrap_or_else(|e| die(&format!("runtime: cannot start the drain thread: {e}")));
@@ -279,7 +296,7 @@ extern "C" fn after_fork_child() {
     let mut guard = unsafe { Box::from_raw(guard) };
     let st = &mut *guard;
     let mut pager = std::mem::replace(&mut st.pager, Pager::new(0, 0, ExCache::new(0, 1), 0));
-    let mut placement = std::mem::replace(&mut st.pool.placement, Placement::fixed(0, 1));
+    let placement = std::mem::replace(&mut st.pool.placement, Placement::fixed(0, 1));
     let daemons: Vec<(String, bool)> = st
         .pool
         .daemons
@@ -295,7 +312,6 @@ extern "C" fn after_fork_child() {
     for fd in fds {
         process::close(fd);
     }
-    placement.after_fork();
     // fork cleared the write protection of clean pages.
     pager.after_fork();
     let parts = Parts {

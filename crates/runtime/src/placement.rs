@@ -3,18 +3,27 @@
 //!
 //! Without a global manager the placement is fixed: vRegion `i` (1 GiB)
 //! lives on daemon `i mod n`. With one (`LEGO_MANAGER`), a unit is placed
-//! when its first page is written back: the runtime asks the manager's GMM,
-//! which picks the alive memory daemon with the most free capacity. So a
-//! program can use more memory than any one daemon has, and a daemon that
-//! joins the cluster while it runs takes its new units at once (the
-//! runtime connects to it then). Pages of a unit that was never placed
-//! were never stored anywhere: they read as zeros.
+//! by the manager's GMM (the alive memory daemon with the most free
+//! capacity), so a program can use more memory than any one daemon has,
+//! and a daemon that joins the cluster while it runs takes its new units at
+//! once. Pages of a unit that was never placed were never stored anywhere:
+//! they read as zeros.
+//!
+//! The manager is asked ahead of need and off the fault path: when the
+//! pager first installs a page of an unplaced unit it asks for the unit
+//! ([`Placer::want`]), and the runtime's placer thread ([`Placer::run`])
+//! asks the manager and connects to a daemon that is new to this program,
+//! holding no lock the pager needs. By the time a page of the unit is
+//! evicted its placement is normally there to look up; if not, eviction
+//! waits for the placer, not for a round trip of its own.
 
+use std::net::TcpStream;
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use lego_protocol::control::{Reply, Request, PLACEMENT_BYTES};
 use lego_protocol::VREGION_BYTES;
-use lego_transport::ControlClient;
+use lego_transport::{ControlClient, FramedConn};
 
 const UNIT: usize = PLACEMENT_BYTES as usize;
 const UNPLACED: u8 = u8::MAX;
@@ -24,7 +33,6 @@ const UNPLACED: u8 = u8::MAX;
 struct Gmm {
     addr: String,
     ids: Vec<u64>,
-    client: Option<ControlClient>,
 }
 
 pub struct Placement {
@@ -48,11 +56,7 @@ impl Placement {
     pub fn managed(len: usize, manager: String, ids: Vec<u64>) -> Self {
         Self {
             table: vec![UNPLACED; len.div_ceil(UNIT)],
-            gmm: Some(Gmm {
-                addr: manager,
-                ids,
-                client: None,
-            }),
+            gmm: Some(Gmm { addr: manager, ids }),
         }
     }
 
@@ -75,63 +79,24 @@ impl Placement {
             .map(|&d| d as usize)
     }
 
-    /// The daemon that holds (or, placed now, will hold) region offset
-    /// `off` of address space `space`. Asks the manager for a new unit,
-    /// retrying for `timeout` while it is unreachable (restarting). A unit
-    /// placed on a daemon this program is not connected to yet comes back
-    /// as `Err((id, addr))`: connect, then [`Placement::bind`].
-    pub fn place(
-        &mut self,
-        off: usize,
-        space: u64,
-        timeout: Duration,
-    ) -> Result<Result<usize, (u64, String)>, String> {
-        if let Some(d) = self.placed(off) {
-            return Ok(Ok(d));
-        }
-        let unit = off / UNIT;
-        let Some(gmm) = self.gmm.as_mut() else {
-            return Err(format!("region offset {off:#x} is outside the region"));
-        };
-        let req = Request::PlaceMemory {
-            space,
-            unit: unit as u64,
-        };
-        let deadline = Instant::now() + timeout;
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            if gmm.client.is_none() {
-                match ControlClient::connect(&gmm.addr, "lego-runtime", Duration::from_secs(3)) {
-                    Ok(c) => gmm.client = Some(c),
-                    Err(e) => {
-                        last = e.to_string();
-                        std::thread::sleep(Duration::from_millis(100));
-                        continue;
-                    }
-                }
-            }
-            let c = gmm.client.as_mut().expect("connected above");
-            match c.call(&req) {
-                Ok(Reply::Placed { id, addr }) => {
-                    let Some(d) = gmm.ids.iter().position(|&i| i == id) else {
-                        return Ok(Err((id, addr)));
-                    };
-                    self.table[unit] = d as u8;
-                    return Ok(Ok(d));
-                }
-                Ok(Reply::Error { message }) => return Err(message),
-                Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                Err(e) => {
-                    last = e.to_string();
-                    gmm.client = None;
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-        Err(format!(
-            "global manager {} unreachable for {:.0?} ({last}): cannot place new memory",
-            gmm.addr, timeout
-        ))
+    /// The unit of region offset `off`.
+    pub fn unit_of(off: usize) -> usize {
+        off / UNIT
+    }
+
+    /// Records that unit `unit` lives on daemon `id` of the manager, the
+    /// runtime's daemon `index` if it is connected to it. Returns the
+    /// index, or `None` if the daemon is new to this program (connect, then
+    /// [`Placement::bind`]).
+    pub fn placed_on(&mut self, unit: usize, id: u64) -> Option<usize> {
+        let d = self.index_of(id)?;
+        self.table[unit] = d as u8;
+        Some(d)
+    }
+
+    /// The manager ids of the daemons, in the runtime's order.
+    pub fn ids(&self) -> &[u64] {
+        self.gmm.as_ref().map_or(&[], |g| g.ids.as_slice())
     }
 
     /// Region offset `off`'s unit lives on daemon `id` of the manager, now
@@ -183,14 +148,168 @@ impl Placement {
             *x = d as u8;
         }
     }
+}
 
-    /// In a forked child: the parent's connection to the manager is the
-    /// parent's (this drops only the child's copy of its descriptor).
-    pub fn after_fork(&mut self) {
-        if let Some(g) = self.gmm.as_mut() {
-            g.client = None;
+/// A unit the placer placed: where, and a new connection if the daemon is
+/// new to this program.
+pub struct Placed {
+    pub unit: usize,
+    pub id: u64,
+    pub addr: String,
+    pub conn: Option<FramedConn<TcpStream>>,
+}
+
+/// What the pager and the placer thread share (under its own lock, never
+/// the pager's).
+#[derive(Default)]
+struct Queue {
+    wanted: Vec<usize>,
+    placed: Vec<Placed>,
+    /// Units whose placement failed, and why.
+    failed: Vec<(usize, String)>,
+    /// Manager ids of the daemons this program is connected to or being
+    /// connected to by the placer.
+    known: Vec<u64>,
+}
+
+/// The placer: units asked for, units placed. See the module docs.
+pub struct Placer {
+    manager: String,
+    queue: Mutex<Queue>,
+    changed: Condvar,
+}
+
+fn lock(m: &Mutex<Queue>) -> std::sync::MutexGuard<'_, Queue> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Placer {
+    /// A placer asking `manager`; `known` are the manager ids of the
+    /// daemons the program is connected to.
+    pub fn new(manager: String, known: Vec<u64>) -> Self {
+        Self {
+            manager,
+            queue: Mutex::new(Queue {
+                known,
+                ..Queue::default()
+            }),
+            changed: Condvar::new(),
         }
     }
+
+    /// Asks for unit `unit` to be placed (again, if it was placed before
+    /// and the placement was forgotten).
+    pub fn want(&self, unit: usize) {
+        let mut q = lock(&self.queue);
+        if !q.wanted.contains(&unit) {
+            q.wanted.push(unit);
+            self.changed.notify_all();
+        }
+    }
+
+    /// Takes the units placed so far, and those whose placement failed.
+    pub fn take(&self, placed: &mut Vec<Placed>, failed: &mut Vec<(usize, String)>) {
+        let mut q = lock(&self.queue);
+        placed.append(&mut q.placed);
+        failed.append(&mut q.failed);
+    }
+
+    /// Waits until something was placed or failed, at most `limit`.
+    pub fn wait(&self, limit: Duration) {
+        let q = lock(&self.queue);
+        if q.placed.is_empty() && q.failed.is_empty() {
+            let _ = self.changed.wait_timeout(q, limit);
+        }
+    }
+
+    /// The placer thread: asks the manager for each unit wanted, and
+    /// connects (with `attach`) to a daemon new to this program. Holds no
+    /// lock of the pager's while it does.
+    pub fn run(
+        &self,
+        space: u64,
+        timeout: Duration,
+        attach: impl Fn(&str) -> Result<FramedConn<TcpStream>, String>,
+    ) -> ! {
+        let mut client: Option<ControlClient> = None;
+        loop {
+            let units = {
+                let mut q = lock(&self.queue);
+                while q.wanted.is_empty() {
+                    q = self.changed.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+                q.wanted.clone()
+            };
+            for unit in units {
+                let placed =
+                    ask(&self.manager, &mut client, space, unit, timeout).and_then(|(id, addr)| {
+                        let new = !lock(&self.queue).known.contains(&id);
+                        let conn = if new { Some(attach(&addr)?) } else { None };
+                        Ok(Placed {
+                            unit,
+                            id,
+                            addr,
+                            conn,
+                        })
+                    });
+                let mut q = lock(&self.queue);
+                q.wanted.retain(|&u| u != unit);
+                match placed {
+                    Ok(p) => {
+                        if p.conn.is_some() {
+                            q.known.push(p.id);
+                        }
+                        q.placed.push(p);
+                    }
+                    Err(e) => q.failed.push((unit, e)),
+                }
+                self.changed.notify_all();
+            }
+        }
+    }
+}
+
+/// Asks the manager at `manager` where unit `unit` of `space` goes,
+/// retrying for `timeout` while it is unreachable (restarting).
+fn ask(
+    manager: &str,
+    client: &mut Option<ControlClient>,
+    space: u64,
+    unit: usize,
+    timeout: Duration,
+) -> Result<(u64, String), String> {
+    let req = Request::PlaceMemory {
+        space,
+        unit: unit as u64,
+    };
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        if client.is_none() {
+            match ControlClient::connect(manager, "lego-runtime", Duration::from_secs(3)) {
+                Ok(c) => *client = Some(c),
+                Err(e) => {
+                    last = e.to_string();
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+        }
+        let c = client.as_mut().expect("connected above");
+        match c.call(&req) {
+            Ok(Reply::Placed { id, addr }) => return Ok((id, addr)),
+            Ok(Reply::Error { message }) => return Err(message),
+            Ok(other) => return Err(format!("unexpected answer {other:?}")),
+            Err(e) => {
+                last = e.to_string();
+                *client = None;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+    Err(format!(
+        "global manager {manager} unreachable for {timeout:.0?} ({last}): cannot place new memory"
+    ))
 }
 
 #[cfg(test)]
@@ -224,12 +343,41 @@ mod tests {
 
     #[test]
     fn an_unreachable_manager_is_a_clear_error() {
-        let mut p = Placement::managed(1 << 30, "127.0.0.1:1".into(), vec![1]);
-        assert_eq!(p.placed(0), None);
-        let e = p.place(0, 7, Duration::from_millis(300)).unwrap_err();
+        let e = ask("127.0.0.1:1", &mut None, 7, 0, Duration::from_millis(300)).unwrap_err();
         assert!(
             e.contains("unreachable") && e.contains("cannot place new memory"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_placer_thread_reports_a_failure_to_whoever_waits() {
+        let placer = std::sync::Arc::new(Placer::new("127.0.0.1:1".into(), vec![1]));
+        let p = placer.clone();
+        std::thread::spawn(move || p.run(7, Duration::from_millis(200), |_| Err("no".into())));
+        placer.want(3);
+        let (mut got, mut failed) = (Vec::new(), Vec::new());
+        let start = Instant::now();
+        while failed.is_empty() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            placer.wait(Duration::from_secs(1));
+            placer.take(&mut got, &mut failed);
+        }
+        assert_eq!(failed[0].0, 3);
+        assert!(
+            failed[0].1.contains("cannot place new memory"),
+            "{failed:?}"
+        );
+        assert!(got.is_empty());
+    }
+
+    #[test]
+    fn a_unit_placed_on_a_known_daemon_is_recorded_at_once() {
+        let mut p = Placement::managed(64 << 20, "127.0.0.1:1".into(), vec![4, 9]);
+        assert_eq!(p.placed_on(2, 9), Some(1));
+        assert_eq!(p.placed(2 * UNIT), Some(1));
+        assert_eq!(p.placed_on(3, 5), None);
+        assert_eq!(p.placed(3 * UNIT), None);
+        assert_eq!(p.ids(), &[4, 9]);
     }
 }

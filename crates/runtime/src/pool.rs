@@ -5,13 +5,14 @@
 //! [`Backing`].
 
 use std::net::TcpStream;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use lego_protocol::{ErrorCode, Message, Role, SpaceId, VirtAddr, PAGE_SIZE};
 use lego_transport::{ConnError, FramedConn, Stream, Tcp, Transport};
 
 use crate::pager::Backing;
-use crate::placement::Placement;
+use crate::placement::{Placed, Placement, Placer};
 
 /// Why a memory daemon could not do what was asked.
 #[derive(Debug, thiserror::Error)]
@@ -196,6 +197,11 @@ pub struct DaemonPool {
     reported_traffic: (u64, u64),
     /// Busy-poll this long for a page read's reply (0: sleep at once).
     poll_us: u64,
+    /// With a global manager: the placer thread's queue.
+    placer: Option<Arc<Placer>>,
+    placed: Vec<Placed>,
+    /// Units the placer could not place, and why.
+    failed: Vec<(usize, String)>,
 }
 
 impl DaemonPool {
@@ -211,6 +217,7 @@ impl DaemonPool {
         program: String,
         timeout: Duration,
         poll_us: u64,
+        placer: Option<Arc<Placer>>,
     ) -> Self {
         Self {
             daemons,
@@ -227,6 +234,9 @@ impl DaemonPool {
             closed_traffic: (0, 0),
             reported_traffic: (0, 0),
             poll_us,
+            placer,
+            placed: Vec::new(),
+            failed: Vec::new(),
         }
     }
 
@@ -275,17 +285,13 @@ impl DaemonPool {
 
     /// A new connection to the daemon at `addr`, bound to this space.
     pub fn attach(&self, addr: &str) -> Result<FramedConn<TcpStream>, DaemonError> {
-        let mut conn = connect(addr, &self.program, self.timeout)?;
-        space_call(
-            &mut conn,
+        attach(
             addr,
-            &Message::AttachSpace {
-                space: self.space,
-                region_base: VirtAddr(self.region_base as u64),
-                region_bytes: self.region_len as u64,
-            },
-        )?;
-        Ok(conn)
+            &self.program,
+            self.timeout,
+            self.space,
+            (self.region_base, self.region_len),
+        )
     }
 
     /// Daemon `d` is no longer used (drained): closing the last
@@ -351,38 +357,111 @@ impl DaemonPool {
         Ok(())
     }
 
-    /// The daemon that stores region offset `off` (placing its unit now if
-    /// needed, and connecting to the daemon the manager picks if it is a
-    /// new one).
+    /// The daemon that stores region offset `off`: its unit's, placed by
+    /// the placer thread if it is not yet (waiting for it at most the
+    /// daemon timeout).
     pub fn place(&mut self, off: usize) -> Result<usize, DaemonError> {
-        let placed = self
-            .placement
-            .place(off, self.space.0, self.timeout)
-            .map_err(DaemonError::Placement)?;
-        let (id, addr) = match placed {
-            Ok(d) if self.daemons[d].conn.is_some() => return Ok(d),
-            // A daemon this program drained, placed on again (its drain
-            // was cancelled): attached anew.
-            Ok(d) => {
-                let conn = self.attach(&self.daemons[d].addr)?;
-                self.daemons[d].conn = Some(conn);
-                self.changed += 1;
+        let deadline = Instant::now() + self.timeout + Duration::from_secs(1);
+        let unit = Placement::unit_of(off);
+        let mut asked = false;
+        loop {
+            if let Some(d) = self.placement.placed(off) {
+                if self.daemons[d].conn.is_none() {
+                    // A daemon this program drained, placed on again (its
+                    // drain was cancelled): attached anew, here (rare).
+                    let conn = self.attach(&self.daemons[d].addr)?;
+                    self.daemons[d].conn = Some(conn);
+                    self.changed += 1;
+                }
                 return Ok(d);
             }
-            Err(new) => new,
-        };
-        let conn = self.attach(&addr)?;
-        let d = self.daemons.len();
-        self.placement
-            .bind(off, id, d)
-            .map_err(DaemonError::Placement)?;
-        self.daemons.push(Daemon {
-            addr,
-            conn: Some(conn),
-        });
-        self.changed += 1;
-        Ok(d)
+            let Some(placer) = self.placer.clone() else {
+                return Err(DaemonError::Placement(format!(
+                    "region offset {off:#x} is outside the region"
+                )));
+            };
+            self.collect(&placer)?;
+            if self.placement.placed(off).is_some() {
+                continue;
+            }
+            if let Some(k) = self.failed.iter().position(|f| f.0 == unit) {
+                return Err(DaemonError::Placement(self.failed.swap_remove(k).1));
+            }
+            if !asked {
+                placer.want(unit);
+                asked = true;
+            }
+            if Instant::now() >= deadline {
+                return Err(DaemonError::Placement(
+                    "no placement for new memory from the global manager in time".into(),
+                ));
+            }
+            placer.wait(Duration::from_millis(100));
+        }
     }
+
+    /// Records what the placer placed since the last look (connecting a
+    /// daemon new to the pool) and what it could not place.
+    fn collect(&mut self, placer: &Placer) -> Result<(), DaemonError> {
+        let mut placed = std::mem::take(&mut self.placed);
+        placer.take(&mut placed, &mut self.failed);
+        for p in placed.drain(..) {
+            if let Some(d) = self.placement.placed_on(p.unit, p.id) {
+                if let (Some(conn), None) = (p.conn, &self.daemons[d].conn) {
+                    self.daemons[d].conn = Some(conn);
+                    self.changed += 1;
+                }
+                continue;
+            }
+            let conn = match p.conn {
+                Some(c) => c,
+                None => self.attach(&p.addr)?,
+            };
+            let d = self.daemons.len();
+            self.placement
+                .bind(p.unit * PLACEMENT_UNIT, p.id, d)
+                .map_err(DaemonError::Placement)?;
+            self.daemons.push(Daemon {
+                addr: p.addr,
+                conn: Some(conn),
+            });
+            self.changed += 1;
+        }
+        self.placed = placed;
+        Ok(())
+    }
+
+    /// Asks the placer for `addr`'s unit if it is not placed: it will be
+    /// written back some day.
+    pub fn place_ahead(&mut self, addr: usize) {
+        let off = addr - self.region_base;
+        if let (Some(placer), None) = (&self.placer, self.placement.placed(off)) {
+            placer.want(Placement::unit_of(off));
+        }
+    }
+}
+
+const PLACEMENT_UNIT: usize = lego_protocol::control::PLACEMENT_BYTES as usize;
+
+/// A new connection to the daemon at `addr`, bound to `space`.
+pub fn attach(
+    addr: &str,
+    program: &str,
+    timeout: Duration,
+    space: SpaceId,
+    region: (usize, usize),
+) -> Result<FramedConn<TcpStream>, DaemonError> {
+    let mut conn = connect(addr, program, timeout)?;
+    space_call(
+        &mut conn,
+        addr,
+        &Message::AttachSpace {
+            space,
+            region_base: VirtAddr(region.0 as u64),
+            region_bytes: region.1 as u64,
+        },
+    )?;
+    Ok(conn)
 }
 
 impl Backing for DaemonPool {
@@ -392,6 +471,10 @@ impl Backing for DaemonPool {
 
     fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError> {
         self.place(addr - self.region_base)
+    }
+
+    fn place_ahead(&mut self, addr: usize) {
+        DaemonPool::place_ahead(self, addr)
     }
 
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {

@@ -140,6 +140,11 @@ impl Pager {
         }
         // The faulting page first: its thread resumes as soon as it is in.
         if !remote {
+            // A page written now is written back some day: its unit can
+            // be placed now (a page only read stays zeros, needs no place).
+            if f.write && b.daemon_of(f.page).is_none() {
+                b.place_ahead(f.page);
+            }
             let zero = &ZEROS[..PAGE_SIZE];
             if !install_fault_page(t, &mut self.cache, self.base, i, zero, !f.write, false)? {
                 // Unmapped under us (munmap raced the fault): nothing to do.

@@ -78,6 +78,8 @@ struct FakeDaemons {
     pages_written: usize,
     /// The next unit placed goes to a daemon that joins then (hot-add).
     join_on_next_place: bool,
+    /// Units the pager asked to place ahead of need.
+    asked_ahead: Vec<usize>,
 }
 
 impl FakeDaemons {
@@ -92,6 +94,7 @@ impl FakeDaemons {
             reads: 0,
             pages_written: 0,
             join_on_next_place: false,
+            asked_ahead: Vec::new(),
         }
     }
     fn unit(addr: usize) -> usize {
@@ -121,6 +124,9 @@ impl Backing for FakeDaemons {
         }
         let n = self.stores.len();
         Ok(*self.placed.entry(u).or_insert(u % n))
+    }
+    fn place_ahead(&mut self, addr: usize) {
+        self.asked_ahead.push(Self::unit(addr));
     }
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {
         self.check(d)?;
@@ -330,6 +336,11 @@ fn a_never_written_page_is_zero_filled_without_a_daemon() {
     m.check();
     assert_eq!(m.daemons.reads, 0);
     assert_eq!(m.pager.counters.zero_fills, 1);
+    // A page only read needs no place; one written has its unit asked
+    // for ahead of its first writeback.
+    assert!(m.daemons.asked_ahead.is_empty());
+    m.write(word(UNIT_PAGES * 2, 0), 1);
+    assert_eq!(m.daemons.asked_ahead, vec![2]);
 }
 
 #[test]
