@@ -117,7 +117,7 @@ impl Runtime {
             len: len as u64,
         })?;
         self.with_pager_locked(&mut st, |pager, pool, t| {
-            pager.forget(t, pool, addr, len, true)
+            pager.discard(t, pool, addr, len, true)
         })?;
         Ok(())
     }
@@ -127,7 +127,7 @@ impl Runtime {
     pub fn discard(&self, addr: usize, len: usize) -> Result<(), CallError> {
         let _call = RuntimeCall::enter();
         let len = self.region_range(addr, len)?;
-        self.with_pager(|pager, pool, t| pager.forget(t, pool, addr, len, false))?;
+        self.with_pager(|pager, pool, t| pager.discard(t, pool, addr, len, false))?;
         Ok(())
     }
 
@@ -163,12 +163,12 @@ impl Runtime {
         };
         self.with_pager_locked(&mut st, |pager, pool, t| {
             if new_len < old_len {
-                pager.forget(t, pool, old + new_len, old_len - new_len, true)?;
+                pager.discard(t, pool, old + new_len, old_len - new_len, true)?;
             }
             if new != old {
                 let kept = old_len.min(new_len);
                 pager.move_contents(pool, old, new, kept)?;
-                pager.forget(t, pool, old, kept, false)?;
+                pager.discard(t, pool, old, kept, false)?;
             }
             Ok::<_, PagerError>(())
         })?;
@@ -222,7 +222,7 @@ impl Runtime {
         let (old_top, new_top) = (page_align_up(old), page_align_up(now));
         if new_top < old_top {
             self.with_pager_locked(&mut st, |pager, pool, t| {
-                pager.forget(t, pool, new_top, old_top - new_top, true)
+                pager.discard(t, pool, new_top, old_top - new_top, true)
             })?;
         }
         Ok(now)

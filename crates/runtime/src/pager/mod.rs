@@ -422,10 +422,12 @@ impl Pager {
         b.await_writes()
     }
 
-    /// Forgets the contents of `[addr, addr+len)` locally and at the
-    /// daemons (but the home if `home_done`: it forgot them as part of the
-    /// layout change).
-    pub fn forget<T: PageTable, B: Backing>(
+    /// Discards the contents of `[addr, addr+len)`, locally and at the
+    /// daemons (but the home if `home_done`: it discarded them as part of
+    /// the layout change): the range reads as zeros afterwards (munmap,
+    /// `MADV_DONTNEED`). Compare [`Pager::freed`], which keeps resident
+    /// pages.
+    pub fn discard<T: PageTable, B: Backing>(
         &mut self,
         t: &mut T,
         b: &mut B,

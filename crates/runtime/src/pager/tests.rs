@@ -265,7 +265,7 @@ impl Machine {
     fn discard(&mut self, first: usize, count: usize) {
         let r = self.words(first, count);
         self.pager
-            .forget(&mut self.table, &mut self.daemons, r.start, r.len(), false)
+            .discard(&mut self.table, &mut self.daemons, r.start, r.len(), false)
             .unwrap();
         self.model.retain(|a, _| !r.contains(a));
         self.unknown.retain(|a| !r.contains(a));
@@ -528,7 +528,7 @@ fn moved_contents_follow_an_mremap() {
         .move_contents(&mut m.daemons, from, to, len)
         .unwrap();
     m.pager
-        .forget(&mut m.table, &mut m.daemons, from, len, false)
+        .discard(&mut m.table, &mut m.daemons, from, len, false)
         .unwrap();
     for p in 0..10 {
         m.model.remove(&word(p, 2));
