@@ -6,12 +6,13 @@
 //! the layout follows if that daemon is the home; last, the connection to
 //! the drained daemon closes, which frees the space there.
 
+use std::net::TcpStream;
 use std::time::Duration;
 
 use lego_protocol::control::{Reply, Request, PLACEMENT_BYTES};
 use lego_protocol::Message;
 use lego_sys::process;
-use lego_transport::{ControlClient, Stream};
+use lego_transport::{ControlClient, FramedConn, Stream};
 
 use crate::heap::RuntimeScope;
 use crate::pager::{Backing, PagerError};
@@ -84,6 +85,8 @@ impl Runtime {
     /// per hold of the lock so the program's faults are served in between;
     /// then the layout, if `d` is the home; then closes `d`.
     fn drain_daemon(&self, d: usize) -> Result<(), DrainError> {
+        // A connection to the next home, made without holding the lock.
+        let mut next_home: Option<(usize, FramedConn<TcpStream>)> = None;
         loop {
             let mut st = lock(&self.state);
             if let Some(off) = st.pool.placement.first_on(d) {
@@ -93,7 +96,25 @@ impl Runtime {
             // Still under the lock that found no unit on `d`: none can be
             // placed there before its connection closes.
             if st.pool.home == d {
-                self.move_home(&mut st)?;
+                let h = st.pool.daemon_for(self.region.base)?;
+                if h == d {
+                    return Err(DrainError::PlacedBack("the home"));
+                }
+                let conn = match next_home.take() {
+                    Some((at, conn)) if at == h => conn,
+                    _ => {
+                        let addr = st.pool.daemons[h].addr.clone();
+                        drop(st);
+                        let region = (self.region.base, self.region.len);
+                        let conn =
+                            pool::attach(&addr, &self.program, self.timeout, self.space, region)?;
+                        next_home = Some((h, conn));
+                        // Looked at again under the lock: units may have
+                        // moved meanwhile.
+                        continue;
+                    }
+                };
+                self.move_home(&mut st, h, conn)?;
             }
             st.pool.close(d);
             return Ok(());
@@ -123,17 +144,19 @@ impl Runtime {
         moved
     }
 
-    /// Makes another daemon the home of this space: the one holding the
-    /// region's first unit (placed now if need be), given the layout the
-    /// old home had. The unit is not placed anew: if it sits on another
-    /// draining daemon, the manager would move it without its pages; the
-    /// home follows it there and moves again when that daemon is drained.
-    fn move_home(&self, st: &mut State) -> Result<(), DrainError> {
-        let old = st.pool.home;
-        let h = st.pool.daemon_for(self.region.base)?;
-        if h == old {
-            return Err(DrainError::PlacedBack("the home"));
-        }
+    /// Makes daemon `h` the home of this space (the one holding the
+    /// region's first unit), over `conn`, a connection to it attached to
+    /// the space: it is given the layout the old home had, and the layout
+    /// connection moves there. The first unit is not placed anew: if it sits
+    /// on another draining daemon, the manager would move it without its
+    /// pages; the home follows it there and moves again when that daemon is
+    /// drained.
+    fn move_home(
+        &self,
+        st: &mut State,
+        h: usize,
+        mut conn: FramedConn<TcpStream>,
+    ) -> Result<(), DrainError> {
         let mut layout = lock(&self.layout);
         layout.next_id += 1;
         let id = layout.next_id;
@@ -148,7 +171,6 @@ impl Runtime {
             return Err(pool::unexpected(&addr, "GetLayout", &reply).into());
         };
         let new_addr = st.pool.daemons[h].addr.clone();
-        let mut conn = st.pool.attach(&new_addr)?;
         let layout_msg = Message::Layout {
             brk_start,
             brk,

@@ -207,6 +207,12 @@ impl Placer {
         }
     }
 
+    /// The program closed its connection to daemon `id` (drained it): a
+    /// unit placed there again needs a new one.
+    pub fn forget(&self, id: u64) {
+        lock(&self.queue).known.retain(|&k| k != id);
+    }
+
     /// Takes the units placed so far, and those whose placement failed.
     pub fn take(&self, placed: &mut Vec<Placed>, failed: &mut Vec<(usize, String)>) {
         let mut q = lock(&self.queue);

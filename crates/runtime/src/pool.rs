@@ -301,6 +301,11 @@ impl DaemonPool {
             self.closed_traffic.0 += c.bytes_out;
             self.closed_traffic.1 += c.bytes_in;
         }
+        // Should a unit be placed there again (a cancelled drain), the
+        // placer connects anew, off the pager's lock.
+        if let (Some(placer), Some(&id)) = (&self.placer, self.placement.ids().get(d)) {
+            placer.forget(id);
+        }
         self.changed += 1;
     }
 
@@ -368,7 +373,8 @@ impl DaemonPool {
             if let Some(d) = self.placement.placed(off) {
                 if self.daemons[d].conn.is_none() {
                     // A daemon this program drained, placed on again (its
-                    // drain was cancelled): attached anew, here (rare).
+                    // drain was cancelled), before the placer's connection
+                    // to it came: attached here (rare).
                     let conn = self.attach(&self.daemons[d].addr)?;
                     self.daemons[d].conn = Some(conn);
                     self.changed += 1;
