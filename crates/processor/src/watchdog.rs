@@ -100,24 +100,30 @@ fn parse_stat(line: &str) -> Option<Stat> {
     })
 }
 
+/// The numbered entries of `dir` (processes in `/proc`, threads in
+/// `/proc/PID/task`) with their paths and parsed `stat`; entries gone
+/// meanwhile are left out.
+fn numbered_stats(dir: &str) -> Vec<(u32, std::path::PathBuf, Stat)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let id = entry.file_name().to_str()?.parse().ok()?;
+            let path = entry.path();
+            let stat = parse_stat(&std::fs::read_to_string(path.join("stat")).ok()?)?;
+            Some((id, path, stat))
+        })
+        .collect()
+}
+
 /// The processes of the program: `root` and its descendants, with their
 /// names.
 fn program(root: u32) -> Vec<(u32, String)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     let mut names: HashMap<u32, String> = HashMap::new();
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let Some(stat) = std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|s| parse_stat(&s))
-        else {
-            continue; // Gone meanwhile.
-        };
+    for (pid, _, stat) in numbered_stats("/proc") {
         children.entry(stat.ppid).or_default().push(pid);
         names.insert(pid, stat.comm);
     }
@@ -135,20 +141,14 @@ fn program(root: u32) -> Vec<(u32, String)> {
 
 /// One look at every thread of process `pid`; `None` if it is gone.
 fn look_at(pid: u32, name: String) -> Option<ProcessLook> {
-    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let task = format!("/proc/{pid}/task");
+    if !std::path::Path::new(&task).is_dir() {
+        return None;
+    }
     let mut threads = Vec::new();
-    for entry in tasks.flatten() {
-        let Some(tid) = entry.file_name().to_str().and_then(|n| n.parse().ok()) else {
-            continue;
-        };
-        let Some(stat) = std::fs::read_to_string(entry.path().join("stat"))
-            .ok()
-            .and_then(|s| parse_stat(&s))
-        else {
-            continue; // Exited meanwhile.
-        };
+    for (tid, path, stat) in numbered_stats(&task) {
         // Unreadable (another user's setuid program): not known to wait.
-        let wchan = std::fs::read_to_string(entry.path().join("wchan")).unwrap_or_default();
+        let wchan = std::fs::read_to_string(path.join("wchan")).unwrap_or_default();
         threads.push(ThreadLook {
             tid,
             state: stat.state,

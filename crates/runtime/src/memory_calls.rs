@@ -181,15 +181,12 @@ impl Runtime {
     pub fn protect(&self, addr: usize, len: usize, prot: i32) -> Result<(), CallError> {
         let _call = RuntimeCall::enter();
         let len = self.region_range(addr, len)?;
-        let _st = if prot & libc::PROT_READ == 0 {
-            let mut st = lock(&self.state);
+        let mut st = lock(&self.state);
+        if prot & libc::PROT_READ == 0 {
             self.with_pager_locked(&mut st, |pager, pool, t| {
                 pager.evict_range(t, pool, addr, len)
             })?;
-            Some(st)
-        } else {
-            None
-        };
+        }
         lego_sys::mm::mprotect_raw(addr, len, prot)
             .map_err(|e| CallError::Refused(e.raw_os_error().unwrap_or(libc::EINVAL)))
     }

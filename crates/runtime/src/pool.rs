@@ -174,6 +174,19 @@ pub struct Daemon {
     pub conn: Option<FramedConn<TcpStream>>,
 }
 
+impl Daemon {
+    /// The open connection, with the daemon's address; a drained daemon
+    /// has none.
+    fn open(&mut self) -> Result<(&str, &mut FramedConn<TcpStream>), DaemonError> {
+        match &mut self.conn {
+            Some(conn) => Ok((&self.addr, conn)),
+            None => Err(DaemonError::Drained {
+                addr: self.addr.clone(),
+            }),
+        }
+    }
+}
+
 /// The memory daemons of this process's space.
 pub struct DaemonPool {
     pub daemons: Vec<Daemon>,
@@ -183,7 +196,7 @@ pub struct DaemonPool {
     /// Bumped whenever a connection opens or closes (the pager loop polls
     /// them all).
     pub changed: u64,
-    pub space: SpaceId,
+    space: SpaceId,
     region_base: usize,
     region_len: usize,
     program: String,
@@ -257,10 +270,7 @@ impl DaemonPool {
         } else {
             0
         };
-        let Daemon { addr, conn } = &mut self.daemons[d];
-        let conn = conn
-            .as_mut()
-            .ok_or_else(|| DaemonError::Drained { addr: addr.clone() })?;
+        let (addr, conn) = self.daemons[d].open()?;
         let reply = if poll_us == 0 {
             conn.call(id, msg)
         } else {
@@ -268,11 +278,6 @@ impl DaemonPool {
         };
         let reply = reply.map_err(|e| DaemonError::from_conn(addr, e))?.message;
         Ok((addr, check_reply(addr, msg.name(), reply)?))
-    }
-
-    /// One request to daemon `d` and its reply.
-    pub fn call(&mut self, d: usize, msg: &Message<'_>) -> Result<Message<'_>, DaemonError> {
-        self.exchange(d, msg).map(|(_, reply)| reply)
     }
 
     /// A request to daemon `d` that must be answered `Done`.
@@ -436,15 +441,6 @@ impl DaemonPool {
         self.placed = placed;
         Ok(())
     }
-
-    /// Asks the placer for `addr`'s unit if it is not placed: it will be
-    /// written back some day.
-    pub fn place_ahead(&mut self, addr: usize) {
-        let off = addr - self.region_base;
-        if let (Some(placer), None) = (&self.placer, self.placement.placed(off)) {
-            placer.want(Placement::unit_of(off));
-        }
-    }
 }
 
 const PLACEMENT_UNIT: usize = lego_protocol::control::PLACEMENT_BYTES as usize;
@@ -480,7 +476,10 @@ impl Backing for DaemonPool {
     }
 
     fn place_ahead(&mut self, addr: usize) {
-        DaemonPool::place_ahead(self, addr)
+        let off = addr - self.region_base;
+        if let (Some(placer), None) = (&self.placer, self.placement.placed(off)) {
+            placer.want(Placement::unit_of(off));
+        }
     }
 
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {
@@ -500,10 +499,7 @@ impl Backing for DaemonPool {
         data: &[u8],
     ) -> Result<(), DaemonError> {
         let id = self.next_id();
-        let Daemon { addr, conn } = &mut self.daemons[d];
-        let conn = conn
-            .as_mut()
-            .ok_or_else(|| DaemonError::Drained { addr: addr.clone() })?;
+        let (addr, conn) = self.daemons[d].open()?;
         conn.send(
             id,
             &Message::WritePages {
@@ -519,10 +515,7 @@ impl Backing for DaemonPool {
     fn await_writes(&mut self) -> Result<(), DaemonError> {
         let pending = std::mem::take(&mut self.pending);
         for &(d, id) in &pending {
-            let Daemon { addr, conn } = &mut self.daemons[d];
-            let conn = conn
-                .as_mut()
-                .ok_or_else(|| DaemonError::Drained { addr: addr.clone() })?;
+            let (addr, conn) = self.daemons[d].open()?;
             let frame = conn.recv().map_err(|e| DaemonError::from_conn(addr, e))?;
             let (rid, reply) = (frame.request_id, frame.message);
             match check_reply(addr, "WritePages", reply)? {

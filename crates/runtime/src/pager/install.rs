@@ -44,7 +44,7 @@ pub(super) fn install_fault_page<T: PageTable>(
 /// in `scratch` first. A page that cannot be installed (its range unmapped,
 /// or already present) is skipped: it was only brought ahead, a later
 /// access faults it in.
-pub fn install_runs<T: PageTable>(
+pub(super) fn install_runs<T: PageTable>(
     t: &mut T,
     base: usize,
     cache: &mut ExCache,
@@ -88,7 +88,7 @@ pub fn install_runs<T: PageTable>(
 
 /// Room to put a descending run in address order.
 #[derive(Clone, Default)]
-pub struct Scratch {
+pub(super) struct Scratch {
     pages: Vec<usize>,
     data: Vec<u8>,
 }
@@ -132,7 +132,7 @@ fn install_one_run<T: PageTable>(
 /// on these VMs costs about as much as a page fetch. Victims come in
 /// eviction order, two threads' pages interleaved, so sorting alone often
 /// halves the ranges.
-pub fn spans(
+pub(super) fn spans(
     base: usize,
     pages: &mut [usize],
     bridge: impl Fn(usize) -> bool,

@@ -28,8 +28,7 @@ mod install;
 mod tests;
 mod traits;
 
-use install::install_fault_page;
-pub use install::{install_runs, spans, Scratch};
+use install::{install_fault_page, install_runs, spans, Scratch};
 use traits::table;
 pub use traits::{Backing, Counters, Fault, PageTable, PagerError, TableError};
 
@@ -142,7 +141,7 @@ impl Pager {
         if !remote {
             // A page written now is written back some day: its unit can
             // be placed now (a page only read stays zeros, needs no place).
-            if f.write && b.daemon_of(f.page).is_none() {
+            if f.write {
                 b.place_ahead(f.page);
             }
             let zero = &ZEROS[..PAGE_SIZE];
@@ -400,13 +399,11 @@ impl Pager {
         Ok(())
     }
 
+    /// Empty writeback lists, one per daemon.
     fn clear_writebacks(&mut self, daemons: usize) {
-        self.wb_addrs.resize_with(daemons, Vec::new);
-        self.wb_data.resize_with(daemons, Vec::new);
-        for d in 0..daemons {
-            self.wb_addrs[d].clear();
-            self.wb_data[d].clear();
-        }
+        self.grow_writebacks(daemons);
+        self.wb_addrs.iter_mut().for_each(Vec::clear);
+        self.wb_data.iter_mut().for_each(Vec::clear);
     }
 
     /// Sends the batched writebacks to every daemon (all writes first, then
@@ -478,16 +475,15 @@ impl Pager {
         for chunk in remote.chunks(self.batch) {
             self.clear_writebacks(b.count());
             for &k in chunk {
-                let src = from + k * PAGE_SIZE;
+                let (src, dst) = (from + k * PAGE_SIZE, to + k * PAGE_SIZE);
+                let to_d = b.daemon_for(dst)?;
+                self.grow_writebacks(b.count());
                 let d = b
                     .daemon_of(src)
                     .ok_or(DaemonError::Unplaced { addr: src })?;
-                let page = b.read_pages(d, &[VirtAddr(src as u64)])?.to_vec();
-                let dst = to + k * PAGE_SIZE;
-                let d = b.daemon_for(dst)?;
-                self.grow_writebacks(b.count());
-                self.wb_addrs[d].push(VirtAddr(dst as u64));
-                self.wb_data[d].extend_from_slice(&page);
+                let page = b.read_pages(d, &[VirtAddr(src as u64)])?;
+                self.wb_addrs[to_d].push(VirtAddr(dst as u64));
+                self.wb_data[to_d].extend_from_slice(page);
             }
             self.send_writebacks(b)?;
         }

@@ -127,7 +127,9 @@ impl Backing for FakeDaemons {
         Ok(*self.placed.entry(u).or_insert(u % n))
     }
     fn place_ahead(&mut self, addr: usize) {
-        self.asked_ahead.push(Self::unit(addr));
+        if !self.placed.contains_key(&Self::unit(addr)) {
+            self.asked_ahead.push(Self::unit(addr));
+        }
     }
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {
         self.check(d)?;

@@ -42,8 +42,9 @@ pub trait Backing {
     fn daemon_of(&self, addr: usize) -> Option<usize>;
     /// The daemon to store `addr` on (its unit placed now if need be).
     fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError>;
-    /// A page of `addr`'s unit was installed: it will be written back some
-    /// day, so its unit may be placed now, ahead of need (not waited for).
+    /// A page of `addr`'s unit was written: it will be written back some
+    /// day, so its unit is placed now if it is not yet, ahead of need (not
+    /// waited for).
     fn place_ahead(&mut self, addr: usize);
     /// Reads pages `addrs`, all on daemon `d`: their contents, in order.
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError>;
