@@ -411,21 +411,27 @@ impl Report {
         };
         format!(
             "lego: {} after {:.2} s | ExCache {} | peak resident {}\n\
-             lego: misses {} ({} fetched, {} zero-filled) | miss latency p50 {} p99 {}\n\
+             lego: misses {} ({} fetched, {} from the compressed tier, {} zero-filled) | miss latency p50 {} p99 {}\n\
              lego: ahead of misses: {} pages prefetched, {} zero-filled\n\
+             lego: compressed tier: {} hits | {} pages stored, {} did not compress | peak {}\n\
              lego: evictions {} | writebacks {} ({} zero and {} unchanged pages dropped instead) | network {} out, {} in\n\
              {moved}lego: coverage {}\n",
             self.end(),
             self.elapsed.as_secs_f64(),
             human(self.excache),
             human(s.peak_resident_bytes.load(Relaxed)),
-            remote + zero,
+            remote + zero + s.tier_hits.load(Relaxed),
             remote,
+            s.tier_hits.load(Relaxed),
             zero,
             lat(0.5),
             lat(0.99),
             s.prefetched.load(Relaxed),
             s.prefilled.load(Relaxed),
+            s.tier_hits.load(Relaxed),
+            s.tier_stores.load(Relaxed),
+            s.tier_incompressible.load(Relaxed),
+            human(s.peak_tier_bytes.load(Relaxed)),
             s.evictions.load(Relaxed),
             s.writebacks.load(Relaxed),
             s.zero_drops.load(Relaxed),
@@ -448,7 +454,7 @@ impl Report {
             "processes": s.processes.load(Relaxed),
             "excache_bytes": self.excache,
             "peak_resident_bytes": s.peak_resident_bytes.load(Relaxed),
-            "misses": s.remote_misses.load(Relaxed) + s.zero_fills.load(Relaxed),
+            "misses": s.remote_misses.load(Relaxed) + s.zero_fills.load(Relaxed) + s.tier_hits.load(Relaxed),
             "remote_misses": s.remote_misses.load(Relaxed),
             "zero_fills": s.zero_fills.load(Relaxed),
             "prefetched": s.prefetched.load(Relaxed),
@@ -459,6 +465,12 @@ impl Report {
             "evictions": s.evictions.load(Relaxed),
             "writebacks": s.writebacks.load(Relaxed),
             "migrated_pages": s.migrated_pages.load(Relaxed),
+            "tier": {
+                "hits": s.tier_hits.load(Relaxed),
+                "stores": s.tier_stores.load(Relaxed),
+                "incompressible": s.tier_incompressible.load(Relaxed),
+                "peak_bytes": s.peak_tier_bytes.load(Relaxed),
+            },
             "bytes_out": s.bytes_out.load(Relaxed),
             "bytes_in": s.bytes_in.load(Relaxed),
             "miss_latency_us": {

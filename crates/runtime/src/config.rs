@@ -9,6 +9,7 @@
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
 //! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 0: sleep at once) |
 //! | `LEGO_EVICTION` | eviction policy: `refault` (default) or `fifo` |
+//! | `LEGO_TIER_PERCENT` | share of the ExCache budget the compressed tier of evicted pages may take (default 50; 0 turns it off) |
 //! | `LEGO_PREFETCH_PAGES` | largest prefetch window in pages (default 64; 0 turns prefetching off) |
 //! | `LEGO_MANAGER` | global manager that places the program's memory on the daemons of `LEGO_MEMORY` (default: none, vRegion `i` on daemon `i mod n`) |
 //! | `LEGO_MEMORY_IDS` | the manager's ids of the daemons of `LEGO_MEMORY`, in the same order (with `LEGO_MANAGER`) |
@@ -39,7 +40,13 @@ pub struct Tuning {
     pub eviction: Policy,
     /// How long the pager busy-polls for a page read's reply (µs).
     pub poll_us: u64,
+    /// Share of the budget the compressed tier may take, in percent.
+    pub tier_percent: usize,
 }
+
+/// The compressed tier's share of the budget unless `LEGO_TIER_PERCENT`
+/// says otherwise.
+pub const DEFAULT_TIER_PERCENT: usize = 50;
 
 /// Prefetch windows are at most this many pages (one `ReadPages`).
 pub const MAX_PREFETCH_PAGES: usize = 256;
@@ -82,6 +89,9 @@ impl Config {
                     .min(MAX_PREFETCH_PAGES),
                 eviction: var("LEGO_EVICTION").unwrap_or(Policy::Refault),
                 poll_us: var("LEGO_POLL_US").unwrap_or(0),
+                tier_percent: var::<usize>("LEGO_TIER_PERCENT")
+                    .unwrap_or(DEFAULT_TIER_PERCENT)
+                    .min(90),
             },
             inject_self_fault: std::env::var("LEGO_INJECT").as_deref() == Ok("pager-self-fault"),
         })

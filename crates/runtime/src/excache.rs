@@ -82,6 +82,9 @@ pub struct ExCache {
     evictions: u32,
     policy: Policy,
     resident: usize,
+    /// What the pager keeps locally besides resident pages (its compressed
+    /// tier), in pages: it counts against the budget too.
+    tier_pages: usize,
     /// Pages resident or remote: the disaggregated footprint.
     holding: usize,
     budget: usize,
@@ -109,6 +112,7 @@ impl ExCache {
             evictions: 0,
             policy,
             resident: 0,
+            tier_pages: 0,
             holding: 0,
             budget: budget.max(1),
         }
@@ -158,7 +162,17 @@ impl ExCache {
 
     /// Whether `extra` more pages fit without eviction.
     pub fn has_room(&self, extra: usize) -> bool {
-        self.resident + extra <= self.budget
+        self.resident + self.tier_pages + extra <= self.budget
+    }
+
+    /// The pager's compressed tier now takes `pages` of the budget.
+    pub fn set_tier_pages(&mut self, pages: usize) {
+        self.tier_pages = pages;
+    }
+
+    /// Pages of the budget in use: resident ones and the tier's.
+    pub fn local_pages(&self) -> usize {
+        self.resident + self.tier_pages
     }
 
     /// A page was installed locally, dirty if the installing access wrote.

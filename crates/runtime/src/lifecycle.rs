@@ -111,7 +111,8 @@ pub fn init() {
         stats: cfg.stats,
         tuning: cfg.tuning,
         inject_self_fault: cfg.inject_self_fault,
-        pager: Pager::new(region.base, region.len, cache, cfg.tuning.prefetch_pages),
+        pager: Pager::new(region.base, region.len, cache, cfg.tuning.prefetch_pages)
+            .with_tier(cfg.excache_bytes / 100 * cfg.tuning.tier_percent),
         placement,
     };
     start(parts, Origin::Fresh).unwrap_or_else(|e| die(&format!("{e}")));

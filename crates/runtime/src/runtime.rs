@@ -146,6 +146,9 @@ impl Runtime {
             (&s.zero_drops, c.zero_drops),
             (&s.unchanged_drops, c.unchanged_drops),
             (&s.migrated_pages, c.migrated_pages),
+            (&s.tier_hits, c.tier_hits),
+            (&s.tier_stores, c.tier_stores),
+            (&s.tier_incompressible, c.tier_incompressible),
             (&s.bytes_out, bytes_out),
             (&s.bytes_in, bytes_in),
         ] {
@@ -217,8 +220,10 @@ impl Runtime {
             .unwrap_or_else(|e| stop(e));
         if let (true, Some(s)) = (missed, self.stats) {
             s.record_latency(start.elapsed().as_micros() as u64);
-            let resident = st.pager.cache().resident() * PAGE_SIZE;
-            s.peak_resident_bytes.fetch_max(resident as u64, Relaxed);
+            s.peak_resident_bytes
+                .fetch_max(st.pager.local_bytes() as u64, Relaxed);
+            s.peak_tier_bytes
+                .fetch_max(st.pager.tier().bytes() as u64, Relaxed);
         }
     }
 

@@ -57,8 +57,17 @@ pub struct SharedStats {
     /// Bytes sent to and received from memory daemons.
     pub bytes_out: AtomicU64,
     pub bytes_in: AtomicU64,
-    /// Largest resident disaggregated memory of any one process.
+    /// Largest local memory of any one process against its ExCache
+    /// budget: resident pages plus the compressed tier.
     pub peak_resident_bytes: AtomicU64,
+    /// Misses served from the compressed tier (no network trip).
+    pub tier_hits: AtomicU64,
+    /// Evicted pages kept in the compressed tier.
+    pub tier_stores: AtomicU64,
+    /// Evicted pages tried for the tier that did not compress enough.
+    pub tier_incompressible: AtomicU64,
+    /// Largest compressed tier of any one process, in bytes.
+    pub peak_tier_bytes: AtomicU64,
     /// Miss service time (fault read → page installed), all misses.
     pub latency_us: [AtomicU64; HIST_BUCKETS],
     pub coverage: [CoverageSlot; COVERAGE_SLOTS],

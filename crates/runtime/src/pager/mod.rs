@@ -12,14 +12,26 @@
 //! resumes at once), then the pages fetched ahead, then the never-written
 //! pages ahead (zero-filled).
 //!
+//! A miss on a page in the compressed tier ([`crate::tier`]) is served from
+//! it, with no network trip.
+//!
 //! # Eviction
 //! take a batch of victims → write-protect the dirty ones (writers now wait
 //! in a write-protect fault) → copy them out; one that still holds what it
-//! was installed with needs no writeback → send one write per daemon → wait
-//! for every ack → drop all victims → blocked writers fault again and are
-//! served as misses. Clean pages are write-protected from the moment they
-//! are installed, so dropping them needs no writeback and cannot lose a
-//! write.
+//! was installed with needs no writeback → each victim the daemons hold,
+//! and each written one, goes into the compressed tier if it compresses;
+//! a written one that does not is written back → while the tier is over
+//! its share, its oldest pages leave it (the written ones are written
+//! back) → send one write per daemon → wait for every ack → drop all
+//! victims → blocked writers fault again and are served as misses. Clean
+//! pages are write-protected from the moment they are installed, so
+//! dropping them needs no writeback and cannot lose a write.
+//!
+//! A page in the tier counts as remote in the ExCache; the tier alone knows
+//! whether the daemons' copy is current (its *dirty* flag), so no daemon's
+//! copy of a tier page is ever read: a miss takes it from the tier, and
+//! whatever moves or reads a range at the daemons first writes the
+//! range's dirty tier pages there.
 
 use lego_protocol::{VirtAddr, MAX_BATCH_PAGES, PAGE_SIZE};
 
@@ -36,6 +48,7 @@ use crate::config::MAX_PREFETCH_PAGES;
 use crate::excache::{ExCache, Victim};
 use crate::pool::DaemonError;
 use crate::prefetch::Prefetcher;
+use crate::tier::{Rejected, Tier};
 
 /// Zeros to install from: a fault page and a full prefetch window.
 static ZEROS: [u8; (MAX_PREFETCH_PAGES + 1) * PAGE_SIZE] =
@@ -63,6 +76,12 @@ pub struct Pager {
     wb_data: Vec<Vec<u8>>,
     unchanged: Vec<usize>,
     runs: Scratch,
+    /// Evicted pages kept compressed (off unless [`Pager::with_tier`]).
+    tier: Tier,
+    /// One page: a victim's contents, or a tier page's.
+    page: Vec<u8>,
+    tier_pages: Vec<usize>,
+    tier_data: Vec<u8>,
 }
 
 impl Pager {
@@ -86,7 +105,32 @@ impl Pager {
             wb_data: Vec::new(),
             unchanged: Vec::new(),
             runs: Scratch::default(),
+            tier: Tier::new(0),
+            page: vec![0; PAGE_SIZE],
+            tier_pages: Vec::new(),
+            tier_data: Vec::new(),
         }
+    }
+
+    /// Gives the compressed tier up to `bytes` of the budget (0: none).
+    pub fn with_tier(mut self, bytes: usize) -> Self {
+        self.tier = Tier::new(bytes);
+        self
+    }
+
+    pub fn tier(&self) -> &Tier {
+        &self.tier
+    }
+
+    /// Local memory in use against the budget: resident pages and the
+    /// tier's bytes.
+    pub fn local_bytes(&self) -> usize {
+        self.cache.resident() * PAGE_SIZE + self.tier.bytes()
+    }
+
+    /// Tells the ExCache what the tier takes of the budget.
+    fn sync_tier(&mut self) {
+        self.cache.set_tier_pages(self.tier.pages());
     }
 
     pub fn cache(&self) -> &ExCache {
@@ -128,6 +172,10 @@ impl Pager {
                 t.wake(f.page, PAGE_SIZE);
             }
             return Ok(false);
+        }
+        if self.tier.contains(i) {
+            self.tier_hit(t, b, i, f.write)?;
+            return Ok(true);
         }
         self.plan_miss(b, i);
         let remote = self.cache.is_remote(i);
@@ -174,6 +222,44 @@ impl Pager {
         Ok(true)
     }
 
+    /// Serves a miss on page `i` from the tier.
+    fn tier_hit<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        i: usize,
+        write: bool,
+    ) -> Result<(), PagerError> {
+        let mut page = std::mem::take(&mut self.page);
+        page.resize(PAGE_SIZE, 0);
+        let dirty = self.tier.take(i, &mut page).expect("checked by the caller");
+        self.sync_tier();
+        let r = self.install_from_tier(t, b, i, write, dirty, &page);
+        self.page = page;
+        self.counters.tier_hits += 1;
+        r
+    }
+
+    fn install_from_tier<T: PageTable, B: Backing>(
+        &mut self,
+        t: &mut T,
+        b: &mut B,
+        i: usize,
+        write: bool,
+        dirty: bool,
+        page: &[u8],
+    ) -> Result<(), PagerError> {
+        while !self.cache.has_room(1) {
+            self.evict_batch(t, b)?;
+        }
+        // A dirty page goes in dirty (the daemons do not hold it); a clean
+        // one like a fetched page.
+        let predicted = !write && !dirty && self.cache.predicts_write(i);
+        let wp = !write && !dirty && !predicted;
+        install_fault_page(t, &mut self.cache, self.base, i, page, wp, predicted)?;
+        Ok(())
+    }
+
     /// Decides what a miss on page `i` brings in: `fetch` gets the remote
     /// pages (`i` first if it is remote), `fill` the never-written pages
     /// ahead to zero-fill (`i` itself is installed separately when not
@@ -203,7 +289,9 @@ impl Pager {
                 break;
             }
             let j = j as usize;
-            if j == i || self.cache.is_resident(j) {
+            // A page in the tier is not read from its daemon (whose copy
+            // may be stale): its own miss takes it from the tier.
+            if j == i || self.cache.is_resident(j) || self.tier.contains(j) {
                 continue;
             }
             if self.cache.is_remote(j) {
@@ -275,7 +363,19 @@ impl Pager {
         let mut victims = std::mem::take(&mut self.victims);
         self.cache.pick_victims(self.batch, &mut victims);
         if victims.is_empty() {
-            return Err(PagerError::Stuck);
+            self.victims = victims;
+            // Nothing resident: the tier holds the budget.
+            if self.tier.is_empty() {
+                return Err(PagerError::Stuck);
+            }
+            self.clear_writebacks(b.count());
+            let mut written = 0;
+            for _ in 0..self.batch {
+                written += self.demote_oldest(b)?;
+            }
+            self.sync_tier();
+            self.counters.writebacks += written;
+            return self.send_writebacks(b).map_err(Into::into);
         }
         let r = self.write_back_and_drop(t, b, &victims);
         self.victims = victims;
@@ -292,7 +392,83 @@ impl Pager {
         len: usize,
     ) -> Result<(), PagerError> {
         let resident = self.cache.resident_in(self.index(addr), len / PAGE_SIZE);
-        self.write_back_and_drop(t, b, &resident)
+        self.write_back_and_drop(t, b, &resident)?;
+        self.flush_tier(b, addr, len)
+    }
+
+    /// Writes the dirty tier pages of `[addr, addr+len)` back, then drops
+    /// the range's tier pages: the daemons then hold all its contents.
+    fn flush_tier<B: Backing>(
+        &mut self,
+        b: &mut B,
+        addr: usize,
+        len: usize,
+    ) -> Result<(), PagerError> {
+        let (first, count) = (self.index(addr), len / PAGE_SIZE);
+        let (mut pages, mut data) = (
+            std::mem::take(&mut self.tier_pages),
+            std::mem::take(&mut self.tier_data),
+        );
+        self.tier.clean_range(first, count, &mut pages, &mut data);
+        let r = (|| {
+            for (k, chunk) in pages.chunks(self.batch).enumerate() {
+                self.clear_writebacks(b.count());
+                for (n, &i) in chunk.iter().enumerate() {
+                    let at = (k * self.batch + n) * PAGE_SIZE;
+                    self.queue_writeback(b, self.addr(i), &data[at..at + PAGE_SIZE])?;
+                }
+                self.counters.writebacks += chunk.len() as u64;
+                self.send_writebacks(b)?;
+            }
+            Ok(())
+        })();
+        self.tier.remove_range(first, count);
+        self.sync_tier();
+        (self.tier_pages, self.tier_data) = (pages, data);
+        r
+    }
+
+    /// Adds page `addr` (contents `page`) to its daemon's writeback list.
+    fn queue_writeback<B: Backing>(
+        &mut self,
+        b: &mut B,
+        addr: usize,
+        page: &[u8],
+    ) -> Result<(), DaemonError> {
+        let d = b.daemon_for(addr)?;
+        // A unit placed on a daemon that joined since grows the lists.
+        self.grow_writebacks(b.count());
+        self.wb_addrs[d].push(VirtAddr(addr as u64));
+        self.wb_data[d].extend_from_slice(page);
+        Ok(())
+    }
+
+    /// Takes the oldest page out of the tier, queueing its writeback if it
+    /// is dirty. Returns how many pages were queued.
+    fn demote_oldest<B: Backing>(&mut self, b: &mut B) -> Result<u64, DaemonError> {
+        let mut page = std::mem::take(&mut self.page);
+        page.resize(PAGE_SIZE, 0);
+        let r = match self.tier.pop_oldest(&mut page) {
+            Some((i, true)) => self.queue_writeback(b, self.addr(i), &page).map(|()| 1),
+            _ => Ok(0),
+        };
+        self.page = page;
+        r
+    }
+
+    /// Offers an evicted page to the tier; whether it was stored.
+    fn offer_to_tier(&mut self, i: usize, page: &[u8], dirty: bool) -> bool {
+        match self.tier.store(i, page, dirty) {
+            Ok(()) => {
+                self.counters.tier_stores += 1;
+                true
+            }
+            Err(Rejected::Incompressible) => {
+                self.counters.tier_incompressible += 1;
+                false
+            }
+            Err(Rejected::Off | Rejected::Skipped) => false,
+        }
     }
 
     /// Writes back the dirty pages among `victims`, waits for every ack,
@@ -336,38 +512,56 @@ impl Pager {
             t.write_protect(addr, len, true)
                 .map_err(table("write-protect", addr))?;
         }
-        let mut dirty = 0;
-        for v in victims.iter().filter(|v| v.dirty) {
+        let mut written = 0;
+        let mut page = std::mem::take(&mut self.page);
+        page.resize(PAGE_SIZE, 0);
+        for v in victims {
             let addr = self.addr(v.index);
-            let d = b.daemon_for(addr)?;
-            // A unit placed on a daemon that joined since grows the lists.
-            self.grow_writebacks(b.count());
-            let buf = &mut self.wb_data[d];
-            let at = buf.len();
-            buf.resize(at + PAGE_SIZE, 0);
-            t.copy_out(addr, &mut buf[at..]);
+            let remote = self.cache.is_remote(v.index);
+            if !v.dirty {
+                // The daemons hold it (or, never written, it reads as
+                // zeros): kept in the tier, its next miss stays local.
+                if remote && self.tier.is_on() {
+                    t.copy_out(addr, &mut page);
+                    self.offer_to_tier(v.index, &page, false);
+                }
+                continue;
+            }
+            t.copy_out(addr, &mut page);
             // A page dirty only by prediction may hold what it was
             // installed with: zeros no daemon holds (dropped, it reads as
             // zeros again), or its fetched contents (the daemon's copy is
             // current). Either needs no writeback.
-            let remote = self.cache.is_remote(v.index);
             let unchanged = if remote {
-                self.cache.unchanged_since_fetch(v.index, &buf[at..])
+                self.cache.unchanged_since_fetch(v.index, &page)
             } else {
-                buf[at..].iter().all(|&b| b == 0)
+                page.iter().all(|&b| b == 0)
             };
             if unchanged {
-                buf.truncate(at);
                 self.unchanged.push(v.index);
                 unchanged_remote += u64::from(remote);
+                if remote {
+                    self.offer_to_tier(v.index, &page, false);
+                }
                 continue;
             }
             // Written: predicted again at its next fetch.
             self.cache.saw_write(v.index);
-            self.wb_addrs[d].push(VirtAddr(addr as u64));
-            dirty += 1;
+            if self.offer_to_tier(v.index, &page, true) {
+                continue;
+            }
+            if let Err(e) = self.queue_writeback(b, addr, &page) {
+                self.page = page;
+                return Err(e.into());
+            }
+            written += 1;
         }
-        if dirty > 0 {
+        self.page = page;
+        while self.tier.over_cap() {
+            written += self.demote_oldest(b)?;
+        }
+        self.sync_tier();
+        if written > 0 {
             self.send_writebacks(b)?;
         }
         // Bridging only pages that are not mapped.
@@ -393,7 +587,7 @@ impl Pager {
         }
         let c = &mut self.counters;
         c.evictions += victims.len() as u64;
-        c.writebacks += dirty;
+        c.writebacks += written;
         c.zero_drops += self.unchanged.len() as u64 - unchanged_remote;
         c.unchanged_drops += unchanged_remote;
         Ok(())
@@ -435,6 +629,8 @@ impl Pager {
         let first = self.index(addr);
         let remote = self.cache.any_remote(first, len / PAGE_SIZE);
         self.cache.discard(first, len / PAGE_SIZE);
+        self.tier.remove_range(first, len / PAGE_SIZE);
+        self.sync_tier();
         t.drop_pages(&[(addr, len)]).map_err(table("drop", addr))?;
         if remote {
             // Only if a daemon holds a page of the range.
@@ -453,6 +649,8 @@ impl Pager {
         addr: usize,
         len: usize,
     ) -> Result<(), PagerError> {
+        self.tier.remove_range(self.index(addr), len / PAGE_SIZE);
+        self.sync_tier();
         if self.cache.forget_remote(self.index(addr), len / PAGE_SIZE) {
             discard_at_daemons(b, addr, len, false)?;
         }
@@ -489,6 +687,8 @@ impl Pager {
         }
         self.cache
             .move_remote(first_from, first_to, len / PAGE_SIZE);
+        self.tier.remove_range(first_to, len / PAGE_SIZE);
+        self.sync_tier();
         Ok(())
     }
 
@@ -512,6 +712,21 @@ impl Pager {
     ) -> Result<usize, DaemonError> {
         let first = self.index(base);
         let end = (first + len / PAGE_SIZE).min(self.len / PAGE_SIZE);
+        // The unit's dirty tier pages go to `from` first, to move with the
+        // rest (they stay in the tier, clean).
+        let (mut dirty, mut data) = (Vec::new(), Vec::new());
+        self.tier
+            .clean_range(first, end - first, &mut dirty, &mut data);
+        let addrs: Vec<VirtAddr> = dirty
+            .iter()
+            .map(|&i| VirtAddr(self.addr(i) as u64))
+            .collect();
+        for (k, chunk) in addrs.chunks(MAX_BATCH_PAGES).enumerate() {
+            let at = k * MAX_BATCH_PAGES * PAGE_SIZE;
+            b.write_pages(from, chunk, &data[at..at + chunk.len() * PAGE_SIZE])?;
+            b.await_writes()?;
+        }
+        self.counters.writebacks += addrs.len() as u64;
         let pages: Vec<VirtAddr> = (first..end)
             .filter(|&i| self.cache.is_remote(i))
             .map(|i| VirtAddr(self.addr(i) as u64))

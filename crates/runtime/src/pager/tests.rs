@@ -211,6 +211,21 @@ impl Machine {
         }
     }
 
+    /// Gives the pager a compressed tier of `bytes`.
+    fn with_tier(mut self, bytes: usize) -> Self {
+        self.pager = self.pager.with_tier(bytes);
+        self
+    }
+
+    /// Evicts every resident page and empties the tier: the daemons then
+    /// hold every page written.
+    fn evict_all(&mut self) {
+        let len = self.pager.len;
+        self.pager
+            .evict_range(&mut self.table, &mut self.daemons, BASE, len)
+            .unwrap();
+    }
+
     fn fault(&mut self, page: usize, write: bool, wp: bool) -> Result<bool, PagerError> {
         let f = Fault { page, write, wp };
         self.pager.fault(&mut self.table, &mut self.daemons, f)
@@ -253,7 +268,7 @@ impl Machine {
     }
 
     fn evict(&mut self) {
-        if self.pager.cache().resident() > 0 {
+        if self.pager.cache().resident() > 0 || !self.pager.tier().is_empty() {
             self.pager
                 .evict_batch(&mut self.table, &mut self.daemons)
                 .unwrap();
@@ -314,7 +329,11 @@ impl Machine {
     fn check(&self) {
         let c = self.pager.cache();
         assert_eq!(c.resident(), self.table.pages.len(), "bookkeeping drifted");
-        assert!(c.resident() <= c.budget(), "the budget does not hold");
+        assert!(c.local_pages() <= c.budget(), "the budget does not hold");
+        assert!(
+            self.pager.local_bytes() <= c.budget() * PAGE_SIZE,
+            "the tier overran the budget"
+        );
         for (&addr, (_, wp)) in &self.table.pages {
             let i = (addr - BASE) / PAGE_SIZE;
             assert!(c.is_resident(i));
@@ -590,4 +609,132 @@ fn thousands_of_faults_and_evictions_keep_every_invariant() {
         }
         m.check();
     }
+}
+
+#[test]
+fn a_page_in_the_tier_comes_back_without_the_network() {
+    let mut m = Machine::new(64, 8, 0, 1).with_tier(16 * PAGE_SIZE);
+    for p in 0..8 {
+        m.write(word(p, 3), 40 + p as u64);
+    }
+    while m.pager.cache().resident() > 0 {
+        m.evict();
+        m.check();
+    }
+    assert_eq!(m.pager.tier().len(), 8);
+    assert_eq!(m.daemons.pages_written, 0, "dirty pages stay local");
+    for p in 0..8 {
+        assert_eq!(m.read(word(p, 3)), 40 + p as u64);
+        m.check();
+    }
+    assert_eq!(m.pager.counters.tier_hits, 8);
+    assert_eq!((m.daemons.reads, m.daemons.pages_written), (0, 0));
+    // Taken from the tier dirty, they are resident dirty: written back
+    // when they finally leave.
+    m.evict_all();
+    assert_eq!(m.daemons.pages_written, 8);
+    assert!(m.pager.tier().is_empty());
+    for p in 0..8 {
+        assert_eq!(m.read(word(p, 3)), 40 + p as u64);
+    }
+    assert_eq!(m.daemons.reads, 8, "no prefetch: one read each");
+}
+
+#[test]
+fn a_full_tier_writes_its_oldest_dirty_pages_back() {
+    // Room for about three compressed pages.
+    let mut m = Machine::new(64, 8, 0, 2).with_tier(600);
+    for p in 0..40 {
+        m.write(word(p, p % 512), 7 * p as u64 + 1);
+        m.check();
+    }
+    while m.pager.cache().resident() > 0 {
+        m.evict();
+        m.check();
+    }
+    assert!(m.pager.tier().bytes() <= 600, "{}", m.pager.tier().bytes());
+    assert_eq!(m.daemons.pages_written, 40 - m.pager.tier().len());
+    for p in (0..40).rev() {
+        assert_eq!(m.read(word(p, p % 512)), 7 * p as u64 + 1);
+        m.check();
+    }
+    assert!(m.pager.counters.tier_hits >= 1);
+}
+
+#[test]
+fn clean_pages_enter_the_tier_and_stay_current_at_their_daemon() {
+    let mut m = Machine::new(64, 8, 0, 1).with_tier(16 * PAGE_SIZE);
+    m.write(word(1, 0), 5);
+    m.evict_all();
+    assert_eq!(m.daemons.pages_written, 1);
+    assert_eq!(m.read(word(1, 0)), 5); // fetched: clean (but predicted)
+    m.evict();
+    assert!(m.pager.tier().contains(1));
+    assert_eq!(m.pager.counters.unchanged_drops, 1);
+    assert_eq!(m.read(word(1, 0)), 5);
+    assert_eq!(m.pager.counters.tier_hits, 1);
+    // Left clean, it needs no second writeback.
+    m.evict_all();
+    assert_eq!(m.daemons.pages_written, 1);
+    assert_eq!(m.read(word(1, 0)), 5);
+    m.check();
+}
+
+#[test]
+fn a_drained_unit_takes_its_dirty_tier_pages_along() {
+    let mut m = Machine::new(64, 8, 0, 2).with_tier(32 * PAGE_SIZE);
+    for p in 0..UNIT_PAGES {
+        m.write(word(p, 0), p as u64 + 1);
+    }
+    while m.pager.cache().resident() > 0 {
+        m.evict();
+    }
+    // Placed, but nothing written there yet.
+    assert_eq!(m.daemons.daemon_for(word(0, 0)).unwrap(), 0);
+    assert_eq!(m.daemons.pages_written, 0);
+    let moved = m
+        .pager
+        .move_unit(&mut m.daemons, BASE, UNIT_PAGES * PAGE_SIZE, 0, 1)
+        .unwrap();
+    assert_eq!(moved, UNIT_PAGES);
+    m.daemons.placed.insert(0, 1);
+    m.daemons.dead[0] = true;
+    // From the tier, then (the tier emptied) from the new daemon.
+    for p in 0..UNIT_PAGES / 2 {
+        assert_eq!(m.read(word(p, 0)), p as u64 + 1);
+    }
+    m.evict_all();
+    for p in 0..UNIT_PAGES {
+        assert_eq!(m.read(word(p, 0)), p as u64 + 1);
+    }
+    m.check();
+}
+
+#[test]
+fn moved_contents_follow_an_mremap_out_of_the_tier() {
+    let mut m = Machine::new(128, 8, 0, 2).with_tier(32 * PAGE_SIZE);
+    for p in 0..10 {
+        m.write(word(p, 2), 70 + p as u64);
+    }
+    m.evict();
+    assert!(!m.pager.tier().is_empty());
+    let (from, to, len) = (BASE, BASE + 40 * PAGE_SIZE, 10 * PAGE_SIZE);
+    m.pager
+        .evict_range(&mut m.table, &mut m.daemons, from, len)
+        .unwrap();
+    m.pager
+        .move_contents(&mut m.daemons, from, to, len)
+        .unwrap();
+    m.pager
+        .discard(&mut m.table, &mut m.daemons, from, len, false)
+        .unwrap();
+    for p in 0..10 {
+        m.model.remove(&word(p, 2));
+        m.model.insert(word(40 + p, 2), 70 + p as u64);
+    }
+    for p in 0..10 {
+        assert_eq!(m.read(word(40 + p, 2)), 70 + p as u64);
+        assert_eq!(m.read(word(p, 2)), 0);
+    }
+    m.check();
 }

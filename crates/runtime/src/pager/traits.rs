@@ -109,4 +109,10 @@ pub struct Counters {
     pub zero_drops: u64,
     pub unchanged_drops: u64,
     pub migrated_pages: u64,
+    /// Misses served from the compressed tier.
+    pub tier_hits: u64,
+    /// Evicted pages stored in the tier.
+    pub tier_stores: u64,
+    /// Evicted pages tried that did not compress enough to be kept.
+    pub tier_incompressible: u64,
 }

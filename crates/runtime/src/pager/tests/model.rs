@@ -53,8 +53,10 @@ proptest! {
     /// No lost or stale write, whatever the faults, evictions, forks, frees
     /// and discards: every read returns what the model says.
     #[test]
-    fn memory_reads_what_was_written(ops in proptest::collection::vec(op(), 1..120), budget in 4usize..12, prefetch in 0usize..9) {
-        let mut procs = vec![Machine::new(PAGES, budget, prefetch, 2)];
+    fn memory_reads_what_was_written(ops in proptest::collection::vec(op(), 1..120), budget in 4usize..12, prefetch in 0usize..9, tier in prop_oneof![Just(0usize), 1usize..6000, Just(1 << 20)]) {
+        // The tier: off, a few compressed pages (constant demotion), or a
+        // share larger than the budget (bounded by the budget alone).
+        let mut procs = vec![Machine::new(PAGES, budget, prefetch, 2).with_tier(tier)];
         let mut cur = 0;
         for op in ops {
             if let Op::Fork = op {

@@ -1,0 +1,407 @@
+//! The local victim tier: pages evicted from the ExCache, kept LZ4-compressed
+//! in the runtime's own memory before they go to a memory daemon.
+//!
+//! A miss on a page in the tier is served locally: a decompression and a
+//! `UFFDIO_COPY`, a few µs, instead of a network round trip. A dirty page
+//! (the daemon's copy is stale, or there is none) costs no network at all
+//! unless it is pushed out of the tier, the oldest first, when the tier
+//! outgrows its share of the ExCache budget ([`Tier::over_cap`]).
+//!
+//! Pure data, like [`crate::excache`]: the pager copies pages in and out
+//! and writes demoted dirty pages back. Every byte the tier keeps counts
+//! against the ExCache budget ([`Tier::pages`]): the stored bytes plus a
+//! fixed cost per page for the allocator and the index.
+//!
+//! Pages that do not compress to [`MAX_STORED`] bytes are not kept (they
+//! would save too little). After a run of such pages (a program whose data
+//! is random or already compressed) only one victim in [`SAMPLE_EVERY`] is
+//! tried, so compression costs little where it cannot help.
+
+use std::collections::{HashMap, VecDeque};
+
+use lego_protocol::PAGE_SIZE;
+
+/// The largest compressed size kept: a page must shrink by a quarter.
+pub const MAX_STORED: usize = PAGE_SIZE * 3 / 4;
+/// What a stored page costs beyond its compressed bytes: the allocator's
+/// header and rounding, its index entry and its place in the order.
+const SLOT_OVERHEAD: usize = 64;
+/// After this many pages in a row that did not compress ...
+const FAILS_BEFORE_SAMPLING: u32 = 64;
+/// ... only one victim in this many is tried, until one compresses.
+const SAMPLE_EVERY: u32 = 16;
+
+/// A stored page.
+#[derive(Clone)]
+struct Slot {
+    data: Box<[u8]>,
+    /// The daemons do not hold these contents (the page was written since
+    /// it was last stored there, or never was).
+    dirty: bool,
+    /// Matches the page's entry in `order` (older entries are stale).
+    stamp: u32,
+}
+
+impl Slot {
+    fn cost(&self) -> usize {
+        self.data.len().next_multiple_of(16) + SLOT_OVERHEAD
+    }
+}
+
+/// Why a page was not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// The tier is off (no share of the budget).
+    Off,
+    /// It did not compress to [`MAX_STORED`] bytes.
+    Incompressible,
+    /// Not tried: recent pages did not compress (see the module docs).
+    Skipped,
+}
+
+/// The compressed pages of one region, by page index.
+#[derive(Clone)]
+pub struct Tier {
+    slots: HashMap<u32, Slot>,
+    /// Pages in the order they were stored, oldest first, with the stamp
+    /// they were stored under.
+    order: VecDeque<(u32, u32)>,
+    /// Accounted bytes of all slots.
+    bytes: usize,
+    /// The most bytes the tier may account for.
+    cap: usize,
+    stamp: u32,
+    /// Compression output.
+    out: Vec<u8>,
+    fails_in_row: u32,
+    tried: u32,
+}
+
+impl Tier {
+    /// A tier that may account for up to `cap` bytes (0: off).
+    pub fn new(cap: usize) -> Self {
+        Self {
+            slots: HashMap::new(),
+            order: VecDeque::new(),
+            bytes: 0,
+            cap,
+            stamp: 0,
+            out: Vec::new(),
+            fails_in_row: 0,
+            tried: 0,
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.cap > 0
+    }
+
+    /// Accounted bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Accounted bytes in whole pages: what the tier takes of the budget.
+    pub fn pages(&self) -> usize {
+        self.bytes.div_ceil(PAGE_SIZE)
+    }
+
+    /// Pages stored.
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn contains(&self, i: usize) -> bool {
+        self.slots.contains_key(&(i as u32))
+    }
+
+    /// Whether the tier holds more than its share and must demote.
+    pub fn over_cap(&self) -> bool {
+        self.bytes > self.cap
+    }
+
+    /// Stores page `i` (`page`: its contents), `dirty` if the daemons do
+    /// not hold them.
+    pub fn store(&mut self, i: usize, page: &[u8], dirty: bool) -> Result<(), Rejected> {
+        debug_assert_eq!(page.len(), PAGE_SIZE);
+        if !self.is_on() {
+            return Err(Rejected::Off);
+        }
+        self.tried = self.tried.wrapping_add(1);
+        if self.fails_in_row >= FAILS_BEFORE_SAMPLING && !self.tried.is_multiple_of(SAMPLE_EVERY) {
+            return Err(Rejected::Skipped);
+        }
+        self.out
+            .resize(lz4_flex::block::get_maximum_output_size(PAGE_SIZE), 0);
+        let n = match lz4_flex::block::compress_into(page, &mut self.out) {
+            Ok(n) if n <= MAX_STORED => n,
+            _ => {
+                self.fails_in_row = self.fails_in_row.saturating_add(1);
+                return Err(Rejected::Incompressible);
+            }
+        };
+        self.fails_in_row = 0;
+        self.remove(i);
+        self.stamp = self.stamp.wrapping_add(1);
+        let slot = Slot {
+            data: self.out[..n].into(),
+            dirty,
+            stamp: self.stamp,
+        };
+        self.bytes += slot.cost();
+        self.slots.insert(i as u32, slot);
+        self.order.push_back((i as u32, self.stamp));
+        Ok(())
+    }
+
+    /// Takes page `i` out of the tier, its contents into `out` (one page).
+    /// Returns whether it was dirty, or `None` if it is not stored.
+    pub fn take(&mut self, i: usize, out: &mut [u8]) -> Option<bool> {
+        let slot = self.slots.remove(&(i as u32))?;
+        self.bytes -= slot.cost();
+        unpack(&slot.data, out);
+        self.compact();
+        Some(slot.dirty)
+    }
+
+    /// Takes the oldest page out of the tier: its index and whether it was
+    /// dirty; a dirty one's contents go into `out` (one page).
+    pub fn pop_oldest(&mut self, out: &mut [u8]) -> Option<(usize, bool)> {
+        while let Some((i, stamp)) = self.order.pop_front() {
+            match self.slots.get(&i) {
+                Some(s) if s.stamp == stamp => {}
+                _ => continue,
+            }
+            let slot = self.slots.remove(&i).expect("checked above");
+            self.bytes -= slot.cost();
+            if slot.dirty {
+                unpack(&slot.data, out);
+            }
+            return Some((i as usize, slot.dirty));
+        }
+        None
+    }
+
+    /// Forgets page `i` if stored.
+    fn remove(&mut self, i: usize) {
+        if let Some(slot) = self.slots.remove(&(i as u32)) {
+            self.bytes -= slot.cost();
+        }
+    }
+
+    /// Forgets the pages of `[first, first+count)`; returns how many were
+    /// stored.
+    pub fn remove_range(&mut self, first: usize, count: usize) -> usize {
+        let before = self.slots.len();
+        if count > self.slots.len() {
+            let end = first.saturating_add(count);
+            let mut freed = 0;
+            self.slots.retain(|&i, s| {
+                let keep = (i as usize) < first || i as usize >= end;
+                if !keep {
+                    freed += s.cost();
+                }
+                keep
+            });
+            self.bytes -= freed;
+        } else {
+            for i in first..first + count {
+                self.remove(i);
+            }
+        }
+        self.compact();
+        before - self.slots.len()
+    }
+
+    /// The dirty pages of `[first, first+count)`, in page order, their
+    /// contents appended to `data`; they count as clean from now on (the
+    /// caller stores them at a daemon).
+    pub fn clean_range(
+        &mut self,
+        first: usize,
+        count: usize,
+        pages: &mut Vec<usize>,
+        data: &mut Vec<u8>,
+    ) {
+        pages.clear();
+        data.clear();
+        let end = first.saturating_add(count);
+        if count > self.slots.len() {
+            pages.extend(
+                self.slots
+                    .iter()
+                    .filter(|(&i, s)| s.dirty && (first..end).contains(&(i as usize)))
+                    .map(|(&i, _)| i as usize),
+            );
+            pages.sort_unstable();
+        } else {
+            pages.extend(
+                (first..end).filter(|&i| self.slots.get(&(i as u32)).is_some_and(|s| s.dirty)),
+            );
+        }
+        for &i in pages.iter() {
+            let slot = self.slots.get_mut(&(i as u32)).expect("listed above");
+            slot.dirty = false;
+            let at = data.len();
+            data.resize(at + PAGE_SIZE, 0);
+            unpack(&slot.data, &mut data[at..]);
+        }
+    }
+
+    /// Drops stale order entries once they outnumber the live ones.
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.slots.len() + 1024 {
+            let slots = &self.slots;
+            self.order
+                .retain(|(i, stamp)| slots.get(i).is_some_and(|s| s.stamp == *stamp));
+        }
+    }
+}
+
+/// Decompresses a stored page into `out`.
+fn unpack(data: &[u8], out: &mut [u8]) {
+    let n = lz4_flex::block::decompress_into(data, &mut out[..PAGE_SIZE])
+        .expect("the tier decompresses only what it compressed");
+    assert_eq!(n, PAGE_SIZE, "a stored page decompressed to {n} bytes");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(seed: u8) -> Vec<u8> {
+        // Compressible: a few distinct runs.
+        (0..PAGE_SIZE)
+            .map(|k| seed.wrapping_add((k / 512) as u8))
+            .collect()
+    }
+
+    fn random_page(seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..PAGE_SIZE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    #[test]
+    fn stores_and_gives_back_pages() {
+        let mut t = Tier::new(1 << 20);
+        t.store(3, &page(1), true).unwrap();
+        t.store(9, &page(2), false).unwrap();
+        assert!(t.contains(3) && t.contains(9) && !t.contains(4));
+        assert!(t.bytes() < 2 * MAX_STORED, "compressed: {}", t.bytes());
+        let mut out = vec![0; PAGE_SIZE];
+        assert_eq!(t.take(3, &mut out), Some(true));
+        assert_eq!(out, page(1));
+        assert_eq!(t.take(3, &mut out), None);
+        assert_eq!(t.take(9, &mut out), Some(false));
+        assert_eq!(out, page(2));
+        assert_eq!((t.len(), t.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn random_pages_are_rejected_then_only_sampled() {
+        let mut t = Tier::new(1 << 20);
+        let mut tried = 0;
+        for k in 0..1000 {
+            match t.store(k, &random_page(k as u64 + 7), true) {
+                Err(Rejected::Incompressible) => tried += 1,
+                Err(Rejected::Skipped) => {}
+                r => panic!("{r:?}"),
+            }
+        }
+        assert!(t.is_empty());
+        assert!(tried < FAILS_BEFORE_SAMPLING as usize + 1000 / SAMPLE_EVERY as usize + 2);
+        // A compressible page is stored once tried, and sampling ends.
+        let first = (0..SAMPLE_EVERY as usize)
+            .find(|&k| t.store(2000 + k, &page(3), false).is_ok())
+            .expect("one in SAMPLE_EVERY is tried");
+        assert_eq!(t.len(), 1, "stored at the {first}th try");
+        assert!(
+            t.store(3000, &page(4), false).is_ok(),
+            "sampling ends after a success"
+        );
+    }
+
+    #[test]
+    fn demotes_oldest_first_and_skips_taken_pages() {
+        let mut t = Tier::new(1 << 20);
+        for k in 0..5 {
+            t.store(k, &page(k as u8), k % 2 == 0).unwrap();
+        }
+        let mut out = vec![0; PAGE_SIZE];
+        t.take(0, &mut out);
+        t.store(0, &page(9), true).unwrap(); // stored again: now the newest
+        let mut order = vec![];
+        while let Some((i, dirty)) = t.pop_oldest(&mut out) {
+            if dirty {
+                assert_eq!(out, if i == 0 { page(9) } else { page(i as u8) });
+            }
+            order.push((i, dirty));
+        }
+        assert_eq!(
+            order,
+            [(1, false), (2, true), (3, false), (4, true), (0, true)]
+        );
+        assert_eq!(t.bytes(), 0);
+    }
+
+    #[test]
+    fn cap_accounts_every_byte() {
+        let mut t = Tier::new(10 * PAGE_SIZE);
+        let mut k = 0;
+        while !t.over_cap() {
+            t.store(
+                k,
+                &random_page(k as u64)
+                    .iter()
+                    .map(|b| b & 3)
+                    .collect::<Vec<_>>(),
+                true,
+            )
+            .unwrap();
+            k += 1;
+        }
+        assert!(k > 10, "2-bit data compresses: {k} pages fit in 10");
+        let mut out = vec![0; PAGE_SIZE];
+        while t.over_cap() {
+            t.pop_oldest(&mut out).unwrap();
+        }
+        assert!(t.pages() <= 10);
+    }
+
+    #[test]
+    fn ranges_are_removed_and_cleaned() {
+        let mut t = Tier::new(1 << 20);
+        for k in 0..20 {
+            t.store(k, &page(k as u8), true).unwrap();
+        }
+        assert_eq!(t.remove_range(5, 5), 5);
+        assert_eq!(t.remove_range(0, 1 << 30), 15);
+        for k in 0..20 {
+            t.store(k, &page(k as u8), k % 3 == 0).unwrap();
+        }
+        let (mut pages, mut data) = (vec![], vec![]);
+        for (first, count) in [(4, 8), (0, 1 << 30)] {
+            t.clean_range(first, count, &mut pages, &mut data);
+            if first == 4 {
+                assert_eq!(pages, [6, 9]);
+                assert_eq!(&data[PAGE_SIZE..], &page(9)[..]);
+            } else {
+                assert_eq!(pages, [0, 3, 12, 15, 18]);
+            }
+        }
+        t.clean_range(0, 1 << 30, &mut pages, &mut data);
+        assert!(pages.is_empty(), "cleaned pages stay stored, clean");
+        assert_eq!(t.len(), 20);
+    }
+}
