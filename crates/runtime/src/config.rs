@@ -8,6 +8,7 @@
 //! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
 //! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 0: sleep at once) |
+//! | `LEGO_SPIN_US` | while misses come this close together, the pager polls for the next one instead of sleeping, and an idle-priority thread keeps the other CPUs awake (default 200; 0: always sleep) |
 //! | `LEGO_EVICTION` | eviction policy: `refault` (default) or `fifo` |
 //! | `LEGO_TIER_PERCENT` | share of the ExCache budget the compressed tier of evicted pages may take (default 50; 0 turns it off) |
 //! | `LEGO_PREFETCH_PAGES` | largest prefetch window in pages (default 64; 0 turns prefetching off) |
@@ -42,6 +43,8 @@ pub struct Tuning {
     pub poll_us: u64,
     /// Share of the budget the compressed tier may take, in percent.
     pub tier_percent: usize,
+    /// How long after a miss the pager polls for the next (µs).
+    pub spin_us: u64,
 }
 
 /// The compressed tier's share of the budget unless `LEGO_TIER_PERCENT`
@@ -92,6 +95,7 @@ impl Config {
                 tier_percent: var::<usize>("LEGO_TIER_PERCENT")
                     .unwrap_or(DEFAULT_TIER_PERCENT)
                     .min(90),
+                spin_us: var("LEGO_SPIN_US").unwrap_or(200),
             },
             inject_self_fault: std::env::var("LEGO_INJECT").as_deref() == Ok("pager-self-fault"),
         })

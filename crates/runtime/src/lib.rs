@@ -37,6 +37,7 @@ pub mod pool;
 pub mod prefetch;
 pub mod region;
 pub mod runtime;
+pub mod spin;
 pub mod tier;
 pub mod uffd_table;
 

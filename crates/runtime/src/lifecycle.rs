@@ -25,6 +25,7 @@ use lego_sys::process::{self, die};
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::Uffd;
 
+use crate::spin::Keeper;
 use crate::config::{Config, Tuning};
 use crate::excache::ExCache;
 use crate::heap::{self, RuntimeScope};
@@ -212,12 +213,17 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         tuning: p.tuning,
         inject_self_fault: p.inject_self_fault,
         pid: std::process::id(),
+        keeper: Keeper::new(Duration::from_micros(p.tuning.spin_us)),
     }));
     if let Some(s) = rt.stats {
         s.processes.fetch_add(1, Relaxed);
     }
     process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));
+    for _ in 0..rt.keeper.threads() {
+        process::spawn_thread(heap::mark_runtime_thread, move || rt.keeper.keep_awake())
+            .unwrap_or_else(|e| die(&format!("runtime: cannot start a keeper thread: {e}")));
+    }
     if let Some(placer) = placer {
         let (program, timeout, region) = (rt.program.clone(), rt.timeout, rt.region);
         let attach = move |addr: &str| {

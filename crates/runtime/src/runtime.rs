@@ -27,6 +27,7 @@ use lego_sys::process::{self, die};
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::Uffd;
 
+use crate::spin::Keeper;
 use crate::config::Tuning;
 use crate::coverage;
 use crate::heap::RuntimeScope;
@@ -63,6 +64,8 @@ pub struct Runtime {
     /// that `lego run` notices a program nobody can page.
     pub(crate) inject_self_fault: bool,
     pub(crate) pid: u32,
+    /// Spinning while misses come close together.
+    pub(crate) keeper: Keeper,
 }
 
 static RUNTIME: AtomicPtr<Runtime> = AtomicPtr::new(std::ptr::null_mut());
@@ -176,7 +179,7 @@ impl Runtime {
                     polled = Some(st.pool.changed);
                 }
             }
-            let _ = process::poll(&mut fds, 500);
+            let _ = self.keeper.poll(&mut fds, 500);
             if fds[1..].iter().any(|f| f.revents != 0) {
                 let mut st = lock(&self.state);
                 if let Err(e) = st.pool.check_idle(readable) {
@@ -218,6 +221,9 @@ impl Runtime {
         let missed = self
             .with_pager_locked(&mut st, |pager, pool, t| pager.fault(t, pool, fault))
             .unwrap_or_else(|e| stop(e));
+        if missed {
+            self.keeper.missed();
+        }
         if let (true, Some(s)) = (missed, self.stats) {
             s.record_latency(start.elapsed().as_micros() as u64);
             s.peak_resident_bytes

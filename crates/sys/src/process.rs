@@ -307,3 +307,26 @@ pub fn thread_id() -> usize {
     // SAFETY: pthread_self has no preconditions.
     unsafe { libc::pthread_self() as usize }
 }
+
+/// Moves the calling thread to `SCHED_IDLE`: it runs only on a CPU that
+/// has nothing else to run.
+pub fn set_idle_priority() -> std::io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: pid 0 is the calling thread; param is a valid sched_param.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if r < 0 {
+        return Err(crate::last_error());
+    }
+    Ok(())
+}
+
+/// Gives up the CPU to another runnable thread, if there is one.
+pub fn yield_now() {
+    // SAFETY: sched_yield has no preconditions.
+    unsafe { libc::sched_yield() };
+}
+
+/// How many CPUs the calling thread may run on.
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
