@@ -25,7 +25,6 @@ use lego_sys::process::{self, die};
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::Uffd;
 
-use crate::spin::Keeper;
 use crate::config::{Config, Tuning};
 use crate::excache::ExCache;
 use crate::heap::{self, RuntimeScope};
@@ -35,6 +34,7 @@ use crate::placement::{Placement, Placer};
 use crate::pool::{self, Daemon, DaemonError, DaemonPool};
 use crate::region::{self, Region};
 use crate::runtime::{self, lock, Runtime, State};
+use crate::spin::Keeper;
 use lego_transport::Stream;
 
 /// Where a runtime's address space comes from.

@@ -27,7 +27,6 @@ use lego_sys::process::{self, die};
 use lego_sys::stats::SharedStats;
 use lego_sys::uffd::Uffd;
 
-use crate::spin::Keeper;
 use crate::config::Tuning;
 use crate::coverage;
 use crate::heap::RuntimeScope;
@@ -35,6 +34,7 @@ use crate::memory_calls::LayoutConn;
 use crate::pager::{Fault, Pager, PagerError};
 use crate::pool::DaemonPool;
 use crate::region::Region;
+use crate::spin::Keeper;
 use crate::uffd_table::UffdTable;
 
 /// What the pager thread works on, and the program's memory calls too.

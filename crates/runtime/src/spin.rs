@@ -79,14 +79,14 @@ impl Keeper {
     /// The body of a keeper thread.
     pub fn keep_awake(&self) -> ! {
         if let Err(e) = process::set_idle_priority() {
-            process::warn(&format!("runtime: a keeper thread stays at normal priority: {e}"));
+            process::warn(&format!(
+                "runtime: a keeper thread stays at normal priority: {e}"
+            ));
         }
         loop {
-            while self.is_hot() {
-                for _ in 0..64 {
-                    std::hint::spin_loop();
-                }
-            }
+            // No `pause` in the loop: on a VM a pause loop can make the
+            // hypervisor deschedule the vCPU, which is what this avoids.
+            while self.is_hot() {}
             let mut guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.asleep.store(true, SeqCst);
             while !self.is_hot() {

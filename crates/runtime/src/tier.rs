@@ -12,6 +12,13 @@
 //! against the ExCache budget ([`Tier::pages`]): the stored bytes plus a
 //! fixed cost per page for the allocator and the index.
 //!
+//! The tier's share adapts to what it is worth ([`Tier::store`]): per
+//! window of [`WINDOW`] pages stored, if few were taken back before they
+//! left (a scan, pages used once), its share halves, down to a sixteenth
+//! of its maximum, and only one victim in [`SAMPLE_EVERY`] is tried while
+//! it is that small; if many were, it grows back. The budget it gives up
+//! goes to resident pages.
+//!
 //! Pages that do not compress to [`MAX_STORED`] bytes are not kept (they
 //! would save too little). After a run of such pages (a program whose data
 //! is random or already compressed) only one victim in [`SAMPLE_EVERY`] is
@@ -30,6 +37,13 @@ const SLOT_OVERHEAD: usize = 64;
 const FAILS_BEFORE_SAMPLING: u32 = 64;
 /// ... only one victim in this many is tried, until one compresses.
 const SAMPLE_EVERY: u32 = 16;
+
+/// Pages stored per adaptation window.
+pub const WINDOW: u32 = 4096;
+/// Below this share of a window's pages taken back, the tier shrinks ...
+const SHRINK_BELOW: f64 = 0.08;
+/// ... above this one it grows.
+const GROW_ABOVE: f64 = 0.20;
 
 /// A stored page.
 #[derive(Clone)]
@@ -68,8 +82,13 @@ pub struct Tier {
     order: VecDeque<(u32, u32)>,
     /// Accounted bytes of all slots.
     bytes: usize,
-    /// The most bytes the tier may account for.
+    /// The most bytes the tier may account for now ...
     cap: usize,
+    /// ... and at most (its share of the budget).
+    max_cap: usize,
+    /// This window's pages stored and taken back.
+    window_stores: u32,
+    window_hits: u32,
     stamp: u32,
     /// Compression output.
     out: Vec<u8>,
@@ -85,6 +104,9 @@ impl Tier {
             order: VecDeque::new(),
             bytes: 0,
             cap,
+            max_cap: cap,
+            window_stores: 0,
+            window_hits: 0,
             stamp: 0,
             out: Vec::new(),
             fails_in_row: 0,
@@ -93,7 +115,29 @@ impl Tier {
     }
 
     pub fn is_on(&self) -> bool {
-        self.cap > 0
+        self.max_cap > 0
+    }
+
+    /// The share the tier may take now, in bytes.
+    pub fn cap(&self) -> usize {
+        self.cap
+    }
+
+    fn min_cap(&self) -> usize {
+        self.max_cap / 16
+    }
+
+    /// Ends an adaptation window: shrinks or grows the share by how many
+    /// of the window's pages were taken back.
+    fn adapt(&mut self) {
+        let ratio = f64::from(self.window_hits) / f64::from(self.window_stores.max(1));
+        if ratio < SHRINK_BELOW {
+            self.cap = (self.cap / 2).max(self.min_cap());
+        } else if ratio > GROW_ABOVE {
+            self.cap = (self.cap + self.cap / 2).clamp(self.min_cap().max(1), self.max_cap);
+        }
+        self.window_stores = 0;
+        self.window_hits = 0;
     }
 
     /// Accounted bytes.
@@ -132,7 +176,8 @@ impl Tier {
             return Err(Rejected::Off);
         }
         self.tried = self.tried.wrapping_add(1);
-        if self.fails_in_row >= FAILS_BEFORE_SAMPLING && !self.tried.is_multiple_of(SAMPLE_EVERY) {
+        let sampling = self.fails_in_row >= FAILS_BEFORE_SAMPLING || self.cap <= self.min_cap();
+        if sampling && !self.tried.is_multiple_of(SAMPLE_EVERY) {
             return Err(Rejected::Skipped);
         }
         self.out
@@ -145,6 +190,10 @@ impl Tier {
             }
         };
         self.fails_in_row = 0;
+        self.window_stores += 1;
+        if self.window_stores >= WINDOW {
+            self.adapt();
+        }
         self.remove(i);
         self.stamp = self.stamp.wrapping_add(1);
         let slot = Slot {
@@ -163,6 +212,7 @@ impl Tier {
     pub fn take(&mut self, i: usize, out: &mut [u8]) -> Option<bool> {
         let slot = self.slots.remove(&(i as u32))?;
         self.bytes -= slot.cost();
+        self.window_hits += 1;
         unpack(&slot.data, out);
         self.compact();
         Some(slot.dirty)
@@ -377,6 +427,31 @@ mod tests {
             t.pop_oldest(&mut out).unwrap();
         }
         assert!(t.pages() <= 10);
+    }
+
+    #[test]
+    fn the_share_shrinks_for_pages_used_once_and_grows_for_reused_ones() {
+        let max = 64 * PAGE_SIZE;
+        let mut t = Tier::new(max);
+        let mut out = vec![0; PAGE_SIZE];
+        let mut k = 0;
+        // A scan: stored, never taken back.
+        for _ in 0..6 * WINDOW {
+            let _ = t.store(k, &page(k as u8), true);
+            while t.over_cap() {
+                t.pop_oldest(&mut out);
+            }
+            k += 1;
+        }
+        assert_eq!(t.cap(), max / 16);
+        // Reuse: every page stored is taken back.
+        for _ in 0..40 * WINDOW {
+            if t.store(k, &page(k as u8), true).is_ok() {
+                assert!(t.take(k, &mut out).is_some());
+            }
+            k += 1;
+        }
+        assert_eq!(t.cap(), max);
     }
 
     #[test]

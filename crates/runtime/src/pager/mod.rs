@@ -80,6 +80,8 @@ pub struct Pager {
     tier: Tier,
     /// One page: a victim's contents, or a tier page's.
     page: Vec<u8>,
+    /// Pages ahead of a miss to take from the tier.
+    from_tier: Vec<usize>,
     tier_pages: Vec<usize>,
     tier_data: Vec<u8>,
 }
@@ -107,6 +109,7 @@ impl Pager {
             runs: Scratch::default(),
             tier: Tier::new(0),
             page: vec![0; PAGE_SIZE],
+            from_tier: Vec::new(),
             tier_pages: Vec::new(),
             tier_data: Vec::new(),
         }
@@ -173,30 +176,37 @@ impl Pager {
             }
             return Ok(false);
         }
-        if self.tier.contains(i) {
-            self.tier_hit(t, b, i, f.write)?;
-            return Ok(true);
-        }
-        self.plan_miss(b, i);
-        let remote = self.cache.is_remote(i);
+        let hit = self.tier.contains(i);
+        self.plan_miss(b, i, hit);
+        let remote = !hit && self.cache.is_remote(i);
         // Room for every page planned, the faulting one included (it is in
-        // `fetch` only when remote).
-        let need = self.fetch.len() + self.fill.len() + usize::from(!remote);
-        while !self.cache.has_room(need) {
-            self.evict_batch(t, b)?;
-        }
-        // The faulting page first: its thread resumes as soon as it is in.
-        if !remote {
-            // A page written now is written back some day: its unit can
-            // be placed now (a page only read stays zeros, needs no place).
-            if f.write {
-                b.place_ahead(f.page);
+        // `fetch` only when remote). A tier page leaves the tier first.
+        let need = self.fetch.len() + self.fill.len() + self.from_tier.len() + usize::from(!remote);
+        let mut page = std::mem::take(&mut self.page);
+        page.resize(PAGE_SIZE, 0);
+        let dirty = hit && self.tier.take(i, &mut page) == Some(true);
+        self.sync_tier();
+        let r = self.make_room(t, b, need).and_then(|()| {
+            // The faulting page first: its thread resumes as soon as it is in.
+            if hit {
+                self.install_from_tier(t, i, f.write, dirty, &page)
+            } else if !remote {
+                // A page written now is written back some day: its unit
+                // can be placed now (a page only read stays zeros, needs
+                // no place).
+                if f.write {
+                    b.place_ahead(f.page);
+                }
+                let zero = &ZEROS[..PAGE_SIZE];
+                install_fault_page(t, &mut self.cache, self.base, i, zero, !f.write, false)
+            } else {
+                Ok(true)
             }
-            let zero = &ZEROS[..PAGE_SIZE];
-            if !install_fault_page(t, &mut self.cache, self.base, i, zero, !f.write, false)? {
-                // Unmapped under us (munmap raced the fault): nothing to do.
-                return Ok(true);
-            }
+        });
+        self.page = page;
+        if !r? {
+            // Unmapped under us (munmap raced the fault): nothing to do.
+            return Ok(true);
         }
         if !self.fetch.is_empty() {
             self.fetch_and_install(t, b, remote.then_some(f.write))?;
@@ -212,52 +222,74 @@ impl Pager {
             &mut self.runs,
         );
         let c = &mut self.counters;
-        if remote {
+        if hit {
+            c.tier_hits += 1;
+        } else if remote {
             c.remote_misses += 1;
         } else {
             c.zero_fills += 1;
         }
         c.prefetched += self.fetch.len().saturating_sub(remote as usize) as u64;
         c.prefilled += (self.cache.resident() - before) as u64;
+        self.install_tier_ahead(t)?;
         Ok(true)
     }
 
-    /// Serves a miss on page `i` from the tier.
-    fn tier_hit<T: PageTable, B: Backing>(
+    /// Evicts until `need` more pages fit.
+    fn make_room<T: PageTable, B: Backing>(
         &mut self,
         t: &mut T,
         b: &mut B,
-        i: usize,
-        write: bool,
+        need: usize,
     ) -> Result<(), PagerError> {
-        let mut page = std::mem::take(&mut self.page);
-        page.resize(PAGE_SIZE, 0);
-        let dirty = self.tier.take(i, &mut page).expect("checked by the caller");
-        self.sync_tier();
-        let r = self.install_from_tier(t, b, i, write, dirty, &page);
-        self.page = page;
-        self.counters.tier_hits += 1;
-        r
+        while !self.cache.has_room(need) {
+            self.evict_batch(t, b)?;
+        }
+        Ok(())
     }
 
-    fn install_from_tier<T: PageTable, B: Backing>(
+    /// Installs page `i` taken from the tier (`page`): a dirty one goes in
+    /// dirty (the daemons do not hold it), a clean one like a fetched page.
+    fn install_from_tier<T: PageTable>(
         &mut self,
         t: &mut T,
-        b: &mut B,
         i: usize,
         write: bool,
         dirty: bool,
         page: &[u8],
-    ) -> Result<(), PagerError> {
-        while !self.cache.has_room(1) {
-            self.evict_batch(t, b)?;
-        }
-        // A dirty page goes in dirty (the daemons do not hold it); a clean
-        // one like a fetched page.
+    ) -> Result<bool, PagerError> {
         let predicted = !write && !dirty && self.cache.predicts_write(i);
         let wp = !write && !dirty && !predicted;
-        install_fault_page(t, &mut self.cache, self.base, i, page, wp, predicted)?;
-        Ok(())
+        install_fault_page(t, &mut self.cache, self.base, i, page, wp, predicted)
+    }
+
+    /// Installs the pages ahead of a miss that the tier holds (one that
+    /// left the tier meanwhile, demoted to make room, is skipped: its own
+    /// miss fetches it).
+    fn install_tier_ahead<T: PageTable>(&mut self, t: &mut T) -> Result<(), PagerError> {
+        if self.from_tier.is_empty() {
+            return Ok(());
+        }
+        let mut page = std::mem::take(&mut self.page);
+        page.resize(PAGE_SIZE, 0);
+        let ahead = std::mem::take(&mut self.from_tier);
+        let mut r = Ok(());
+        for &j in &ahead {
+            let Some(dirty) = self.tier.take(j, &mut page) else {
+                continue;
+            };
+            match self.install_from_tier(t, j, false, dirty, &page) {
+                Ok(true) => self.counters.prefetched += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    r = Err(e);
+                    break;
+                }
+            }
+        }
+        self.sync_tier();
+        (self.from_tier, self.page) = (ahead, page);
+        r
     }
 
     /// Decides what a miss on page `i` brings in: `fetch` gets the remote
@@ -266,12 +298,13 @@ impl Pager {
     /// remote). Resident pages ahead are skipped; the pages stop at the
     /// region's end and at a change of daemon, and take at most a quarter
     /// of the budget.
-    fn plan_miss<B: Backing>(&mut self, b: &B, i: usize) {
+    fn plan_miss<B: Backing>(&mut self, b: &B, i: usize, in_tier: bool) {
         self.fetch.clear();
         self.fill.clear();
+        self.from_tier.clear();
         // One read goes to one daemon: the first remote page's.
         let mut daemon: Option<Option<usize>> = None;
-        if self.cache.is_remote(i) {
+        if self.cache.is_remote(i) && !in_tier {
             self.fetch.push(i);
             daemon = Some(b.daemon_of(self.addr(i)));
         }
@@ -289,9 +322,13 @@ impl Pager {
                 break;
             }
             let j = j as usize;
+            if j == i || self.cache.is_resident(j) {
+                continue;
+            }
             // A page in the tier is not read from its daemon (whose copy
-            // may be stale): its own miss takes it from the tier.
-            if j == i || self.cache.is_resident(j) || self.tier.contains(j) {
+            // may be stale): it comes from the tier.
+            if self.tier.contains(j) {
+                self.from_tier.push(j);
                 continue;
             }
             if self.cache.is_remote(j) {
