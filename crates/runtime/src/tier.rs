@@ -14,7 +14,8 @@
 //!
 //! The tier's share adapts to what it is worth ([`Tier::store`]): per
 //! window of [`WINDOW`] pages stored, if few were taken back before they
-//! left (a scan, pages used once), its share halves, down to a sixteenth
+//! left (a scan, pages used once) and its pages are not cheap to keep (they
+//! shrink less than [`CHEAP_RATIO`] times), its share halves, down to a sixteenth
 //! of its maximum, and only one victim in [`SAMPLE_EVERY`] is tried while
 //! it is that small; if many were, it grows back. The budget it gives up
 //! goes to resident pages.
@@ -44,6 +45,9 @@ pub const WINDOW: u32 = 4096;
 const SHRINK_BELOW: f64 = 0.08;
 /// ... above this one it grows.
 const GROW_ABOVE: f64 = 0.20;
+/// Pages that compress this many times cost so little budget that the tier
+/// keeps its share even if few come back.
+pub const CHEAP_RATIO: usize = 4;
 
 /// A stored page.
 #[derive(Clone)]
@@ -131,7 +135,8 @@ impl Tier {
     /// of the window's pages were taken back.
     fn adapt(&mut self) {
         let ratio = f64::from(self.window_hits) / f64::from(self.window_stores.max(1));
-        if ratio < SHRINK_BELOW {
+        let cheap = self.bytes * CHEAP_RATIO < self.slots.len() * PAGE_SIZE;
+        if ratio < SHRINK_BELOW && !cheap {
             self.cap = (self.cap / 2).max(self.min_cap());
         } else if ratio > GROW_ABOVE {
             self.cap = (self.cap + self.cap / 2).clamp(self.min_cap().max(1), self.max_cap);
@@ -435,9 +440,15 @@ mod tests {
         let mut t = Tier::new(max);
         let mut out = vec![0; PAGE_SIZE];
         let mut k = 0;
-        // A scan: stored, never taken back.
+        // Pages used once that compress only about 2 times.
+        let dense = |k: usize| -> Vec<u8> {
+            let r = random_page(k as u64);
+            (0..PAGE_SIZE)
+                .map(|j| if j % 32 < 16 { r[j] } else { 0 })
+                .collect()
+        };
         for _ in 0..6 * WINDOW {
-            let _ = t.store(k, &page(k as u8), true);
+            let _ = t.store(k, &dense(k), true);
             while t.over_cap() {
                 t.pop_oldest(&mut out);
             }
@@ -448,6 +459,15 @@ mod tests {
         for _ in 0..40 * WINDOW {
             if t.store(k, &page(k as u8), true).is_ok() {
                 assert!(t.take(k, &mut out).is_some());
+            }
+            k += 1;
+        }
+        assert_eq!(t.cap(), max);
+        // Pages used once that compress very well keep the share.
+        for _ in 0..6 * WINDOW {
+            let _ = t.store(k, &page(k as u8), true);
+            while t.over_cap() {
+                t.pop_oldest(&mut out);
             }
             k += 1;
         }
