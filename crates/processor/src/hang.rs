@@ -25,6 +25,9 @@ pub struct ThreadLook {
     /// Faults taken plus CPU ticks used (`minflt + majflt + utime +
     /// stime`): moves whenever the thread gets anything done.
     pub progress: u64,
+    /// A runtime keeper thread (named `lego-keeper`): it only spins while
+    /// misses are being served and never serves one, so it is left out.
+    pub keeper: bool,
 }
 
 impl ThreadLook {
@@ -52,7 +55,11 @@ impl ProcessLook {
     /// The live threads' ids and progress, in tid order, if every live
     /// thread waits on a fault (and there is at least one).
     fn all_waiting_on_faults(&self) -> Option<Vec<(u32, u64)>> {
-        let live: Vec<&ThreadLook> = self.threads.iter().filter(|t| !t.dead()).collect();
+        let live: Vec<&ThreadLook> = self
+            .threads
+            .iter()
+            .filter(|t| !t.dead() && !t.keeper)
+            .collect();
         if live.is_empty() || live.iter().any(|t| t.stopped() || !t.in_userfault) {
             return None;
         }
@@ -146,6 +153,7 @@ mod tests {
             state,
             in_userfault,
             progress,
+            keeper: false,
         }
     }
 
@@ -182,6 +190,18 @@ mod tests {
             hung.to_string(),
             "process 100 (python3): every thread has waited over 3 s on a page fault its pager cannot serve (the runtime is stuck); stopping the program"
         );
+    }
+
+    #[test]
+    fn a_keeper_thread_does_not_hide_a_hang() {
+        let mut d = HangDetector::new(3, 1);
+        let mut p = both_waiting(100);
+        let keeper = ThreadLook {
+            keeper: true,
+            ..thread(102, 'S', false, 7)
+        };
+        p.threads.push(keeper);
+        assert!(looks(&mut d, 4, &[p])[3].is_some());
     }
 
     #[test]

@@ -149,11 +149,13 @@ fn look_at(pid: u32, name: String) -> Option<ProcessLook> {
     for (tid, path, stat) in numbered_stats(&task) {
         // Unreadable (another user's setuid program): not known to wait.
         let wchan = std::fs::read_to_string(path.join("wchan")).unwrap_or_default();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
         threads.push(ThreadLook {
             tid,
             state: stat.state,
             in_userfault: wchan.trim() == "handle_userfault",
             progress: stat.progress,
+            keeper: comm.trim() == lego_sys::process::KEEPER_THREAD_NAME,
         });
     }
     Some(ProcessLook { pid, name, threads })

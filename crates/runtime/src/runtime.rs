@@ -138,6 +138,7 @@ impl Runtime {
         let Some(s) = self.stats else {
             return;
         };
+        s.tier_bytes.store(st.pager.tier().bytes() as u64, Relaxed);
         for (counter, n) in [
             (&s.remote_misses, c.remote_misses),
             (&s.zero_fills, c.zero_fills),
@@ -277,7 +278,13 @@ impl Runtime {
             self.region.base,
             self.region.base + self.region.len,
         );
-        let holding = lock(&self.state).pager.cache().holding();
+        let (holding, tier) = {
+            let st = lock(&self.state);
+            (st.pager.cache().holding(), st.pager.tier().bytes())
+        };
+        // The compressed tier lies outside the region but is the ExCache's
+        // (its pages count as disaggregated), not memory lego left local.
+        let local = local.saturating_sub(tier as u64);
         stats.record_coverage(self.pid, (holding * PAGE_SIZE) as u64, local);
     }
 }

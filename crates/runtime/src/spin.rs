@@ -78,6 +78,7 @@ impl Keeper {
 
     /// The body of a keeper thread.
     pub fn keep_awake(&self) -> ! {
+        process::set_thread_name(process::KEEPER_THREAD_NAME);
         if let Err(e) = process::set_idle_priority() {
             process::warn(&format!(
                 "runtime: a keeper thread stays at normal priority: {e}"

@@ -330,3 +330,17 @@ pub fn yield_now() {
 pub fn usable_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
+
+/// The name of the runtime's keeper threads (they spin while misses come
+/// close together and never serve a fault; the hang watchdog ignores them).
+pub const KEEPER_THREAD_NAME: &str = "lego-keeper";
+
+/// Names the calling thread (its `comm`, at most 15 bytes).
+pub fn set_thread_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let n = name.len().min(15);
+    buf[..n].copy_from_slice(&name.as_bytes()[..n]);
+    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+    // bytes; buf is one.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}

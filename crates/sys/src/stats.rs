@@ -68,6 +68,10 @@ pub struct SharedStats {
     pub tier_incompressible: AtomicU64,
     /// Largest compressed tier of any one process, in bytes.
     pub peak_tier_bytes: AtomicU64,
+    /// The compressed tier's bytes now, as last reported by any process
+    /// (with one process: its tier). Not a counter: read it while the
+    /// program runs, beside the region's resident memory.
+    pub tier_bytes: AtomicU64,
     /// Miss service time (fault read → page installed), all misses.
     pub latency_us: [AtomicU64; HIST_BUCKETS],
     pub coverage: [CoverageSlot; COVERAGE_SLOTS],
