@@ -83,6 +83,8 @@ fn two_hundred_short_runs_and_kills_leave_the_daemon_as_it_was() {
             .args(["run", "--excache", "4M", "--memory", &daemon.addr, "--"])
             .arg(&prog)
             .args(["32", "1000000"])
+            // Its one-byte pages would all stay in the compressed tier.
+            .env("LEGO_TIER_PERCENT", "0")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -137,9 +139,16 @@ fn sigsegv_on_a_real_bad_access_still_kills_the_program() {
 #[test]
 fn signal_handlers_touching_memory_run_while_faults_are_served() {
     let prog = compile("signals_during_faults", &[]);
+    // Without the compressed tier, so that faults go to the daemon.
     let (got, stats) = under_lego(
         &["--excache", "4M"],
-        &[prog.to_str().unwrap(), "32", "4"],
+        &[
+            "env",
+            "LEGO_TIER_PERCENT=0",
+            prog.to_str().unwrap(),
+            "32",
+            "4",
+        ],
         None,
     );
     assert!(got.status.success(), "{}", text(&got.stderr));

@@ -272,13 +272,16 @@ impl Tier {
         before - self.slots.len()
     }
 
-    /// The dirty pages of `[first, first+count)`, in page order, their
-    /// contents appended to `data`; they count as clean from now on (the
-    /// caller stores them at a daemon).
+    /// Up to `max` dirty pages of `[first, first+count)`, in page order,
+    /// their contents in `data`; they count as clean from now on (the
+    /// caller stores them at a daemon). Called until it finds none, it
+    /// cleans the whole range a bounded batch at a time (decompressed, the
+    /// tier's pages can be many times its size).
     pub fn clean_range(
         &mut self,
         first: usize,
         count: usize,
+        max: usize,
         pages: &mut Vec<usize>,
         data: &mut Vec<u8>,
     ) {
@@ -293,9 +296,12 @@ impl Tier {
                     .map(|(&i, _)| i as usize),
             );
             pages.sort_unstable();
+            pages.truncate(max);
         } else {
             pages.extend(
-                (first..end).filter(|&i| self.slots.get(&(i as u32)).is_some_and(|s| s.dirty)),
+                (first..end)
+                    .filter(|&i| self.slots.get(&(i as u32)).is_some_and(|s| s.dirty))
+                    .take(max),
             );
         }
         for &i in pages.iter() {
@@ -486,8 +492,13 @@ mod tests {
             t.store(k, &page(k as u8), k % 3 == 0).unwrap();
         }
         let (mut pages, mut data) = (vec![], vec![]);
+        t.clean_range(0, 1 << 30, 2, &mut pages, &mut data);
+        assert_eq!(pages, [0, 3], "at most 2");
+        for k in [0, 3] {
+            t.store(k, &page(k as u8), true).unwrap();
+        }
         for (first, count) in [(4, 8), (0, 1 << 30)] {
-            t.clean_range(first, count, &mut pages, &mut data);
+            t.clean_range(first, count, usize::MAX, &mut pages, &mut data);
             if first == 4 {
                 assert_eq!(pages, [6, 9]);
                 assert_eq!(&data[PAGE_SIZE..], &page(9)[..]);
@@ -495,7 +506,7 @@ mod tests {
                 assert_eq!(pages, [0, 3, 12, 15, 18]);
             }
         }
-        t.clean_range(0, 1 << 30, &mut pages, &mut data);
+        t.clean_range(0, 1 << 30, usize::MAX, &mut pages, &mut data);
         assert!(pages.is_empty(), "cleaned pages stay stored, clean");
         assert_eq!(t.len(), 20);
     }

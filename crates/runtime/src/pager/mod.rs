@@ -446,18 +446,21 @@ impl Pager {
             std::mem::take(&mut self.tier_pages),
             std::mem::take(&mut self.tier_data),
         );
-        self.tier.clean_range(first, count, &mut pages, &mut data);
-        let r = (|| {
-            for (k, chunk) in pages.chunks(self.batch).enumerate() {
-                self.clear_writebacks(b.count());
-                for (n, &i) in chunk.iter().enumerate() {
-                    let at = (k * self.batch + n) * PAGE_SIZE;
-                    self.queue_writeback(b, self.addr(i), &data[at..at + PAGE_SIZE])?;
-                }
-                self.counters.writebacks += chunk.len() as u64;
-                self.send_writebacks(b)?;
+        // A batch at a time: decompressed, the tier's pages can be many
+        // times its size.
+        let r = (|| loop {
+            self.tier
+                .clean_range(first, count, self.batch, &mut pages, &mut data);
+            if pages.is_empty() {
+                return Ok(());
             }
-            Ok(())
+            self.clear_writebacks(b.count());
+            for (n, &i) in pages.iter().enumerate() {
+                let at = n * PAGE_SIZE;
+                self.queue_writeback(b, self.addr(i), &data[at..at + PAGE_SIZE])?;
+            }
+            self.counters.writebacks += pages.len() as u64;
+            self.send_writebacks(b)?;
         })();
         self.tier.remove_range(first, count);
         self.sync_tier();
@@ -752,18 +755,20 @@ impl Pager {
         // The unit's dirty tier pages go to `from` first, to move with the
         // rest (they stay in the tier, clean).
         let (mut dirty, mut data) = (Vec::new(), Vec::new());
-        self.tier
-            .clean_range(first, end - first, &mut dirty, &mut data);
-        let addrs: Vec<VirtAddr> = dirty
-            .iter()
-            .map(|&i| VirtAddr(self.addr(i) as u64))
-            .collect();
-        for (k, chunk) in addrs.chunks(MAX_BATCH_PAGES).enumerate() {
-            let at = k * MAX_BATCH_PAGES * PAGE_SIZE;
-            b.write_pages(from, chunk, &data[at..at + chunk.len() * PAGE_SIZE])?;
+        loop {
+            self.tier
+                .clean_range(first, end - first, MAX_BATCH_PAGES, &mut dirty, &mut data);
+            if dirty.is_empty() {
+                break;
+            }
+            let addrs: Vec<VirtAddr> = dirty
+                .iter()
+                .map(|&i| VirtAddr(self.addr(i) as u64))
+                .collect();
+            b.write_pages(from, &addrs, &data)?;
             b.await_writes()?;
+            self.counters.writebacks += addrs.len() as u64;
         }
-        self.counters.writebacks += addrs.len() as u64;
         let pages: Vec<VirtAddr> = (first..end)
             .filter(|&i| self.cache.is_remote(i))
             .map(|i| VirtAddr(self.addr(i) as u64))
