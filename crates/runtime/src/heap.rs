@@ -423,3 +423,157 @@ pub fn finish_fork_region() {
         REGION_HEAP.release();
     }
 }
+
+/// Kernel memory for a [`CountedHeap`], counting what is mapped.
+pub struct CountedPages {
+    mapped: AtomicUsize,
+}
+
+// SAFETY: forwards to KernelPages (whose contract holds) and only counts.
+unsafe impl Allocator for CountedPages {
+    fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
+        let r = KernelPages.alloc(size);
+        self.mapped.fetch_add(r.1, Ordering::Relaxed);
+        r
+    }
+    fn remap(&self, ptr: *mut u8, oldsize: usize, newsize: usize, can_move: bool) -> *mut u8 {
+        let p = KernelPages.remap(ptr, oldsize, newsize, can_move);
+        if !p.is_null() {
+            self.mapped.fetch_add(newsize, Ordering::Relaxed);
+            self.mapped.fetch_sub(oldsize, Ordering::Relaxed);
+        }
+        p
+    }
+    fn free_part(&self, ptr: *mut u8, oldsize: usize, newsize: usize) -> bool {
+        let ok = KernelPages.free_part(ptr, oldsize, newsize);
+        if ok {
+            self.mapped.fetch_sub(oldsize - newsize, Ordering::Relaxed);
+        }
+        ok
+    }
+    fn free(&self, ptr: *mut u8, size: usize) -> bool {
+        let ok = KernelPages.free(ptr, size);
+        if ok {
+            self.mapped.fetch_sub(size, Ordering::Relaxed);
+        }
+        ok
+    }
+    fn can_release_part(&self, flags: u32) -> bool {
+        KernelPages.can_release_part(flags)
+    }
+    fn allocates_zeros(&self) -> bool {
+        true
+    }
+    fn page_size(&self) -> usize {
+        lego_sys::PAGE_SIZE
+    }
+}
+
+/// A block of a [`CountedHeap`]: owned by it, freed only through it.
+pub struct Block {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: a Block is plain memory owned by one CountedHeap; whoever owns
+// the heap owns its blocks and uses them under the same lock.
+unsafe impl Send for Block {}
+
+/// A private heap whose footprint is known exactly: every byte it has
+/// from the kernel, free space between blocks included (the compressed
+/// tier's, so that what it takes of the ExCache budget is what it holds).
+pub struct CountedHeap {
+    /// Boxed: dlmalloc's bins point into its own state, which must not
+    /// move once used (the heap's owner does move).
+    heap: Box<Dlmalloc<CountedPages>>,
+    blocks: usize,
+}
+
+impl Default for CountedHeap {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CountedHeap {
+    pub fn new() -> Self {
+        Self {
+            heap: Self::fresh(),
+            blocks: 0,
+        }
+    }
+
+    fn fresh() -> Box<Dlmalloc<CountedPages>> {
+        let mut heap = Dlmalloc::new_with_allocator(CountedPages {
+            mapped: AtomicUsize::new(0),
+        });
+        // Grow 16 KiB at a time: the footprint follows what is stored, and
+        // each segment's unusable tail (up to a block) stays small.
+        assert!(heap.set_granularity(16 << 10));
+        Box::new(heap)
+    }
+
+    /// Bytes mapped from the kernel.
+    pub fn footprint(&self) -> usize {
+        self.heap.allocator().mapped.load(Ordering::Relaxed)
+    }
+
+    /// A new block holding a copy of `data` (not empty); `None` if the
+    /// kernel has no memory.
+    pub fn store(&mut self, data: &[u8]) -> Option<Block> {
+        assert!(!data.is_empty());
+        // SAFETY: a fresh allocation of data.len() bytes, written in full
+        // before it is read.
+        let ptr = unsafe { self.heap.malloc(data.len(), 8) };
+        let ptr = std::ptr::NonNull::new(ptr)?;
+        // SAFETY: ptr has room for data.len() bytes and does not overlap it.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        self.blocks += 1;
+        Some(Block {
+            ptr,
+            len: data.len(),
+        })
+    }
+
+    /// The contents of `b`, a block of this heap.
+    pub fn get(&self, b: &Block) -> &[u8] {
+        // SAFETY: b is a live block of this heap (the heap owns its blocks
+        // and frees them only through `free`, which takes the Block).
+        unsafe { std::slice::from_raw_parts(b.ptr.as_ptr(), b.len) }
+    }
+
+    /// Frees `b`, a block of this heap. The last block freed gives all the
+    /// heap's memory back to the kernel.
+    pub fn free(&mut self, b: Block) {
+        // SAFETY: b came from this heap's malloc with this size and align.
+        unsafe { self.heap.free(b.ptr.as_ptr(), b.len, 8) };
+        self.blocks -= 1;
+        if self.blocks == 0 {
+            self.reset();
+        }
+    }
+
+    /// Gives every byte back to the kernel.
+    ///
+    /// # Safety
+    /// No block of the heap may be used afterwards.
+    unsafe fn release_all(&mut self) {
+        let heap = std::mem::replace(&mut self.heap, Self::fresh());
+        // SAFETY: by the caller, no block of the old heap is used again.
+        unsafe { (*heap).destroy() };
+        self.blocks = 0;
+    }
+
+    fn reset(&mut self) {
+        // SAFETY: no block of the heap is live (blocks == 0).
+        unsafe { self.release_all() };
+    }
+}
+
+impl Drop for CountedHeap {
+    fn drop(&mut self) {
+        // SAFETY: the heap's owner drops its blocks with it; none is used
+        // after this.
+        unsafe { self.release_all() };
+    }
+}

@@ -125,14 +125,14 @@ pub fn assert_same_as_plain(name: &str, lego_args: &[&str], cmd: &[&str], stdin:
         evictions > 0,
         "{name}: the ExCache never filled up: {stats}"
     );
-    // At least 70% of the program's anonymous memory is disaggregated
-    // (90% before the compressed tier): what counts as local includes the
-    // runtime heap's free space around the tier, and a forked child's copy
-    // of its parent's tier (the multiprocessing test measured 75-88%).
+    // At least 75% of the program's anonymous memory is disaggregated.
+    // It was 90% before the compressed tier; with it, the multiprocessing
+    // test measures 75-88% (the tier's own heap is counted exactly and
+    // not as local; what else its churn leaves local is not yet found).
     let coverage = stats["coverage"]["fraction"].as_f64().unwrap_or(0.0);
     assert!(
-        coverage >= 0.70,
-        "{name}: coverage {coverage:.3} below 70%: {stats}"
+        coverage >= 0.75,
+        "{name}: coverage {coverage:.3} below 75%: {stats}"
     );
     assert!(
         stats["peak_resident_bytes"].as_u64().unwrap() <= stats["excache_bytes"].as_u64().unwrap(),

@@ -597,7 +597,12 @@ impl Pager {
             written += 1;
         }
         self.page = page;
-        while self.tier.over_cap() {
+        // Under its share; and, with the victims gone, within the budget
+        // (a heap that grows takes a segment at once).
+        let resident_after = self.cache.resident() - victims.len();
+        while self.tier.over_cap()
+            || (!self.tier.is_empty() && resident_after + self.tier.pages() > self.cache.budget())
+        {
             written += self.demote_oldest(b)?;
         }
         self.sync_tier();

@@ -642,20 +642,30 @@ fn a_page_in_the_tier_comes_back_without_the_network() {
 
 #[test]
 fn a_full_tier_writes_its_oldest_dirty_pages_back() {
-    // Room for about three compressed pages.
-    let mut m = Machine::new(64, 8, 0, 2).with_tier(600);
+    // Pages of 1 KiB of noise: a few fit in a tier of three heap pages.
+    let cap = 3 * PAGE_SIZE;
+    let mut m = Machine::new(64, 32, 0, 2).with_tier(cap);
+    let noise =
+        |p: usize, w: usize| (p as u64 * 512 + w as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     for p in 0..40 {
-        m.write(word(p, p % 512), 7 * p as u64 + 1);
+        for w in 0..128 {
+            m.write(word(p, w), noise(p, w));
+        }
         m.check();
     }
     while m.pager.cache().resident() > 0 {
         m.evict();
         m.check();
     }
-    assert!(m.pager.tier().bytes() <= 600, "{}", m.pager.tier().bytes());
-    assert_eq!(m.daemons.pages_written, 40 - m.pager.tier().len());
+    // Its heap may hold more than the share (free space between pages),
+    // but the budget counts it: `check` saw the budget hold throughout.
+    let tier = m.pager.tier();
+    assert!(!tier.is_empty() && tier.len() < 20, "{}", tier.len());
+    assert_eq!(m.daemons.pages_written, 40 - tier.len());
     for p in (0..40).rev() {
-        assert_eq!(m.read(word(p, p % 512)), 7 * p as u64 + 1);
+        for w in [0, 77, 127] {
+            assert_eq!(m.read(word(p, w)), noise(p, w));
+        }
         m.check();
     }
     assert!(m.pager.counters.tier_hits >= 1);
