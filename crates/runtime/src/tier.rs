@@ -178,6 +178,14 @@ impl Tier {
         self.live + self.slots.len() * INDEX_BYTES > self.cap
     }
 
+    /// Whether the next page offered would be skipped unseen (the tier is
+    /// off, or sampling and it is not the one in [`SAMPLE_EVERY`]): the
+    /// caller need not copy it out.
+    pub fn skips_next(&self) -> bool {
+        let sampling = self.fails_in_row >= FAILS_BEFORE_SAMPLING || self.cap <= self.min_cap();
+        !self.is_on() || (sampling && !self.tried.wrapping_add(1).is_multiple_of(SAMPLE_EVERY))
+    }
+
     /// Stores page `i` (`page`: its contents), `dirty` if the daemons do
     /// not hold them.
     pub fn store(&mut self, i: usize, page: &[u8], dirty: bool) -> Result<(), Rejected> {
@@ -185,9 +193,9 @@ impl Tier {
         if !self.is_on() {
             return Err(Rejected::Off);
         }
+        let skip = self.skips_next();
         self.tried = self.tried.wrapping_add(1);
-        let sampling = self.fails_in_row >= FAILS_BEFORE_SAMPLING || self.cap <= self.min_cap();
-        if sampling && !self.tried.is_multiple_of(SAMPLE_EVERY) {
+        if skip {
             return Err(Rejected::Skipped);
         }
         self.out

@@ -561,7 +561,7 @@ impl Pager {
             if !v.dirty {
                 // The daemons hold it (or, never written, it reads as
                 // zeros): kept in the tier, its next miss stays local.
-                if remote && self.tier.is_on() {
+                if remote && !self.tier.skips_next() {
                     t.copy_out(addr, &mut page);
                     self.offer_to_tier(v.index, &page, false);
                 }
