@@ -553,6 +553,29 @@ impl CountedHeap {
         }
     }
 
+    /// Moves every live block (`blocks`: all of them) into a fresh heap
+    /// and gives the old one's memory back: the footprint shrinks to what
+    /// is stored, where freeing leaves holes the kernel does not get back.
+    /// On failure (the kernel has no memory) nothing changes.
+    pub fn repack(&mut self, blocks: &mut [&mut Block]) -> bool {
+        assert_eq!(blocks.len(), self.blocks, "every live block, once");
+        let mut fresh = CountedHeap::new();
+        let mut moved = Vec::with_capacity(blocks.len());
+        for b in blocks.iter() {
+            match fresh.store(self.get(b)) {
+                Some(n) => moved.push(n),
+                None => return false,
+            }
+        }
+        for (b, n) in blocks.iter_mut().zip(moved) {
+            **b = n;
+        }
+        // The old heap, holding no block anyone has, is dropped: all its
+        // memory goes back.
+        std::mem::swap(self, &mut fresh);
+        true
+    }
+
     /// Gives every byte back to the kernel.
     ///
     /// # Safety

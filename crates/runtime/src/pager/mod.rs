@@ -564,6 +564,8 @@ impl Pager {
                 if remote && !self.tier.skips_next() {
                     t.copy_out(addr, &mut page);
                     self.offer_to_tier(v.index, &page, false);
+                } else {
+                    self.tier.pass();
                 }
                 continue;
             }
@@ -582,6 +584,8 @@ impl Pager {
                 unchanged_remote += u64::from(remote);
                 if remote {
                     self.offer_to_tier(v.index, &page, false);
+                } else {
+                    self.tier.pass();
                 }
                 continue;
             }
