@@ -69,12 +69,13 @@ pub const CHEAP_RATIO: usize = 4;
 /// 35-40 µs of the program's wall time here) where there would have been
 /// none; a far hit saves the difference between a remote miss (about
 /// 90 µs) and that, about 50 µs. The tier is worth its share while
-/// `far * 50 > near * 40`, i.e. while near hits are less than about
-/// 55-60% of its hits; it shrinks when they are more than this share
-/// (measured: zstd at a 2.8 MiB ExCache, 90-97% near, 126 s with the tier
-/// against 24 s without; the dict program at 18 MiB, 25-30% near, 15 s
-/// with it against 22 s with the tier shrunk).
-pub const NEAR_SHARE: f64 = 2.0 / 3.0;
+/// `far * 50 > near * 40`, i.e. while near hits are less than about 55%
+/// of its hits; it shrinks when they are more than this share. Measured
+/// (docs/benchmarks.md): zstd at a 2.8 MiB ExCache has 55-70% near hits,
+/// 70 s with a threshold of 2/3 and 27 s with this one (19 s with the
+/// tier off); the dict program at 18 MiB has 25-30% near hits and keeps
+/// the tier (12 s, against 22 s with the tier shrunk).
+pub const NEAR_SHARE: f64 = 0.5;
 
 /// A stored page.
 struct Slot {
