@@ -75,12 +75,14 @@ fn access_loop(mb: usize, random: bool) {
 }
 
 fn tcp_round_trip(samples: usize) -> Vec<f64> {
-    let d = lego_memory::MemoryDaemon::start("127.0.0.1:0", 1 << 30).expect("daemon starts");
+    let cred = lego_transport::auth::Credential::generate().expect("random numbers");
+    let d = lego_memory::MemoryDaemon::start("127.0.0.1:0", 1 << 30, cred.clone())
+        .expect("daemon starts");
     let s = Tcp
         .connect(d.addr(), Duration::from_secs(2))
         .expect("connects");
     let mut c = FramedConn::new(s);
-    c.client_handshake(Role::Runtime, "bench")
+    c.client_handshake(Role::Runtime, "bench", &cred)
         .expect("handshake");
     let base = VirtAddr(1 << 40);
     c.call(
@@ -91,6 +93,7 @@ fn tcp_round_trip(samples: usize) -> Vec<f64> {
             region_base: base,
             region_bytes: 4 << 30,
             bootstrap_bytes: 0,
+            capability: lego_protocol::Capability([1; 16]),
         },
     )
     .expect("space");

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use lego_protocol::control::{Reply, Request, State};
+use lego_transport::auth::Credential;
 
 use crate::size::human;
 use crate::{fail, LEGO_FAILED};
@@ -23,6 +24,8 @@ pub struct ManagerArgs {
     /// and gets no new placements, e.g. 3s or 500ms.
     #[arg(long, value_name = "TIME", default_value = "3s", value_parser = parse_duration, env = "LEGO_HEARTBEAT_TIMEOUT")]
     heartbeat_timeout: Duration,
+    #[command(flatten)]
+    key: crate::keys::KeyArg,
 }
 
 /// Parses `500ms`, `3s`, `2m` or a plain number of seconds.
@@ -48,7 +51,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 pub fn manager(args: ManagerArgs) -> ExitCode {
-    match lego_manager::Manager::start(&args.listen, &args.state, args.heartbeat_timeout) {
+    let cred = match args.key.daemon(&args.listen) {
+        Ok(c) => c,
+        Err(e) => return fail("lego manager", e),
+    };
+    match lego_manager::Manager::start(&args.listen, &args.state, args.heartbeat_timeout, cred) {
         Ok(m) => {
             eprintln!(
                 "lego manager: serving on {} with state in {}",
@@ -62,8 +69,8 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
     }
 }
 
-pub fn status(manager: &str, json: bool) -> ExitCode {
-    let s = match lego_transport::ask_manager(manager, &Request::Status) {
+pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
+    let s = match lego_transport::ask_manager(manager, &Request::Status, cred) {
         Ok(Reply::Status(s)) => s,
         Ok(other) => return fail("lego status", format!("unexpected answer {other:?}")),
         Err(e) => return fail("lego status", e),
@@ -157,6 +164,8 @@ pub struct DrainArgs {
     /// off it stays where it went.
     #[arg(long, conflicts_with_all = ["no_wait", "timeout"])]
     cancel: bool,
+    #[command(flatten)]
+    key: crate::keys::KeyArg,
 }
 
 /// `lego drain`: marks a memory daemon draining, then waits, printing what
@@ -164,8 +173,12 @@ pub struct DrainArgs {
 /// and it has left the cluster.
 pub fn drain(args: DrainArgs) -> ExitCode {
     let id = args.id;
+    let cred = match args.key.client() {
+        Ok(c) => c,
+        Err(e) => return fail("lego drain", e),
+    };
     if args.cancel {
-        return match lego_transport::ask_manager(&args.manager, &Request::Undrain { id }) {
+        return match lego_transport::ask_manager(&args.manager, &Request::Undrain { id }, &cred) {
             Ok(Reply::Ok) => {
                 eprintln!("lego drain: memory daemon {id} is not draining; it takes new memory");
                 ExitCode::SUCCESS
@@ -174,7 +187,7 @@ pub fn drain(args: DrainArgs) -> ExitCode {
             Err(e) => fail("lego drain", e),
         };
     }
-    match lego_transport::ask_manager(&args.manager, &Request::Drain { id }) {
+    match lego_transport::ask_manager(&args.manager, &Request::Drain { id }, &cred) {
         Ok(Reply::Ok) => {}
         Ok(other) => return fail("lego drain", format!("unexpected answer {other:?}")),
         Err(e) => return fail("lego drain", e),
@@ -186,7 +199,7 @@ pub fn drain(args: DrainArgs) -> ExitCode {
     let deadline = std::time::Instant::now() + args.timeout;
     let mut last = None;
     loop {
-        let c = match lego_transport::ask_manager(&args.manager, &Request::Status) {
+        let c = match lego_transport::ask_manager(&args.manager, &Request::Status, &cred) {
             Ok(Reply::Status(s)) => s.components.into_iter().find(|c| c.id == id),
             Ok(other) => return fail("lego drain", format!("unexpected answer {other:?}")),
             Err(e) => return fail("lego drain", e),

@@ -6,6 +6,7 @@
 
 mod cluster;
 mod config;
+mod keys;
 mod processor;
 mod run;
 mod size;
@@ -46,6 +47,9 @@ enum Command {
     Status(StatusArgs),
     /// Move everything off a memory daemon while its programs run, then let it leave.
     Drain(cluster::DrainArgs),
+    /// Make a cluster credential (or a user's, derived from it): every
+    /// component and client proves itself with one.
+    Keygen(keys::KeygenArgs),
 }
 
 #[derive(clap::Args)]
@@ -64,6 +68,8 @@ struct MemoryArgs {
     /// address (e.g. when listening on 0.0.0.0).
     #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
     advertise: Option<String>,
+    #[command(flatten)]
+    key: keys::KeyArg,
 }
 
 #[derive(clap::Args)]
@@ -78,6 +84,8 @@ struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    key: keys::KeyArg,
 }
 
 const LEGO_FAILED: u8 = 125;
@@ -93,7 +101,14 @@ fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Memory(args) => {
             init_logging();
-            let mut d = match lego_memory::MemoryDaemon::start(&args.listen, args.capacity) {
+            if args.capacity < lego_protocol::PAGE_SIZE as u64 {
+                return fail("lego memory", "--capacity must be at least one page, 4K");
+            }
+            let cred = match args.key.daemon(&args.listen) {
+                Ok(c) => c,
+                Err(e) => return fail("lego memory", e),
+            };
+            let mut d = match lego_memory::MemoryDaemon::start(&args.listen, args.capacity, cred) {
                 Ok(d) => d,
                 Err(e) => return fail("lego memory", e),
             };
@@ -129,12 +144,23 @@ fn main() -> ExitCode {
             init_logging();
             processor::processor(args)
         }
-        Command::Status(args) => match (&args.memory, &args.manager) {
-            (_, Some(m)) => cluster::status(m, args.json),
-            (Some(mem), None) => memory_status(mem, args.json),
-            (None, None) => fail("lego status", "give --manager or --memory"),
-        },
+        Command::Status(args) => {
+            lego_sys::process::end_quietly_on_closed_pipe();
+            let cred = match args.key.client() {
+                Ok(c) => c,
+                Err(e) => return fail("lego status", e),
+            };
+            match (&args.memory, &args.manager) {
+                (_, Some(m)) => cluster::status(m, args.json, &cred),
+                (Some(mem), None) => memory_status(mem, args.json, &cred),
+                (None, None) => fail("lego status", "give --manager or --memory"),
+            }
+        }
         Command::Drain(args) => cluster::drain(args),
+        Command::Keygen(args) => {
+            lego_sys::process::end_quietly_on_closed_pipe();
+            keys::keygen(args)
+        }
     }
 }
 
@@ -155,8 +181,8 @@ fn fail(cmd: &str, msg: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(LEGO_FAILED)
 }
 
-fn memory_status(addr: &str, json: bool) -> ExitCode {
-    match lego_memory::query_stats(addr) {
+fn memory_status(addr: &str, json: bool, cred: &lego_transport::auth::Credential) -> ExitCode {
+    match lego_memory::query_stats(addr, cred) {
         Ok(s) => {
             if json {
                 println!(

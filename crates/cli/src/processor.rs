@@ -22,6 +22,8 @@ pub struct ProcessorArgs {
     /// Address clients reach this daemon at, if not the listening address.
     #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
     advertise: Option<String>,
+    #[command(flatten)]
+    key: crate::keys::KeyArg,
 }
 
 pub fn processor(args: ProcessorArgs) -> ExitCode {
@@ -34,12 +36,17 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
             )
         }
     };
+    let cred = match args.key.daemon(&args.listen) {
+        Ok(c) => c,
+        Err(e) => return fail("lego processor", e),
+    };
     let config = ProcessorConfig {
         listen: args.listen,
         manager: args.manager,
         excache_bytes: args.excache,
         advertise: args.advertise,
         lego_exe,
+        cred,
     };
     let d = match ProcessorDaemon::start(config) {
         Ok(d) => d,

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use lego_sys::stats::{self, SharedStats};
+use lego_transport::auth::{Credential, KEY_ENV};
 use serde_json::json;
 
 use crate::size::{human, parse_size};
@@ -48,6 +49,8 @@ pub struct RunArgs {
     /// Do not print the summary (errors are still printed).
     #[arg(long, short)]
     quiet: bool,
+    #[command(flatten)]
+    key: crate::keys::KeyArg,
     /// The program and its arguments.
     #[arg(required = true, value_name = "PROGRAM")]
     command: Vec<OsString>,
@@ -123,8 +126,8 @@ fn runtime_library() -> Result<PathBuf, String> {
     ))
 }
 
-fn check_daemon(addr: &str) -> Result<(), String> {
-    lego_memory::query_stats(addr)
+fn check_daemon(addr: &str, cred: &Credential) -> Result<(), String> {
+    lego_memory::query_stats(addr, cred)
         .map(|_| ())
         .map_err(|e| format!("memory daemon {addr}: {e}"))
 }
@@ -132,9 +135,9 @@ fn check_daemon(addr: &str) -> Result<(), String> {
 /// The alive memory daemons of the cluster at `manager`, most free
 /// capacity first (the first is the home of the address space), with their
 /// manager ids.
-fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
+fn cluster_memory(manager: &str, cred: &Credential) -> Result<(Vec<String>, Vec<u64>), String> {
     use lego_protocol::control::{Kind, Reply, Request, State, PLACEMENT_BYTES};
-    let status = match lego_transport::ask_manager(manager, &Request::Status)? {
+    let status = match lego_transport::ask_manager(manager, &Request::Status, cred)? {
         Reply::Status(s) => s,
         other => {
             return Err(format!(
@@ -166,8 +169,12 @@ fn cluster_memory(manager: &str) -> Result<(Vec<String>, Vec<u64>), String> {
 
 pub fn run(args: RunArgs) -> ExitCode {
     if let (Some(m), false) = (&args.manager, args.local) {
-        match lego_processor::remote::processors_alive(m) {
-            Ok(true) => return run_on_processor(m, &args),
+        let cred = match args.key.client() {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
+        match lego_processor::remote::processors_alive(m, &cred) {
+            Ok(true) => return run_on_processor(m, &args, cred),
             Ok(false) => {} // No processor daemon: this host runs it.
             Err(e) => return fail(e),
         }
@@ -201,10 +208,12 @@ pub fn run(args: RunArgs) -> ExitCode {
     };
 
     let embedded;
+    let mut one_run = None;
     let mut managed: Option<(String, Vec<u64>)> = None;
+    let client = || args.key.client();
     let daemons = if let Some(m) = &args.manager {
         embedded = None;
-        match cluster_memory(m) {
+        match client().and_then(|cred| cluster_memory(m, &cred)) {
             Ok((addrs, ids)) => {
                 managed = Some((m.clone(), ids));
                 addrs
@@ -212,7 +221,13 @@ pub fn run(args: RunArgs) -> ExitCode {
             Err(e) => return fail(e),
         }
     } else if args.memory.is_empty() {
-        match lego_memory::MemoryDaemon::start("127.0.0.1:0", args.capacity) {
+        let key = match crate::keys::OneRunKey::new() {
+            Ok(k) => k,
+            Err(e) => return fail(format!("cannot make the run's credential: {e}")),
+        };
+        let cred = key.cred.clone();
+        one_run = Some(key);
+        match lego_memory::MemoryDaemon::start("127.0.0.1:0", args.capacity, cred) {
             Ok(d) => {
                 let a = d.addr().to_string();
                 embedded = Some(d);
@@ -222,8 +237,12 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     } else {
         embedded = None;
+        let cred = match client() {
+            Ok(c) => c,
+            Err(e) => return fail(e),
+        };
         for a in &args.memory {
-            if let Err(e) = check_daemon(a) {
+            if let Err(e) = check_daemon(a, &cred) {
                 return fail(e);
             }
         }
@@ -247,6 +266,17 @@ pub fn run(args: RunArgs) -> ExitCode {
         .env("LEGO_MEMORY", daemons.join(","))
         .env("LEGO_EXCACHE_BYTES", args.excache.to_string())
         .env("LEGO_STATS_FD", stats_fd.to_string());
+    // The runtime proves itself with the run's own credential, or the one
+    // this command was given (else it finds the same default file).
+    match (&one_run, &args.key.key) {
+        (Some(k), _) => {
+            cmd.env(KEY_ENV, k.path());
+        }
+        (None, Some(p)) => {
+            cmd.env(KEY_ENV, p);
+        }
+        (None, None) => {}
+    }
     if let Some((m, ids)) = &managed {
         let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
         cmd.env("LEGO_MANAGER", m)
@@ -288,6 +318,7 @@ pub fn run(args: RunArgs) -> ExitCode {
     if let Some(d) = embedded {
         d.shutdown();
     }
+    drop(one_run);
     if hung.is_some() {
         return ExitCode::from(crate::LEGO_FAILED);
     }
@@ -296,7 +327,7 @@ pub fn run(args: RunArgs) -> ExitCode {
 
 /// Runs the program on the processor daemon the manager at `manager`
 /// picks; ends this process the way the program ended.
-fn run_on_processor(manager: &str, args: &RunArgs) -> ExitCode {
+fn run_on_processor(manager: &str, args: &RunArgs, cred: Credential) -> ExitCode {
     let job = lego_processor::RemoteRun {
         manager: manager.to_string(),
         argv: args
@@ -307,6 +338,7 @@ fn run_on_processor(manager: &str, args: &RunArgs) -> ExitCode {
         excache_bytes: args.excache,
         summary: !args.quiet,
         stats: args.stats.is_some(),
+        cred,
     };
     let ended = match job.run() {
         Ok(e) => e,

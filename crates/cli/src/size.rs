@@ -24,7 +24,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     if !v.is_finite() || v <= 0.0 || v * mult as f64 >= u64::MAX as f64 {
         return Err(bad());
     }
-    Ok((v * mult as f64) as u64)
+    let bytes = v * mult as f64;
+    if bytes.fract() != 0.0 {
+        return Err(format!(
+            "invalid size '{s}': not a whole number of bytes ({bytes} bytes)"
+        ));
+    }
+    Ok(bytes as u64)
 }
 
 pub use lego_protocol::control::human_bytes as human;
@@ -40,7 +46,7 @@ mod tests {
         assert_eq!(parse_size("64MiB"), Ok(64 << 20));
         assert_eq!(parse_size("1.5g"), Ok(3 << 29));
         assert_eq!(parse_size("2GB"), Ok(2 << 30));
-        for bad in ["", "abc", "-1M", "0", "12Q", "1e400"] {
+        for bad in ["", "abc", "-1M", "0", "12Q", "1e400", "0.1", "1.5", "0.3K"] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

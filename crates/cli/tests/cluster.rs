@@ -101,6 +101,7 @@ impl Hosts {
         let mut child = self
             .cmd(name)
             .arg(lego())
+            .env("LEGO_KEY", key())
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
@@ -122,6 +123,7 @@ impl Hosts {
         let out = self
             .cmd(name)
             .arg(lego())
+            .env("LEGO_KEY", key())
             .args(["status", "--json", "--manager", manager])
             .output()
             .unwrap();
@@ -234,6 +236,7 @@ fn component_states(s: &serde_json::Value) -> Vec<(String, String)> {
 fn run_on_cluster(h: &Hosts, manager: &str, prog: &str, args: &[&str]) -> Child {
     h.cmd("mgr")
         .arg(lego())
+        .env("LEGO_KEY", key())
         .args([
             "run",
             "--quiet",
@@ -388,6 +391,7 @@ fn memory_daemons_added_and_drained_while_a_program_runs_lose_nothing() {
     let drain = |args: &[&str]| {
         h.cmd("mgr")
             .arg(lego())
+            .env("LEGO_KEY", key())
             .arg("drain")
             .args(args)
             .args(["--manager", &manager])
@@ -476,6 +480,7 @@ fn a_program_on_a_processor_daemon_gets_stdin_and_gives_back_output_and_status()
     let out = h
         .cmd("mgr")
         .arg(lego())
+        .env("LEGO_KEY", key())
         .args(["run", "--excache", "16M", "--manager", &manager, "--stats"])
         .arg(&stats)
         .args([
@@ -707,7 +712,7 @@ fn cluster_commands_answer_bad_input_with_one_line_errors() {
         ],
     ];
     for args in cases {
-        let out = Command::new(lego()).args(*args).output().unwrap();
+        let out = lego_cmd().args(*args).output().unwrap();
         assert!(!out.status.success(), "{args:?} succeeded");
         let err = text(&out.stderr);
         let first = err.lines().next().unwrap_or("");
@@ -754,7 +759,7 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
     assert_eq!(capacity_of(&["memory"], &[("LEGO_CONFIG", f)]), 96 * MIB);
     // A setting the command does not have, and a file that is not TOML.
     std::fs::write(&file, "[memory]\ncapacity = \"1G\"\nspeed = \"fast\"\n").unwrap();
-    let out = Command::new(lego())
+    let out = lego_cmd()
         .args(["--config", f, "memory", "--listen", "127.0.0.1:0"])
         .output()
         .unwrap();
@@ -765,10 +770,7 @@ fn settings_come_from_flags_then_environment_then_the_config_file() {
         text(&out.stderr)
     );
     std::fs::write(&file, "[memory\n").unwrap();
-    let out = Command::new(lego())
-        .args(["--config", f, "memory"])
-        .output()
-        .unwrap();
+    let out = lego_cmd().args(["--config", f, "memory"]).output().unwrap();
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).starts_with("lego: config file"),

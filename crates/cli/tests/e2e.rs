@@ -133,7 +133,7 @@ const BUDGET_SLACK_BYTES: u64 = 1 << 20;
 fn resident_memory_stays_within_the_budget_seen_from_outside() {
     let prog = compile("touch_pages", &[]);
     let budget: u64 = 16 << 20;
-    let mut lego_run = Command::new(lego())
+    let mut lego_run = lego_cmd()
         .args(["run", "--excache", "16M", "--"])
         .arg(&prog)
         .args(["128", "6"])
@@ -179,7 +179,7 @@ fn resident_memory_stays_within_the_budget_seen_from_outside() {
 fn killed_memory_daemon_stops_the_program_with_a_clear_error() {
     let prog = compile("touch_pages", &[]);
     let mut daemon = Daemon::start("1G");
-    let mut run = Command::new(lego())
+    let mut run = lego_cmd()
         .args(["run", "--excache", "8M", "--memory", &daemon.addr, "--"])
         .arg(&prog)
         .args(["64", "100000"])
@@ -280,7 +280,7 @@ fn two_memory_daemons_serve_one_program() {
 #[test]
 fn statically_linked_program_is_refused_before_it_starts() {
     let prog = compile("touch_pages", &["-static"]);
-    let out = Command::new(lego())
+    let out = lego_cmd()
         .args(["run", "--"])
         .arg(&prog)
         .args(["1", "1"])
@@ -327,14 +327,14 @@ fn user_without_userfaultfd_access_is_told_why() {
 
 #[test]
 fn exit_status_signals_and_stdio_pass_through() {
-    let out = Command::new(lego())
+    let out = lego_cmd()
         .args(["run", "--", "sh", "-c", "exit 7"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(7));
 
     use std::os::unix::process::ExitStatusExt;
-    let out = Command::new(lego())
+    let out = lego_cmd()
         .args(["run", "--", "sh", "-c", "kill -SEGV $$"])
         .output()
         .unwrap();
@@ -345,7 +345,7 @@ fn exit_status_signals_and_stdio_pass_through() {
         out.status
     );
 
-    let mut c = Command::new(lego())
+    let mut c = lego_cmd()
         .args(["run", "--", "cat"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -398,7 +398,7 @@ fn bad_arguments_get_one_line_errors() {
         ),
         (vec!["status", "--memory", "127.0.0.1:1"], "127.0.0.1:1"),
     ] {
-        let out = Command::new(lego()).args(&args).output().unwrap();
+        let out = lego_cmd().args(&args).output().unwrap();
         let err = text(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(err.contains(needle), "{args:?}: {err}");
@@ -411,7 +411,7 @@ fn bad_arguments_get_one_line_errors() {
 fn run_bounded(args: &[&str], env: &[(&str, &str)], limit: Duration) -> (Output, Duration) {
     use std::os::unix::process::CommandExt;
     let started = Instant::now();
-    let mut run = Command::new(lego())
+    let mut run = lego_cmd()
         .arg("run")
         .args(args)
         .envs(env.iter().copied())

@@ -79,7 +79,7 @@ fn two_hundred_short_runs_and_kills_leave_the_daemon_as_it_was() {
     // Killed and crashed programs free their memory too.
     let prog = compile("touch_pages", &[]);
     for sig in ["KILL", "SEGV"] {
-        let mut c = Command::new(lego())
+        let mut c = lego_cmd()
             .args(["run", "--excache", "4M", "--memory", &daemon.addr, "--"])
             .arg(&prog)
             .args(["32", "1000000"])

@@ -13,6 +13,8 @@
 #![deny(unsafe_code)]
 
 pub mod db;
+#[cfg(test)]
+mod fuzz_tests;
 pub mod state;
 
 use std::path::Path;
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use lego_protocol::control::{self, Reply, Request};
 use lego_protocol::Message;
+use lego_transport::auth::{Credential, Identity};
 use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport};
 
 use db::Db;
@@ -30,6 +33,9 @@ use state::Cluster;
 
 /// How long a new connection may take to say `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may stay silent (components heartbeat every
+/// second; clients ask and leave).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ManagerError {
@@ -82,9 +88,15 @@ pub struct Manager {
 }
 
 impl Manager {
-    /// Opens the state in `state_dir`, binds `listen` and serves; a
-    /// component silent for `timeout` is marked failed.
-    pub fn start(listen: &str, state_dir: &Path, timeout: Duration) -> Result<Self, ManagerError> {
+    /// Opens the state in `state_dir`, binds `listen` and serves the peers
+    /// `cred` (the cluster credential) vouches for; a component silent for
+    /// `timeout` is marked failed.
+    pub fn start(
+        listen: &str,
+        state_dir: &Path,
+        timeout: Duration,
+        cred: Credential,
+    ) -> Result<Self, ManagerError> {
         let db = Db::open(state_dir)?;
         let timeout_ms = timeout.as_millis().max(1) as u64;
         let cluster = db.load(timeout_ms, 0).map_err(ManagerError::Load)?;
@@ -98,8 +110,9 @@ impl Manager {
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
             let inner = inner.clone();
+            let cred = Arc::new(cred);
             lego_transport::serve_connections(listener, "lego-manager", stop.clone(), move |s| {
-                serve_connection(s, inner.clone())
+                serve_connection(s, inner.clone(), &cred)
             })
         };
         let ticker = {
@@ -158,25 +171,62 @@ impl Manager {
     }
 }
 
-fn serve_connection<S: Stream>(stream: S, inner: Arc<Inner>) {
+fn serve_connection<S: Stream>(stream: S, inner: Arc<Inner>, cred: &Credential) {
     let peer = stream.peer();
     let mut conn = FramedConn::new(stream);
     let result = conn
-        .server_handshake(0, HELLO_TIMEOUT)
-        .and_then(|()| request_loop(&mut conn, &inner));
+        .server_handshake(0, HELLO_TIMEOUT, cred)
+        .and_then(|who| {
+            conn.be_patient(Some(IDLE_TIMEOUT))?;
+            request_loop(&mut conn, &inner, &who.identity)
+        });
     match result {
         Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
         Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
     }
 }
 
-fn request_loop<S: Stream>(conn: &mut FramedConn<S>, inner: &Inner) -> Result<(), ConnError> {
+/// What a peer may ask: the cluster's components and operators anything;
+/// a user places its programs and their memory and sees the cluster
+/// without the spaces and programs in it (see docs/security.md).
+fn authorize(who: &Identity, req: &Request) -> Result<(), String> {
+    match (who, req) {
+        (Identity::Cluster, _) => Ok(()),
+        (
+            Identity::User(_),
+            Request::PlaceMemory { .. }
+            | Request::PlaceProcess { .. }
+            | Request::Draining
+            | Request::Status,
+        ) => Ok(()),
+        (Identity::User(_), other) => Err(format!(
+            "{who} may not {}: only the cluster's components and operators may",
+            other.verb()
+        )),
+    }
+}
+
+fn request_loop<S: Stream>(
+    conn: &mut FramedConn<S>,
+    inner: &Inner,
+    who: &Identity,
+) -> Result<(), ConnError> {
     loop {
         let f = conn.recv()?;
         let id = f.request_id;
         let reply = match f.message {
             Message::Control { json } => match control::from_json::<Request>(json) {
-                Ok(req) => inner.apply(req),
+                Ok(req) => match authorize(who, &req) {
+                    Ok(()) => match (who, inner.apply(req)) {
+                        (Identity::User(_), Reply::Status(mut s)) => {
+                            s.spaces.clear();
+                            s.processes.clear();
+                            Reply::Status(s)
+                        }
+                        (_, reply) => reply,
+                    },
+                    Err(message) => Reply::Error { message },
+                },
                 Err(message) => Reply::Error { message },
             },
             other => Reply::Error {
@@ -186,7 +236,16 @@ fn request_loop<S: Stream>(conn: &mut FramedConn<S>, inner: &Inner) -> Result<()
                 ),
             },
         };
-        let json = control::to_json(&reply);
+        let mut json = control::to_json(&reply);
+        if json.len() > lego_protocol::MAX_CONTROL_BYTES {
+            json = control::to_json(&Reply::Error {
+                message: format!(
+                    "the answer ({} bytes) exceeds the frame limit of {} bytes",
+                    json.len(),
+                    lego_protocol::MAX_CONTROL_BYTES
+                ),
+            });
+        }
         conn.send(id, &Message::Control { json: &json })?;
     }
 }
@@ -206,7 +265,8 @@ mod tests {
     #[test]
     fn state_survives_a_restart_and_garbage_gets_an_error() {
         let dir = tmp("restart");
-        let m = Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5)).unwrap();
+        let cred = Credential::generate().unwrap();
+        let m = Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5), cred.clone()).unwrap();
         let t = Duration::from_secs(5);
         let r = control_call(
             m.addr(),
@@ -217,10 +277,11 @@ mod tests {
                 id: None,
             },
             t,
+            &cred,
         )
         .unwrap();
         assert!(matches!(r, Reply::Registered { id: 1, .. }), "{r:?}");
-        let mut c = ControlClient::connect(m.addr(), "t", t).unwrap();
+        let mut c = ControlClient::connect(m.addr(), "t", t, &cred).unwrap();
         let placed = c.call(&Request::PlaceMemory { space: 3, unit: 0 }).unwrap();
         assert!(matches!(placed, Reply::Placed { id: 1, .. }), "{placed:?}");
         drop(c);
@@ -230,7 +291,8 @@ mod tests {
         // their peers leave.
         let m = (0..100)
             .find_map(|_| {
-                let m = Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5)).ok();
+                let m =
+                    Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5), cred.clone()).ok();
                 if m.is_none() {
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -241,7 +303,7 @@ mod tests {
         assert_eq!(s.components.len(), 1);
         assert_eq!(s.spaces[0].units, [(1, 1)]);
         // A frame that is not a control request, and a malformed one.
-        let mut c = ControlClient::connect(m.addr(), "t", t).unwrap();
+        let mut c = ControlClient::connect(m.addr(), "t", t, &cred).unwrap();
         let e = c
             .call(&Request::Heartbeat {
                 id: 42,

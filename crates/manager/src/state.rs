@@ -6,7 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use lego_protocol::control::{
-    ClusterStatus, ComponentInfo, Kind, ProcessInfo, Reply, Request, RunningInfo, SpaceInfo, State,
+    short_program, ClusterStatus, ComponentInfo, Kind, ProcessInfo, Reply, Request, RunningInfo,
+    SpaceInfo, State, MAX_ADDR_BYTES, MAX_COMPONENTS, MAX_COMPONENT_ID, MAX_PROCESSES,
     PLACEMENT_BYTES,
 };
 use serde::{Deserialize, Serialize};
@@ -201,6 +202,19 @@ impl Cluster {
                 message: "a component must register with the address it serves on".into(),
             };
         }
+        if addr.len() > MAX_ADDR_BYTES {
+            return Reply::Error {
+                message: format!(
+                    "a component address is at most {MAX_ADDR_BYTES} bytes, not {}",
+                    addr.len()
+                ),
+            };
+        }
+        if id.is_some_and(|id| id == 0 || id > MAX_COMPONENT_ID) {
+            return Reply::Error {
+                message: format!("component ids are 1 to {MAX_COMPONENT_ID}"),
+            };
+        }
         // The same id again (a restart of the component or of the
         // manager), else one that component had at the same address, else
         // a new one.
@@ -213,6 +227,18 @@ impl Cluster {
                 .map(|(&id, _)| id)
                 .unwrap_or_else(|| self.components.keys().next_back().map_or(1, |k| k + 1)),
         };
+        if !self.components.contains_key(&id) {
+            if self.components.len() >= MAX_COMPONENTS {
+                return Reply::Error {
+                    message: format!("the cluster has its most components ({MAX_COMPONENTS})"),
+                };
+            }
+            if id > MAX_COMPONENT_ID {
+                return Reply::Error {
+                    message: format!("no component id left below {MAX_COMPONENT_ID}"),
+                };
+            }
+        }
         let c = self.components.entry(id).or_insert_with(|| Component {
             kind,
             addr: addr.clone(),
@@ -263,7 +289,14 @@ impl Cluster {
         c.used_bytes = used_bytes;
         c.load = load;
         c.last_seen_ms = now;
-        c.processes = processes;
+        c.processes = processes
+            .into_iter()
+            .take(MAX_PROCESSES)
+            .map(|p| ProcessInfo {
+                program: short_program(&p.program),
+                ..p
+            })
+            .collect();
         c.spaces = spaces.into_iter().collect();
         if c.kind == Kind::Memory {
             // Units of spaces this daemon no longer holds (their programs
@@ -339,7 +372,7 @@ impl Cluster {
                     .saturating_sub(units.get(o).copied().unwrap_or(0) * PLACEMENT_BYTES)
                     / PLACEMENT_BYTES
             })
-            .sum();
+            .fold(0, u64::saturating_add);
         if room < on_it {
             return error(format!(
                 "cannot drain memory daemon {id}: its {on_it} units ({} MiB) do not fit on the other alive memory daemons (room for {room})",
@@ -416,7 +449,7 @@ impl Cluster {
                 .fold((0, 0, 0), |(cap, placed, n), (id, c)| {
                     let units = units.get(id).copied().unwrap_or(0);
                     (
-                        cap + c.capacity_bytes,
+                        c.capacity_bytes.saturating_add(cap),
                         placed + units * PLACEMENT_BYTES,
                         n + 1,
                     )
@@ -452,7 +485,10 @@ impl Cluster {
             .iter()
             .filter(|(_, c)| c.kind == Kind::Processor && c.state == State::Alive)
             .filter_map(|(&id, c)| {
-                let used: u64 = c.processes.iter().map(|p| p.excache_bytes).sum();
+                let used = c
+                    .processes
+                    .iter()
+                    .fold(0u64, |a, p| a.saturating_add(p.excache_bytes));
                 let room = c.capacity_bytes.saturating_sub(used);
                 (room >= excache_bytes).then_some((c.processes.len(), std::cmp::Reverse(room), id))
             })

@@ -24,8 +24,10 @@ pub enum LayoutError {
     NotMapped(u64),
 }
 
+/// `v` rounded up to a page; saturates (sizes come from the wire, and
+/// a saturated one fits nowhere).
 fn round_up(v: u64) -> u64 {
-    v.div_ceil(PAGE) * PAGE
+    v.div_ceil(PAGE).saturating_mul(PAGE)
 }
 
 /// A layout as it travels between daemons: the break's start, the break and
@@ -46,13 +48,16 @@ impl Layout {
     /// A layout for the region `[base, base+len)` whose first
     /// `bootstrap_bytes` are already in use.
     pub fn new(base: u64, len: u64, bootstrap_bytes: u64) -> Result<Self, LayoutError> {
-        if !base.is_multiple_of(PAGE) || len < 3 * VREGION_BYTES || bootstrap_bytes > VREGION_BYTES
+        if !base.is_multiple_of(PAGE)
+            || len < 3 * VREGION_BYTES
+            || bootstrap_bytes > VREGION_BYTES
+            || base.checked_add(len).is_none()
         {
             return Err(LayoutError::BadRange(base, len));
         }
         let mut vmas = BTreeMap::new();
         if bootstrap_bytes > 0 {
-            vmas.insert(base, base + round_up(bootstrap_bytes));
+            vmas.insert(base, base.saturating_add(round_up(bootstrap_bytes)));
         }
         let brk_start = base + VREGION_BYTES;
         Ok(Self {
@@ -85,9 +90,12 @@ impl Layout {
     }
 
     fn find_gap(&self, len: u64) -> Option<u64> {
+        if len > self.end - self.base {
+            return None;
+        }
         let mut cursor = self.base + 2 * VREGION_BYTES;
         for (&s, &e) in self.vmas.range(cursor..) {
-            if s >= cursor + len {
+            if s >= cursor.saturating_add(len) {
                 break;
             }
             cursor = cursor.max(e);
@@ -96,11 +104,12 @@ impl Layout {
         let in_vregion = cursor % VREGION_BYTES;
         if len <= VREGION_BYTES && in_vregion + len > VREGION_BYTES {
             let next = cursor - in_vregion + VREGION_BYTES;
-            if self.is_free(next, next + len) && next + len <= self.end {
+            if self.is_free(next, next.saturating_add(len)) && next.saturating_add(len) <= self.end
+            {
                 return Some(next);
             }
         }
-        (cursor + len <= self.end).then_some(cursor)
+        (cursor.saturating_add(len) <= self.end).then_some(cursor)
     }
 
     /// Places a new mapping of `len` bytes; returns its address.
@@ -149,6 +158,9 @@ impl Layout {
     ) -> Result<u64, LayoutError> {
         self.check(old, old_len)?;
         let old_len = round_up(old_len);
+        if new_len > self.end - self.base {
+            return Err(LayoutError::NoSpace(new_len));
+        }
         let new_len = round_up(new_len.max(1));
         let e = *self.vmas.get(&old).ok_or(LayoutError::NotMapped(old))?;
         if e < old + old_len {
@@ -180,7 +192,10 @@ impl Layout {
     /// Moves the break; `0` only queries. Returns the break after the call
     /// and, if it shrank, the range whose pages must be discarded.
     pub fn brk(&mut self, new_brk: u64) -> (u64, Option<(u64, u64)>) {
-        if new_brk == 0 || new_brk < self.brk_start || new_brk > self.brk_start + VREGION_BYTES {
+        if new_brk == 0
+            || new_brk < self.brk_start
+            || new_brk > self.brk_start.saturating_add(VREGION_BYTES)
+        {
             return (self.brk, None);
         }
         let old = self.brk;
@@ -252,6 +267,21 @@ mod tests {
     const BASE: u64 = 1 << 40;
     fn layout() -> Layout {
         Layout::new(BASE, 64 * VREGION_BYTES, 1 << 20).unwrap()
+    }
+
+    #[test]
+    fn sizes_from_the_wire_that_overflow_are_refused() {
+        assert!(Layout::new(u64::MAX - 4095, 4 << 30, 0).is_err());
+        let mut l = Layout::new(1 << 40, 4 << 30, 0).unwrap();
+        let a = l.mmap(8192).unwrap();
+        for len in [u64::MAX, u64::MAX - 4095, 1 << 63] {
+            assert!(l.mremap(a, 8192, len, true).is_err(), "{len}");
+            assert!(l.mremap(a, 8192, len, false).is_err(), "{len}");
+            assert!(l.mmap(len).is_err(), "{len}");
+            assert!(l.munmap(a, len).is_err(), "{len}");
+        }
+        assert_eq!(l.brk(u64::MAX).0, l.brk(0).0);
+        assert_eq!(l.mremap(a, 8192, 4096, false).unwrap(), a);
     }
 
     #[test]

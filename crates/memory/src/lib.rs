@@ -11,6 +11,8 @@
 
 #![deny(unsafe_code)]
 
+#[cfg(test)]
+mod fuzz_tests;
 pub mod layout;
 pub mod store;
 
@@ -20,6 +22,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use lego_protocol::{DaemonStats, Message, SpaceId, VirtAddr};
+use lego_transport::auth::Credential;
 use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport, TransportError};
 use store::{Refusal, Store};
 
@@ -30,6 +33,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct MemoryDaemon {
     addr: String,
     store: Arc<Mutex<Store>>,
+    cred: Arc<Credential>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     membership: Option<lego_transport::Membership>,
@@ -51,21 +55,28 @@ fn lock(store: &Mutex<Store>) -> MutexGuard<'_, Store> {
 }
 
 impl MemoryDaemon {
-    /// Binds `listen` (HOST:PORT, port 0 picks one) and starts serving.
-    pub fn start(listen: &str, capacity_bytes: u64) -> Result<Self, TransportError> {
+    /// Binds `listen` (HOST:PORT, port 0 picks one) and starts serving
+    /// the peers `cred` (the cluster credential) vouches for.
+    pub fn start(
+        listen: &str,
+        capacity_bytes: u64,
+        cred: Credential,
+    ) -> Result<Self, TransportError> {
         let listener = Tcp.listen(listen)?;
         let addr = Listener::local_addr(&listener);
         let store = Arc::new(Mutex::new(Store::new(capacity_bytes)));
         let stop = Arc::new(AtomicBool::new(false));
+        let cred = Arc::new(cred);
         let accept = {
-            let store = store.clone();
+            let (store, cred) = (store.clone(), cred.clone());
             lego_transport::serve_connections(listener, "lego-memory", stop.clone(), move |s| {
-                serve_connection(s, store.clone())
+                serve_connection(s, store.clone(), &cred)
             })
         };
         Ok(Self {
             addr,
             store,
+            cred,
             stop,
             accept: Some(accept),
             membership: None,
@@ -100,6 +111,7 @@ impl MemoryDaemon {
             lego_protocol::control::Kind::Memory,
             &addr,
             capacity_bytes,
+            &self.cred,
         )?;
         let id = member.id();
         let membership = member.keep_alive(stop, move || {
@@ -159,13 +171,21 @@ impl MemoryDaemon {
     }
 }
 
-fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>) {
+fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>, cred: &Credential) {
     let peer = stream.peer();
     lock(&store).connections += 1;
     let mut conn = FramedConn::new(stream);
     let mut space: Option<SpaceId> = None;
-    let result =
-        handshake(&mut conn, &store).and_then(|()| request_loop(&mut conn, &store, &mut space));
+    // A bug in a handler must not leak the connection's space: caught
+    // here, the space is released below like on any other end.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        handshake(&mut conn, &store, cred).and_then(|_| request_loop(&mut conn, &store, &mut space))
+    }))
+    .unwrap_or_else(|_| {
+        Err(ConnError::Unexpected(
+            "a request handler failed (a bug; see the panic above)".into(),
+        ))
+    });
     match result {
         Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
         Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
@@ -177,9 +197,13 @@ fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>) {
     }
 }
 
-fn handshake<S: Stream>(conn: &mut FramedConn<S>, store: &Mutex<Store>) -> Result<(), ConnError> {
+fn handshake<S: Stream>(
+    conn: &mut FramedConn<S>,
+    store: &Mutex<Store>,
+    cred: &Credential,
+) -> Result<lego_transport::Peer, ConnError> {
     let capacity_bytes = lock(store).capacity_bytes();
-    conn.server_handshake(capacity_bytes, HELLO_TIMEOUT)
+    conn.server_handshake(capacity_bytes, HELLO_TIMEOUT, cred)
 }
 
 /// Replies a request can produce (page data goes in the connection's
@@ -264,26 +288,38 @@ fn handle(
             region_base,
             region_bytes,
             bootstrap_bytes,
+            capability,
             ..
         } => {
             no_space_yet(space)?;
-            let id = st.open(region_base, region_bytes, bootstrap_bytes)?;
+            let id = st.open(region_base, region_bytes, bootstrap_bytes, capability)?;
             *space = Some(id);
             Ok(Reply::Opened(id))
         }
         Message::AttachSpace {
             space: id,
+            capability,
             region_base,
             region_bytes,
         } => {
             no_space_yet(space)?;
-            st.attach(id, region_base, region_bytes);
+            st.attach(id, capability, region_base, region_bytes)?;
             *space = Some(id);
             Ok(Reply::Done)
         }
-        Message::ForkSpace { parent, child } => {
+        Message::ForkSpace {
+            parent,
+            parent_capability,
+            child,
+            child_capability,
+        } => {
             no_space_yet(space)?;
-            let id = st.fork(parent, (child.0 != 0).then_some(child))?;
+            let id = st.fork(
+                parent,
+                parent_capability,
+                (child.0 != 0).then_some(child),
+                child_capability,
+            )?;
             *space = Some(id);
             Ok(Reply::Opened(id))
         }
@@ -325,7 +361,7 @@ fn handle(
 }
 
 /// Asks a daemon for its counters (for `lego` commands and tests).
-pub fn query_stats(addr: &str) -> Result<DaemonStats, ConnError> {
+pub fn query_stats(addr: &str, cred: &Credential) -> Result<DaemonStats, ConnError> {
     let s = Tcp.connect(addr, Duration::from_secs(3)).map_err(|e| {
         ConnError::Io(std::io::Error::new(
             std::io::ErrorKind::ConnectionRefused,
@@ -334,7 +370,7 @@ pub fn query_stats(addr: &str) -> Result<DaemonStats, ConnError> {
     })?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut c = FramedConn::new(s);
-    c.client_handshake(lego_protocol::Role::Client, "lego")?;
+    c.client_handshake(lego_protocol::Role::Client, "lego", cred)?;
     match c.call(1, &Message::GetStats)?.message {
         Message::Stats(s) => Ok(s),
         other => Err(ConnError::Unexpected(format!("{other:?}"))),
@@ -346,6 +382,14 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
+    fn daemon() -> (MemoryDaemon, Credential) {
+        let cred = Credential::generate().unwrap();
+        (
+            MemoryDaemon::start("127.0.0.1:0", 1 << 20, cred.clone()).unwrap(),
+            cred,
+        )
+    }
+
     fn client(addr: &str) -> FramedConn<std::net::TcpStream> {
         let s = Tcp.connect(addr, Duration::from_secs(2)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -354,9 +398,9 @@ mod tests {
 
     #[test]
     fn garbage_closes_only_that_connection() {
-        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let (d, cred) = daemon();
         let mut good = client(d.addr());
-        good.client_handshake(lego_protocol::Role::Client, "t")
+        good.client_handshake(lego_protocol::Role::Client, "t", &cred)
             .unwrap();
         let mut bad = Tcp.connect(d.addr(), Duration::from_secs(2)).unwrap();
         bad.write_all(&[0xff; 64]).unwrap();
@@ -377,7 +421,7 @@ mod tests {
 
     #[test]
     fn wrong_version_is_refused_with_a_reason() {
-        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let (d, _) = daemon();
         let mut c = client(d.addr());
         let r = c
             .call(
@@ -398,9 +442,9 @@ mod tests {
 
     #[test]
     fn space_is_freed_when_its_connection_closes() {
-        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let (d, cred) = daemon();
         let mut c = client(d.addr());
-        c.client_handshake(lego_protocol::Role::Runtime, "t")
+        c.client_handshake(lego_protocol::Role::Runtime, "t", &cred)
             .unwrap();
         let base = VirtAddr(1 << 40);
         let m = c
@@ -412,6 +456,7 @@ mod tests {
                     region_base: base,
                     region_bytes: 4 << 30,
                     bootstrap_bytes: 0,
+                    capability: lego_protocol::Capability([9; 16]),
                 },
             )
             .unwrap()
@@ -446,9 +491,9 @@ mod tests {
 
     #[test]
     fn page_traffic_before_a_space_is_an_error_not_a_disconnect() {
-        let d = MemoryDaemon::start("127.0.0.1:0", 1 << 20).unwrap();
+        let (d, cred) = daemon();
         let mut c = client(d.addr());
-        c.client_handshake(lego_protocol::Role::Runtime, "t")
+        c.client_handshake(lego_protocol::Role::Runtime, "t", &cred)
             .unwrap();
         let r = c
             .call(
@@ -462,6 +507,188 @@ mod tests {
         assert!(matches!(
             c.call(2, &Message::GetStats).unwrap().message,
             Message::Stats(_)
+        ));
+        d.shutdown();
+    }
+
+    fn open(c: &mut FramedConn<std::net::TcpStream>, cap: lego_protocol::Capability) -> SpaceId {
+        let m = c
+            .call(
+                1,
+                &Message::OpenSpace {
+                    pid: 1,
+                    program: "t",
+                    region_base: VirtAddr(1 << 40),
+                    region_bytes: 4 << 30,
+                    bootstrap_bytes: 0,
+                    capability: cap,
+                },
+            )
+            .unwrap()
+            .message
+            .clone();
+        match m {
+            Message::SpaceOpened { space } => space,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn refused_with(m: &Message<'_>, code: lego_protocol::ErrorCode) -> bool {
+        matches!(m, Message::Error { code: c, .. } if *c == code)
+    }
+
+    #[test]
+    fn another_programs_space_cannot_be_attached_forked_read_or_squatted() {
+        use lego_protocol::{Capability, ErrorCode};
+        let (d, cred) = daemon();
+        let connect = || {
+            let mut c = client(d.addr());
+            c.client_handshake(lego_protocol::Role::Runtime, "t", &cred)
+                .unwrap();
+            c
+        };
+        let mut owner = connect();
+        let secret = Capability([0x11; 16]);
+        let space = open(&mut owner, secret);
+        let addr = match owner.call(2, &Message::Mmap { len: 4096 }).unwrap().message {
+            Message::Mapped { addr } => addr,
+            other => panic!("{other:?}"),
+        };
+        let page = vec![0x42u8; 4096];
+        let w = owner
+            .call(
+                3,
+                &Message::WritePages {
+                    addrs: vec![addr].into(),
+                    data: &page,
+                },
+            )
+            .unwrap();
+        assert_eq!(w.message, Message::Done);
+        // Another client of the cluster, guessing the capability.
+        let guess = Capability([0x12; 16]);
+        let mut thief = connect();
+        let r = thief
+            .call(
+                1,
+                &Message::AttachSpace {
+                    space,
+                    capability: guess,
+                    region_base: VirtAddr(1 << 40),
+                    region_bytes: 4 << 30,
+                },
+            )
+            .unwrap();
+        assert!(refused_with(&r.message, ErrorCode::NoSpace), "{r:?}");
+        let r = thief
+            .call(
+                2,
+                &Message::ForkSpace {
+                    parent: space,
+                    parent_capability: guess,
+                    child: SpaceId(0),
+                    child_capability: guess,
+                },
+            )
+            .unwrap();
+        assert!(refused_with(&r.message, ErrorCode::NoSpace), "{r:?}");
+        // Without a space of its own, no page traffic at all.
+        let r = thief
+            .call(
+                3,
+                &Message::ReadPages {
+                    addrs: vec![addr].into(),
+                },
+            )
+            .unwrap();
+        assert!(refused_with(&r.message, ErrorCode::BadState), "{r:?}");
+        let r = thief
+            .call(
+                4,
+                &Message::WritePages {
+                    addrs: vec![addr].into(),
+                    data: &[0u8; 4096],
+                },
+            )
+            .unwrap();
+        assert!(refused_with(&r.message, ErrorCode::BadState), "{r:?}");
+        // Squatting: attach to the ids around this one first; the next
+        // program's space is none of them, and survives the squatter.
+        let squats: Vec<_> = (1..=20u64)
+            .map(|k| {
+                let mut c = connect();
+                let r = c
+                    .call(
+                        1,
+                        &Message::AttachSpace {
+                            space: SpaceId(space.0.wrapping_add(k)),
+                            capability: guess,
+                            region_base: VirtAddr(1 << 40),
+                            region_bytes: 4 << 30,
+                        },
+                    )
+                    .unwrap();
+                assert_eq!(r.message, Message::Done);
+                c
+            })
+            .collect();
+        let mut next = connect();
+        let next_space = open(&mut next, Capability([0x33; 16]));
+        assert!(next_space.0.abs_diff(space.0) > 20, "{next_space:?}");
+        drop(squats);
+        drop(thief);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while d.stats().spaces != 2 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(d.stats().spaces, 2, "the owner's and the next program's");
+        // The owner's page is untouched.
+        match owner
+            .call(
+                5,
+                &Message::ReadPages {
+                    addrs: vec![addr].into(),
+                },
+            )
+            .unwrap()
+            .message
+        {
+            Message::Pages { data } => assert_eq!(data, &page[..]),
+            other => panic!("{other:?}"),
+        }
+        d.shutdown();
+    }
+
+    #[test]
+    fn sizes_that_overflow_get_an_error_and_the_connection_goes_on() {
+        let (d, cred) = daemon();
+        let mut c = client(d.addr());
+        c.client_handshake(lego_protocol::Role::Runtime, "t", &cred)
+            .unwrap();
+        open(&mut c, lego_protocol::Capability([5; 16]));
+        let addr = match c.call(2, &Message::Mmap { len: 8192 }).unwrap().message {
+            Message::Mapped { addr } => addr,
+            other => panic!("{other:?}"),
+        };
+        for (k, len) in [u64::MAX, u64::MAX - 4095, 1 << 63].into_iter().enumerate() {
+            let r = c
+                .call(
+                    10 + k as u64,
+                    &Message::Mremap {
+                        old: addr,
+                        old_len: 8192,
+                        new_len: len,
+                        may_move: true,
+                    },
+                )
+                .unwrap();
+            assert!(matches!(r.message, Message::Error { .. }), "{r:?}");
+            let r = c.call(20 + k as u64, &Message::Mmap { len }).unwrap();
+            assert!(matches!(r.message, Message::Error { .. }), "{r:?}");
+        }
+        assert!(matches!(
+            c.call(30, &Message::GetStats).unwrap().message,
+            Message::Stats(s) if s.spaces == 1
         ));
         d.shutdown();
     }

@@ -2,16 +2,19 @@
 //! its capacity. Pure: requests in, replies out; the server does the I/O.
 
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 
-use lego_protocol::{DaemonStats, ErrorCode, SpaceId, VirtAddr, PAGE_SIZE};
+use lego_protocol::{Capability, DaemonStats, ErrorCode, SpaceId, VirtAddr, PAGE_SIZE};
 
 use crate::layout::{Exported, Layout, LayoutError};
 
 /// Page contents, shared between a forked space and its parent until one
 /// of them writes the page.
 type Page = Arc<[u8; PAGE_SIZE]>;
+
+fn no_space(id: SpaceId) -> Refusal {
+    Refusal(ErrorCode::NoSpace, format!("no address space {}", id.0))
+}
 
 /// A failed request: a wire error code and a message for the peer.
 #[derive(Debug, PartialEq, Eq)]
@@ -35,6 +38,8 @@ struct Space {
     pages: BTreeMap<u64, Page>,
     /// Connections attached to this space; it is freed when none is left.
     refs: u32,
+    /// What a connection must present to attach to it or fork it.
+    capability: Capability,
 }
 
 /// All spaces of one daemon.
@@ -42,7 +47,6 @@ pub struct Store {
     capacity_pages: u64,
     used_pages: u64,
     spaces: HashMap<SpaceId, Space>,
-    next_space: u64,
     pub connections: u64,
 }
 
@@ -52,13 +56,6 @@ impl Store {
             capacity_pages: capacity_bytes / PAGE_SIZE as u64,
             used_pages: 0,
             spaces: HashMap::new(),
-            // Space ids must not collide between daemons (a process's pages
-            // may live on several): start from a random point.
-            next_space: std::collections::hash_map::RandomState::new()
-                .build_hasher()
-                .finish()
-                >> 16
-                | 1,
             connections: 0,
         }
     }
@@ -84,9 +81,21 @@ impl Store {
     }
 
     fn space(&mut self, id: SpaceId) -> Result<&mut Space, Refusal> {
-        self.spaces
-            .get_mut(&id)
-            .ok_or_else(|| Refusal(ErrorCode::NoSpace, format!("no address space {}", id.0)))
+        self.spaces.get_mut(&id).ok_or_else(|| no_space(id))
+    }
+
+    /// A new space id: random, so ids cannot be guessed (and a space's
+    /// pages on several daemons do not collide with another's), and not
+    /// in use here.
+    fn fresh_id(&self) -> SpaceId {
+        loop {
+            let mut b = [0u8; 8];
+            getrandom::getrandom(&mut b).expect("the kernel's random numbers");
+            let id = SpaceId(u64::from_le_bytes(b) >> 1);
+            if id.0 != 0 && !self.spaces.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     /// Creates a space whose layout lives here.
@@ -95,18 +104,19 @@ impl Store {
         region_base: VirtAddr,
         region_bytes: u64,
         bootstrap_bytes: u64,
+        capability: Capability,
     ) -> Result<SpaceId, Refusal> {
         let layout = Layout::new(region_base.0, region_bytes, bootstrap_bytes)?;
-        self.next_space += 1;
-        let id = SpaceId(self.next_space);
+        let id = self.fresh_id();
         self.spaces.insert(
             id,
             Space {
                 layout: Some(layout),
                 base: region_base.0,
-                end: region_base.0 + region_bytes,
+                end: region_base.0.saturating_add(region_bytes),
                 pages: BTreeMap::new(),
                 refs: 1,
+                capability,
             },
         );
         Ok(id)
@@ -114,23 +124,50 @@ impl Store {
 
     /// Attaches a connection to a space: an existing one (a second
     /// connection of the same process) or a new page-only space.
-    pub fn attach(&mut self, id: SpaceId, region_base: VirtAddr, region_bytes: u64) {
+    /// An existing space is attached only with the capability it was made
+    /// with; without it the answer is the one for a space that does not
+    /// exist (no oracle of which ids are in use).
+    pub fn attach(
+        &mut self,
+        id: SpaceId,
+        capability: Capability,
+        region_base: VirtAddr,
+        region_bytes: u64,
+    ) -> Result<(), Refusal> {
+        if id.0 == 0 {
+            return Err(no_space(id));
+        }
         let s = self.spaces.entry(id).or_insert_with(|| Space {
             layout: None,
             base: region_base.0,
             end: region_base.0.saturating_add(region_bytes),
             pages: BTreeMap::new(),
             refs: 0,
+            capability,
         });
+        if s.capability != capability {
+            return Err(no_space(id));
+        }
         s.refs += 1;
+        Ok(())
     }
 
     /// Clones `parent` copy-on-write into `child` (a new id if `None`) and
     /// attaches one connection to it. Pages are shared until written; each
     /// space counts them against the capacity.
-    pub fn fork(&mut self, parent: SpaceId, child: Option<SpaceId>) -> Result<SpaceId, Refusal> {
+    pub fn fork(
+        &mut self,
+        parent: SpaceId,
+        parent_capability: Capability,
+        child: Option<SpaceId>,
+        child_capability: Capability,
+    ) -> Result<SpaceId, Refusal> {
         let (capacity, used) = (self.capacity_pages, self.used_pages);
+        let fresh = self.fresh_id();
         let p = self.space(parent)?;
+        if p.capability != parent_capability {
+            return Err(no_space(parent));
+        }
         let pages = p.pages.len() as u64;
         if used + pages > capacity {
             return Err(Refusal(
@@ -144,6 +181,7 @@ impl Store {
             end: p.end,
             pages: p.pages.clone(),
             refs: 1,
+            capability: child_capability,
         };
         let id = match child {
             Some(id) if self.spaces.contains_key(&id) => {
@@ -153,10 +191,7 @@ impl Store {
                 ))
             }
             Some(id) => id,
-            None => {
-                self.next_space += 1;
-                SpaceId(self.next_space)
-            }
+            None => fresh,
         };
         self.spaces.insert(id, clone);
         self.used_pages += pages;
@@ -279,13 +314,18 @@ impl Store {
                 ),
             ));
         }
+        // Counted as stored, not as asked: a batch may name a page twice
+        // (the last copy wins), and `new` above is then an upper bound.
+        let mut stored = 0;
         for (a, chunk) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
             let mut fresh = [0u8; PAGE_SIZE];
             fresh.copy_from_slice(chunk);
             // Replacing the Arc leaves a page shared with a fork untouched.
-            s.pages.insert(a.0, Arc::new(fresh));
+            if s.pages.insert(a.0, Arc::new(fresh)).is_none() {
+                stored += 1;
+            }
         }
-        self.used_pages += new;
+        self.used_pages += stored;
         Ok(())
     }
 
@@ -315,6 +355,8 @@ mod tests {
 
     const BASE: VirtAddr = VirtAddr(1 << 40);
     const REGION: u64 = 16 << 30;
+    const CAP: Capability = Capability([1; 16]);
+    const OTHER: Capability = Capability([2; 16]);
 
     fn page(v: u8) -> Vec<u8> {
         vec![v; PAGE_SIZE]
@@ -323,7 +365,7 @@ mod tests {
     #[test]
     fn pages_roundtrip_and_unwritten_pages_are_zero() {
         let mut s = Store::new(1 << 20);
-        let id = s.open(BASE, REGION, 0).unwrap();
+        let id = s.open(BASE, REGION, 0, CAP).unwrap();
         let a = s.mmap(id, 8192).unwrap();
         s.write_pages(id, &[a], &page(5)).unwrap();
         let mut out = vec![];
@@ -336,7 +378,7 @@ mod tests {
     #[test]
     fn full_daemon_refuses_and_keeps_old_pages() {
         let mut s = Store::new(2 * PAGE_SIZE as u64);
-        let id = s.open(BASE, REGION, 0).unwrap();
+        let id = s.open(BASE, REGION, 0, CAP).unwrap();
         let a = s.mmap(id, 4 * 4096).unwrap();
         let addrs: Vec<_> = (0..3).map(|i| VirtAddr(a.0 + i * 4096)).collect();
         s.write_pages(id, &addrs[..2], &[page(1), page(2)].concat())
@@ -351,8 +393,8 @@ mod tests {
     #[test]
     fn release_frees_everything() {
         let mut s = Store::new(1 << 20);
-        let id = s.open(BASE, REGION, 0).unwrap();
-        s.attach(id, BASE, REGION);
+        let id = s.open(BASE, REGION, 0, CAP).unwrap();
+        s.attach(id, CAP, BASE, REGION).unwrap();
         let a = s.mmap(id, 4096).unwrap();
         s.write_pages(id, &[a], &page(1)).unwrap();
         s.release(id);
@@ -374,7 +416,7 @@ mod tests {
     #[test]
     fn munmap_and_mremap_free_pages() {
         let mut s = Store::new(1 << 20);
-        let id = s.open(BASE, REGION, 0).unwrap();
+        let id = s.open(BASE, REGION, 0, CAP).unwrap();
         let a = s.mmap(id, 8192).unwrap();
         let _b = s.mmap(id, 4096).unwrap();
         s.write_pages(id, &[a, VirtAddr(a.0 + 4096)], &[page(1), page(2)].concat())
@@ -392,12 +434,12 @@ mod tests {
     #[test]
     fn fork_shares_pages_until_either_side_writes() {
         let mut s = Store::new(1 << 20);
-        let parent = s.open(BASE, REGION, 0).unwrap();
+        let parent = s.open(BASE, REGION, 0, CAP).unwrap();
         let a = s.mmap(parent, 8192).unwrap();
         let b = VirtAddr(a.0 + 4096);
         s.write_pages(parent, &[a, b], &[page(1), page(2)].concat())
             .unwrap();
-        let child = s.fork(parent, None).unwrap();
+        let child = s.fork(parent, CAP, None, OTHER).unwrap();
         assert_ne!(child, parent);
         s.write_pages(child, &[a], &page(9)).unwrap();
         s.write_pages(parent, &[b], &page(8)).unwrap();
@@ -416,19 +458,55 @@ mod tests {
     #[test]
     fn fork_with_a_given_id_and_unknown_parent() {
         let mut s = Store::new(1 << 20);
-        let parent = s.open(BASE, REGION, 0).unwrap();
-        assert_eq!(s.fork(parent, Some(SpaceId(77))).unwrap(), SpaceId(77));
+        let parent = s.open(BASE, REGION, 0, CAP).unwrap();
         assert_eq!(
-            s.fork(parent, Some(SpaceId(77))).unwrap_err().0,
+            s.fork(parent, CAP, Some(SpaceId(77)), OTHER).unwrap(),
+            SpaceId(77)
+        );
+        assert_eq!(
+            s.fork(parent, CAP, Some(SpaceId(77)), OTHER).unwrap_err().0,
             ErrorCode::Invalid
         );
-        assert_eq!(s.fork(SpaceId(5), None).unwrap_err().0, ErrorCode::NoSpace);
+        assert_eq!(
+            s.fork(SpaceId(5), CAP, None, OTHER).unwrap_err().0,
+            ErrorCode::NoSpace
+        );
+    }
+
+    #[test]
+    fn a_space_is_attached_or_forked_only_with_its_capability() {
+        let mut s = Store::new(1 << 20);
+        let id = s.open(BASE, REGION, 0, CAP).unwrap();
+        let a = s.mmap(id, 4096).unwrap();
+        s.write_pages(id, &[a], &page(7)).unwrap();
+        // The wrong capability gets the answer a missing space gets.
+        let wrong = s.attach(id, OTHER, BASE, REGION).unwrap_err();
+        let missing = s.attach(SpaceId(id.0 ^ 1), CAP, BASE, REGION);
+        assert_eq!(wrong.0, ErrorCode::NoSpace);
+        assert!(missing.is_ok(), "a new page-only space");
+        let e = s.fork(id, OTHER, None, OTHER).unwrap_err();
+        assert_eq!(e.0, ErrorCode::NoSpace);
+        assert_eq!(
+            e.1.replace(&id.0.to_string(), "N"),
+            s.fork(SpaceId(3), CAP, None, OTHER)
+                .unwrap_err()
+                .1
+                .replace("3", "N")
+        );
+        // The owner's capability works; ids are not sequential.
+        s.attach(id, CAP, BASE, REGION).unwrap();
+        let next = s.open(BASE, REGION, 0, OTHER).unwrap();
+        assert!(next.0.abs_diff(id.0) > 1 << 20, "{next:?} after {id:?}");
+        // A space that was refused is not created, nor its refs changed.
+        s.release(id);
+        s.release(id);
+        assert_eq!(s.stats().spaces, 2, "the attached page-only one and `next`");
     }
 
     #[test]
     fn writes_outside_the_region_are_refused() {
         let mut s = Store::new(1 << 20);
-        let id = s.open(BASE, REGION, 0).unwrap();
+        let id = s.open(BASE, REGION, 0, CAP).unwrap();
         let e = s.write_pages(id, &[VirtAddr(4096)], &page(1)).unwrap_err();
         assert_eq!(e.0, ErrorCode::BadAddress);
     }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use lego_protocol::control::{self, human_bytes, Kind, ProcessInfo, Reply, Request};
 use lego_protocol::{Message, MAX_STDIO_BYTES};
+use lego_transport::auth::{Credential, Identity};
 use lego_transport::{
     ConnError, FramedConn, Listener, Member, Membership, Stream, Tcp, Transport, TransportError,
 };
@@ -36,6 +37,9 @@ pub struct ProcessorConfig {
     pub advertise: Option<String>,
     /// The `lego` binary: each program runs under its `run --local`.
     pub lego_exe: PathBuf,
+    /// The cluster credential: whom to serve, and what this daemon proves
+    /// to the manager.
+    pub cred: Credential,
 }
 
 /// Why a processor daemon could not start.
@@ -63,6 +67,7 @@ struct Host {
     manager: String,
     budget: u64,
     lego_exe: PathBuf,
+    cred: Credential,
     running: Mutex<Vec<ProcessInfo>>,
 }
 
@@ -93,12 +98,14 @@ impl ProcessorDaemon {
             Kind::Processor,
             &advertised,
             config.excache_bytes,
+            &config.cred,
         )
         .map_err(ProcessorError::Join)?;
         let host = Arc::new(Host {
             manager: config.manager,
             budget: config.excache_bytes,
             lego_exe: config.lego_exe,
+            cred: config.cred,
             running: Mutex::new(Vec::new()),
         });
         let stop = Arc::new(AtomicBool::new(false));
@@ -198,7 +205,12 @@ fn end_programs(host: &Host) {
 }
 
 fn send_reply(w: &Mutex<FramedConn<TcpStream>>, id: u64, r: &Reply) -> Result<(), ConnError> {
-    let json = control::to_json(r);
+    let mut json = control::to_json(r);
+    if json.len() > lego_protocol::MAX_CONTROL_BYTES {
+        json = control::to_json(&Reply::Error {
+            message: format!("the answer ({} bytes) exceeds the frame limit", json.len()),
+        });
+    }
     w.lock()
         .unwrap_or_else(|p| p.into_inner())
         .send(id, &Message::Control { json: &json })
@@ -213,13 +225,84 @@ struct Job {
     summary: bool,
     /// Send the run's statistics back with its exit status.
     stats: bool,
+    /// Who asked (the handshake proved it): whom the program runs as.
+    identity: Identity,
+}
+
+/// Whether a variable of the client's environment reaches the program:
+/// not the dynamic loader's (`LD_PRELOAD` would choose code that runs
+/// before the program, and inside lego's own runtime), nor lego's (this
+/// daemon sets those).
+fn passes(name: &str) -> bool {
+    !name.starts_with("LD_") && !name.starts_with("LEGO_")
+}
+
+/// The local user a program of `identity` runs as: a user's own (it must
+/// exist on this host), or this daemon's for the cluster's operators.
+fn run_as(identity: &Identity) -> Result<Option<lego_sys::process::UserIds>, String> {
+    match identity {
+        Identity::Cluster => Ok(None),
+        Identity::User(name) => match lego_sys::process::user_by_name(name) {
+            Some(ids) => Ok(Some(ids)),
+            None => Err(format!(
+                "{identity} has no local user '{name}' on this processor's host"
+            )),
+        },
+    }
+}
+
+/// A directory of the program's own holding its credential (`key`): the
+/// user's, derived from the cluster's, or for the cluster's operators the
+/// cluster's. Removed when the program ends.
+struct JobKey {
+    dir: PathBuf,
+}
+
+impl JobKey {
+    fn new(
+        cred: &Credential,
+        identity: &Identity,
+        user: Option<lego_sys::process::UserIds>,
+        slot: u32,
+    ) -> Result<Self, String> {
+        use std::os::unix::fs::DirBuilderExt;
+        let key = cred.derive(identity.clone())?;
+        let dir = std::env::temp_dir().join(format!("lego-job-{}-{slot}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let this = Self { dir };
+        let path = this.path();
+        key.save(&path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        if let Some(u) = user {
+            for p in [&this.dir, &path] {
+                std::os::unix::fs::chown(p, Some(u.uid), Some(u.gid))
+                    .map_err(|e| format!("cannot give {} to uid {}: {e}", p.display(), u.uid))?;
+            }
+        }
+        Ok(this)
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.join("key")
+    }
+}
+
+impl Drop for JobKey {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// One client connection: a `Launch` request, then the program's run.
 fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
-    let mut conn = FramedConn::new(stream.try_clone()?);
-    conn.server_handshake(host.budget, Duration::from_secs(10))?;
-    let writer = Mutex::new(FramedConn::new(stream));
+    let mut conn = FramedConn::new(stream);
+    let who = conn.server_handshake(host.budget, Duration::from_secs(10), &host.cred)?;
+    // From here this handle only receives; the writer only sends.
+    let writer = Mutex::new(conn.try_clone()?);
     let f = conn.recv()?;
     let id = f.request_id;
     let req = match f.message {
@@ -244,6 +327,7 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
                 env,
                 summary,
                 stats,
+                identity: who.identity.clone(),
             },
             excache_bytes,
         ),
@@ -271,7 +355,7 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
         // Listed under a placeholder id until the program's pid is known.
         running.push(ProcessInfo {
             pid: slot,
-            program: job.argv.join(" "),
+            program: control::short_program(&job.argv.join(" ")),
             excache_bytes,
         });
     }
@@ -308,20 +392,23 @@ fn run_program(
     listed_as: &mut u32,
 ) -> Result<(), ConnError> {
     let Job { argv, cwd, env, .. } = job;
+    let refuse = |message: String| send_reply(writer, id, &Reply::Error { message });
+    let user = match run_as(&job.identity) {
+        Ok(u) => u,
+        Err(message) => return refuse(message),
+    };
+    let key = match JobKey::new(&host.cred, &job.identity, user, *listed_as) {
+        Ok(k) => k,
+        Err(message) => return refuse(message),
+    };
     let mut cmd = Command::new(&host.lego_exe);
     cmd.args(["run", "--manager", &host.manager, "--local"]);
     if !job.summary {
         cmd.arg("--quiet");
     }
-    // The wrapper writes the statistics here; they go back with the exit
-    // status.
-    let stats_file = job.stats.then(|| {
-        std::env::temp_dir().join(format!(
-            "lego-processor-{}-{}.json",
-            std::process::id(),
-            *listed_as
-        ))
-    });
+    // The wrapper writes the statistics here (the program's own
+    // directory); they go back with the exit status.
+    let stats_file = job.stats.then(|| key.dir.join("stats.json"));
     if let Some(f) = &stats_file {
         cmd.arg("--stats").arg(f);
     }
@@ -330,12 +417,17 @@ fn run_program(
         .arg("--")
         .args(argv)
         .env_clear()
-        .envs(env.iter().map(|(k, v)| (k, v)))
+        .envs(env.iter().filter(|(k, _)| passes(k)).map(|(k, v)| (k, v)))
+        .env(lego_transport::auth::KEY_ENV, key.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     if !cwd.is_empty() {
         cmd.current_dir(cwd);
+    }
+    if let Some(u) = user {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(u.uid).gid(u.gid);
     }
     let mut child = match cmd.spawn() {
         Ok(c) => c,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use lego_protocol::control::{self, Kind, Reply, Request, State};
 use lego_protocol::{Message, Role, MAX_STDIO_BYTES};
+use lego_transport::auth::Credential;
 use lego_transport::{ask_manager, ConnError, FramedConn, Tcp, Transport, TransportError};
 
 /// Why a program could not be run, or followed to its end, on a processor
@@ -48,8 +49,8 @@ pub enum RemoteError {
 }
 
 /// Whether the cluster at `manager` has an alive processor daemon.
-pub fn processors_alive(manager: &str) -> Result<bool, RemoteError> {
-    match ask_manager(manager, &Request::Status).map_err(RemoteError::Manager)? {
+pub fn processors_alive(manager: &str, cred: &Credential) -> Result<bool, RemoteError> {
+    match ask_manager(manager, &Request::Status, cred).map_err(RemoteError::Manager)? {
         Reply::Status(s) => Ok(s
             .components
             .iter()
@@ -74,6 +75,9 @@ pub struct RemoteRun {
     pub summary: bool,
     /// Bring the run's statistics (JSON) back.
     pub stats: bool,
+    /// Who asks: the processor runs the program as the user this
+    /// credential names (docs/security.md).
+    pub cred: Credential,
 }
 
 /// How a program on a processor daemon ended.
@@ -105,15 +109,16 @@ impl RemoteRun {
             program: self.argv[0].clone(),
             excache_bytes: self.excache_bytes,
         };
-        let addr = match ask_manager(&self.manager, &place).map_err(RemoteError::Manager)? {
-            Reply::Processor { addr, .. } => addr,
-            other => {
-                return Err(RemoteError::ManagerAnswer {
-                    manager: self.manager.clone(),
-                    answer: format!("{other:?}"),
-                })
-            }
-        };
+        let addr =
+            match ask_manager(&self.manager, &place, &self.cred).map_err(RemoteError::Manager)? {
+                Reply::Processor { addr, .. } => addr,
+                other => {
+                    return Err(RemoteError::ManagerAnswer {
+                        manager: self.manager.clone(),
+                        answer: format!("{other:?}"),
+                    })
+                }
+            };
         let mut conn = self.launch(&addr)?;
         let _ = conn.stream().set_read_timeout(None);
         let io = |source| RemoteError::Io {
@@ -123,9 +128,7 @@ impl RemoteRun {
         // One writer for the program's input and the signals sent to lego
         // run (Ctrl-C, kill), which go to the program: frames must not
         // interleave.
-        let writer = Arc::new(Mutex::new(FramedConn::new(
-            conn.stream().try_clone().map_err(io)?,
-        )));
+        let writer = Arc::new(Mutex::new(conn.try_clone().map_err(io)?));
         let send = move |m: &Message<'_>| {
             writer
                 .lock()
@@ -172,7 +175,7 @@ impl RemoteRun {
             addr: addr.to_string(),
             source,
         };
-        conn.client_handshake(Role::Client, "lego run")
+        conn.client_handshake(Role::Client, "lego run", &self.cred)
             .map_err(conn_error)?;
         let launch = Request::Launch {
             argv: self.argv.clone(),

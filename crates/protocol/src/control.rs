@@ -38,6 +38,28 @@ use serde::{Deserialize, Serialize};
 /// LegoOS places whole 1 GiB vRegions; a smaller unit lets one process
 /// spread over small memory daemons (and keeps a drain's moves short).
 pub const PLACEMENT_BYTES: u64 = 16 << 20;
+/// Longest component address a manager accepts.
+pub const MAX_ADDR_BYTES: usize = 256;
+/// Most components a manager keeps (its status must fit one frame).
+pub const MAX_COMPONENTS: usize = 1024;
+/// Highest component id a manager issues or accepts back.
+pub const MAX_COMPONENT_ID: u64 = 1 << 32;
+/// Most programs a processor daemon reports, and the longest command line
+/// reported for one (longer ones are cut).
+pub const MAX_PROCESSES: usize = 1024;
+pub const MAX_PROGRAM_BYTES: usize = 256;
+
+/// `program` cut to [`MAX_PROGRAM_BYTES`] (at a character boundary).
+pub fn short_program(program: &str) -> String {
+    if program.len() <= MAX_PROGRAM_BYTES {
+        return program.to_string();
+    }
+    let mut end = MAX_PROGRAM_BYTES - 3;
+    while !program.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}...", &program[..end])
+}
 
 /// What a component is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
@@ -152,6 +174,25 @@ pub enum Request {
     /// To a processor daemon, during a `Launch`: deliver signal `signum`
     /// to the program.
     Signal { signum: i32 },
+}
+
+impl Request {
+    /// What the request does, for refusals ("may not drain").
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Request::Register { .. } => "register a component",
+            Request::Heartbeat { .. } => "heartbeat as a component",
+            Request::Leave { .. } => "make a component leave",
+            Request::PlaceMemory { .. } => "place memory",
+            Request::Drain { .. } => "drain a memory daemon",
+            Request::Undrain { .. } => "cancel a drain",
+            Request::Draining => "ask which daemons drain",
+            Request::PlaceProcess { .. } => "place a program",
+            Request::Status => "see the cluster",
+            Request::Launch { .. } => "launch a program",
+            Request::Signal { .. } => "signal a program",
+        }
+    }
 }
 
 /// Replies of the global manager.

@@ -26,8 +26,12 @@
 //! ```text
 //! runtime                              home memory daemon
 //!    | Hello{magic, version, role}          |
-//!    |------------------------------------->|   version != ours:
-//!    |          HelloOk{version, capacity}  |   Refused{reason}, close
+//!    | Auth{identity, noise e}              |   version != ours, or
+//!    |------------------------------------->|   not the credential:
+//!    |                    AuthOk{noise e}   |   Refused{reason}, close
+//!    |<-------------------------------------|
+//!    |  ... from here every frame is sealed (encrypted, authenticated)
+//!    |          HelloOk{version, capacity}  |
 //!    |<-------------------------------------|
 //!    | OpenSpace{pid, region, bootstrap}    |
 //!    |------------------------------------->|
@@ -46,7 +50,7 @@
 //! ```
 //!
 //! Other memory daemons of the same process see `Hello`, then
-//! `AttachSpace{space}`, then page traffic and `Discard`.
+//! `AttachSpace{space, capability}`, then page traffic and `Discard`.
 //!
 //! `Hello`, `HelloOk` and `Refused` keep their encoding in every protocol
 //! version, so that peers of different versions can always tell each other
@@ -61,7 +65,7 @@ use thiserror::Error;
 pub mod control;
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 2;
+pub const PROTOCOL_VERSION: u16 = 3;
 /// First bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: [u8; 4] = *b"LEGO";
 /// Bytes in a page, the unit of every transfer.
@@ -87,6 +91,17 @@ pub const HEADER_BYTES: usize = 14;
 /// Identifies one disaggregated address space (one process image).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpaceId(pub u64);
+
+/// The secret that lets a connection use an address space: chosen at
+/// random by the space's runtime, never shown by any status.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Capability(pub [u8; 16]);
+
+impl std::fmt::Debug for Capability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Capability(..)")
+    }
+}
 
 /// A virtual address in a disaggregated address space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -162,25 +177,44 @@ pub enum Message<'a> {
     HelloOk { version: u16, capacity_bytes: u64 },
     /// The handshake was refused; the connection closes after this.
     Refused { reason: &'a str },
+    /// Second message of every connection: who the client is (an
+    /// identity its credential vouches for) and the first message of the
+    /// Noise handshake that proves it (lego_transport's `auth` module).
+    Auth { identity: &'a str, noise: &'a [u8] },
+    /// The daemon's Noise handshake answer; every later frame is sealed.
+    AuthOk { noise: &'a [u8] },
     /// Create an address space whose home is this daemon. `region_*` is the
     /// virtual range the runtime reserved; `bootstrap_bytes` at its start
     /// were already used before the runtime could connect.
+    /// `capability` is the space's secret, chosen by the runtime: every
+    /// later `AttachSpace` and `ForkSpace` of it must present it.
     OpenSpace {
         pid: u32,
         program: &'a str,
         region_base: VirtAddr,
         region_bytes: u64,
         bootstrap_bytes: u64,
+        capability: Capability,
     },
     /// Reply to `OpenSpace` and `ForkSpace`.
     SpaceOpened { space: SpaceId },
-    /// Clone `parent` copy-on-write into a new space (its layout too, on the
-    /// home daemon) and attach this connection to it. `child` 0 lets the
-    /// daemon choose the id (home daemon); other daemons get the home's.
-    ForkSpace { parent: SpaceId, child: SpaceId },
-    /// Use an existing space on this (non-home) daemon for page storage.
+    /// Clone `parent` (whose capability is `parent_capability`)
+    /// copy-on-write into a new space with capability `child_capability`
+    /// (its layout too, on the home daemon) and attach this connection to
+    /// it. `child` 0 lets the daemon choose the id (home daemon); other
+    /// daemons get the home's.
+    ForkSpace {
+        parent: SpaceId,
+        parent_capability: Capability,
+        child: SpaceId,
+        child_capability: Capability,
+    },
+    /// Use a space on this (non-home) daemon for page storage: made with
+    /// this capability if the daemon has no such space yet, else only with
+    /// the capability it was made with.
     AttachSpace {
         space: SpaceId,
+        capability: Capability,
         region_base: VirtAddr,
         region_bytes: u64,
     },
@@ -248,6 +282,8 @@ impl Message<'_> {
             Message::Hello { .. } => "Hello",
             Message::HelloOk { .. } => "HelloOk",
             Message::Refused { .. } => "Refused",
+            Message::Auth { .. } => "Auth",
+            Message::AuthOk { .. } => "AuthOk",
             Message::OpenSpace { .. } => "OpenSpace",
             Message::SpaceOpened { .. } => "SpaceOpened",
             Message::ForkSpace { .. } => "ForkSpace",
@@ -314,6 +350,8 @@ mod kind {
     pub const HELLO: u16 = 1;
     pub const HELLO_OK: u16 = 2;
     pub const REFUSED: u16 = 3;
+    pub const AUTH: u16 = 4;
+    pub const AUTH_OK: u16 = 5;
     pub const OPEN_SPACE: u16 = 10;
     pub const SPACE_OPENED: u16 = 11;
     pub const ATTACH_SPACE: u16 = 12;
@@ -358,6 +396,11 @@ impl Writer<'_> {
         self.u32(s.len() as u32);
         self.0.extend_from_slice(s);
     }
+    fn bytes(&mut self, b: &[u8]) {
+        assert!(b.len() <= MAX_STRING_BYTES, "byte field too long");
+        self.u32(b.len() as u32);
+        self.0.extend_from_slice(b);
+    }
     fn addrs(&mut self, addrs: &[VirtAddr]) {
         self.u32(addrs.len() as u32);
         for a in addrs {
@@ -399,18 +442,29 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.str(reason);
             kind::REFUSED
         }
+        Message::Auth { identity, noise } => {
+            w.str(identity);
+            w.bytes(noise);
+            kind::AUTH
+        }
+        Message::AuthOk { noise } => {
+            w.bytes(noise);
+            kind::AUTH_OK
+        }
         Message::OpenSpace {
             pid,
             program,
             region_base,
             region_bytes,
             bootstrap_bytes,
+            capability,
         } => {
             w.u32(*pid);
             w.str(program);
             w.u64(region_base.0);
             w.u64(*region_bytes);
             w.u64(*bootstrap_bytes);
+            w.0.extend_from_slice(&capability.0);
             kind::OPEN_SPACE
         }
         Message::SpaceOpened { space } => {
@@ -419,17 +473,26 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
         }
         Message::AttachSpace {
             space,
+            capability,
             region_base,
             region_bytes,
         } => {
             w.u64(space.0);
+            w.0.extend_from_slice(&capability.0);
             w.u64(region_base.0);
             w.u64(*region_bytes);
             kind::ATTACH_SPACE
         }
-        Message::ForkSpace { parent, child } => {
+        Message::ForkSpace {
+            parent,
+            parent_capability,
+            child,
+            child_capability,
+        } => {
             w.u64(parent.0);
+            w.0.extend_from_slice(&parent_capability.0);
             w.u64(child.0);
+            w.0.extend_from_slice(&child_capability.0);
             kind::FORK_SPACE
         }
         Message::Mmap { len } => {
@@ -607,6 +670,18 @@ impl<'a> Reader<'a> {
         }
         std::str::from_utf8(self.take(len, what)?).map_err(|_| DecodeError::BadUtf8)
     }
+    fn capability(&mut self) -> Result<Capability, DecodeError> {
+        Ok(Capability(
+            self.take(16, "capability")?.try_into().expect("16 bytes"),
+        ))
+    }
+    fn bytes(&mut self, what: &'static str) -> Result<&'a [u8], DecodeError> {
+        let len = self.u32(what)? as usize;
+        if len > MAX_STRING_BYTES {
+            return Err(DecodeError::BadValue("field length", len as u64));
+        }
+        self.take(len, what)
+    }
     fn count(&mut self, what: &'static str) -> Result<usize, DecodeError> {
         let n = self.u32(what)? as usize;
         if n > MAX_BATCH_PAGES {
@@ -653,24 +728,35 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
         kind::REFUSED => Message::Refused {
             reason: r.str("reason")?,
         },
+        kind::AUTH => Message::Auth {
+            identity: r.str("identity")?,
+            noise: r.bytes("handshake")?,
+        },
+        kind::AUTH_OK => Message::AuthOk {
+            noise: r.bytes("handshake")?,
+        },
         kind::OPEN_SPACE => Message::OpenSpace {
             pid: r.u32("pid")?,
             program: r.str("program")?,
             region_base: r.addr("region base")?,
             region_bytes: r.u64("region size")?,
             bootstrap_bytes: r.u64("bootstrap size")?,
+            capability: r.capability()?,
         },
         kind::SPACE_OPENED => Message::SpaceOpened {
             space: SpaceId(r.u64("space")?),
         },
         kind::ATTACH_SPACE => Message::AttachSpace {
             space: SpaceId(r.u64("space")?),
+            capability: r.capability()?,
             region_base: r.addr("region base")?,
             region_bytes: r.u64("region size")?,
         },
         kind::FORK_SPACE => Message::ForkSpace {
             parent: SpaceId(r.u64("parent space")?),
+            parent_capability: r.capability()?,
             child: SpaceId(r.u64("child space")?),
+            child_capability: r.capability()?,
         },
         kind::MMAP => Message::Mmap {
             len: r.u64("length")?,
@@ -832,22 +918,31 @@ mod tests {
                 capacity_bytes: 1 << 30,
             },
             Message::Refused { reason: "no" },
+            Message::Auth {
+                identity: "user:alice",
+                noise: &[1, 2, 3],
+            },
+            Message::AuthOk { noise: &[9; 48] },
             Message::OpenSpace {
                 pid: 7,
                 program: "sort",
                 region_base: VirtAddr(1 << 40),
                 region_bytes: 1 << 36,
                 bootstrap_bytes: 1 << 20,
+                capability: Capability([7; 16]),
             },
             Message::SpaceOpened { space: SpaceId(3) },
             Message::AttachSpace {
                 space: SpaceId(3),
+                capability: Capability([1; 16]),
                 region_base: VirtAddr(4096),
                 region_bytes: 8192,
             },
             Message::ForkSpace {
                 parent: SpaceId(3),
+                parent_capability: Capability([2; 16]),
                 child: SpaceId(0),
+                child_capability: Capability([3; 16]),
             },
             Message::Mmap { len: 8192 },
             Message::Mapped {
@@ -957,7 +1052,7 @@ mod tests {
 
         #[test]
         fn arbitrary_body_with_valid_header_never_panics(
-            kind in 0u16..60,
+            kind in 0u16..70,
             body in proptest::collection::vec(any::<u8>(), 0..1024),
         ) {
             let mut buf = Vec::new();

@@ -19,6 +19,7 @@
 use std::time::Duration;
 
 use lego_sys::stats::{self, SharedStats};
+use lego_transport::auth::Credential;
 
 use crate::excache::Policy;
 
@@ -54,6 +55,22 @@ pub const DEFAULT_TIER_PERCENT: usize = 50;
 /// Prefetch windows are at most this many pages (one `ReadPages`).
 pub const MAX_PREFETCH_PAGES: usize = 256;
 
+static CREDENTIAL: std::sync::OnceLock<Credential> = std::sync::OnceLock::new();
+
+/// The credential the runtime proves itself with to daemons and the
+/// manager: the file `LEGO_KEY` names (`lego run` sets it), read once at
+/// start ([`Config::from_env`]); a fork child keeps it.
+pub fn credential() -> &'static Credential {
+    CREDENTIAL
+        .get()
+        .expect("the credential is read before any connection")
+}
+
+/// Sets the credential, once (at start, or in tests).
+pub(crate) fn set_credential(c: Credential) {
+    let _ = CREDENTIAL.set(c);
+}
+
 fn var<T: std::str::FromStr>(name: &str) -> Option<T> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
@@ -68,6 +85,12 @@ impl Config {
             .collect();
         if daemons.is_empty() {
             return None;
+        }
+        if CREDENTIAL.get().is_none() {
+            match Credential::for_client(None) {
+                Ok(c) => set_credential(c),
+                Err(e) => lego_sys::process::die(&format!("lego: {e}")),
+            }
         }
         let manager = std::env::var("LEGO_MANAGER")
             .ok()

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicI32, AtomicPtr, Ordering::Relaxed};
 use std::sync::{Arc, MutexGuard};
 use std::time::Duration;
 
-use lego_protocol::{Message, SpaceId, VirtAddr, PAGE_SIZE};
+use lego_protocol::{Capability, Message, SpaceId, VirtAddr, PAGE_SIZE};
 use lego_sys::mm;
 use lego_sys::process::{self, die};
 use lego_sys::stats::SharedStats;
@@ -43,7 +43,18 @@ enum Origin {
     /// A new program image.
     Fresh,
     /// A forked child: a copy-on-write clone of the parent's space.
-    Fork { parent: SpaceId },
+    Fork {
+        parent: SpaceId,
+        parent_capability: Capability,
+    },
+}
+
+/// A new capability for a space, from the kernel's random numbers.
+fn fresh_capability() -> Capability {
+    let mut c = [0u8; 16];
+    getrandom::getrandom(&mut c)
+        .unwrap_or_else(|e| die(&format!("runtime: no random numbers for the space: {e}")));
+    Capability(c)
 }
 
 /// What a runtime is made of, besides its connections.
@@ -125,6 +136,8 @@ pub fn init() {
 fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
     let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
     let mut layout = pool::connect(&p.home, &p.program, p.timeout)?;
+    // The space's secret: only this process's connections present it.
+    let capability = fresh_capability();
     let open = match origin {
         Origin::Fresh => Message::OpenSpace {
             pid: std::process::id(),
@@ -132,10 +145,16 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
             region_base: VirtAddr(p.region.base as u64),
             region_bytes: p.region.len as u64,
             bootstrap_bytes: heap::BOOTSTRAP_BYTES as u64,
+            capability,
         },
-        Origin::Fork { parent } => Message::ForkSpace {
+        Origin::Fork {
             parent,
+            parent_capability,
+        } => Message::ForkSpace {
+            parent,
+            parent_capability,
             child: SpaceId(0),
+            child_capability: capability,
         },
     };
     let space =
@@ -146,6 +165,7 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         })?;
     let attach = Message::AttachSpace {
         space,
+        capability,
         region_base: VirtAddr(p.region.base as u64),
         region_bytes: p.region.len as u64,
     };
@@ -157,9 +177,14 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         }
         let mut conn = pool::connect(&addr, &p.program, p.timeout)?;
         let msg = match origin {
-            Origin::Fork { parent } if addr != p.home => Message::ForkSpace {
+            Origin::Fork {
                 parent,
+                parent_capability,
+            } if addr != p.home => Message::ForkSpace {
+                parent,
+                parent_capability,
                 child: space,
+                child_capability: capability,
             },
             _ => attach.clone(),
         };
@@ -185,7 +210,7 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         daemons,
         p.placement,
         home,
-        space,
+        (space, capability),
         (p.region.base, p.region.len),
         p.program.clone(),
         p.timeout,
@@ -207,6 +232,7 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
             next_id: 1,
         }),
         space,
+        capability,
         program: p.program,
         timeout: p.timeout,
         stats: p.stats,
@@ -227,8 +253,14 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
     if let Some(placer) = placer {
         let (program, timeout, region) = (rt.program.clone(), rt.timeout, rt.region);
         let attach = move |addr: &str| {
-            pool::attach(addr, &program, timeout, space, (region.base, region.len))
-                .map_err(|e| e.to_string())
+            pool::attach(
+                addr,
+                &program,
+                timeout,
+                (space, capability),
+                (region.base, region.len),
+            )
+            .map_err(|e| e.to_string())
         };
         process::spawn_thread(heap::mark_runtime_thread, move || {
             placer.run(space.0, timeout, attach)
@@ -335,6 +367,7 @@ extern "C" fn after_fork_child() {
     };
     let origin = Origin::Fork {
         parent: parent.space,
+        parent_capability: parent.capability,
     };
     start(parts, origin).unwrap_or_else(|e| die(&format!("{e}")));
     let (r, w) = take_fork_pipe();

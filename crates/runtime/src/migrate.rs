@@ -44,7 +44,13 @@ impl Runtime {
         loop {
             std::thread::sleep(DRAIN_POLL);
             if client.is_none() {
-                client = ControlClient::connect(&manager, "lego-runtime", DRAIN_POLL * 5).ok();
+                client = ControlClient::connect(
+                    &manager,
+                    "lego-runtime",
+                    DRAIN_POLL * 5,
+                    crate::config::credential(),
+                )
+                .ok();
             }
             let Some(c) = client.as_mut() else {
                 continue;
@@ -106,8 +112,13 @@ impl Runtime {
                         let addr = st.pool.daemons[h].addr.clone();
                         drop(st);
                         let region = (self.region.base, self.region.len);
-                        let conn =
-                            pool::attach(&addr, &self.program, self.timeout, self.space, region)?;
+                        let conn = pool::attach(
+                            &addr,
+                            &self.program,
+                            self.timeout,
+                            (self.space, self.capability),
+                            region,
+                        )?;
                         next_home = Some((h, conn));
                         // Looked at again under the lock: units may have
                         // moved meanwhile.

@@ -292,7 +292,12 @@ fn ask(
     let mut last = String::new();
     while Instant::now() < deadline {
         if client.is_none() {
-            match ControlClient::connect(manager, "lego-runtime", Duration::from_secs(3)) {
+            match ControlClient::connect(
+                manager,
+                "lego-runtime",
+                Duration::from_secs(3),
+                crate::config::credential(),
+            ) {
                 Ok(c) => *client = Some(c),
                 Err(e) => {
                     last = e.to_string();
@@ -349,6 +354,7 @@ mod tests {
 
     #[test]
     fn an_unreachable_manager_is_a_clear_error() {
+        crate::config::set_credential(lego_transport::auth::Credential::generate().unwrap());
         let e = ask("127.0.0.1:1", &mut None, 7, 0, Duration::from_millis(300)).unwrap_err();
         assert!(
             e.contains("unreachable") && e.contains("cannot place new memory"),
@@ -358,6 +364,7 @@ mod tests {
 
     #[test]
     fn the_placer_thread_reports_a_failure_to_whoever_waits() {
+        crate::config::set_credential(lego_transport::auth::Credential::generate().unwrap());
         let placer = std::sync::Arc::new(Placer::new("127.0.0.1:1".into(), vec![1]));
         let p = placer.clone();
         std::thread::spawn(move || p.run(7, Duration::from_millis(200), |_| Err("no".into())));

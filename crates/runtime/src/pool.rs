@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use lego_protocol::{ErrorCode, Message, Role, SpaceId, VirtAddr, PAGE_SIZE};
+use lego_protocol::{Capability, ErrorCode, Message, Role, SpaceId, VirtAddr, PAGE_SIZE};
 use lego_transport::{ConnError, FramedConn, Stream, Tcp, Transport};
 
 use crate::pager::Backing;
@@ -92,7 +92,7 @@ pub fn connect(
         })?;
     let _ = s.set_read_timeout(Some(timeout));
     let mut c = FramedConn::new(s);
-    match c.client_handshake(Role::Runtime, program) {
+    match c.client_handshake(Role::Runtime, program, crate::config::credential()) {
         Ok(_) => Ok(c),
         Err(ConnError::Refused(reason)) => Err(DaemonError::Refused {
             addr: addr.to_string(),
@@ -197,6 +197,7 @@ pub struct DaemonPool {
     /// them all).
     pub changed: u64,
     space: SpaceId,
+    capability: Capability,
     region_base: usize,
     region_len: usize,
     program: String,
@@ -225,7 +226,7 @@ impl DaemonPool {
         daemons: Vec<Daemon>,
         placement: Placement,
         home: usize,
-        space: SpaceId,
+        (space, capability): (SpaceId, Capability),
         region: (usize, usize),
         program: String,
         timeout: Duration,
@@ -238,6 +239,7 @@ impl DaemonPool {
             home,
             changed: 0,
             space,
+            capability,
             region_base: region.0,
             region_len: region.1,
             program,
@@ -294,7 +296,7 @@ impl DaemonPool {
             addr,
             &self.program,
             self.timeout,
-            self.space,
+            (self.space, self.capability),
             (self.region_base, self.region_len),
         )
     }
@@ -450,7 +452,7 @@ pub fn attach(
     addr: &str,
     program: &str,
     timeout: Duration,
-    space: SpaceId,
+    (space, capability): (SpaceId, Capability),
     region: (usize, usize),
 ) -> Result<FramedConn<TcpStream>, DaemonError> {
     let mut conn = connect(addr, program, timeout)?;
@@ -459,6 +461,7 @@ pub fn attach(
         addr,
         &Message::AttachSpace {
             space,
+            capability,
             region_base: VirtAddr(region.0 as u64),
             region_bytes: region.1 as u64,
         },

@@ -56,6 +56,8 @@ pub struct Runtime {
     pub(crate) state: Mutex<State>,
     pub(crate) layout: Mutex<LayoutConn>,
     pub(crate) space: SpaceId,
+    /// What attaching to the space takes (chosen here, at its open).
+    pub(crate) capability: lego_protocol::Capability,
     pub(crate) program: String,
     pub(crate) timeout: Duration,
     pub(crate) stats: Option<&'static SharedStats>,

@@ -344,3 +344,58 @@ pub fn set_thread_name(name: &str) {
     // bytes; buf is one.
     unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
 }
+
+/// A local user's ids, from the password database.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UserIds {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Looks up the local user `name`; `None` if there is none (or the
+/// database cannot be read).
+pub fn user_by_name(name: &str) -> Option<UserIds> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0u8; 16 << 10];
+    // SAFETY: passwd is plain old data; zeroed is a valid value to pass
+    // as getpwnam_r's output.
+    let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call: a NUL-terminated name,
+    // an output struct, a buffer of buf.len() bytes for its strings, and
+    // the result pointer; nothing is kept after it.
+    let r = unsafe {
+        libc::getpwnam_r(
+            cname.as_ptr(),
+            &mut pw,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if r != 0 || found.is_null() {
+        return None;
+    }
+    Some(UserIds {
+        uid: pw.pw_uid,
+        gid: pw.pw_gid,
+    })
+}
+
+/// This process's effective user id.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Lets SIGPIPE end the process silently, as it does most commands: for
+/// a command whose output may go to a pipe that closes early (`lego status
+/// | head`). Rust ignores SIGPIPE by default, which turns it into a write
+/// error.
+pub fn end_quietly_on_closed_pipe() {
+    // SAFETY: setting a signal's disposition to SIG_DFL takes no pointers
+    // and is valid at any time.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}

@@ -7,12 +7,15 @@
 
 #![deny(unsafe_code)]
 
+pub mod auth;
+
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use auth::{Credential, Identity, Sealer};
 use lego_protocol::{
     check_version, control, decode_body, decode_header, encode, DecodeError, Frame, Message, Role,
     HEADER_BYTES, PROTOCOL_VERSION,
@@ -29,6 +32,8 @@ pub trait Stream: Read + Write + Send + 'static {
     fn set_read_timeout(&self, timeout: Option<Duration>) -> io::Result<()>;
     /// Closes both directions; a blocked reader on another handle wakes up.
     fn shutdown(&self);
+    /// Closes the sending direction only (the peer reads end of file).
+    fn shutdown_write(&self);
     /// The peer's address, for messages.
     fn peer(&self) -> String;
     /// The file descriptor, for `poll(2)`, where there is one.
@@ -119,6 +124,9 @@ impl Stream for TcpStream {
     fn shutdown(&self) {
         let _ = TcpStream::shutdown(self, Shutdown::Both);
     }
+    fn shutdown_write(&self) {
+        let _ = TcpStream::shutdown(self, Shutdown::Write);
+    }
     fn peer(&self) -> String {
         self.peer_addr()
             .map(|a| a.to_string())
@@ -159,16 +167,32 @@ pub enum ConnError {
     Decode(#[from] DecodeError),
     #[error("handshake refused: {0}")]
     Refused(String),
+    #[error("a frame failed authentication (altered, replayed or not from the peer)")]
+    Forged,
     #[error("unexpected reply: {0}")]
     Unexpected(String),
 }
 
+/// How long the rest of a frame may take once its first bytes arrived.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read at a time into a frame's buffer: it grows as bytes arrive,
+/// never ahead of them by more than this.
+const READ_CHUNK: usize = 64 << 10;
+
 /// A stream that carries protocol frames, with reusable buffers so the miss
-/// path allocates nothing per request.
+/// path allocates nothing per request. After the handshake every frame is
+/// sealed ([`auth`]).
 pub struct FramedConn<S: Stream> {
     stream: S,
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
+    /// Sealed records on their way out, and one coming in.
+    sbuf: Vec<u8>,
+    record: Vec<u8>,
+    sealer: Option<Sealer>,
+    /// Set by [`FramedConn::be_patient`]: a read timeout before a frame's
+    /// first byte is retried, for up to this long (`Some(None)`: forever).
+    patience: Option<Option<Duration>>,
     /// Bytes written and read, for statistics.
     pub bytes_out: u64,
     pub bytes_in: u64,
@@ -180,6 +204,10 @@ impl<S: Stream> FramedConn<S> {
             stream,
             wbuf: Vec::with_capacity(64 * 1024),
             rbuf: Vec::with_capacity(64 * 1024),
+            sbuf: Vec::new(),
+            record: Vec::new(),
+            sealer: None,
+            patience: None,
             bytes_out: 0,
             bytes_in: 0,
         }
@@ -189,24 +217,126 @@ impl<S: Stream> FramedConn<S> {
         &self.stream
     }
 
+    /// A second handle on the same connection, with its keys: one handle
+    /// then only sends and the other only receives.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        let mut c = Self::new(self.stream.try_clone()?);
+        c.sealer = self.sealer.clone();
+        c.patience = self.patience;
+        Ok(c)
+    }
+
+    /// A daemon's side of a connection: once a frame has begun, the rest
+    /// must come within [`FRAME_TIMEOUT`]; a frame may take up to `idle`
+    /// to begin (`None`: forever, a program may not miss for hours). Costs
+    /// nothing per frame: the stream's timeout stays [`FRAME_TIMEOUT`] and
+    /// a timeout before a frame's first byte is retried.
+    pub fn be_patient(&mut self, idle: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(FRAME_TIMEOUT))?;
+        self.patience = Some(idle);
+        Ok(())
+    }
+
     /// Encodes and sends one frame.
     pub fn send(&mut self, request_id: u64, message: &Message<'_>) -> Result<(), ConnError> {
         self.wbuf.clear();
         encode(request_id, message, &mut self.wbuf);
-        self.stream.write_all(&self.wbuf)?;
-        self.bytes_out += self.wbuf.len() as u64;
+        let out = match self.sealer.as_mut() {
+            Some(s) => {
+                self.sbuf.clear();
+                s.seal(&self.wbuf, &mut self.sbuf);
+                &self.sbuf
+            }
+            None => &self.wbuf,
+        };
+        self.stream.write_all(out)?;
+        self.bytes_out += out.len() as u64;
         Ok(())
     }
 
     /// Receives one frame; its borrowed data lives until the next receive.
+    /// Its buffer grows only as its bytes arrive.
     pub fn recv(&mut self) -> Result<Frame<'_>, ConnError> {
-        let mut head = [0u8; HEADER_BYTES];
-        read_exact_or_closed(&mut self.stream, &mut head)?;
-        let header = decode_header(&head)?;
-        self.rbuf.resize(header.body_len, 0);
-        read_exact_or_closed(&mut self.stream, &mut self.rbuf)?;
-        self.bytes_in += (HEADER_BYTES + header.body_len) as u64;
-        Ok(decode_body(header, &self.rbuf)?)
+        self.rbuf.clear();
+        let header = if self.sealer.is_some() {
+            self.recv_sealed()?
+        } else {
+            self.recv_plain()?
+        };
+        Ok(decode_body(header, &self.rbuf[HEADER_BYTES..])?)
+    }
+
+    /// Reads a frame's first byte, waiting as [`FramedConn::be_patient`]
+    /// says.
+    fn first_byte(&mut self, b: &mut [u8]) -> Result<(), ConnError> {
+        let start = std::time::Instant::now();
+        loop {
+            match read_exact_or_closed(&mut self.stream, b) {
+                Err(ConnError::TimedOut)
+                    if self
+                        .patience
+                        .is_some_and(|idle| idle.is_none_or(|d| start.elapsed() < d)) => {}
+                r => return r,
+            }
+        }
+    }
+
+    /// A frame in the clear into `rbuf` (handshake only).
+    fn recv_plain(&mut self) -> Result<lego_protocol::Header, ConnError> {
+        self.rbuf.resize(HEADER_BYTES, 0);
+        let mut b = [0u8];
+        self.first_byte(&mut b)?;
+        self.rbuf[0] = b[0];
+        read_exact_or_closed(&mut self.stream, &mut self.rbuf[1..])?;
+        let header = decode_header(self.rbuf[..].try_into().expect("header"))?;
+        let total = HEADER_BYTES + header.body_len;
+        while self.rbuf.len() < total {
+            let at = self.rbuf.len();
+            self.rbuf.resize(total.min(at + READ_CHUNK), 0);
+            read_exact_or_closed(&mut self.stream, &mut self.rbuf[at..])?;
+        }
+        self.bytes_in += total as u64;
+        Ok(header)
+    }
+
+    /// A sealed frame, record by record, into `rbuf`.
+    fn recv_sealed(&mut self) -> Result<lego_protocol::Header, ConnError> {
+        let mut header = None;
+        let mut first = true;
+        loop {
+            let mut len = [0u8; 2];
+            if first {
+                self.first_byte(&mut len[..1])?;
+                first = false;
+            } else {
+                read_exact_or_closed(&mut self.stream, &mut len[..1])?;
+            }
+            read_exact_or_closed(&mut self.stream, &mut len[1..])?;
+            let len = u16::from_le_bytes(len) as usize;
+            self.record.resize(len, 0);
+            read_exact_or_closed(&mut self.stream, &mut self.record)?;
+            self.bytes_in += 2 + len as u64;
+            let sealer = self.sealer.as_mut().expect("sealed");
+            sealer
+                .open(&self.record, &mut self.rbuf)
+                .map_err(|_| ConnError::Forged)?;
+            if header.is_none() && self.rbuf.len() >= HEADER_BYTES {
+                header = Some(decode_header(
+                    self.rbuf[..HEADER_BYTES].try_into().expect("header"),
+                )?);
+            }
+            if let Some(h) = header {
+                let total = HEADER_BYTES + h.body_len;
+                if self.rbuf.len() == total {
+                    return Ok(h);
+                }
+                if self.rbuf.len() > total {
+                    return Err(ConnError::Decode(DecodeError::Trailing(
+                        self.rbuf.len() - total,
+                    )));
+                }
+            }
+        }
     }
 
     /// Sends a request and waits for its reply.
@@ -227,17 +357,57 @@ impl<S: Stream> FramedConn<S> {
         Ok(f)
     }
 
-    /// Client side of the handshake; returns the daemon's capacity.
-    pub fn client_handshake(&mut self, role: Role, name: &str) -> Result<u64, ConnError> {
-        let reply = self.call(
+    /// Client side of the handshake ([`auth`]): proves `cred` and checks
+    /// the daemon holds the cluster's credential; returns the daemon's
+    /// capacity.
+    pub fn client_handshake(
+        &mut self,
+        role: Role,
+        name: &str,
+        cred: &Credential,
+    ) -> Result<u64, ConnError> {
+        let identity = cred.identity().to_string();
+        let mut hs = auth::Initiator::new(cred, PROTOCOL_VERSION, role as u8, name);
+        let first = hs.first();
+        // Both at once: one round trip.
+        self.wbuf.clear();
+        encode(
             0,
             &Message::Hello {
                 version: PROTOCOL_VERSION,
                 role,
                 name,
             },
-        )?;
-        match reply.message {
+            &mut self.wbuf,
+        );
+        encode(
+            0,
+            &Message::Auth {
+                identity: &identity,
+                noise: &first,
+            },
+            &mut self.wbuf,
+        );
+        self.stream.write_all(&self.wbuf)?;
+        self.bytes_out += self.wbuf.len() as u64;
+        let answer = match self.recv() {
+            Ok(f) => match f.message {
+                Message::AuthOk { noise } => noise.to_vec(),
+                Message::Refused { reason } => return Err(ConnError::Refused(reason.to_string())),
+                other => return Err(ConnError::Unexpected(other.describe())),
+            },
+            Err(ConnError::Closed) => {
+                return Err(ConnError::Refused(
+                    "the peer closed the connection during the handshake (another lego version, or not a lego daemon)".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        let sealer = hs.finish(&answer).map_err(|_| {
+            ConnError::Refused("the daemon did not prove it holds this cluster's credential".into())
+        })?;
+        self.sealer = Some(sealer);
+        match self.recv()?.message {
             Message::HelloOk {
                 version,
                 capacity_bytes,
@@ -246,40 +416,107 @@ impl<S: Stream> FramedConn<S> {
                 Ok(capacity_bytes)
             }
             Message::Refused { reason } => Err(ConnError::Refused(reason.to_string())),
-            other => Err(ConnError::Unexpected(format!("{other:?}"))),
+            other => Err(ConnError::Unexpected(other.describe())),
         }
     }
 }
 
+/// Who is at the other end of a connection, proven by the handshake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub identity: Identity,
+    pub role: Role,
+    /// What the peer calls itself (a program's name), for messages only.
+    pub name: String,
+}
+
 impl<S: Stream> FramedConn<S> {
-    /// Server side of the handshake: a `Hello` of this protocol version
-    /// within `timeout` gets `HelloOk` with `capacity_bytes`; anything else
-    /// is refused with the reason, which is also the error.
+    /// Server side of the handshake ([`auth`]): a `Hello` of this protocol
+    /// version and an `Auth` proving an identity `cred` (the cluster
+    /// credential) vouches for, within `timeout`, get `HelloOk` with
+    /// `capacity_bytes` on the sealed channel; anything else is refused
+    /// with the reason, which is also the error. Afterwards the connection
+    /// is patient ([`FramedConn::be_patient`], no idle limit).
     pub fn server_handshake(
         &mut self,
         capacity_bytes: u64,
         timeout: Duration,
-    ) -> Result<(), ConnError> {
+        cred: &Credential,
+    ) -> Result<Peer, ConnError> {
         self.stream.set_read_timeout(Some(timeout))?;
-        let f = self.recv()?;
-        let id = f.request_id;
-        let checked = match f.message {
-            Message::Hello { version, .. } => check_version(version),
-            other => Err(format!("expected Hello, got {}", other.name())),
+        let (version, role, name) = match self.recv()?.message {
+            Message::Hello {
+                version,
+                role,
+                name,
+            } => (version, role, name.to_string()),
+            other => {
+                let reason = format!("expected Hello, got {}", other.name());
+                return Err(self.refuse(reason));
+            }
         };
-        if let Err(reason) = checked {
-            self.send(id, &Message::Refused { reason: &reason })?;
-            return Err(ConnError::Refused(reason));
+        if let Err(reason) = check_version(version) {
+            return Err(self.refuse(reason));
         }
+        let (identity, answer, sealer) = match self.recv()?.message {
+            Message::Auth { identity, noise } => {
+                let claimed = match Identity::parse(identity) {
+                    Ok(i) => i,
+                    Err(e) => return Err(self.refuse(format!("authentication failed: {e}"))),
+                };
+                match auth::respond(cred, version, role as u8, &name, &claimed, noise) {
+                    Ok((answer, sealer)) => (claimed, answer, sealer),
+                    Err(_) => {
+                        let reason = format!(
+                            "authentication failed: not a valid credential for {claimed} in this cluster"
+                        );
+                        return Err(self.refuse(reason));
+                    }
+                }
+            }
+            other => {
+                let reason = format!(
+                    "expected Auth, got {} (this daemon needs a credential: --key FILE or LEGO_KEY)",
+                    other.name()
+                );
+                return Err(self.refuse(reason));
+            }
+        };
+        self.send(0, &Message::AuthOk { noise: &answer })?;
+        self.sealer = Some(sealer);
         self.send(
-            id,
+            0,
             &Message::HelloOk {
                 version: PROTOCOL_VERSION,
                 capacity_bytes,
             },
         )?;
-        self.stream.set_read_timeout(None)?;
-        Ok(())
+        self.be_patient(None)?;
+        Ok(Peer {
+            identity,
+            role,
+            name,
+        })
+    }
+
+    /// Refuses the handshake with `reason` (in the clear: nothing is
+    /// sealed yet), and reads what the peer already sent, briefly, so the
+    /// close does not reset the connection before it reads the reason.
+    fn refuse(&mut self, reason: String) -> ConnError {
+        if self.send(0, &Message::Refused { reason: &reason }).is_ok() {
+            self.stream.shutdown_write();
+            let _ = self
+                .stream
+                .set_read_timeout(Some(Duration::from_millis(200)));
+            let mut sink = [0u8; 4096];
+            for _ in 0..16 {
+                match self.stream.read(&mut sink) {
+                    Ok(n) if n > 0 => {}
+                    _ => break,
+                }
+            }
+        }
+        ConnError::Refused(reason)
     }
 }
 
@@ -293,11 +530,16 @@ pub struct ControlClient {
 impl ControlClient {
     /// Connects and shakes hands; every later answer must come within
     /// `timeout`.
-    pub fn connect(addr: &str, name: &str, timeout: Duration) -> Result<Self, ConnError> {
+    pub fn connect(
+        addr: &str,
+        name: &str,
+        timeout: Duration,
+        cred: &Credential,
+    ) -> Result<Self, ConnError> {
         let s = Tcp.connect(addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         let mut conn = FramedConn::new(s);
-        conn.client_handshake(Role::Client, name)?;
+        conn.client_handshake(Role::Client, name, cred)?;
         Ok(Self {
             conn,
             next_id: 1,
@@ -314,6 +556,13 @@ impl ControlClient {
         let id = self.next_id;
         self.next_id += 1;
         let json = control::to_json(req);
+        if json.len() > lego_protocol::MAX_CONTROL_BYTES {
+            return Err(ConnError::Unexpected(format!(
+                "the request ({} bytes) exceeds the frame limit of {} bytes",
+                json.len(),
+                lego_protocol::MAX_CONTROL_BYTES
+            )));
+        }
         match self
             .conn
             .call(id, &Message::Control { json: &json })?
@@ -334,14 +583,55 @@ pub fn control_call(
     addr: &str,
     req: &control::Request,
     timeout: Duration,
+    cred: &Credential,
 ) -> Result<control::Reply, ConnError> {
-    ControlClient::connect(addr, "lego", timeout)?.call(req)
+    ControlClient::connect(addr, "lego", timeout, cred)?.call(req)
+}
+
+/// Most connections a daemon serves at once ...
+pub const MAX_CONNECTIONS: usize = 4096;
+/// ... and from one peer address.
+pub const MAX_CONNECTIONS_PER_PEER: usize = 1024;
+
+/// The connections being served, in all and by peer address.
+#[derive(Default)]
+struct Served {
+    total: usize,
+    by_peer: std::collections::HashMap<String, usize>,
+}
+
+/// One served connection, counted while it lives.
+struct ServedGuard {
+    served: Arc<std::sync::Mutex<Served>>,
+    peer: String,
+}
+
+impl Drop for ServedGuard {
+    fn drop(&mut self) {
+        let mut s = self.served.lock().unwrap_or_else(|p| p.into_inner());
+        s.total -= 1;
+        if let Some(n) = s.by_peer.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                s.by_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// The host part of a `HOST:PORT` peer address.
+fn peer_host(peer: &str) -> String {
+    peer.rsplit_once(':')
+        .map_or(peer, |(host, _)| host)
+        .to_string()
 }
 
 /// Accepts connections on `listener`, on a thread `{name}-accept`, until
-/// `stop` is set; serves each on a thread `{name}-conn` of its own. Accept
-/// errors (a full descriptor table) are logged and retried; they never end
-/// the loop.
+/// `stop` is set; serves each on a thread `{name}-conn` of its own, at most
+/// [`MAX_CONNECTIONS`] at once and [`MAX_CONNECTIONS_PER_PEER`] from one
+/// address (more are closed at once). A handler that panics is logged and
+/// its thread ends; the daemon goes on. Accept errors (a full descriptor
+/// table) are logged and retried; they never end the loop.
 pub fn serve_connections<L: Listener>(
     listener: L,
     name: &str,
@@ -361,6 +651,8 @@ fn accept_loop<L: Listener>(
     stop: &std::sync::atomic::AtomicBool,
     serve: impl Fn(L::Stream) + Clone + Send + 'static,
 ) {
+    let served = Arc::new(std::sync::Mutex::new(Served::default()));
+    let mut last_refusal: Option<std::time::Instant> = None;
     loop {
         let stream = match listener.accept() {
             Ok(s) => s,
@@ -373,10 +665,42 @@ fn accept_loop<L: Listener>(
         if stop.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
+        let peer = peer_host(&stream.peer());
+        let admitted = {
+            let mut s = served.lock().unwrap_or_else(|p| p.into_inner());
+            let from_peer = s.by_peer.get(&peer).copied().unwrap_or(0);
+            let ok = s.total < MAX_CONNECTIONS && from_peer < MAX_CONNECTIONS_PER_PEER;
+            if ok {
+                s.total += 1;
+                *s.by_peer.entry(peer.clone()).or_insert(0) += 1;
+            }
+            ok
+        };
+        if !admitted {
+            if last_refusal.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                tracing::warn!(%peer, "too many connections; closing new ones");
+                last_refusal = Some(std::time::Instant::now());
+            }
+            stream.shutdown();
+            continue;
+        }
+        let guard = ServedGuard {
+            served: served.clone(),
+            peer,
+        };
         let serve = serve.clone();
         let spawned = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || serve(stream));
+            .spawn(move || {
+                let _guard = guard;
+                let handled =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || serve(stream)));
+                if handled.is_err() {
+                    tracing::error!(
+                        "a connection handler panicked (a bug); its connection is closed"
+                    );
+                }
+            });
         if let Err(e) = spawned {
             tracing::warn!(error = %e, "cannot start a connection thread");
         }
@@ -385,8 +709,12 @@ fn accept_loop<L: Listener>(
 
 /// One request to the global manager at `addr`; its `Error` replies and
 /// connection failures become one message naming the manager.
-pub fn ask_manager(addr: &str, req: &control::Request) -> Result<control::Reply, String> {
-    match control_call(addr, req, Duration::from_secs(5)) {
+pub fn ask_manager(
+    addr: &str,
+    req: &control::Request,
+    cred: &Credential,
+) -> Result<control::Reply, String> {
+    match control_call(addr, req, Duration::from_secs(5), cred) {
         Ok(control::Reply::Error { message }) => Err(format!("global manager {addr}: {message}")),
         Ok(reply) => Ok(reply),
         Err(e) => Err(format!("global manager {addr}: {e}")),
@@ -399,6 +727,7 @@ const MANAGER_TIMEOUT: Duration = Duration::from_secs(3);
 /// A component's membership in the cluster of a global manager.
 pub struct Member {
     manager: String,
+    cred: Credential,
     kind: control::Kind,
     addr: String,
     capacity_bytes: u64,
@@ -416,16 +745,18 @@ impl Member {
         kind: control::Kind,
         addr: &str,
         capacity_bytes: u64,
+        cred: &Credential,
     ) -> Result<Self, String> {
         let mut m = Self {
             manager: manager.to_string(),
+            cred: cred.clone(),
             kind,
             addr: addr.to_string(),
             capacity_bytes,
             id: 0,
             heartbeat: Duration::from_secs(1),
         };
-        let mut c = ControlClient::connect(manager, "lego", MANAGER_TIMEOUT)
+        let mut c = ControlClient::connect(manager, "lego", MANAGER_TIMEOUT, cred)
             .map_err(|e| format!("global manager {manager}: {e}"))?;
         m.register(&mut c)
             .map_err(|e| format!("global manager {manager}: {e}"))?;
@@ -475,7 +806,7 @@ impl Member {
                 let mut lost = false;
                 while !thread_stop.load(Ordering::SeqCst) {
                     if conn.is_none() {
-                        match ControlClient::connect(&self.manager, "lego", MANAGER_TIMEOUT)
+                        match ControlClient::connect(&self.manager, "lego", MANAGER_TIMEOUT, &self.cred)
                             .map_err(|e| e.to_string())
                             .and_then(|mut c| self.register(&mut c).map(|()| c))
                         {
@@ -528,7 +859,7 @@ impl Member {
                 // On the heartbeat connection, or a new one if that broke.
                 let said = match conn.as_mut().and_then(|c| c.call(&leave).ok()) {
                     Some(reply) => Ok(reply),
-                    None => control_call(&self.manager, &leave, MANAGER_TIMEOUT)
+                    None => control_call(&self.manager, &leave, MANAGER_TIMEOUT, &self.cred)
                         .map_err(|e| e.to_string()),
                 };
                 match said {
@@ -657,5 +988,53 @@ mod tests {
         let mut c = FramedConn::new(Tcp.connect(&addr, Duration::from_secs(2)).unwrap());
         t.join().unwrap();
         assert!(matches!(c.recv(), Err(ConnError::Closed)));
+    }
+
+    #[test]
+    fn sealed_frames_of_every_size_cross_a_connection() {
+        let cred = Credential::generate().unwrap();
+        let l = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&l);
+        let server_cred = cred.clone();
+        let t = std::thread::spawn(move || {
+            let s = Listener::accept(&l).unwrap();
+            let mut c = FramedConn::new(s);
+            let peer = c
+                .server_handshake(77, Duration::from_secs(5), &server_cred)
+                .unwrap();
+            assert_eq!(peer.identity, Identity::Cluster);
+            // Echo each WritePages back as Pages.
+            loop {
+                let (id, data) = match c.recv() {
+                    Ok(f) => match f.message {
+                        Message::WritePages { data, .. } => (f.request_id, data.to_vec()),
+                        other => panic!("{other:?}"),
+                    },
+                    Err(ConnError::Closed) => return,
+                    Err(e) => panic!("{e}"),
+                };
+                c.send(id, &Message::Pages { data: &data }).unwrap();
+            }
+        });
+        let s = Tcp.connect(&addr, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut c = FramedConn::new(s);
+        assert_eq!(c.client_handshake(Role::Runtime, "t", &cred).unwrap(), 77);
+        for n in [0usize, 1, 15, 16, 17, 512] {
+            let data: Vec<u8> = (0..n * 4096).map(|x| (x * 7 + n) as u8).collect();
+            let addrs: Vec<VirtAddr> = (0..n as u64).map(|i| VirtAddr(i * 4096)).collect();
+            let f = c
+                .call(
+                    n as u64,
+                    &Message::WritePages {
+                        addrs: addrs.into(),
+                        data: &data,
+                    },
+                )
+                .unwrap();
+            assert_eq!(f.message, Message::Pages { data: &data });
+        }
+        drop(c);
+        t.join().unwrap();
     }
 }

@@ -17,6 +17,34 @@ pub fn lego() -> PathBuf {
     exe
 }
 
+/// The cluster credential every daemon and client of this test binary
+/// uses (made once, in the target's scratch directory).
+pub fn key() -> &'static Path {
+    static KEY: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| {
+        let path = tmp().join(format!("cluster-{}.key", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let out = Command::new(lego())
+            .args(["keygen", "--out"])
+            .arg(&path)
+            .output()
+            .expect("lego keygen runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    })
+}
+
+/// `lego` with this test binary's credential.
+pub fn lego_cmd() -> Command {
+    let mut c = Command::new(lego());
+    c.env("LEGO_KEY", key());
+    c
+}
+
 pub fn tmp() -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR"))
 }
@@ -74,6 +102,7 @@ pub fn under_lego(
     let mut c = Command::new("timeout");
     c.args(["--kill-after=5", "600"])
         .arg(lego())
+        .env("LEGO_KEY", key())
         .arg("run")
         .args(lego_args)
         .arg("--stats")
@@ -154,9 +183,10 @@ impl Daemon {
         )
     }
 
-    /// `lego ARGS` (a memory daemon) with `env` added to the environment.
+    /// `lego ARGS` (a daemon: memory, manager or processor) with `env`
+    /// added to the environment, once it says where it serves.
     pub fn start_with(args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        let mut child = Command::new(lego())
+        let mut child = lego_cmd()
             .args(args)
             .envs(env.iter().copied())
             .stderr(Stdio::piped())
@@ -165,7 +195,7 @@ impl Daemon {
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let addr = loop {
             let line = lines.next().expect("daemon prints its address").unwrap();
-            if let Some(rest) = line.strip_prefix("lego memory: serving on ") {
+            if let Some((_, rest)) = line.split_once(": serving on ") {
                 break rest.split(' ').next().unwrap().to_string();
             }
         };
@@ -174,7 +204,7 @@ impl Daemon {
     }
 
     pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(lego())
+        let out = lego_cmd()
             .args(["status", "--json", "--memory", &self.addr])
             .output()
             .unwrap();
@@ -205,6 +235,7 @@ pub fn signal_reaches_the_program(name: &str, signum: i32) {
     let mut c = Command::new("env")
         .arg(format!("--default-signal={name}"))
         .arg(lego())
+        .env("LEGO_KEY", key())
         .args(["run", "--", "sleep", "30"])
         .stderr(Stdio::null())
         .spawn()
