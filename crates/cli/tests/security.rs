@@ -220,10 +220,22 @@ fn no_credential_and_a_wrong_one_are_refused_by_every_daemon_for_every_request()
         .unwrap()
         .derive(Identity::User("root".into()))
         .unwrap();
-    let threads_before: Vec<usize> = [&c.manager, &c.memory, &c.processor]
-        .iter()
-        .map(|p| threads(p))
-        .collect();
+    // Once the components' heartbeat connections are up: the same count
+    // for a second.
+    let count = |c: &Cluster| -> Vec<usize> {
+        [&c.manager, &c.memory, &c.processor]
+            .iter()
+            .map(|p| threads(p))
+            .collect()
+    };
+    let mut threads_before = count(&c);
+    let mut same = 0;
+    while same < 5 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = count(&c);
+        same = if now == threads_before { same + 1 } else { 0 };
+        threads_before = now;
+    }
     let _ = std::fs::remove_file("/tmp/lego-security-pwned");
     for (daemon, addr) in [
         ("manager", c.manager.addr.clone()),

@@ -7,7 +7,7 @@
 //! | `LEGO_STATS_FD` | fd of the shared statistics page |
 //! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
-//! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 0: sleep at once) |
+//! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 100; 0: sleep at once) |
 //! | `LEGO_SPIN_US` | while misses come this close together, the pager polls for the next one instead of sleeping, and an idle-priority thread keeps the other CPUs awake (default 200; 0: always sleep) |
 //! | `LEGO_EVICTION` | eviction policy: `refault` (default) or `fifo` |
 //! | `LEGO_TIER_PERCENT` | share of the ExCache budget the compressed tier of evicted pages may take (default 50; 0 turns it off) |
@@ -47,6 +47,11 @@ pub struct Tuning {
     /// How long after a miss the pager polls for the next (µs).
     pub spin_us: u64,
 }
+
+/// How long the pager polls for a page read's reply before sleeping
+/// unless `LEGO_POLL_US` says otherwise (docs/benchmarks.md: with sealed
+/// frames, sleeping at once made a random miss 60% slower).
+pub const DEFAULT_POLL_US: u64 = 100;
 
 /// The compressed tier's share of the budget unless `LEGO_TIER_PERCENT`
 /// says otherwise.
@@ -114,7 +119,7 @@ impl Config {
                     .unwrap_or(64)
                     .min(MAX_PREFETCH_PAGES),
                 eviction: var("LEGO_EVICTION").unwrap_or(Policy::Refault),
-                poll_us: var("LEGO_POLL_US").unwrap_or(0),
+                poll_us: var("LEGO_POLL_US").unwrap_or(DEFAULT_POLL_US),
                 tier_percent: var::<usize>("LEGO_TIER_PERCENT")
                     .unwrap_or(DEFAULT_TIER_PERCENT)
                     .min(90),

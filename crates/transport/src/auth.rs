@@ -20,8 +20,8 @@
 //! # The handshake
 //!
 //! Every connection starts with `Hello` and `Auth{identity, noise}` in the
-//! clear, then a Noise `NNpsk0` handshake (X25519, ChaCha20-Poly1305,
-//! BLAKE2s) keyed by the identity's pre-shared key: the user credential's
+//! clear, then a Noise `NNpsk0` handshake (X25519, AES-256-GCM, BLAKE2s)
+//! keyed by the identity's pre-shared key: the user credential's
 //! secret, or for `cluster` a key derived from the cluster secret. The
 //! daemon, holding the cluster secret, derives the key of whatever identity
 //! the client names, so a wrong or missing credential fails the first
@@ -31,6 +31,11 @@
 //! each connection fresh keys (forward secrecy).
 //!
 //! # Sealed frames
+//!
+//! AES-GCM from `ring` (AES-NI and carry-less multiply) seals and opens a
+//! page in about 1.3 µs on these machines, against 3.5 µs for
+//! ChaCha20-Poly1305 and 8.3 µs for snow's pure-Rust ciphers: the miss path
+//! pays it twice per page (the read, and the writeback of a dirty victim).
 //!
 //! After the handshake every frame travels as one or more *records*: a
 //! 2-byte length, then a Noise transport message (at most 65,535 bytes,
@@ -46,7 +51,7 @@ use std::sync::Arc;
 use blake2::digest::Mac;
 
 /// The Noise protocol every connection uses.
-pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_ChaChaPoly_BLAKE2s";
+pub const NOISE_PARAMS: &str = "Noise_NNpsk0_25519_AESGCM_BLAKE2s";
 /// Largest Noise message.
 pub const MAX_RECORD: usize = 65535;
 /// Authentication tag per record.

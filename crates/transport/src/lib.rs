@@ -186,7 +186,7 @@ pub struct FramedConn<S: Stream> {
     stream: S,
     wbuf: Vec<u8>,
     rbuf: Vec<u8>,
-    /// Sealed records on their way out, and one coming in.
+    /// A sealed record on its way out, and one coming in.
     sbuf: Vec<u8>,
     record: Vec<u8>,
     sealer: Option<Sealer>,
@@ -241,16 +241,20 @@ impl<S: Stream> FramedConn<S> {
     pub fn send(&mut self, request_id: u64, message: &Message<'_>) -> Result<(), ConnError> {
         self.wbuf.clear();
         encode(request_id, message, &mut self.wbuf);
-        let out = match self.sealer.as_mut() {
-            Some(s) => {
-                self.sbuf.clear();
-                s.seal(&self.wbuf, &mut self.sbuf);
-                &self.sbuf
-            }
-            None => &self.wbuf,
+        let Some(sealer) = self.sealer.as_mut() else {
+            self.stream.write_all(&self.wbuf)?;
+            self.bytes_out += self.wbuf.len() as u64;
+            return Ok(());
         };
-        self.stream.write_all(out)?;
-        self.bytes_out += out.len() as u64;
+        // A record at a time: the sealed copy takes one record's room, not
+        // a whole frame's (2 MiB for a batch of pages, per connection, in
+        // the program's own memory).
+        for chunk in self.wbuf.chunks(auth::MAX_RECORD_PLAIN) {
+            self.sbuf.clear();
+            sealer.seal(chunk, &mut self.sbuf);
+            self.stream.write_all(&self.sbuf)?;
+            self.bytes_out += self.sbuf.len() as u64;
+        }
         Ok(())
     }
 
@@ -266,17 +270,33 @@ impl<S: Stream> FramedConn<S> {
         Ok(decode_body(header, &self.rbuf[HEADER_BYTES..])?)
     }
 
-    /// Reads a frame's first byte, waiting as [`FramedConn::be_patient`]
-    /// says.
-    fn first_byte(&mut self, b: &mut [u8]) -> Result<(), ConnError> {
+    /// Reads the first bytes of a frame (all of `buf`), waiting for the
+    /// first as [`FramedConn::be_patient`] says; once one has come, a
+    /// timeout is an error.
+    fn read_start(&mut self, buf: &mut [u8]) -> Result<(), ConnError> {
         let start = std::time::Instant::now();
         loop {
-            match read_exact_or_closed(&mut self.stream, b) {
-                Err(ConnError::TimedOut)
-                    if self
+            match self.stream.read(buf) {
+                Ok(0) => return Err(ConnError::Closed),
+                Ok(n) => return read_exact_or_closed(&mut self.stream, &mut buf[n..]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let waiting = self
                         .patience
-                        .is_some_and(|idle| idle.is_none_or(|d| start.elapsed() < d)) => {}
-                r => return r,
+                        .is_some_and(|idle| idle.is_none_or(|d| start.elapsed() < d));
+                    if !waiting {
+                        return Err(ConnError::TimedOut);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                    return Err(ConnError::Closed)
+                }
+                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -284,10 +304,9 @@ impl<S: Stream> FramedConn<S> {
     /// A frame in the clear into `rbuf` (handshake only).
     fn recv_plain(&mut self) -> Result<lego_protocol::Header, ConnError> {
         self.rbuf.resize(HEADER_BYTES, 0);
-        let mut b = [0u8];
-        self.first_byte(&mut b)?;
-        self.rbuf[0] = b[0];
-        read_exact_or_closed(&mut self.stream, &mut self.rbuf[1..])?;
+        let mut head = [0u8; HEADER_BYTES];
+        self.read_start(&mut head)?;
+        self.rbuf.copy_from_slice(&head);
         let header = decode_header(self.rbuf[..].try_into().expect("header"))?;
         let total = HEADER_BYTES + header.body_len;
         while self.rbuf.len() < total {
@@ -306,12 +325,11 @@ impl<S: Stream> FramedConn<S> {
         loop {
             let mut len = [0u8; 2];
             if first {
-                self.first_byte(&mut len[..1])?;
+                self.read_start(&mut len)?;
                 first = false;
             } else {
-                read_exact_or_closed(&mut self.stream, &mut len[..1])?;
+                read_exact_or_closed(&mut self.stream, &mut len)?;
             }
-            read_exact_or_closed(&mut self.stream, &mut len[1..])?;
             let len = u16::from_le_bytes(len) as usize;
             self.record.resize(len, 0);
             read_exact_or_closed(&mut self.stream, &mut self.record)?;
