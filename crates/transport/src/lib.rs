@@ -276,27 +276,15 @@ impl<S: Stream> FramedConn<S> {
     fn read_start(&mut self, buf: &mut [u8]) -> Result<(), ConnError> {
         let start = std::time::Instant::now();
         loop {
-            match self.stream.read(buf) {
+            match self.stream.read(buf).map_err(read_failure) {
                 Ok(0) => return Err(ConnError::Closed),
                 Ok(n) => return read_exact_or_closed(&mut self.stream, &mut buf[n..]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) =>
-                {
-                    let waiting = self
+                Err(None) => {}
+                Err(Some(ConnError::TimedOut))
+                    if self
                         .patience
-                        .is_some_and(|idle| idle.is_none_or(|d| start.elapsed() < d));
-                    if !waiting {
-                        return Err(ConnError::TimedOut);
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Err(ConnError::Closed)
-                }
-                Err(e) => return Err(e.into()),
+                        .is_some_and(|idle| idle.is_none_or(|d| start.elapsed() < d)) => {}
+                Err(Some(e)) => return Err(e),
             }
         }
     }
@@ -933,23 +921,24 @@ impl Membership {
     }
 }
 
+/// What a failed read means; `None`: interrupted, read again.
+fn read_failure(e: io::Error) -> Option<ConnError> {
+    match e.kind() {
+        io::ErrorKind::Interrupted => None,
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Some(ConnError::TimedOut),
+        io::ErrorKind::ConnectionReset => Some(ConnError::Closed),
+        _ => Some(e.into()),
+    }
+}
+
 fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnError> {
     let mut done = 0;
     while done < buf.len() {
-        match r.read(&mut buf[done..]) {
+        match r.read(&mut buf[done..]).map_err(read_failure) {
             Ok(0) => return Err(ConnError::Closed),
             Ok(n) => done += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) =>
-            {
-                return Err(ConnError::TimedOut)
-            }
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Err(ConnError::Closed),
-            Err(e) => return Err(e.into()),
+            Err(None) => {}
+            Err(Some(e)) => return Err(e),
         }
     }
     Ok(())
