@@ -121,6 +121,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>)> {
         addr: "127.0.0.1:9".into(),
         capacity_bytes: 1 << 50,
         id: None,
+        key: String::new(),
     });
     let drain = control(&Request::Drain { id: 1 });
     let status = control(&Request::Status);
@@ -304,10 +305,14 @@ fn a_user_may_run_programs_but_not_reconfigure_the_cluster() {
             addr: "127.0.0.1:9".into(),
             capacity_bytes: 1 << 50,
             id: None,
+            key: String::new(),
         },
         Request::Drain { id: 1 },
         Request::Undrain { id: 1 },
-        Request::Leave { id: 1 },
+        Request::Leave {
+            id: 1,
+            key: String::new(),
+        },
     ] {
         match client.call(&req).unwrap() {
             Reply::Error { message } => {

@@ -122,6 +122,7 @@ mod tests {
                     addr: "10.0.0.2:7000".into(),
                     capacity_bytes: 64 << 20,
                     id: None,
+                    key: String::new(),
                 },
             );
             assert!(matches!(r, Reply::Registered { id: 1, .. }));

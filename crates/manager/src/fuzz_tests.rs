@@ -58,9 +58,11 @@ fn request(rng: &mut Rng) -> Request {
             addr: rng.text(400),
             capacity_bytes: rng.value(),
             id: (rng.below(2) == 0).then(|| rng.value()),
+            key: rng.text(40),
         },
         2 | 3 => Request::Heartbeat {
             id: rng.value(),
+            key: rng.text(40),
             used_bytes: rng.value(),
             load: rng.next() as u32,
             spaces: (0..rng.below(6)).map(|_| rng.value()).collect(),
@@ -72,7 +74,10 @@ fn request(rng: &mut Rng) -> Request {
                 })
                 .collect(),
         },
-        4 => Request::Leave { id: rng.value() },
+        4 => Request::Leave {
+            id: rng.value(),
+            key: rng.text(40),
+        },
         5 | 6 => Request::PlaceMemory {
             space: rng.value(),
             unit: rng.value(),
@@ -127,6 +132,7 @@ fn a_claimed_id_at_the_top_does_not_wrap_the_next_ones() {
                 addr: "127.0.0.1:1".into(),
                 capacity_bytes: 1 << 30,
                 id,
+                key: String::new(),
             },
         )
         .0
@@ -147,6 +153,7 @@ fn a_claimed_id_at_the_top_does_not_wrap_the_next_ones() {
             addr: "127.0.0.1:2".into(),
             capacity_bytes: 1 << 30,
             id: None,
+            key: String::new(),
         },
     );
     assert!(matches!(r.0, Reply::Error { .. }), "{:?}", r.0);

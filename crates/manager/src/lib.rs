@@ -275,6 +275,7 @@ mod tests {
                 addr: "127.0.0.1:9".into(),
                 capacity_bytes: 64 << 20,
                 id: None,
+                key: String::new(),
             },
             t,
             &cred,
@@ -307,6 +308,7 @@ mod tests {
         let e = c
             .call(&Request::Heartbeat {
                 id: 42,
+                key: String::new(),
                 used_bytes: 0,
                 load: 0,
                 spaces: vec![],

@@ -19,6 +19,10 @@ pub struct Component {
     pub addr: String,
     pub capacity_bytes: u64,
     pub state: State,
+    /// The component's own key, issued at its first registration: its
+    /// heartbeats, its leave and its registrations again must bring it.
+    #[serde(default)]
+    pub key: String,
     /// From its last heartbeat (not stored).
     #[serde(skip)]
     pub used_bytes: u64,
@@ -112,15 +116,23 @@ impl Cluster {
                 addr,
                 capacity_bytes,
                 id,
-            } => self.register(now, kind, addr, capacity_bytes, id, &mut ch),
+                key,
+            } => self.register(now, kind, addr, capacity_bytes, (id, key), &mut ch),
             Request::Heartbeat {
                 id,
+                key,
                 used_bytes,
                 load,
                 spaces,
                 processes,
-            } => self.heartbeat(now, id, used_bytes, load, spaces, processes, &mut ch),
-            Request::Leave { id } => self.leave(id, &mut ch),
+            } => match self.check_key(id, &key) {
+                Err(e) => e,
+                Ok(()) => self.heartbeat(now, id, used_bytes, load, spaces, processes, &mut ch),
+            },
+            Request::Leave { id, key } => match self.check_key(id, &key) {
+                Err(e) => e,
+                Ok(()) => self.leave(id, &mut ch),
+            },
             Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
             Request::Drain { id } => self.drain(id, &mut ch),
             Request::Undrain { id } => self.undrain(id, &mut ch),
@@ -188,13 +200,24 @@ impl Cluster {
         });
     }
 
+    /// Whether `key` is component `id`'s own (an unknown id passes: the
+    /// request is answered as for an unknown component).
+    fn check_key(&self, id: u64, key: &str) -> Result<(), Reply> {
+        match self.components.get(&id) {
+            Some(c) if !c.key.is_empty() && c.key != key => Err(Reply::Error {
+                message: format!("that is not component {id}'s key"),
+            }),
+            _ => Ok(()),
+        }
+    }
+
     fn register(
         &mut self,
         now: u64,
         kind: Kind,
         addr: String,
         capacity_bytes: u64,
-        id: Option<u64>,
+        (id, key): (Option<u64>, String),
         ch: &mut Changes,
     ) -> Reply {
         if addr.is_empty() {
@@ -215,17 +238,30 @@ impl Cluster {
                 message: format!("component ids are 1 to {MAX_COMPONENT_ID}"),
             };
         }
-        // The same id again (a restart of the component or of the
-        // manager), else one that component had at the same address, else
-        // a new one.
+        // The same id again, with its key (a lost connection, or a manager
+        // restarted without its state), else the id of a failed component
+        // at the same address (restarted), else a new one.
+        let claimed = id;
         let id = match id {
             Some(id) if !matches!(self.components.get(&id), Some(c) if c.kind != kind) => id,
             _ => self
                 .components
                 .iter()
-                .find(|(_, c)| c.kind == kind && c.addr == addr && c.state != State::Left)
+                .find(|(_, c)| c.kind == kind && c.addr == addr && c.state == State::Failed)
                 .map(|(&id, _)| id)
                 .unwrap_or_else(|| self.components.keys().next_back().map_or(1, |k| k + 1)),
+        };
+        if claimed == Some(id) {
+            if let Err(e) = self.check_key(id, &key) {
+                return e;
+            }
+        }
+        // A component the manager knows keeps its key; one it does not
+        // (its state was lost) keeps the key it brings if well formed.
+        let key = match self.components.get(&id) {
+            Some(c) if claimed == Some(id) && !c.key.is_empty() => c.key.clone(),
+            None if claimed == Some(id) && valid_key(&key) => key,
+            _ => new_key(),
         };
         if !self.components.contains_key(&id) {
             if self.components.len() >= MAX_COMPONENTS {
@@ -244,12 +280,14 @@ impl Cluster {
             addr: addr.clone(),
             capacity_bytes,
             state: State::Alive,
+            key: String::new(),
             used_bytes: 0,
             load: 0,
             last_seen_ms: now,
             spaces: BTreeSet::new(),
             processes: Vec::new(),
         });
+        c.key = key.clone();
         c.addr = addr;
         c.capacity_bytes = capacity_bytes;
         if c.state != State::Draining {
@@ -260,6 +298,7 @@ impl Cluster {
         Reply::Registered {
             id,
             heartbeat_ms: self.heartbeat_ms(),
+            key,
         }
     }
 
@@ -572,6 +611,17 @@ fn unplace_where(
     });
 }
 
+/// A new component key: 128 random bits, in hex.
+fn new_key() -> String {
+    let mut b = [0u8; 16];
+    getrandom::getrandom(&mut b).expect("the kernel's random numbers");
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn valid_key(k: &str) -> bool {
+    k.len() == 32 && k.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 fn unknown(id: u64) -> Reply {
     Reply::Error {
         message: format!("unknown component {id}: register again"),
@@ -584,6 +634,14 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// Component `id`'s key, as it got it when it registered.
+    fn key_of(c: &Cluster, id: u64) -> String {
+        c.components
+            .get(&id)
+            .map(|x| x.key.clone())
+            .unwrap_or_default()
+    }
+
     fn register(c: &mut Cluster, now: u64, kind: Kind, addr: &str, cap: u64) -> u64 {
         match c
             .apply(
@@ -593,6 +651,7 @@ mod tests {
                     addr: addr.into(),
                     capacity_bytes: cap,
                     id: None,
+                    key: String::new(),
                 },
             )
             .0
@@ -605,6 +664,7 @@ mod tests {
     fn hb(c: &mut Cluster, now: u64, id: u64, used: u64, spaces: Vec<u64>) -> Reply {
         let req = Request::Heartbeat {
             id,
+            key: key_of(c, id),
             used_bytes: used,
             load: 0,
             spaces,
@@ -704,7 +764,63 @@ mod tests {
     fn re_registering_keeps_the_id_and_unknown_ids_are_told_to_register() {
         let mut c = Cluster::new(1000);
         let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
-        assert_eq!(register(&mut c, 5, Kind::Memory, "a:1", 64 * MIB), a);
+        let key = key_of(&c, a);
+        assert_eq!(key.len(), 32);
+        let again = |c: &mut Cluster, key: &str| {
+            c.apply(
+                5,
+                Request::Register {
+                    kind: Kind::Memory,
+                    addr: "a:1".into(),
+                    capacity_bytes: 64 * MIB,
+                    id: Some(a),
+                    key: key.into(),
+                },
+            )
+            .0
+        };
+        // Its id again only with its key.
+        assert!(matches!(
+            again(&mut c, &"0".repeat(32)),
+            Reply::Error { .. }
+        ));
+        assert!(matches!(again(&mut c, ""), Reply::Error { .. }));
+        match again(&mut c, &key) {
+            Reply::Registered { id, key: k, .. } => assert_eq!((id, k), (a, key.clone())),
+            other => panic!("{other:?}"),
+        }
+        // Its address, while it is alive, gets another id; its heartbeat
+        // and leave need its key.
+        let b = register(&mut c, 5, Kind::Memory, "a:1", 64 * MIB);
+        assert_ne!(b, a);
+        let hb = c.apply(
+            6,
+            Request::Heartbeat {
+                id: a,
+                key: key_of(&c, b),
+                used_bytes: 0,
+                load: 0,
+                spaces: vec![],
+                processes: vec![],
+            },
+        );
+        assert!(matches!(hb.0, Reply::Error { message } if message.contains("not component")));
+        let leave = c.apply(
+            6,
+            Request::Leave {
+                id: a,
+                key: String::new(),
+            },
+        );
+        assert!(matches!(leave.0, Reply::Error { .. }));
+        assert_eq!(c.components[&a].state, State::Alive);
+        // Failed (restarted without its id), it gets the id back, and a
+        // new key.
+        c.tick(5000);
+        assert_eq!(c.components[&a].state, State::Failed);
+        c.components.remove(&b);
+        assert_eq!(register(&mut c, 5001, Kind::Memory, "a:1", 64 * MIB), a);
+        assert_ne!(key_of(&c, a), key);
         let p = register(&mut c, 5, Kind::Processor, "p:1", 256 * MIB);
         assert_ne!(p, a);
         let r = c
@@ -712,6 +828,7 @@ mod tests {
                 6,
                 Request::Heartbeat {
                     id: 99,
+                    key: key_of(&c, 99),
                     used_bytes: 0,
                     load: 0,
                     spaces: vec![],
@@ -733,6 +850,7 @@ mod tests {
                 t,
                 Request::Heartbeat {
                     id: a,
+                    key: key_of(c, a),
                     used_bytes: 0,
                     load: 0,
                     spaces,
@@ -762,6 +880,7 @@ mod tests {
             1,
             Request::Heartbeat {
                 id: p1,
+                key: key_of(&c, p1),
                 used_bytes: 0,
                 load: 1,
                 spaces: vec![],
@@ -871,7 +990,13 @@ mod tests {
             |r: Reply, why: &str| matches!(r, Reply::Error { message } if message.contains(why));
         assert!(refused(undrain(&mut c, 99), "no component 99"));
         assert!(refused(undrain(&mut c, p), "not a memory daemon"));
-        c.apply(3, Request::Leave { id: b });
+        c.apply(
+            3,
+            Request::Leave {
+                id: b,
+                key: key_of(&c, b),
+            },
+        );
         assert!(refused(undrain(&mut c, b), "is left, not draining"));
     }
 
@@ -883,7 +1008,13 @@ mod tests {
         let p = register(&mut c, 0, Kind::Processor, "p:1", 64 * MIB);
         let on: Vec<u64> = (0..4).map(|u| placed_on(&place(&mut c, 1, 7, u))).collect();
         assert!(on.contains(&a) && on.contains(&b));
-        let (reply, ch) = c.apply(2, Request::Leave { id: a });
+        let (reply, ch) = c.apply(
+            2,
+            Request::Leave {
+                id: a,
+                key: key_of(&c, a),
+            },
+        );
         assert_eq!(reply, Reply::Ok);
         assert_eq!(c.components[&a].state, State::Left);
         // Its units went with it (the records are removed from storage).
@@ -892,7 +1023,14 @@ mod tests {
         // Nothing new goes to it; its old units are placed again elsewhere.
         assert!((0..4).all(|u| placed_on(&place(&mut c, 3, 7, u)) == b));
         assert_eq!(
-            c.apply(3, Request::Leave { id: p }).0,
+            c.apply(
+                3,
+                Request::Leave {
+                    id: p,
+                    key: key_of(&c, p)
+                }
+            )
+            .0,
             Reply::Ok,
             "a processor leaves too"
         );
@@ -905,7 +1043,14 @@ mod tests {
         // register again, and an unknown id is an error.
         assert!(matches!(hb(&mut c, 5, a, 0, vec![]), Reply::Error { .. }));
         assert!(matches!(
-            c.apply(5, Request::Leave { id: 99 }).0,
+            c.apply(
+                5,
+                Request::Leave {
+                    id: 99,
+                    key: key_of(&c, 99)
+                }
+            )
+            .0,
             Reply::Error { .. }
         ));
     }

@@ -118,6 +118,7 @@ impl MemoryDaemon {
             let (used_bytes, spaces) = report();
             lego_protocol::control::Request::Heartbeat {
                 id: 0,
+                key: String::new(),
                 used_bytes,
                 load: 0,
                 spaces,

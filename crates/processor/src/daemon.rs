@@ -115,6 +115,7 @@ impl ProcessorDaemon {
                 let running = host.running().clone();
                 Request::Heartbeat {
                     id: 0,
+                    key: String::new(),
                     used_bytes: running.iter().map(|p| p.excache_bytes).sum(),
                     load: running.len() as u32,
                     spaces: vec![],

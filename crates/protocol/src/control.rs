@@ -115,18 +115,24 @@ pub struct ProcessInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
-    /// A component joins (or, with the `id` it had, joins again).
+    /// A component joins (or, with the `id` and `key` it was given,
+    /// joins again).
     Register {
         kind: Kind,
         addr: String,
         capacity_bytes: u64,
         #[serde(default)]
         id: Option<u64>,
+        #[serde(default)]
+        key: String,
     },
     /// A component is alive; memory daemons list the spaces they hold,
     /// processor daemons the programs they run.
     Heartbeat {
         id: u64,
+        /// The component's key (from `Registered`).
+        #[serde(default)]
+        key: String,
         used_bytes: u64,
         #[serde(default)]
         load: u32,
@@ -135,8 +141,12 @@ pub enum Request {
         #[serde(default)]
         processes: Vec<ProcessInfo>,
     },
-    /// A component leaves for good.
-    Leave { id: u64 },
+    /// A component leaves for good (`key`: its own).
+    Leave {
+        id: u64,
+        #[serde(default)]
+        key: String,
+    },
     /// Where unit `unit` (offset in the region / [`PLACEMENT_BYTES`]) of
     /// address space `space` lives; placed now if it is not yet, or placed
     /// again if it is on a draining daemon (the asker then moves it).
@@ -199,9 +209,13 @@ impl Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum Reply {
+    /// `key` is the component's own: it must come with every later
+    /// heartbeat, leave and registration of this id.
     Registered {
         id: u64,
         heartbeat_ms: u64,
+        #[serde(default)]
+        key: String,
     },
     Ok,
     Placed {
@@ -312,6 +326,7 @@ mod tests {
             addr: "10.0.0.2:7000".into(),
             capacity_bytes: 1 << 30,
             id: None,
+            key: String::new(),
         };
         let back: Request = from_json(&to_json(&r)).unwrap();
         assert_eq!(back, r);

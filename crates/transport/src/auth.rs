@@ -39,8 +39,8 @@
 //!
 //! After the handshake every frame travels as one or more *records*: a
 //! 2-byte length, then a Noise transport message (at most 65,535 bytes,
-//! a 16-byte tag included) whose nonce is the count of records already
-//! sent that way. A record altered, dropped, replayed or reordered fails
+//! a 16-byte tag included; lego sends 16 KiB, [`RECORD_PLAIN`]) whose
+//! nonce is the count of records already sent that way. A record altered, dropped, replayed or reordered fails
 //! authentication, and the connection closes.
 
 use std::fmt;
@@ -58,6 +58,15 @@ pub const MAX_RECORD: usize = 65535;
 pub const TAG_BYTES: usize = 16;
 /// Plaintext bytes in a full record.
 pub const MAX_RECORD_PLAIN: usize = MAX_RECORD - TAG_BYTES;
+/// Plaintext bytes in the records lego sends: small enough that the
+/// sealed copy of one, and the ciphertext of one received, take little
+/// memory per connection (it is the program's own, and a program may
+/// have many connections), large enough that a page and its frame header
+/// fit one record.
+pub const RECORD_PLAIN: usize = 16 << 10;
+/// Room for a handshake message (an ephemeral key, a tag, no payload):
+/// its buffers are a program's own memory, per connection.
+const HANDSHAKE_BYTES: usize = 256;
 /// Longest user name in an identity.
 pub const MAX_USER_NAME: usize = 64;
 /// The environment variable naming a credential file.
@@ -409,7 +418,7 @@ impl Initiator {
 
     /// The first handshake message.
     pub fn first(&mut self) -> Vec<u8> {
-        let mut buf = vec![0u8; 256];
+        let mut buf = vec![0u8; HANDSHAKE_BYTES];
         let n = self
             .0
             .write_message(&[], &mut buf)
@@ -420,7 +429,7 @@ impl Initiator {
 
     /// Reads the daemon's answer; the channel's keys on success.
     pub fn finish(mut self, answer: &[u8]) -> Result<Sealer, HandshakeError> {
-        let mut buf = vec![0u8; MAX_RECORD];
+        let mut buf = vec![0u8; HANDSHAKE_BYTES];
         self.0
             .read_message(answer, &mut buf)
             .map_err(|_| HandshakeError::Rejected)?;
@@ -449,7 +458,7 @@ pub fn respond(
         .prologue(&prologue(version, role, name, &id))
         .build_responder()
         .expect("an NNpsk0 responder with its key");
-    let mut buf = vec![0u8; MAX_RECORD];
+    let mut buf = vec![0u8; HANDSHAKE_BYTES];
     hs.read_message(first, &mut buf)
         .map_err(|_| HandshakeError::Rejected)?;
     let n = hs
@@ -487,7 +496,7 @@ impl Sealer {
 
     /// Appends `plain` to `out` as records (length, then ciphertext).
     pub fn seal(&mut self, plain: &[u8], out: &mut Vec<u8>) {
-        for chunk in plain.chunks(MAX_RECORD_PLAIN) {
+        for chunk in plain.chunks(RECORD_PLAIN) {
             let len = chunk.len() + TAG_BYTES;
             let at = out.len();
             out.extend_from_slice(&(len as u16).to_le_bytes());
@@ -553,7 +562,10 @@ mod tests {
             let plain: Vec<u8> = (0..200_000u32).map(|x| x as u8).collect();
             let mut wire = Vec::new();
             a.seal(&plain, &mut wire);
-            assert_eq!(wire.len(), plain.len() + 4 * (2 + TAG_BYTES));
+            assert_eq!(
+                wire.len(),
+                plain.len() + plain.len().div_ceil(RECORD_PLAIN) * (2 + TAG_BYTES)
+            );
             let mut got = Vec::new();
             let mut rest = &wire[..];
             while !rest.is_empty() {

@@ -249,7 +249,7 @@ impl<S: Stream> FramedConn<S> {
         // A record at a time: the sealed copy takes one record's room, not
         // a whole frame's (2 MiB for a batch of pages, per connection, in
         // the program's own memory).
-        for chunk in self.wbuf.chunks(auth::MAX_RECORD_PLAIN) {
+        for chunk in self.wbuf.chunks(auth::RECORD_PLAIN) {
             self.sbuf.clear();
             sealer.seal(chunk, &mut self.sbuf);
             self.stream.write_all(&self.sbuf)?;
@@ -738,6 +738,9 @@ pub struct Member {
     addr: String,
     capacity_bytes: u64,
     id: u64,
+    /// This component's own key, from the manager: its heartbeats, its
+    /// leave and its registrations again bring it.
+    key: String,
     heartbeat: Duration,
 }
 
@@ -760,6 +763,7 @@ impl Member {
             addr: addr.to_string(),
             capacity_bytes,
             id: 0,
+            key: String::new(),
             heartbeat: Duration::from_secs(1),
         };
         let mut c = ControlClient::connect(manager, "lego", MANAGER_TIMEOUT, cred)
@@ -779,10 +783,16 @@ impl Member {
             addr: self.addr.clone(),
             capacity_bytes: self.capacity_bytes,
             id: (self.id != 0).then_some(self.id),
+            key: self.key.clone(),
         };
         match c.call(&req).map_err(|e| e.to_string())? {
-            control::Reply::Registered { id, heartbeat_ms } => {
+            control::Reply::Registered {
+                id,
+                heartbeat_ms,
+                key,
+            } => {
                 self.id = id;
+                self.key = key;
                 self.heartbeat = Duration::from_millis(heartbeat_ms.max(10));
                 Ok(())
             }
@@ -833,8 +843,9 @@ impl Member {
                     }
                     if let Some(c) = conn.as_mut() {
                         let mut req = beat();
-                        if let control::Request::Heartbeat { id, .. } = &mut req {
+                        if let control::Request::Heartbeat { id, key, .. } = &mut req {
                             *id = self.id;
+                            key.clone_from(&self.key);
                         }
                         match c.call(&req) {
                             Ok(control::Reply::Ok) => {}
@@ -861,7 +872,10 @@ impl Member {
                 }
                 // Stopped: say so, from this thread, so no heartbeat or
                 // registration can follow the leave.
-                let leave = control::Request::Leave { id: self.id };
+                let leave = control::Request::Leave {
+                    id: self.id,
+                    key: self.key.clone(),
+                };
                 // On the heartbeat connection, or a new one if that broke.
                 let said = match conn.as_mut().and_then(|c| c.call(&leave).ok()) {
                     Some(reply) => Ok(reply),
