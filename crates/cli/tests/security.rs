@@ -426,14 +426,15 @@ fn a_processor_chooses_the_preloaded_library_and_the_user_a_program_runs_as() {
     });
     conn.send(1, &Message::Control { json: &req }).unwrap();
     let (mut out, mut err) = (String::new(), String::new());
-    let code = loop {
+    let end = loop {
         match conn.recv().unwrap().message {
             Message::Stdio { fd: 1, data } => out.push_str(&String::from_utf8_lossy(data)),
             Message::Stdio { fd: 2, data } => err.push_str(&String::from_utf8_lossy(data)),
             Message::Stdio { .. } => {}
             Message::Control { json } => match control::from_json::<Reply>(json).unwrap() {
                 Reply::Launched { .. } => {}
-                Reply::Exited { code, .. } => break code,
+                Reply::Exited { code, .. } => break Ok(code),
+                Reply::Error { message } => break Err(message),
                 other => panic!("{other:?}"),
             },
             other => panic!("{other:?}"),
@@ -441,11 +442,15 @@ fn a_processor_chooses_the_preloaded_library_and_the_user_a_program_runs_as() {
     };
     let uffd_for_all = std::fs::read_to_string("/proc/sys/vm/unprivileged_userfaultfd")
         .is_ok_and(|v| v.trim() == "1");
-    if code == Some(0) {
-        assert_eq!(out.trim(), "65534", "{err}");
-    } else {
-        assert!(!uffd_for_all, "{code:?} {err}");
-        assert!(err.contains("userfaultfd"), "{code:?} {err}");
+    match end {
+        Ok(Some(0)) => assert_eq!(out.trim(), "65534", "{err}"),
+        Ok(code) => {
+            assert!(!uffd_for_all, "{code:?} {err}");
+            assert!(err.contains("userfaultfd"), "{code:?} {err}");
+        }
+        // The checkout may be where nobody can go: lego itself does not
+        // start as nobody (as root it would have).
+        Err(message) => assert!(message.contains("Permission denied"), "{message}"),
     }
 }
 
@@ -505,4 +510,60 @@ fn frames_that_promise_much_and_send_little_cost_the_daemon_little() {
     drop(conns);
     let stats = lego_memory::query_stats(&memory.addr, &Cluster::cred()).unwrap();
     assert_eq!(stats.spaces, 0);
+}
+
+#[test]
+fn a_huge_command_line_does_not_break_the_processors_heartbeat() {
+    let c = Cluster::start();
+    let cluster = Cluster::cred();
+    // 600 KB in all (one argument may not exceed 128 KiB).
+    let part = "x".repeat(100_000);
+    let addr = c.processor.addr.clone();
+    let runner = std::thread::spawn(move || {
+        let mut argv = vec!["sh", "-c", "sleep 3", "sh"];
+        argv.extend(std::iter::repeat_n(part.as_str(), 6));
+        launch(&addr, &cluster, &argv, &[("PATH", "/usr/bin:/bin")])
+    });
+    // While it runs the processor heartbeats it, command line cut.
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let s = c.status();
+            s.processes
+                .iter()
+                .any(|p| p.process.program.len() <= 256 && p.process.program.ends_with("..."))
+                && s.components
+                    .iter()
+                    .all(|x| x.state == control::State::Alive)
+        }),
+        "{:?}",
+        c.status()
+    );
+    let (done, _) = runner.join().unwrap();
+    assert!(
+        matches!(done, Reply::Exited { code: Some(0), .. }),
+        "{done:?}"
+    );
+    let s = c.status();
+    assert!(
+        s.components
+            .iter()
+            .all(|x| x.state == control::State::Alive),
+        "{s:?}"
+    );
+}
+
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    let memory = start(&["memory", "--listen", "127.0.0.1:0", "--capacity", "64M"]);
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} status --memory {} | true",
+            lego().display(),
+            memory.addr
+        ))
+        .env("LEGO_KEY", key())
+        .output()
+        .unwrap();
+    assert!(out.stderr.is_empty(), "{}", text(&out.stderr));
 }
