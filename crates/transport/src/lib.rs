@@ -647,7 +647,10 @@ pub fn serve_connections<L: Listener>(
     let conn_name = format!("{name}-conn");
     std::thread::Builder::new()
         .name(format!("{name}-accept"))
-        .spawn(move || accept_loop(listener, &conn_name, &stop, serve))
+        .spawn(move || {
+            let limits = (MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER);
+            accept_loop(listener, &conn_name, &stop, serve, limits)
+        })
         .expect("spawn accept thread")
 }
 
@@ -656,6 +659,7 @@ fn accept_loop<L: Listener>(
     name: &str,
     stop: &std::sync::atomic::AtomicBool,
     serve: impl Fn(L::Stream) + Clone + Send + 'static,
+    (max_total, max_per_peer): (usize, usize),
 ) {
     let served = Arc::new(std::sync::Mutex::new(Served::default()));
     let mut last_refusal: Option<std::time::Instant> = None;
@@ -675,7 +679,7 @@ fn accept_loop<L: Listener>(
         let admitted = {
             let mut s = served.lock().unwrap_or_else(|p| p.into_inner());
             let from_peer = s.by_peer.get(&peer).copied().unwrap_or(0);
-            let ok = s.total < MAX_CONNECTIONS && from_peer < MAX_CONNECTIONS_PER_PEER;
+            let ok = s.total < max_total && from_peer < max_per_peer;
             if ok {
                 s.total += 1;
                 *s.by_peer.entry(peer.clone()).or_insert(0) += 1;
@@ -1056,6 +1060,53 @@ mod tests {
             assert_eq!(f.message, Message::Pages { data: &data });
         }
         drop(c);
+        t.join().unwrap();
+    }
+
+    #[test]
+    fn connections_beyond_the_caps_are_closed_and_their_room_comes_back() {
+        let l = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&l);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (served_tx, served) = std::sync::mpsc::channel::<()>();
+        let serve = move |s: TcpStream| {
+            let _ = served_tx.send(());
+            // Held until the peer closes.
+            let mut b = [0u8; 1];
+            let _ = (&s).read(&mut b);
+        };
+        let stopper = stop.clone();
+        let t = std::thread::spawn(move || accept_loop(l, "t", &stopper, serve, (3, 2)));
+        let open = || {
+            let s = Tcp.connect(&addr, Duration::from_secs(2)).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s
+        };
+        let closed_at_once = |s: &TcpStream| {
+            let mut b = [0u8; 1];
+            match (&*s).read(&mut b) {
+                Ok(0) => true,
+                Err(e) => e.kind() == io::ErrorKind::ConnectionReset,
+                Ok(_) => false,
+            }
+        };
+        // Two from this address are served, the third is closed.
+        let a = open();
+        let b = open();
+        for _ in 0..2 {
+            served.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+        let c = open();
+        assert!(closed_at_once(&c));
+        assert!(served.try_recv().is_err(), "the third was served");
+        // One leaves: room for another.
+        drop(a);
+        std::thread::sleep(Duration::from_millis(200));
+        let d = open();
+        served.recv_timeout(Duration::from_secs(5)).unwrap();
+        stop.store(true, Ordering::SeqCst);
+        drop((b, d));
+        let _ = Tcp.connect(&addr, Duration::from_secs(1));
         t.join().unwrap();
     }
 }
