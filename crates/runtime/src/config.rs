@@ -5,6 +5,7 @@
 //! | `LEGO_MEMORY` | comma-separated memory daemons; the first is the home (required: without it the runtime stays off) |
 //! | `LEGO_EXCACHE_BYTES` | ExCache budget of this process (default 64 MiB) |
 //! | `LEGO_STATS_FD` | fd of the shared statistics page |
+//! | `LEGO_KEY` | the credential file the runtime proves itself with to daemons and the manager (`lego run` sets it; else `~/.lego/cluster.key`; docs/security.md) |
 //! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
 //! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 100; 0: sleep at once) |
