@@ -232,7 +232,12 @@ impl<S: Stream> FramedConn<S> {
     /// nothing per frame: the stream's timeout stays [`FRAME_TIMEOUT`] and
     /// a timeout before a frame's first byte is retried.
     pub fn be_patient(&mut self, idle: Option<Duration>) -> io::Result<()> {
-        self.stream.set_read_timeout(Some(FRAME_TIMEOUT))?;
+        self.be_patient_within(FRAME_TIMEOUT, idle)
+    }
+
+    /// [`FramedConn::be_patient`] with a frame timeout of `frame`.
+    fn be_patient_within(&mut self, frame: Duration, idle: Option<Duration>) -> io::Result<()> {
+        self.stream.set_read_timeout(Some(frame))?;
         self.patience = Some(idle);
         Ok(())
     }
@@ -1108,5 +1113,32 @@ mod tests {
         drop((b, d));
         let _ = Tcp.connect(&addr, Duration::from_secs(1));
         t.join().unwrap();
+    }
+
+    #[test]
+    fn a_patient_reader_waits_for_frames_but_not_for_the_rest_of_one() {
+        let l = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&l);
+        let t = std::thread::spawn(move || {
+            let mut c = FramedConn::new(Listener::accept(&l).unwrap());
+            c.be_patient_within(Duration::from_millis(100), None)
+                .unwrap();
+            // Idle for several frame timeouts, then a whole frame.
+            let f = c.recv().unwrap();
+            assert_eq!(f.message, Message::GetStats);
+            // A frame begun and not finished.
+            let start = std::time::Instant::now();
+            let e = c.recv().map(|f| f.message.describe()).unwrap_err();
+            (e, start.elapsed())
+        });
+        let mut s = Tcp.connect(&addr, Duration::from_secs(2)).unwrap();
+        let mut frame = Vec::new();
+        encode(1, &Message::GetStats, &mut frame);
+        std::thread::sleep(Duration::from_millis(400));
+        s.write_all(&frame).unwrap();
+        s.write_all(&frame[..5]).unwrap();
+        let (e, took) = t.join().unwrap();
+        assert!(matches!(e, ConnError::TimedOut), "{e}");
+        assert!(took < Duration::from_secs(2), "{took:?}");
     }
 }
