@@ -407,6 +407,13 @@ fn a_processor_chooses_the_preloaded_library_and_the_user_a_program_runs_as() {
         Reply::Error { message } => assert!(message.contains("no local user"), "{message}"),
         other => panic!("{other:?}"),
     }
+    // A user credential never runs as root.
+    let root = cluster.derive(Identity::User("root".into())).unwrap();
+    let (done, _) = launch(&c.processor.addr, &root, &["true"], &[]);
+    match done {
+        Reply::Error { message } => assert!(message.contains("would run as root"), "{message}"),
+        other => panic!("{other:?}"),
+    }
     // A user runs as their own uid: here nobody, who may not use
     // userfaultfd on this host, so lego's wrapper stops with that reason.
     let nobody = cluster.derive(Identity::User("nobody".into())).unwrap();

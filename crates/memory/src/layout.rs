@@ -115,6 +115,10 @@ impl Layout {
     /// Places a new mapping of `len` bytes; returns its address.
     pub fn mmap(&mut self, len: u64) -> Result<u64, LayoutError> {
         let len = round_up(len.max(1));
+        // The layout must fit one frame (`GetLayout`).
+        if self.vmas.len() >= lego_protocol::MAX_MAPPINGS {
+            return Err(LayoutError::NoSpace(len));
+        }
         let addr = self.find_gap(len).ok_or(LayoutError::NoSpace(len))?;
         self.vmas.insert(addr, addr + len);
         Ok(addr)
@@ -221,10 +225,12 @@ impl Layout {
         brk: u64,
         mappings: &[(u64, u64)],
     ) -> Result<Self, LayoutError> {
-        if brk_start != base + VREGION_BYTES
+        if base
+            .checked_add(3 * VREGION_BYTES)
+            .is_none_or(|min_end| end < min_end)
+            || brk_start != base + VREGION_BYTES
             || brk < brk_start
             || brk > brk_start + VREGION_BYTES
-            || end < base + 3 * VREGION_BYTES
         {
             return Err(LayoutError::BadRange(
                 brk_start,

@@ -244,6 +244,9 @@ fn run_as(identity: &Identity) -> Result<Option<lego_sys::process::UserIds>, Str
     match identity {
         Identity::Cluster => Ok(None),
         Identity::User(name) => match lego_sys::process::user_by_name(name) {
+            Some(ids) if ids.uid == 0 => Err(format!(
+                "{identity} would run as root: only the cluster's credential runs programs as this daemon's user"
+            )),
             Some(ids) => Ok(Some(ids)),
             None => Err(format!(
                 "{identity} has no local user '{name}' on this processor's host"
@@ -279,7 +282,10 @@ impl JobKey {
         key.save(&path)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
         if let Some(u) = user {
-            for p in [&this.dir, &path] {
+            // The file first, while the directory is still this daemon's
+            // alone: once the user owns the directory they could put a
+            // link where the file was.
+            for p in [&path, &this.dir] {
                 std::os::unix::fs::chown(p, Some(u.uid), Some(u.gid))
                     .map_err(|e| format!("cannot give {} to uid {}: {e}", p.display(), u.uid))?;
             }
@@ -343,8 +349,13 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
     let slot = next_slot();
     {
         let mut running = host.running();
-        let used: u64 = running.iter().map(|p| p.excache_bytes).sum();
-        if used + excache_bytes > host.budget {
+        let used = running
+            .iter()
+            .fold(0u64, |a, p| a.saturating_add(p.excache_bytes));
+        if used
+            .checked_add(excache_bytes)
+            .is_none_or(|n| n > host.budget)
+        {
             let message = format!(
                 "this processor has {} of ExCache free, the program asks for {}",
                 human_bytes(host.budget.saturating_sub(used)),
@@ -460,6 +471,7 @@ fn run_program(
         ),
     ];
     let mut stdin = child.stdin.take();
+    let reaped = AtomicBool::new(false);
     let status = std::thread::scope(|sc| {
         let pumps: Vec<_> = outputs
             .into_iter()
@@ -469,8 +481,11 @@ fn run_program(
         // Input and signals from the client, until it leaves or the
         // program ends (then its read side is shut to end this loop).
         let reader = conn.stream().try_clone();
-        sc.spawn(|| pump_in(conn, &mut stdin, pid));
+        let reaped = &reaped;
+        sc.spawn(move || pump_in(conn, &mut stdin, pid, reaped));
         let status = child.wait();
+        // Its pid may be anyone's from now on: no more signals to it.
+        reaped.store(true, Ordering::SeqCst);
         for p in pumps {
             let _ = p.join();
         }
@@ -480,7 +495,19 @@ fn run_program(
         status
     });
     let stats = stats_file.and_then(|f| {
-        let read = std::fs::File::open(&f).and_then(|file| {
+        // The directory is the user's: no symbolic link, nothing but a
+        // regular file, opened without blocking (this daemon may be root).
+        let read = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&f)
+        }
+        .and_then(|file| {
+            if !file.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
             let mut text = String::new();
             file.take(MAX_STATS_BYTES).read_to_string(&mut text)?;
             Ok(text)
@@ -532,6 +559,7 @@ fn pump_in(
     conn: &mut FramedConn<TcpStream>,
     stdin: &mut Option<std::process::ChildStdin>,
     pid: u32,
+    reaped: &AtomicBool,
 ) {
     while let Ok(f) = conn.recv() {
         match f.message {
@@ -545,7 +573,9 @@ fn pump_in(
             }
             Message::Control { json } => {
                 if let Ok(Request::Signal { signum }) = control::from_json(json) {
-                    let _ = lego_sys::process::send_signal(pid as i32, signum);
+                    if !reaped.load(Ordering::SeqCst) {
+                        let _ = lego_sys::process::send_signal(pid as i32, signum);
+                    }
                 }
             }
             _ => {}

@@ -173,6 +173,9 @@ pub enum ConnError {
     Unexpected(String),
 }
 
+/// Largest frame body read before the handshake sealed the connection
+/// (a `Hello` with its program path, an `Auth`, a `Refused`).
+const MAX_CLEAR_BODY: usize = 16 << 10;
 /// How long the rest of a frame may take once its first bytes arrived.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read at a time into a frame's buffer: it grows as bytes arrive,
@@ -301,6 +304,11 @@ impl<S: Stream> FramedConn<S> {
         self.read_start(&mut head)?;
         self.rbuf.copy_from_slice(&head);
         let header = decode_header(self.rbuf[..].try_into().expect("header"))?;
+        // Only the handshake travels in the clear, and its frames are
+        // small: nothing large is read from a peer not yet authenticated.
+        if header.body_len > MAX_CLEAR_BODY {
+            return Err(ConnError::Decode(DecodeError::TooLarge(header.body_len)));
+        }
         let total = HEADER_BYTES + header.body_len;
         while self.rbuf.len() < total {
             let at = self.rbuf.len();
