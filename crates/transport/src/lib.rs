@@ -196,6 +196,9 @@ pub struct FramedConn<S: Stream> {
     /// Set by [`FramedConn::be_patient`]: a read timeout before a frame's
     /// first byte is retried, for up to this long (`Some(None)`: forever).
     patience: Option<Option<Duration>>,
+    /// Set by [`FramedConn::server_handshake`]: the frames in the clear
+    /// must have come by then, however slowly their bytes trickle in.
+    clear_deadline: Option<std::time::Instant>,
     /// Bytes written and read, for statistics.
     pub bytes_out: u64,
     pub bytes_in: u64,
@@ -211,6 +214,7 @@ impl<S: Stream> FramedConn<S> {
             record: Vec::new(),
             sealer: None,
             patience: None,
+            clear_deadline: None,
             bytes_out: 0,
             bytes_in: 0,
         }
@@ -301,7 +305,10 @@ impl<S: Stream> FramedConn<S> {
     fn recv_plain(&mut self) -> Result<lego_protocol::Header, ConnError> {
         self.rbuf.resize(HEADER_BYTES, 0);
         let mut head = [0u8; HEADER_BYTES];
-        self.read_start(&mut head)?;
+        match self.clear_deadline {
+            Some(d) => read_exact_by(&mut self.stream, &mut head, d)?,
+            None => self.read_start(&mut head)?,
+        }
         self.rbuf.copy_from_slice(&head);
         let header = decode_header(self.rbuf[..].try_into().expect("header"))?;
         // Only the handshake travels in the clear, and its frames are
@@ -313,7 +320,10 @@ impl<S: Stream> FramedConn<S> {
         while self.rbuf.len() < total {
             let at = self.rbuf.len();
             self.rbuf.resize(total.min(at + READ_CHUNK), 0);
-            read_exact_or_closed(&mut self.stream, &mut self.rbuf[at..])?;
+            match self.clear_deadline {
+                Some(d) => read_exact_by(&mut self.stream, &mut self.rbuf[at..], d)?,
+                None => read_exact_or_closed(&mut self.stream, &mut self.rbuf[at..])?,
+            }
         }
         self.bytes_in += total as u64;
         Ok(header)
@@ -463,6 +473,7 @@ impl<S: Stream> FramedConn<S> {
         cred: &Credential,
     ) -> Result<Peer, ConnError> {
         self.stream.set_read_timeout(Some(timeout))?;
+        self.clear_deadline = Some(std::time::Instant::now() + timeout);
         let (version, role, name) = match self.recv()?.message {
             Message::Hello {
                 version,
@@ -501,6 +512,7 @@ impl<S: Stream> FramedConn<S> {
                 return Err(self.refuse(reason));
             }
         };
+        self.clear_deadline = None;
         self.send(0, &Message::AuthOk { noise: &answer })?;
         self.sealer = Some(sealer);
         self.send(
@@ -952,6 +964,27 @@ impl Membership {
     }
 }
 
+/// `read_exact_or_closed`, but all of it by `deadline`.
+fn read_exact_by<R: Read>(
+    r: &mut R,
+    buf: &mut [u8],
+    deadline: std::time::Instant,
+) -> Result<(), ConnError> {
+    let mut done = 0;
+    while done < buf.len() {
+        if std::time::Instant::now() >= deadline {
+            return Err(ConnError::TimedOut);
+        }
+        match r.read(&mut buf[done..]).map_err(read_failure) {
+            Ok(0) => return Err(ConnError::Closed),
+            Ok(n) => done += n,
+            Err(None) => {}
+            Err(Some(e)) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// What a failed read means; `None`: interrupted, read again.
 fn read_failure(e: io::Error) -> Option<ConnError> {
     match e.kind() {
@@ -1148,5 +1181,42 @@ mod tests {
         let (e, took) = t.join().unwrap();
         assert!(matches!(e, ConnError::TimedOut), "{e}");
         assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+
+    #[test]
+    fn a_handshake_trickled_a_byte_at_a_time_runs_out_of_time() {
+        let l = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&l);
+        let t = std::thread::spawn(move || {
+            let mut c = FramedConn::new(Listener::accept(&l).unwrap());
+            let start = std::time::Instant::now();
+            let cred = Credential::generate().unwrap();
+            let r = c.server_handshake(0, Duration::from_millis(300), &cred);
+            (r.map(|_| ()), start.elapsed())
+        });
+        let mut s = Tcp.connect(&addr, Duration::from_secs(2)).unwrap();
+        let mut hello = Vec::new();
+        encode(
+            0,
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                role: Role::Client,
+                name: &"x".repeat(200),
+            },
+            &mut hello,
+        );
+        // Each byte well within the per-read timeout, the whole far beyond.
+        for b in hello {
+            if s.write_all(&[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            if t.is_finished() {
+                break;
+            }
+        }
+        let (r, took) = t.join().unwrap();
+        assert!(matches!(r, Err(ConnError::TimedOut)), "{r:?}");
+        assert!(took < Duration::from_millis(900), "{took:?}");
     }
 }
