@@ -306,7 +306,7 @@ impl<S: Stream> FramedConn<S> {
         self.rbuf.resize(HEADER_BYTES, 0);
         let mut head = [0u8; HEADER_BYTES];
         match self.clear_deadline {
-            Some(d) => read_exact_by(&mut self.stream, &mut head, d)?,
+            Some(d) => read_exact_by(&mut self.stream, &mut head, Some(d))?,
             None => self.read_start(&mut head)?,
         }
         self.rbuf.copy_from_slice(&head);
@@ -320,10 +320,7 @@ impl<S: Stream> FramedConn<S> {
         while self.rbuf.len() < total {
             let at = self.rbuf.len();
             self.rbuf.resize(total.min(at + READ_CHUNK), 0);
-            match self.clear_deadline {
-                Some(d) => read_exact_by(&mut self.stream, &mut self.rbuf[at..], d)?,
-                None => read_exact_or_closed(&mut self.stream, &mut self.rbuf[at..])?,
-            }
+            read_exact_by(&mut self.stream, &mut self.rbuf[at..], self.clear_deadline)?;
         }
         self.bytes_in += total as u64;
         Ok(header)
@@ -964,15 +961,15 @@ impl Membership {
     }
 }
 
-/// `read_exact_or_closed`, but all of it by `deadline`.
+/// `read_exact_or_closed`, but all of it by `deadline` if there is one.
 fn read_exact_by<R: Read>(
     r: &mut R,
     buf: &mut [u8],
-    deadline: std::time::Instant,
+    deadline: Option<std::time::Instant>,
 ) -> Result<(), ConnError> {
     let mut done = 0;
     while done < buf.len() {
-        if std::time::Instant::now() >= deadline {
+        if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
             return Err(ConnError::TimedOut);
         }
         match r.read(&mut buf[done..]).map_err(read_failure) {
@@ -996,16 +993,7 @@ fn read_failure(e: io::Error) -> Option<ConnError> {
 }
 
 fn read_exact_or_closed<R: Read>(r: &mut R, buf: &mut [u8]) -> Result<(), ConnError> {
-    let mut done = 0;
-    while done < buf.len() {
-        match r.read(&mut buf[done..]).map_err(read_failure) {
-            Ok(0) => return Err(ConnError::Closed),
-            Ok(n) => done += n,
-            Err(None) => {}
-            Err(Some(e)) => return Err(e),
-        }
-    }
-    Ok(())
+    read_exact_by(r, buf, None)
 }
 
 #[cfg(test)]
