@@ -188,6 +188,16 @@ impl RemoteRun {
             stats: self.stats,
         };
         let json = control::to_json(&launch);
+        if json.len() > lego_protocol::MAX_CONTROL_BYTES {
+            return Err(RemoteError::Processor {
+                addr: addr.to_string(),
+                message: format!(
+                    "the program's command line and environment take {} bytes; a launch carries at most {}",
+                    json.len(),
+                    lego_protocol::MAX_CONTROL_BYTES
+                ),
+            });
+        }
         let f = conn
             .call(1, &Message::Control { json: &json })
             .map_err(conn_error)?;
