@@ -372,20 +372,25 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
         });
     }
     let mut listed_as = slot;
-    let result = run_program(
-        &mut conn,
-        &writer,
-        id,
-        host,
-        &job,
-        excache_bytes,
-        &mut listed_as,
-    );
+    // Its share of the budget comes back however the run ends, a bug's
+    // panic included (which then goes on to the accept loop's catch).
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_program(
+            &mut conn,
+            &writer,
+            id,
+            host,
+            &job,
+            excache_bytes,
+            &mut listed_as,
+        )
+    }));
     let mut running = host.running();
     if let Some(k) = running.iter().position(|p| p.pid == listed_as) {
         running.remove(k);
     }
-    result
+    drop(running);
+    result.unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// The most statistics JSON sent back (it is a few KiB).

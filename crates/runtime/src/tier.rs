@@ -27,10 +27,11 @@
 //! outweigh the near ones (more than [`NEAR_SHARE`] of the hits are near;
 //! at a small ExCache with poorly compressing pages the tier only
 //! multiplies misses), or if few pages were taken back at all before they
-//! left (a scan, pages used once) and they are not cheap to keep (they shrink less than [`CHEAP_RATIO`] times). If
-//! many were, and mostly far, it grows back. While the share is that
-//! small, only one victim in [`SAMPLE_EVERY`] is tried. The budget it
-//! gives up goes to resident pages.
+//! left (a scan, pages used once) and they are not cheap to keep (they
+//! shrink less than [`CHEAP_RATIO`] times). If many were, and mostly far,
+//! it grows back. While the share is that small, only one victim in
+//! [`SAMPLE_EVERY`] is tried. The budget it gives up goes to resident
+//! pages.
 //!
 //! Pages that do not compress to [`MAX_STORED`] bytes are not kept (they
 //! would save too little). After a run of such pages (a program whose data
@@ -270,7 +271,7 @@ impl Tier {
     /// Takes page `i` out of the tier, its contents into `out` (one page).
     /// Returns whether it was dirty, or `None` if it is not stored.
     pub fn take(&mut self, i: usize, out: &mut [u8]) -> Option<bool> {
-        // The pages of budget the tier takes, against the pages stored
+        // The pages of budget the tier takes, against the pages evicted
         // since this one: a near hit would have been resident without it.
         let pages = self.pages();
         let slot = self.slots.remove(&(i as u32))?;
