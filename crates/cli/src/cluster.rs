@@ -24,6 +24,11 @@ pub struct ManagerArgs {
     /// and gets no new placements, e.g. 3s or 500ms.
     #[arg(long, value_name = "TIME", default_value = "3s", value_parser = parse_duration, env = "LEGO_HEARTBEAT_TIMEOUT")]
     heartbeat_timeout: Duration,
+    /// Replicas of each unit of memory, on different memory daemons (and
+    /// zones, where daemons declare them): a program survives the failure
+    /// of all but one. Fewer while fewer memory daemons are alive.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4), env = "LEGO_REPLICAS")]
+    replicas: u8,
     #[command(flatten)]
     key: crate::keys::KeyArg,
 }
@@ -55,12 +60,14 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail("lego manager", e),
     };
-    match lego_manager::Manager::start(&args.listen, &args.state, args.heartbeat_timeout, cred) {
+    let options = (args.heartbeat_timeout, usize::from(args.replicas));
+    match lego_manager::Manager::start(&args.listen, &args.state, options, cred) {
         Ok(m) => {
             eprintln!(
-                "lego manager: serving on {} with state in {}",
+                "lego manager: serving on {} with state in {}, {} replica(s) per unit",
                 m.addr(),
-                args.state.display()
+                args.state.display(),
+                args.replicas
             );
             m.wait();
             ExitCode::SUCCESS
@@ -86,12 +93,12 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:>3} {:<9} {:<22} {:<8} {:>10} {:>10} {:>5} {:>6}",
+        "{:>3} {:<9} {:<22} {:<8} {:>10} {:>10} {:>5} {:>6}  ZONE",
         "ID", "KIND", "ADDRESS", "STATE", "CAPACITY", "USED", "LOAD", "UNITS"
     );
     for c in &s.components {
         println!(
-            "{:>3} {:<9} {:<22} {:<8} {:>10} {:>10} {:>5} {:>6}",
+            "{:>3} {:<9} {:<22} {:<8} {:>10} {:>10} {:>5} {:>6}  {}",
             c.id,
             c.kind.to_string(),
             c.addr,
@@ -99,8 +106,33 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
             human(c.capacity_bytes),
             human(c.used_bytes),
             c.load,
-            c.units
+            c.units,
+            printable(&c.zone, 24)
         );
+    }
+    println!();
+    println!(
+        "replicas per unit: {}; degraded units: {}",
+        s.replicas, s.degraded_units
+    );
+    for r in &s.recoveries {
+        let ago = r.ago_ms as f64 / 1000.0;
+        match r.took_ms {
+            Some(took) => println!(
+                "memory daemon {} lost {}s ago: its {} unit(s) whole again after {:.1}s",
+                r.component,
+                ago.round(),
+                r.units,
+                took as f64 / 1000.0
+            ),
+            None => println!(
+                "memory daemon {} lost {}s ago: {} of its {} unit(s) still degraded",
+                r.component,
+                ago.round(),
+                r.degraded,
+                r.units
+            ),
+        }
     }
     if !s.processes.is_empty() {
         println!();
@@ -109,16 +141,7 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
             "PROCESSOR", "PID", "EXCACHE"
         );
         for p in &s.processes {
-            let mut program: String = p
-                .process
-                .program
-                .chars()
-                .map(|c| if c.is_control() { ' ' } else { c })
-                .take(60)
-                .collect();
-            if p.process.program.chars().count() > 60 {
-                program.push('…');
-            }
+            let program = printable(&p.process.program, 60);
             println!(
                 "{:<10} {:>8} {:>10}  {}",
                 p.processor,
@@ -131,7 +154,7 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
     if !s.spaces.is_empty() {
         println!();
         println!(
-            "{:<18}  PLACEMENT (memory daemon id: 16 MiB units)",
+            "{:<18}  PLACEMENT (memory daemon id: 16 MiB unit replicas)",
             "SPACE"
         );
         for sp in &s.spaces {
@@ -140,10 +163,29 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
                 .iter()
                 .map(|(id, n)| format!("{id}: {n}"))
                 .collect();
-            println!("{:<18x}  {}", sp.space, by.join(", "));
+            let degraded = if sp.degraded > 0 {
+                format!("  ({} degraded)", sp.degraded)
+            } else {
+                String::new()
+            };
+            println!("{:<18x}  {}{degraded}", sp.space, by.join(", "));
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `text` for a terminal: control characters blanked, at most `most`
+/// characters (an ellipsis if cut).
+fn printable(text: &str, most: usize) -> String {
+    let mut s: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(most)
+        .collect();
+    if text.chars().count() > most {
+        s.push('…');
+    }
+    s
 }
 
 #[derive(clap::Args)]

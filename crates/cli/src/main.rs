@@ -68,6 +68,11 @@ struct MemoryArgs {
     /// address (e.g. when listening on 0.0.0.0).
     #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
     advertise: Option<String>,
+    /// The failure domain this daemon is in (a rack, a power feed, a
+    /// host): the manager puts the replicas of a unit in different zones
+    /// where it can.
+    #[arg(long, value_name = "NAME", env = "LEGO_ZONE", requires = "manager")]
+    zone: Option<String>,
     #[command(flatten)]
     key: keys::KeyArg,
 }
@@ -116,7 +121,8 @@ fn main() -> ExitCode {
                 return fail("lego memory", e);
             }
             if let Some(m) = &args.manager {
-                if let Err(e) = d.join(m, args.advertise.as_deref()) {
+                let zone = args.zone.as_deref().unwrap_or("");
+                if let Err(e) = d.join(m, args.advertise.as_deref(), zone) {
                     return fail("lego memory", e);
                 }
             }

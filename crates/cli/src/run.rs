@@ -31,6 +31,11 @@ pub struct RunArgs {
     /// for this run.
     #[arg(long = "memory", value_name = "ADDR", conflicts_with = "manager")]
     memory: Vec<String>,
+    /// With several --memory daemons: keep each page on this many of them
+    /// (a program then survives the failure of all but one). With
+    /// --manager, the manager's --replicas decides.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4), conflicts_with = "manager")]
+    replicas: u8,
     /// Global manager of a cluster, HOST:PORT: the program's memory is
     /// placed on the cluster's memory daemons by its GMM (this host runs
     /// the program).
@@ -265,6 +270,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         .env("LD_PRELOAD", preload)
         .env("LEGO_MEMORY", daemons.join(","))
         .env("LEGO_EXCACHE_BYTES", args.excache.to_string())
+        .env("LEGO_REPLICAS", args.replicas.to_string())
         .env("LEGO_STATS_FD", stats_fd.to_string());
     // The runtime proves itself with the run's own credential, or the one
     // this command was given (else it finds the same default file).

@@ -10,7 +10,10 @@ use crate::state::{Changes, Cluster, Component};
 
 /// Component id → its record (JSON).
 const COMPONENTS: TableDefinition<u64, &str> = TableDefinition::new("components");
-/// (space, unit) → component id.
+/// (space, unit) → the memory daemons holding its replicas (JSON list).
+const REPLICAS: TableDefinition<(u64, u64), &str> = TableDefinition::new("replicas");
+/// (space, unit) → component id: one replica per unit, as a manager before
+/// replication stored it (read once, then moved to `REPLICAS`).
 const PLACEMENTS: TableDefinition<(u64, u64), u64> = TableDefinition::new("placements");
 
 /// File name of the database in the state directory.
@@ -42,6 +45,7 @@ impl Db {
         let tx = db.begin_write().map_err(|e| err(e.to_string()))?;
         tx.open_table(COMPONENTS).map_err(|e| err(e.to_string()))?;
         tx.open_table(PLACEMENTS).map_err(|e| err(e.to_string()))?;
+        tx.open_table(REPLICAS).map_err(|e| err(e.to_string()))?;
         tx.commit().map_err(|e| err(e.to_string()))?;
         Ok(Self { db })
     }
@@ -57,11 +61,18 @@ impl Db {
                 .map_err(|e| format!("component {}: {e}", k.value()))?;
             components.push((k.value(), c));
         }
-        let places = tx.open_table(PLACEMENTS).map_err(|e| e.to_string())?;
-        let mut placements = Vec::new();
-        for row in places.iter().map_err(|e| e.to_string())? {
+        let mut placements = std::collections::BTreeMap::new();
+        let old = tx.open_table(PLACEMENTS).map_err(|e| e.to_string())?;
+        for row in old.iter().map_err(|e| e.to_string())? {
             let (k, v) = row.map_err(|e| e.to_string())?;
-            placements.push((k.value(), v.value()));
+            placements.insert(k.value(), vec![v.value()]);
+        }
+        let sets = tx.open_table(REPLICAS).map_err(|e| e.to_string())?;
+        for row in sets.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            let ids: Vec<u64> = serde_json::from_str(v.value())
+                .map_err(|e| format!("replicas of {:?}: {e}", k.value()))?;
+            placements.insert(k.value(), ids);
         }
         Ok(Cluster::restore(timeout_ms, now, components, placements))
     }
@@ -87,16 +98,21 @@ impl Db {
                     }
                 }
             }
-            let mut places = tx.open_table(PLACEMENTS).map_err(|e| e.to_string())?;
-            for key in &changes.placed {
-                if let Some(p) = cluster.placements.get(key) {
-                    places
-                        .insert(*key, p.component)
-                        .map_err(|e| e.to_string())?;
+            let mut old = tx.open_table(PLACEMENTS).map_err(|e| e.to_string())?;
+            let mut places = tx.open_table(REPLICAS).map_err(|e| e.to_string())?;
+            for key in changes.placed.iter().chain(&changes.unplaced) {
+                old.remove(*key).map_err(|e| e.to_string())?;
+                match cluster.placements.get(key) {
+                    Some(p) => {
+                        let json = serde_json::to_string(&p.replicas).map_err(|e| e.to_string())?;
+                        places
+                            .insert(*key, json.as_str())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        places.remove(*key).map_err(|e| e.to_string())?;
+                    }
                 }
-            }
-            for key in &changes.unplaced {
-                places.remove(*key).map_err(|e| e.to_string())?;
             }
         }
         tx.commit().map_err(|e| e.to_string())
@@ -123,17 +139,26 @@ mod tests {
                     capacity_bytes: 64 << 20,
                     id: None,
                     key: String::new(),
+                    zone: String::new(),
                 },
             );
             assert!(matches!(r, Reply::Registered { id: 1, .. }));
             db.save(&c, &ch).unwrap();
-            let (_, ch) = c.apply(1, Request::PlaceMemory { space: 9, unit: 2 });
+            let (_, ch) = c.apply(
+                1,
+                Request::PlaceMemory {
+                    space: 9,
+                    unit: 2,
+                    keep: vec![],
+                    avoid: vec![],
+                },
+            );
             db.save(&c, &ch).unwrap();
         }
         let db = Db::open(&dir).unwrap();
         let c = db.load(1000, 5).unwrap();
         assert_eq!(c.components[&1].addr, "10.0.0.2:7000");
-        assert_eq!(c.placements[&(9, 2)].component, 1);
+        assert_eq!(c.placements[&(9, 2)].replicas, [1]);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

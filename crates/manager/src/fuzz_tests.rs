@@ -59,6 +59,7 @@ fn request(rng: &mut Rng) -> Request {
             capacity_bytes: rng.value(),
             id: (rng.below(2) == 0).then(|| rng.value()),
             key: rng.text(40),
+            zone: rng.text(300),
         },
         2 | 3 => Request::Heartbeat {
             id: rng.value(),
@@ -78,9 +79,16 @@ fn request(rng: &mut Rng) -> Request {
             id: rng.value(),
             key: rng.text(40),
         },
-        5 | 6 => Request::PlaceMemory {
+        5 => Request::PlaceMemory {
             space: rng.value(),
             unit: rng.value(),
+            keep: (0..rng.below(5)).map(|_| rng.value()).collect(),
+            avoid: (0..rng.below(3)).map(|_| rng.value()).collect(),
+        },
+        6 => Request::Restored {
+            space: rng.value(),
+            unit: rng.value(),
+            ids: (0..rng.below(4)).map(|_| rng.value()).collect(),
         },
         7 => Request::Drain { id: rng.value() },
         8 => Request::Undrain { id: rng.value() },
@@ -94,7 +102,7 @@ fn request(rng: &mut Rng) -> Request {
 
 fn run(seed: u64) {
     let mut rng = Rng(seed | 1);
-    let mut c = Cluster::new(1000);
+    let mut c = Cluster::new(1000).with_replicas(1 + rng.below(3) as usize);
     let mut now = 0u64;
     for _ in 0..STEPS {
         now += rng.below(400);
@@ -133,6 +141,7 @@ fn a_claimed_id_at_the_top_does_not_wrap_the_next_ones() {
                 capacity_bytes: 1 << 30,
                 id,
                 key: String::new(),
+                zone: String::new(),
             },
         )
         .0
@@ -154,6 +163,7 @@ fn a_claimed_id_at_the_top_does_not_wrap_the_next_ones() {
             capacity_bytes: 1 << 30,
             id: None,
             key: String::new(),
+            zone: String::new(),
         },
     );
     assert!(matches!(r.0, Reply::Error { .. }), "{:?}", r.0);

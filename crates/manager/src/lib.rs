@@ -90,16 +90,20 @@ pub struct Manager {
 impl Manager {
     /// Opens the state in `state_dir`, binds `listen` and serves the peers
     /// `cred` (the cluster credential) vouches for; a component silent for
-    /// `timeout` is marked failed.
+    /// `timeout` is marked failed; each unit of memory gets `replicas`
+    /// replicas on different memory daemons.
     pub fn start(
         listen: &str,
         state_dir: &Path,
-        timeout: Duration,
+        (timeout, replicas): (Duration, usize),
         cred: Credential,
     ) -> Result<Self, ManagerError> {
         let db = Db::open(state_dir)?;
         let timeout_ms = timeout.as_millis().max(1) as u64;
-        let cluster = db.load(timeout_ms, 0).map_err(ManagerError::Load)?;
+        let cluster = db
+            .load(timeout_ms, 0)
+            .map_err(ManagerError::Load)?
+            .with_replicas(replicas);
         let listener = Tcp.listen(listen)?;
         let addr = Listener::local_addr(&listener);
         let inner = Arc::new(Inner {
@@ -128,6 +132,9 @@ impl Manager {
                         let changes = c.tick(now);
                         for id in &changes.components {
                             tracing::warn!(id, addr = %c.components[id].addr, "component failed: no heartbeat within the timeout");
+                        }
+                        if !changes.placed.is_empty() {
+                            tracing::warn!(units = changes.placed.len(), "units lost a replica: degraded until their programs restore them");
                         }
                         if let Err(e) = inner.db.save(&c, &changes) {
                             tracing::error!(error = %e, "cannot store a change");
@@ -195,6 +202,7 @@ fn authorize(who: &Identity, req: &Request) -> Result<(), String> {
         (
             Identity::User(_),
             Request::PlaceMemory { .. }
+            | Request::Restored { .. }
             | Request::PlaceProcess { .. }
             | Request::Draining
             | Request::Status,
@@ -221,6 +229,7 @@ fn request_loop<S: Stream>(
                         (Identity::User(_), Reply::Status(mut s)) => {
                             s.spaces.clear();
                             s.processes.clear();
+                            s.recoveries.clear();
                             Reply::Status(s)
                         }
                         (_, reply) => reply,
@@ -266,7 +275,7 @@ mod tests {
     fn state_survives_a_restart_and_garbage_gets_an_error() {
         let dir = tmp("restart");
         let cred = Credential::generate().unwrap();
-        let m = Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5), cred.clone()).unwrap();
+        let m = Manager::start("127.0.0.1:0", &dir, (Duration::from_secs(5), 1), cred.clone()).unwrap();
         let t = Duration::from_secs(5);
         let r = control_call(
             m.addr(),
@@ -276,6 +285,7 @@ mod tests {
                 capacity_bytes: 64 << 20,
                 id: None,
                 key: String::new(),
+                zone: String::new(),
             },
             t,
             &cred,
@@ -283,8 +293,18 @@ mod tests {
         .unwrap();
         assert!(matches!(r, Reply::Registered { id: 1, .. }), "{r:?}");
         let mut c = ControlClient::connect(m.addr(), "t", t, &cred).unwrap();
-        let placed = c.call(&Request::PlaceMemory { space: 3, unit: 0 }).unwrap();
-        assert!(matches!(placed, Reply::Placed { id: 1, .. }), "{placed:?}");
+        let placed = c
+            .call(&Request::PlaceMemory {
+                space: 3,
+                unit: 0,
+                keep: vec![],
+                avoid: vec![],
+            })
+            .unwrap();
+        assert!(
+            matches!(&placed, Reply::Placed { replicas } if replicas[0].id == 1),
+            "{placed:?}"
+        );
         drop(c);
         m.shutdown();
 
@@ -293,7 +313,7 @@ mod tests {
         let m = (0..100)
             .find_map(|_| {
                 let m =
-                    Manager::start("127.0.0.1:0", &dir, Duration::from_secs(5), cred.clone()).ok();
+                    Manager::start("127.0.0.1:0", &dir, (Duration::from_secs(5), 1), cred.clone()).ok();
                 if m.is_none() {
                     std::thread::sleep(Duration::from_millis(20));
                 }

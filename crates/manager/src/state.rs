@@ -3,12 +3,12 @@
 //! No I/O and no clock: every call takes the time (milliseconds, any
 //! monotonic origin) and returns what changed, for the server to store.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use lego_protocol::control::{
-    short_program, ClusterStatus, ComponentInfo, Kind, ProcessInfo, Reply, Request, RunningInfo,
-    SpaceInfo, State, MAX_ADDR_BYTES, MAX_COMPONENTS, MAX_COMPONENT_ID, MAX_PROCESSES,
-    PLACEMENT_BYTES,
+    short_program, ClusterStatus, ComponentInfo, Kind, ProcessInfo, RecoveryInfo, Replica, Reply,
+    Request, RunningInfo, SpaceInfo, State, MAX_ADDR_BYTES, MAX_COMPONENTS, MAX_COMPONENT_ID,
+    MAX_PROCESSES, PLACEMENT_BYTES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +23,9 @@ pub struct Component {
     /// heartbeats, its leave and its registrations again must bring it.
     #[serde(default)]
     pub key: String,
+    /// Its failure domain (`--zone`; empty: none declared).
+    #[serde(default)]
+    pub zone: String,
     /// From its last heartbeat (not stored).
     #[serde(skip)]
     pub used_bytes: u64,
@@ -38,12 +41,42 @@ pub struct Component {
     pub processes: Vec<ProcessInfo>,
 }
 
-/// A unit's placement: the component, and when it was made (not stored).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// A unit's placement: the memory daemons holding its replicas, in the
+/// order runtimes read them.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Placement {
+    pub replicas: Vec<u64>,
+    /// When its replicas last changed (not stored).
+    pub at_ms: u64,
+    /// Since when it has lost a replica not yet restored (not stored: after
+    /// a restart the runtimes restore what they still miss).
+    pub degraded_since: Option<u64>,
+}
+
+impl Placement {
+    fn new(replicas: Vec<u64>, at_ms: u64) -> Self {
+        Self {
+            replicas,
+            at_ms,
+            degraded_since: None,
+        }
+    }
+}
+
+/// A memory daemon failed (or left) while holding replicas: the units
+/// that lost one, until each is whole again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Recovery {
     pub component: u64,
     pub at_ms: u64,
+    pub units: u64,
+    /// The units still degraded.
+    pub pending: BTreeSet<(u64, u64)>,
+    pub done_ms: Option<u64>,
 }
+
+/// How many failures `lego status` remembers.
+const RECOVERIES_KEPT: usize = 8;
 
 /// Keys whose records changed, for the server to write.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -61,19 +94,32 @@ impl Changes {
 
 pub struct Cluster {
     pub components: BTreeMap<u64, Component>,
-    /// (space, unit) → where it lives.
+    /// (space, unit) → where its replicas live.
     pub placements: BTreeMap<(u64, u64), Placement>,
     /// A component silent this long is failed.
     pub timeout_ms: u64,
+    /// Replicas per unit (fewer while fewer memory daemons can take one).
+    pub replicas: usize,
+    /// The latest failures of daemons holding replicas, oldest first.
+    pub recoveries: VecDeque<Recovery>,
 }
 
 impl Cluster {
+    /// A cluster with one replica per unit; see [`Cluster::with_replicas`].
     pub fn new(timeout_ms: u64) -> Self {
         Self {
             components: BTreeMap::new(),
             placements: BTreeMap::new(),
             timeout_ms,
+            replicas: 1,
+            recoveries: VecDeque::new(),
         }
+    }
+
+    /// Gives each unit `n` replicas (at least 1), on different daemons.
+    pub fn with_replicas(mut self, n: usize) -> Self {
+        self.replicas = n.max(1);
+        self
     }
 
     /// Rebuilds the state from stored records at `now` (a restart): every
@@ -82,21 +128,17 @@ impl Cluster {
         timeout_ms: u64,
         now: u64,
         components: impl IntoIterator<Item = (u64, Component)>,
-        placements: impl IntoIterator<Item = ((u64, u64), u64)>,
+        placements: impl IntoIterator<Item = ((u64, u64), Vec<u64>)>,
     ) -> Self {
         let mut c = Self::new(timeout_ms);
         for (id, mut comp) in components {
             comp.last_seen_ms = now;
             c.components.insert(id, comp);
         }
-        for (key, component) in placements {
-            c.placements.insert(
-                key,
-                Placement {
-                    component,
-                    at_ms: now,
-                },
-            );
+        for (key, replicas) in placements {
+            if !replicas.is_empty() {
+                c.placements.insert(key, Placement::new(replicas, now));
+            }
         }
         c
     }
@@ -117,7 +159,8 @@ impl Cluster {
                 capacity_bytes,
                 id,
                 key,
-            } => self.register(now, kind, addr, capacity_bytes, (id, key), &mut ch),
+                zone,
+            } => self.register(now, kind, addr, capacity_bytes, (id, key, zone), &mut ch),
             Request::Heartbeat {
                 id,
                 key,
@@ -131,19 +174,30 @@ impl Cluster {
             },
             Request::Leave { id, key } => match self.check_key(id, &key) {
                 Err(e) => e,
-                Ok(()) => self.leave(id, &mut ch),
+                Ok(()) => self.leave(now, id, &mut ch),
             },
-            Request::PlaceMemory { space, unit } => self.place_memory(now, space, unit, &mut ch),
+            Request::PlaceMemory {
+                space,
+                unit,
+                keep,
+                avoid,
+            } => self.place_memory(now, (space, unit), &keep, &avoid, &mut ch),
+            Request::Restored { space, unit, ids } => self.restored(now, (space, unit), &ids),
             Request::Drain { id } => self.drain(id, &mut ch),
             Request::Undrain { id } => self.undrain(id, &mut ch),
-            Request::Draining => Reply::Draining {
-                ids: self
-                    .components
-                    .iter()
-                    .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Draining)
-                    .map(|(&id, _)| id)
-                    .collect(),
-            },
+            Request::Draining => {
+                let memory_in = |state: &[State]| {
+                    self.components
+                        .iter()
+                        .filter(|(_, c)| c.kind == Kind::Memory && state.contains(&c.state))
+                        .map(|(&id, _)| id)
+                        .collect()
+                };
+                Reply::Draining {
+                    ids: memory_in(&[State::Draining]),
+                    failed: memory_in(&[State::Failed, State::Left]),
+                }
+            }
             Request::PlaceProcess {
                 program: _,
                 excache_bytes,
@@ -154,50 +208,95 @@ impl Cluster {
                     .into(),
             },
         };
+        self.settle_recoveries(now);
         (reply, ch)
     }
 
-    /// Marks components silent for longer than the timeout as failed.
+    /// Marks components silent for longer than the timeout as failed; the
+    /// replicas on a failed memory daemon are lost.
     pub fn tick(&mut self, now: u64) -> Changes {
         let mut ch = Changes::default();
+        let mut lost = Vec::new();
         for (&id, c) in self.components.iter_mut() {
             let live = matches!(c.state, State::Alive | State::Draining);
             if live && now.saturating_sub(c.last_seen_ms) > self.timeout_ms {
                 c.state = State::Failed;
                 c.processes.clear();
                 ch.components.insert(id);
+                if c.kind == Kind::Memory {
+                    lost.push(id);
+                }
             }
         }
-        self.drop_lost_units(now, &mut ch);
+        for id in lost {
+            self.lose_replicas(now, id, &mut ch);
+        }
+        self.settle_recoveries(now);
         ch
     }
 
-    /// Units on failed daemons are lost with their pages; once no live
-    /// memory daemon holds their space any more (its program stopped),
-    /// they are forgotten. The wait (a timeout and two heartbeats) lets
-    /// every daemon report its spaces after a manager restart.
-    fn drop_lost_units(&mut self, now: u64, ch: &mut Changes) {
-        let wait = self.timeout_ms + 2 * self.heartbeat_ms();
-        let failed: BTreeSet<u64> = self
-            .components
-            .iter()
-            .filter(|(_, c)| c.state == State::Failed)
-            .map(|(&id, _)| id)
-            .collect();
-        if failed.is_empty() {
+    /// Memory daemon `id` failed or left: every unit with a replica there
+    /// lost it and is degraded until its runtime restores it; a unit with
+    /// no replica left is gone (its program stopped).
+    fn lose_replicas(&mut self, now: u64, id: u64, ch: &mut Changes) {
+        let mut hit = BTreeSet::new();
+        self.placements.retain(|&k, p| {
+            if !p.replicas.contains(&id) {
+                return true;
+            }
+            p.replicas.retain(|&r| r != id);
+            if p.replicas.is_empty() {
+                ch.unplaced.insert(k);
+                return false;
+            }
+            p.degraded_since.get_or_insert(now);
+            ch.placed.insert(k);
+            hit.insert(k);
+            true
+        });
+        if hit.is_empty() {
             return;
         }
-        let held: BTreeSet<u64> = self
-            .components
-            .values()
-            .filter(|c| matches!(c.state, State::Alive | State::Draining))
-            .flat_map(|c| c.spaces.iter().copied())
-            .collect();
-        unplace_where(&mut self.placements, ch, |(space, _), p| {
-            failed.contains(&p.component)
-                && now.saturating_sub(p.at_ms) > wait
-                && !held.contains(&space)
+        if self.recoveries.len() == RECOVERIES_KEPT {
+            self.recoveries.pop_front();
+        }
+        self.recoveries.push_back(Recovery {
+            component: id,
+            at_ms: now,
+            units: hit.len() as u64,
+            pending: hit,
+            done_ms: None,
         });
+    }
+
+    /// A recovery is done once none of its units is degraded any more
+    /// (restored, or gone with their program).
+    fn settle_recoveries(&mut self, now: u64) {
+        let placements = &self.placements;
+        for r in self.recoveries.iter_mut().filter(|r| r.done_ms.is_none()) {
+            r.pending.retain(|k| {
+                placements
+                    .get(k)
+                    .is_some_and(|p| p.degraded_since.is_some())
+            });
+            if r.pending.is_empty() {
+                r.done_ms = Some(now);
+            }
+        }
+    }
+
+    /// The runtime of `key`'s space filled every replica `ids` of it.
+    fn restored(&mut self, now: u64, key: (u64, u64), ids: &[u64]) -> Reply {
+        let Some(p) = self.placements.get_mut(&key) else {
+            return Reply::Error {
+                message: format!("unit {} of space {} is not placed", key.1, key.0),
+            };
+        };
+        if p.replicas.iter().all(|r| ids.contains(r)) {
+            p.degraded_since = None;
+            p.at_ms = p.at_ms.max(now.saturating_sub(1));
+        }
+        Reply::Ok
     }
 
     /// Whether `key` is component `id`'s own (an unknown id passes: the
@@ -217,9 +316,14 @@ impl Cluster {
         kind: Kind,
         addr: String,
         capacity_bytes: u64,
-        (id, key): (Option<u64>, String),
+        (id, key, zone): (Option<u64>, String, String),
         ch: &mut Changes,
     ) -> Reply {
+        if zone.len() > MAX_ADDR_BYTES {
+            return Reply::Error {
+                message: format!("a zone name is at most {MAX_ADDR_BYTES} bytes"),
+            };
+        }
         if addr.is_empty() {
             return Reply::Error {
                 message: "a component must register with the address it serves on".into(),
@@ -281,6 +385,7 @@ impl Cluster {
             capacity_bytes,
             state: State::Alive,
             key: String::new(),
+            zone: String::new(),
             used_bytes: 0,
             load: 0,
             last_seen_ms: now,
@@ -288,6 +393,7 @@ impl Cluster {
             processes: Vec::new(),
         });
         c.key = key.clone();
+        c.zone = zone;
         c.addr = addr;
         c.capacity_bytes = capacity_bytes;
         if c.state != State::Draining {
@@ -338,20 +444,30 @@ impl Cluster {
             .collect();
         c.spaces = spaces.into_iter().collect();
         if c.kind == Kind::Memory {
-            // Units of spaces this daemon no longer holds (their programs
-            // ended) are free again; a unit placed a moment ago may not be
-            // attached yet.
-            unplace_where(&mut self.placements, ch, |(space, _), p| {
-                p.component == id
-                    && now.saturating_sub(p.at_ms) > grace
-                    && !c.spaces.contains(&space)
+            // Replicas of spaces this daemon no longer holds (their
+            // programs ended) are free again; one placed a moment ago may
+            // not be attached yet.
+            self.placements.retain(|&(space, unit), p| {
+                if !p.replicas.contains(&id)
+                    || now.saturating_sub(p.at_ms) <= grace
+                    || c.spaces.contains(&space)
+                {
+                    return true;
+                }
+                p.replicas.retain(|&r| r != id);
+                if p.replicas.is_empty() {
+                    ch.unplaced.insert((space, unit));
+                    return false;
+                }
+                ch.placed.insert((space, unit));
+                true
             });
             // A drained daemon holds nothing and nothing is placed on it:
             // it leaves.
             if c.state == State::Draining
                 && used_bytes == 0
                 && c.spaces.is_empty()
-                && !self.placements.values().any(|p| p.component == id)
+                && !self.placements.values().any(|p| p.replicas.contains(&id))
             {
                 c.state = State::Left;
                 ch.components.insert(id);
@@ -363,7 +479,7 @@ impl Cluster {
 
     /// Component `id` leaves (it was stopped): it gets nothing more, and
     /// what was placed on it went with it.
-    fn leave(&mut self, id: u64, ch: &mut Changes) -> Reply {
+    fn leave(&mut self, now: u64, id: u64, ch: &mut Changes) -> Reply {
         let Some(c) = self.components.get_mut(&id) else {
             return unknown(id);
         };
@@ -372,8 +488,11 @@ impl Cluster {
         c.load = 0;
         c.spaces.clear();
         c.processes.clear();
+        let memory = c.kind == Kind::Memory;
         ch.components.insert(id);
-        unplace_where(&mut self.placements, ch, |_, p| p.component == id);
+        if memory {
+            self.lose_replicas(now, id, ch);
+        }
         Reply::Ok
     }
 
@@ -446,45 +565,78 @@ impl Cluster {
         }
     }
 
-    /// Units placed on each component.
+    /// Replicas placed on each component.
     fn units(&self) -> BTreeMap<u64, u64> {
         let mut n = BTreeMap::new();
-        for p in self.placements.values() {
-            *n.entry(p.component).or_insert(0) += 1;
+        for r in self.placements.values().flat_map(|p| &p.replicas) {
+            *n.entry(*r).or_insert(0) += 1;
         }
         n
     }
 
-    fn place_memory(&mut self, now: u64, space: u64, unit: u64, ch: &mut Changes) -> Reply {
-        if let Some(p) = self.placements.get(&(space, unit)) {
-            let c = &self.components[&p.component];
-            // A unit on a draining daemon is placed again: the runtime
-            // asking moves it there.
-            if c.state != State::Draining {
-                return Reply::Placed {
-                    id: p.component,
-                    addr: c.addr.clone(),
-                };
-            }
-        }
+    /// The replicas of unit `key`: those it has (or `keep`, the asker's)
+    /// on alive daemons, plus new ones up to [`Cluster::replicas`]; each
+    /// new one on the alive memory daemon with the most capacity not yet
+    /// placed, in a zone none of the unit's others is in where there is
+    /// one. A replica lost (not in `keep`, or in `avoid`) makes the unit
+    /// degraded until it is restored; one on a draining daemon is simply
+    /// replaced (the asker copies it before it lets the old one go).
+    fn place_memory(
+        &mut self,
+        now: u64,
+        key: (u64, u64),
+        keep: &[u64],
+        avoid: &[u64],
+        ch: &mut Changes,
+    ) -> Reply {
+        let alive = |c: &Component| c.kind == Kind::Memory && c.state == State::Alive;
+        let had = self.placements.get(&key).map(|p| p.replicas.clone());
+        let mut set: Vec<u64> = match &had {
+            Some(had) if keep.is_empty() => had.clone(),
+            _ => keep.to_vec(),
+        };
+        let mut seen = BTreeSet::new();
+        set.retain(|id| {
+            seen.insert(*id) && !avoid.contains(id) && self.components.get(id).is_some_and(alive)
+        });
+        let lost = had.as_ref().is_some_and(|had| {
+            had.iter().any(|id| {
+                !set.contains(id)
+                    && self
+                        .components
+                        .get(id)
+                        .is_none_or(|c| c.state != State::Draining)
+            })
+        });
         let units = self.units();
-        // The memory daemon with the most capacity not yet placed.
         let free = |id: &u64, c: &Component| {
             c.capacity_bytes
                 .saturating_sub(units.get(id).copied().unwrap_or(0) * PLACEMENT_BYTES)
         };
-        let best = self
-            .components
-            .iter()
-            .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
-            .map(|(id, c)| (free(id, c), *id))
-            .filter(|&(f, _)| f >= PLACEMENT_BYTES)
-            .max_by_key(|&(f, id)| (f, std::cmp::Reverse(id)));
-        let Some((_, id)) = best else {
+        while set.len() < self.replicas {
+            let zones: BTreeSet<&str> = set
+                .iter()
+                .filter_map(|id| self.components.get(id))
+                .map(|c| c.zone.as_str())
+                .filter(|z| !z.is_empty())
+                .collect();
+            let best = self
+                .components
+                .iter()
+                .filter(|(id, c)| alive(c) && !set.contains(id) && !avoid.contains(id))
+                .map(|(id, c)| (!zones.contains(c.zone.as_str()), free(id, c), *id))
+                .filter(|&(_, f, _)| f >= PLACEMENT_BYTES)
+                .max_by_key(|&(new_zone, f, id)| (new_zone, f, std::cmp::Reverse(id)));
+            match best {
+                Some((_, _, id)) => set.push(id),
+                None => break,
+            }
+        }
+        if set.is_empty() {
             let (cap, placed, n) = self
                 .components
                 .iter()
-                .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
+                .filter(|(_, c)| alive(c))
                 .fold((0, 0, 0), |(cap, placed, n), (id, c)| {
                     let units = units.get(id).copied().unwrap_or(0);
                     (
@@ -501,18 +653,32 @@ impl Cluster {
                     placed >> 20
                 ),
             };
-        };
-        self.placements.insert(
-            (space, unit),
-            Placement {
-                component: id,
-                at_ms: now,
-            },
-        );
-        ch.placed.insert((space, unit));
+        }
+        if had.as_ref() != Some(&set) {
+            let degraded_since = match self.placements.get(&key) {
+                Some(p) if lost || p.degraded_since.is_some() => {
+                    Some(p.degraded_since.unwrap_or(now))
+                }
+                _ => None,
+            };
+            self.placements.insert(
+                key,
+                Placement {
+                    replicas: set.clone(),
+                    at_ms: now,
+                    degraded_since,
+                },
+            );
+            ch.placed.insert(key);
+        }
         Reply::Placed {
-            id,
-            addr: self.components[&id].addr.clone(),
+            replicas: set
+                .iter()
+                .map(|&id| Replica {
+                    id,
+                    addr: self.components[&id].addr.clone(),
+                })
+                .collect(),
         }
     }
 
@@ -561,21 +727,35 @@ impl Cluster {
                 load: c.load,
                 units: units.get(&id).copied().unwrap_or(0),
                 last_seen_ms: now.saturating_sub(c.last_seen_ms),
+                zone: c.zone.clone(),
             })
             .collect();
-        let mut spaces: BTreeMap<u64, BTreeMap<u64, u64>> = BTreeMap::new();
+        let mut spaces: BTreeMap<u64, (BTreeMap<u64, u64>, u64)> = BTreeMap::new();
         for (&(space, _), p) in &self.placements {
-            *spaces
-                .entry(space)
-                .or_default()
-                .entry(p.component)
-                .or_insert(0) += 1;
+            let (by, degraded) = spaces.entry(space).or_default();
+            for &r in &p.replicas {
+                *by.entry(r).or_insert(0) += 1;
+            }
+            *degraded += u64::from(p.degraded_since.is_some());
         }
+        let degraded_units = spaces.values().map(|s| s.1).sum();
         let spaces = spaces
             .into_iter()
-            .map(|(space, by)| SpaceInfo {
+            .map(|(space, (by, degraded))| SpaceInfo {
                 space,
                 units: by.into_iter().collect(),
+                degraded,
+            })
+            .collect();
+        let recoveries = self
+            .recoveries
+            .iter()
+            .map(|r| RecoveryInfo {
+                component: r.component,
+                units: r.units,
+                degraded: r.pending.len() as u64,
+                ago_ms: now.saturating_sub(r.at_ms),
+                took_ms: r.done_ms.map(|d| d.saturating_sub(r.at_ms)),
             })
             .collect();
         let processes = self
@@ -592,23 +772,11 @@ impl Cluster {
             components,
             spaces,
             processes,
+            replicas: self.replicas as u64,
+            degraded_units,
+            recoveries,
         }
     }
-}
-
-/// Forgets the placements `gone` picks, noting them for storage.
-fn unplace_where(
-    placements: &mut BTreeMap<(u64, u64), Placement>,
-    ch: &mut Changes,
-    gone: impl Fn((u64, u64), &Placement) -> bool,
-) {
-    placements.retain(|&k, p| {
-        let drop = gone(k, p);
-        if drop {
-            ch.unplaced.insert(k);
-        }
-        !drop
-    });
 }
 
 /// A new component key: 128 random bits, in hex.

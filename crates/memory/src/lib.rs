@@ -96,8 +96,14 @@ impl MemoryDaemon {
     /// daemon peers reach at `advertise` (default: the listening address),
     /// and keeps heartbeating: used bytes and the spaces it holds. When the
     /// manager is unreachable or restarted, it registers again (keeping its
-    /// id) as soon as it answers; serving never stops meanwhile.
-    pub fn join(&mut self, manager: &str, advertise: Option<&str>) -> Result<u64, String> {
+    /// id) as soon as it answers; serving never stops meanwhile. `zone` is
+    /// its failure domain (empty: none).
+    pub fn join(
+        &mut self,
+        manager: &str,
+        advertise: Option<&str>,
+        zone: &str,
+    ) -> Result<u64, String> {
         let store = self.store.clone();
         let stop = self.stop.clone();
         let addr = advertise.unwrap_or(&self.addr).to_string();
@@ -108,8 +114,7 @@ impl MemoryDaemon {
         };
         let member = lego_transport::Member::join(
             manager,
-            lego_protocol::control::Kind::Memory,
-            &addr,
+            (lego_protocol::control::Kind::Memory, &addr, zone),
             capacity_bytes,
             &self.cred,
         )?;
@@ -180,7 +185,8 @@ fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>, cred: &Crede
     // A bug in a handler must not leak the connection's space: caught
     // here, the space is released below like on any other end.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        handshake(&mut conn, &store, cred).and_then(|_| request_loop(&mut conn, &store, &mut space))
+        handshake(&mut conn, &store, cred)
+            .and_then(|_| request_loop(&mut conn, &store, &mut space, cred))
     }))
     .unwrap_or_else(|_| {
         Err(ConnError::Unexpected(
@@ -217,20 +223,103 @@ enum Reply {
     Pages,
     Stats(DaemonStats),
     Layout(u64, u64, Vec<(u64, u64)>),
+    Copied(u64),
+}
+
+/// How long a copy to another daemon may wait for one answer.
+const COPY_TIMEOUT: Duration = Duration::from_secs(10);
+/// `FillPages` batches a copy keeps in flight.
+const COPY_WINDOW: usize = 4;
+
+/// `CopyRange`: sends the pages this daemon holds of `[addr, addr+len)`
+/// of the connection's space to the daemon at `to`, which must hold the
+/// space already (its runtime attached there first), as `FillPages`.
+/// Re-replication goes daemon to daemon: the program's runtime only asks.
+fn copy_range(
+    store: &Mutex<Store>,
+    space: Option<SpaceId>,
+    (addr, len): (VirtAddr, u64),
+    to: &str,
+    cred: &Credential,
+) -> Result<Reply, Refusal> {
+    use lego_protocol::ErrorCode::{BadState, Invalid};
+    let id = space.ok_or_else(|| {
+        Refusal(
+            BadState,
+            "no address space opened on this connection".into(),
+        )
+    })?;
+    if to.len() > lego_protocol::control::MAX_ADDR_BYTES {
+        return Err(Refusal(Invalid, "the copy's target address is too long".into()));
+    }
+    let snap = lock(store).snapshot(id, addr, len)?;
+    let failed = |e: String| Refusal(Invalid, format!("cannot copy to memory daemon {to}: {e}"));
+    let s = Tcp
+        .connect(to, Duration::from_secs(5))
+        .map_err(|e| failed(e.to_string()))?;
+    s.set_read_timeout(Some(COPY_TIMEOUT))
+        .map_err(|e| failed(e.to_string()))?;
+    let mut c = FramedConn::new(s);
+    c.client_handshake(lego_protocol::Role::Runtime, "lego-memory copy", cred)
+        .map_err(|e| failed(e.to_string()))?;
+    let expect_done = |m: Message<'_>| match m {
+        Message::Done => Ok(()),
+        Message::Error { message, .. } => Err(failed(message.to_string())),
+        other => Err(failed(format!("answered {}", other.describe()))),
+    };
+    let attach = Message::AttachSpace {
+        space: id,
+        capability: snap.capability,
+        region_base: VirtAddr(snap.region.0),
+        region_bytes: snap.region.1,
+    };
+    let reply = c.call(1, &attach).map_err(|e| failed(e.to_string()))?;
+    expect_done(reply.message)?;
+    let (mut addrs, mut data) = (Vec::new(), Vec::new());
+    let mut in_flight = 0;
+    for (k, batch) in snap.pages.chunks(lego_protocol::MAX_BATCH_PAGES).enumerate() {
+        addrs.clear();
+        data.clear();
+        for (a, p) in batch {
+            addrs.push(VirtAddr(*a));
+            data.extend_from_slice(&p[..]);
+        }
+        let msg = Message::FillPages {
+            addrs: addrs.as_slice().into(),
+            data: &data,
+        };
+        c.send(2 + k as u64, &msg).map_err(|e| failed(e.to_string()))?;
+        in_flight += 1;
+        if in_flight == COPY_WINDOW {
+            let r = c.recv().map_err(|e| failed(e.to_string()))?;
+            expect_done(r.message)?;
+            in_flight -= 1;
+        }
+    }
+    for _ in 0..in_flight {
+        let r = c.recv().map_err(|e| failed(e.to_string()))?;
+        expect_done(r.message)?;
+    }
+    Ok(Reply::Copied(snap.pages.len() as u64))
 }
 
 fn request_loop<S: Stream>(
     conn: &mut FramedConn<S>,
     store: &Mutex<Store>,
     space: &mut Option<SpaceId>,
+    cred: &Credential,
 ) -> Result<(), ConnError> {
     let mut pages = Vec::new();
     loop {
         let f = conn.recv()?;
         let id = f.request_id;
-        let result = {
-            let mut st = lock(store);
-            handle(&mut st, space, f.message, &mut pages)
+        let result = match f.message {
+            // Network I/O of its own: never under the store's lock.
+            Message::CopyRange { addr, len, to } => copy_range(store, *space, (addr, len), to, cred),
+            msg => {
+                let mut st = lock(store);
+                handle(&mut st, space, msg, &mut pages)
+            }
         };
         match result {
             Ok(Reply::Done) => conn.send(id, &Message::Done)?,
@@ -239,6 +328,7 @@ fn request_loop<S: Stream>(
             Ok(Reply::Opened(space)) => conn.send(id, &Message::SpaceOpened { space })?,
             Ok(Reply::Pages) => conn.send(id, &Message::Pages { data: &pages })?,
             Ok(Reply::Stats(s)) => conn.send(id, &Message::Stats(s))?,
+            Ok(Reply::Copied(pages)) => conn.send(id, &Message::Copied { pages })?,
             Ok(Reply::Layout(brk_start, brk, mappings)) => conn.send(
                 id,
                 &Message::Layout {
@@ -341,6 +431,9 @@ fn handle(
             .map(|_| Reply::Pages),
         Message::WritePages { addrs, data } => st
             .write_pages(need(space)?, &addrs, data)
+            .map(|_| Reply::Done),
+        Message::FillPages { addrs, data } => st
+            .fill_pages(need(space)?, &addrs, data)
             .map(|_| Reply::Done),
         Message::GetStats => Ok(Reply::Stats(st.stats())),
         Message::GetLayout => {

@@ -10,7 +10,15 @@ use crate::layout::{Exported, Layout, LayoutError};
 
 /// Page contents, shared between a forked space and its parent until one
 /// of them writes the page.
-type Page = Arc<[u8; PAGE_SIZE]>;
+pub type Page = Arc<[u8; PAGE_SIZE]>;
+
+/// What a copy of part of a space to another daemon needs: the space's
+/// capability and region (to attach there) and the pages, shared.
+pub struct Snapshot {
+    pub capability: Capability,
+    pub region: (u64, u64),
+    pub pages: Vec<(u64, Page)>,
+}
 
 fn no_space(id: SpaceId) -> Refusal {
     Refusal(ErrorCode::NoSpace, format!("no address space {}", id.0))
@@ -290,6 +298,43 @@ impl Store {
         addrs: &[VirtAddr],
         data: &[u8],
     ) -> Result<(), Refusal> {
+        self.store_pages(id, addrs, data, true)
+    }
+
+    /// Stores the pages the space does not hold yet (a copy from another
+    /// replica: what the program wrote here since the copy began is newer
+    /// than the copy); all or nothing when capacity runs out.
+    pub fn fill_pages(
+        &mut self,
+        id: SpaceId,
+        addrs: &[VirtAddr],
+        data: &[u8],
+    ) -> Result<(), Refusal> {
+        self.store_pages(id, addrs, data, false)
+    }
+
+    /// The pages space `id` holds in `[addr, addr+len)`, shared with it.
+    pub fn snapshot(&mut self, id: SpaceId, addr: VirtAddr, len: u64) -> Result<Snapshot, Refusal> {
+        let s = self.space(id)?;
+        let end = addr.0.saturating_add(len);
+        Ok(Snapshot {
+            capability: s.capability,
+            region: (s.base, s.end - s.base),
+            pages: s
+                .pages
+                .range(addr.0..end)
+                .map(|(&k, p)| (k, p.clone()))
+                .collect(),
+        })
+    }
+
+    fn store_pages(
+        &mut self,
+        id: SpaceId,
+        addrs: &[VirtAddr],
+        data: &[u8],
+        overwrite: bool,
+    ) -> Result<(), Refusal> {
         let (capacity, used) = (self.capacity_pages, self.used_pages);
         let s = self.space(id)?;
         let mut new = 0;
@@ -318,6 +363,9 @@ impl Store {
         // (the last copy wins), and `new` above is then an upper bound.
         let mut stored = 0;
         for (a, chunk) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            if !overwrite && s.pages.contains_key(&a.0) {
+                continue;
+            }
             let mut fresh = [0u8; PAGE_SIZE];
             fresh.copy_from_slice(chunk);
             // Replacing the Arc leaves a page shared with a fork untouched.

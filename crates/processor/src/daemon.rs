@@ -95,8 +95,7 @@ impl ProcessorDaemon {
         let advertised = config.advertise.clone().unwrap_or_else(|| addr.clone());
         let member = Member::join(
             &config.manager,
-            Kind::Processor,
-            &advertised,
+            (Kind::Processor, &advertised, ""),
             config.excache_bytes,
             &config.cred,
         )

@@ -13,17 +13,20 @@
 //!    |<--------------------------------------|
 //!
 //! runtime of a program                 global manager (GMM)
-//!    | PlaceMemory{space, unit}              |  first touch of a unit
-//!    |-------------------------------------->|
-//!    |                  Placed{id, addr}     |  most free capacity wins
-//!    |<--------------------------------------|
+//!    | PlaceMemory{space, unit, keep, avoid} |  first touch of a unit, or a
+//!    |-------------------------------------->|  replica lost or draining
+//!    |                 Placed{replicas}      |  most free capacity wins,
+//!    |<--------------------------------------|  one replica per daemon/zone
+//!    | Restored{space, unit, ids}            |  every replica filled again
+//!    |-------------------------------------->|  (the unit is not degraded)
 //!
-//! runtime of a program                 global manager (drain)
+//! runtime of a program                 global manager (drain, failures)
 //!    | Draining                              |  a few times a second
 //!    |-------------------------------------->|
-//!    |                   Draining{ids}       |  units on those daemons are
-//!    |<--------------------------------------|  copied elsewhere, placed by
-//!                                            |  PlaceMemory again
+//!    |           Draining{ids, failed}       |  replicas on those daemons
+//!    |<--------------------------------------|  are replaced: placed by
+//!                                            |  PlaceMemory, copied daemon
+//!                                            |  to daemon (CopyRange)
 //!
 //! lego run / status                    global manager (GPM)
 //!    | PlaceProcess{program, excache}        |
@@ -125,6 +128,10 @@ pub enum Request {
         id: Option<u64>,
         #[serde(default)]
         key: String,
+        /// The failure domain a memory daemon declares (`--zone`): the
+        /// replicas of a unit go to different zones where there are.
+        #[serde(default)]
+        zone: String,
     },
     /// A component is alive; memory daemons list the spaces they hold,
     /// processor daemons the programs they run.
@@ -147,10 +154,23 @@ pub enum Request {
         #[serde(default)]
         key: String,
     },
-    /// Where unit `unit` (offset in the region / [`PLACEMENT_BYTES`]) of
-    /// address space `space` lives; placed now if it is not yet, or placed
-    /// again if it is on a draining daemon (the asker then moves it).
-    PlaceMemory { space: u64, unit: u64 },
+    /// Where the replicas of unit `unit` (offset in the region /
+    /// [`PLACEMENT_BYTES`]) of address space `space` live; placed now if it
+    /// is not yet. `keep` are the replicas the asker still has (empty: as
+    /// the manager has it), `avoid` daemons it could not reach. Replicas
+    /// on daemons that failed, left or drain are replaced by new ones (the
+    /// asker fills them from a surviving replica, then says `Restored`).
+    PlaceMemory {
+        space: u64,
+        unit: u64,
+        #[serde(default)]
+        keep: Vec<u64>,
+        #[serde(default)]
+        avoid: Vec<u64>,
+    },
+    /// Every replica `ids` of unit `unit` of `space` holds the unit's
+    /// pages again: the unit is no longer degraded.
+    Restored { space: u64, unit: u64, ids: Vec<u64> },
     /// Move every unit off memory daemon `id` (`lego drain`): it gets no
     /// new placements, the programs with units on it move them, and once
     /// it holds nothing it is told to leave.
@@ -194,6 +214,7 @@ impl Request {
             Request::Heartbeat { .. } => "heartbeat as a component",
             Request::Leave { .. } => "make a component leave",
             Request::PlaceMemory { .. } => "place memory",
+            Request::Restored { .. } => "report memory restored",
             Request::Drain { .. } => "drain a memory daemon",
             Request::Undrain { .. } => "cancel a drain",
             Request::Draining => "ask which daemons drain",
@@ -218,18 +239,21 @@ pub enum Reply {
         key: String,
     },
     Ok,
+    /// The replicas of a unit, in the order the asker reads them.
     Placed {
-        id: u64,
-        addr: String,
+        replicas: Vec<Replica>,
     },
     Processor {
         id: u64,
         addr: String,
     },
     Status(ClusterStatus),
-    /// The memory daemons being drained.
+    /// The memory daemons being drained, and those failed or left (their
+    /// replicas are replaced).
     Draining {
         ids: Vec<u64>,
+        #[serde(default)]
+        failed: Vec<u64>,
     },
     /// To a heartbeat of a drained memory daemon: it holds nothing any
     /// more and has left the cluster.
@@ -250,6 +274,13 @@ pub enum Reply {
     },
 }
 
+/// Where one replica of a unit lives.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replica {
+    pub id: u64,
+    pub addr: String,
+}
+
 /// One component in `lego status`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ComponentInfo {
@@ -264,14 +295,35 @@ pub struct ComponentInfo {
     pub units: u64,
     /// Milliseconds since its last heartbeat.
     pub last_seen_ms: u64,
+    /// Its failure domain (memory daemons; empty: none declared).
+    #[serde(default)]
+    pub zone: String,
 }
 
 /// Where an address space's memory lives.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SpaceInfo {
     pub space: u64,
-    /// (component id, units placed on it).
+    /// (component id, units with a replica on it).
     pub units: Vec<(u64, u64)>,
+    /// Units that lost a replica and are not whole again yet.
+    #[serde(default)]
+    pub degraded: u64,
+}
+
+/// A memory daemon's failure (or departure) and the recovery of the units
+/// that had a replica on it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoveryInfo {
+    pub component: u64,
+    /// Units that lost a replica with it.
+    pub units: u64,
+    /// Of those, still degraded.
+    pub degraded: u64,
+    /// Milliseconds since it failed.
+    pub ago_ms: u64,
+    /// How long until every unit was whole again, once they are.
+    pub took_ms: Option<u64>,
 }
 
 /// A program running on a processor daemon.
@@ -288,6 +340,16 @@ pub struct ClusterStatus {
     pub components: Vec<ComponentInfo>,
     pub spaces: Vec<SpaceInfo>,
     pub processes: Vec<RunningInfo>,
+    /// Replicas the manager gives each unit (fewer while fewer memory
+    /// daemons are alive).
+    #[serde(default)]
+    pub replicas: u64,
+    /// Units that lost a replica and are not whole again yet.
+    #[serde(default)]
+    pub degraded_units: u64,
+    /// The latest failures of memory daemons, newest last.
+    #[serde(default)]
+    pub recoveries: Vec<RecoveryInfo>,
 }
 
 /// Encodes a control message as the JSON a `Control` frame carries.
@@ -327,6 +389,7 @@ mod tests {
             capacity_bytes: 1 << 30,
             id: None,
             key: String::new(),
+            zone: "rack-1".into(),
         };
         let back: Request = from_json(&to_json(&r)).unwrap();
         assert_eq!(back, r);

@@ -65,7 +65,7 @@ use thiserror::Error;
 pub mod control;
 
 /// Protocol version spoken by this build.
-pub const PROTOCOL_VERSION: u16 = 3;
+pub const PROTOCOL_VERSION: u16 = 4;
 /// First bytes of every `Hello`, so a stray client is recognised at once.
 pub const MAGIC: [u8; 4] = *b"LEGO";
 /// Bytes in a page, the unit of every transfer.
@@ -247,6 +247,13 @@ pub enum Message<'a> {
         addrs: Cow<'a, [VirtAddr]>,
         data: &'a [u8],
     },
+    /// Store each page the space does not hold yet (a copy from another
+    /// replica, which must not overwrite what the program wrote here since
+    /// the copy began); acknowledged with `Done`.
+    FillPages {
+        addrs: Cow<'a, [VirtAddr]>,
+        data: &'a [u8],
+    },
     /// Generic success.
     Done,
     /// A request failed; the connection stays usable.
@@ -273,6 +280,17 @@ pub enum Message<'a> {
         brk: VirtAddr,
         mappings: Vec<(u64, u64)>,
     },
+    /// Copy the pages this daemon holds of `[addr, addr+len)` of the
+    /// connection's space to the memory daemon at `to` (which the runtime
+    /// attached to the space first), with `FillPages`: re-replication,
+    /// daemon to daemon. Answered with `Copied`.
+    CopyRange {
+        addr: VirtAddr,
+        len: u64,
+        to: &'a str,
+    },
+    /// Reply to `CopyRange`: how many pages were sent.
+    Copied { pages: u64 },
 }
 
 impl Message<'_> {
@@ -306,6 +324,9 @@ impl Message<'_> {
             Message::Stdio { .. } => "Stdio",
             Message::GetLayout => "GetLayout",
             Message::Layout { .. } => "Layout",
+            Message::FillPages { .. } => "FillPages",
+            Message::CopyRange { .. } => "CopyRange",
+            Message::Copied { .. } => "Copied",
         }
     }
 
@@ -374,6 +395,9 @@ mod kind {
     pub const STDIO: u16 = 61;
     pub const GET_LAYOUT: u16 = 62;
     pub const LAYOUT: u16 = 63;
+    pub const FILL_PAGES: u16 = 64;
+    pub const COPY_RANGE: u16 = 65;
+    pub const COPIED: u16 = 66;
 }
 
 struct Writer<'b>(&'b mut Vec<u8>);
@@ -544,12 +568,26 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.0.extend_from_slice(data);
             kind::PAGES
         }
-        Message::WritePages { addrs, data } => {
+        Message::WritePages { addrs, data } | Message::FillPages { addrs, data } => {
             assert!(addrs.len() <= MAX_BATCH_PAGES, "write batch too large");
             assert_eq!(addrs.len() * PAGE_SIZE, data.len(), "page data mismatch");
             w.addrs(addrs);
             w.0.extend_from_slice(data);
-            kind::WRITE_PAGES
+            if matches!(message, Message::WritePages { .. }) {
+                kind::WRITE_PAGES
+            } else {
+                kind::FILL_PAGES
+            }
+        }
+        Message::CopyRange { addr, len, to } => {
+            w.u64(addr.0);
+            w.u64(*len);
+            w.str(to);
+            kind::COPY_RANGE
+        }
+        Message::Copied { pages } => {
+            w.u64(*pages);
+            kind::COPIED
         }
         Message::Done => kind::DONE,
         Message::Error { code, message } => {
@@ -619,7 +657,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, DecodeError> 
     if body_len > MAX_BODY_BYTES {
         return Err(DecodeError::TooLarge(body_len));
     }
-    if !(kind::HELLO..=kind::LAYOUT).contains(&kind) {
+    if !(kind::HELLO..=kind::COPIED).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     Ok(Header {
@@ -796,14 +834,23 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
             let data = r.take(n * PAGE_SIZE, "page data")?;
             Message::Pages { data }
         }
-        kind::WRITE_PAGES => {
-            let addrs = r.addrs()?;
+        kind::WRITE_PAGES | kind::FILL_PAGES => {
+            let addrs: Cow<'_, [VirtAddr]> = r.addrs()?.into();
             let data = r.take(addrs.len() * PAGE_SIZE, "page data")?;
-            Message::WritePages {
-                addrs: addrs.into(),
-                data,
+            if header.kind == kind::WRITE_PAGES {
+                Message::WritePages { addrs, data }
+            } else {
+                Message::FillPages { addrs, data }
             }
         }
+        kind::COPY_RANGE => Message::CopyRange {
+            addr: r.addr("address")?,
+            len: r.u64("length")?,
+            to: r.str("target")?,
+        },
+        kind::COPIED => Message::Copied {
+            pages: r.u64("pages")?,
+        },
         kind::DONE => Message::Done,
         kind::ERROR => Message::Error {
             code: ErrorCode::from_u16(r.u16("error code")?)?,
@@ -996,6 +1043,16 @@ mod tests {
                 data: b"hello\n",
             },
             Message::GetLayout,
+            Message::FillPages {
+                addrs: vec![VirtAddr(4096)].into(),
+                data: &page,
+            },
+            Message::CopyRange {
+                addr: VirtAddr(1 << 24),
+                len: 16 << 20,
+                to: "10.0.0.3:7000",
+            },
+            Message::Copied { pages: 12 },
             Message::Layout {
                 brk_start: VirtAddr(1 << 30),
                 brk: VirtAddr((1 << 30) + 8192),

@@ -35,7 +35,6 @@ use crate::pool::{self, Daemon, DaemonError, DaemonPool};
 use crate::region::{self, Region};
 use crate::runtime::{self, lock, Runtime, State};
 use crate::spin::Keeper;
-use lego_transport::Stream;
 
 /// Where a runtime's address space comes from.
 #[derive(Clone, Copy)]
@@ -61,6 +60,9 @@ fn fresh_capability() -> Capability {
 struct Parts {
     region: Region,
     home: String,
+    /// The daemon keeping the layout's backup (a fork child's parent's),
+    /// if any.
+    backup: Option<String>,
     /// Every daemon's address, and whether to connect to it (a drained
     /// one keeps its index, unconnected).
     daemons: Vec<(String, bool)>,
@@ -69,6 +71,7 @@ struct Parts {
     stats: Option<&'static SharedStats>,
     tuning: Tuning,
     inject_self_fault: bool,
+    failover: Duration,
     pager: Pager,
     placement: Placement,
 }
@@ -112,17 +115,19 @@ pub fn init() {
             }
             Placement::managed(region.len, manager, ids)
         }
-        None => Placement::fixed(region.len, cfg.daemons.len()),
+        None => Placement::fixed(region.len, cfg.daemons.len(), cfg.replicas),
     };
     let parts = Parts {
         region,
         home: cfg.daemons[0].clone(),
+        backup: None,
         daemons: cfg.daemons.into_iter().map(|a| (a, true)).collect(),
         program: program_name(),
         timeout: cfg.timeout,
         stats: cfg.stats,
         tuning: cfg.tuning,
         inject_self_fault: cfg.inject_self_fault,
+        failover: cfg.failover,
         pager: Pager::new(region.base, region.len, cache, cfg.tuning.prefetch_pages)
             .with_tier(cfg.excache_bytes / 100 * cfg.tuning.tier_percent),
         placement,
@@ -133,9 +138,8 @@ pub fn init() {
 
 /// Opens the address space at the daemons, registers the region with a new
 /// userfaultfd, publishes the runtime and starts its threads.
-fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
+fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
     let uffd = Uffd::open(true).unwrap_or_else(|e| die(&format!("runtime: {e}")));
-    let mut layout = pool::connect(&p.home, &p.program, p.timeout)?;
     // The space's secret: only this process's connections present it.
     let capability = fresh_capability();
     let open = match origin {
@@ -157,12 +161,19 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
             child_capability: capability,
         },
     };
-    let space =
-        pool::space_call(&mut layout, &p.home, &open)?.ok_or_else(|| DaemonError::Unexpected {
-            addr: p.home.clone(),
-            request: open.name(),
-            reply: "Done (no address space was opened)".into(),
-        })?;
+    // A forked child whose parent's home just failed clones the space at
+    // the layout's backup.
+    let (layout, space) = match open_at(&p.home, &p.program, p.timeout, &open) {
+        Ok(opened) => opened,
+        Err(e) => match (origin, p.backup.take()) {
+            (Origin::Fork { .. }, Some(backup)) if e.is_loss() => {
+                let opened = open_at(&backup, &p.program, p.timeout, &open)?;
+                p.home = backup;
+                opened
+            }
+            _ => return Err(e),
+        },
+    };
     let attach = Message::AttachSpace {
         space,
         capability,
@@ -170,12 +181,12 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         region_bytes: p.region.len as u64,
     };
     let mut daemons = Vec::with_capacity(p.daemons.len());
-    for (addr, connect_to) in p.daemons {
+    let mut placement = p.placement;
+    for (d, (addr, connect_to)) in p.daemons.into_iter().enumerate() {
         if !connect_to {
             daemons.push(Daemon { addr, conn: None });
             continue;
         }
-        let mut conn = pool::connect(&addr, &p.program, p.timeout)?;
         let msg = match origin {
             Origin::Fork {
                 parent,
@@ -188,33 +199,76 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
             },
             _ => attach.clone(),
         };
-        pool::space_call(&mut conn, &addr, &msg)?;
-        daemons.push(Daemon {
-            addr,
-            conn: Some(conn),
-        });
+        let conn = pool::connect(&addr, &p.program, p.timeout)
+            .and_then(|mut c| pool::space_call(&mut c, &addr, &msg).map(|_| c));
+        match conn {
+            Ok(conn) => daemons.push(Daemon {
+                addr,
+                conn: Some(conn),
+            }),
+            // A forked child goes on without a daemon that failed as it
+            // was born, if the others hold its units.
+            Err(e) if e.is_loss() && matches!(origin, Origin::Fork { .. }) => {
+                let lost = placement.lose(d);
+                if !lost.is_empty() {
+                    return Err(DaemonError::Lost {
+                        cause: Box::new(e),
+                        units: lost.len(),
+                    });
+                }
+                process::warn(&format!("{e}; its units are served by their other replicas"));
+                daemons.push(Daemon { addr, conn: None });
+            }
+            Err(e) => return Err(e),
+        }
     }
     let home = daemons
         .iter()
         .position(|d| d.conn.is_some() && d.addr == p.home)
         .unwrap_or_else(|| die("runtime: the home memory daemon is not among the daemons"));
+    // The layout's backup: the parent's daemon for it if there is one,
+    // else the first other daemon.
+    let mut layout = LayoutConn {
+        conn: layout,
+        addr: p.home,
+        next_id: 1,
+        backup: None,
+    };
+    let backup = p
+        .backup
+        .filter(|b| daemons.iter().any(|d| d.conn.is_some() && d.addr == *b))
+        .or_else(|| {
+            daemons
+                .iter()
+                .find(|d| d.conn.is_some() && d.addr != layout.addr)
+                .map(|d| d.addr.clone())
+        });
+    if let Some(addr) = backup {
+        let conn = pool::connect(&addr, &p.program, p.timeout).and_then(|mut c| {
+            pool::space_call(&mut c, &addr, &attach).map(|_| c)
+        });
+        let made = conn.and_then(|c| layout.set_backup(addr.clone(), c));
+        if let Err(e) = made {
+            // The repair thread tries again.
+            process::warn(&format!("no backup of the layout at {addr} yet: {e}"));
+        }
+    }
     uffd.register(p.region.base, p.region.len)
         .unwrap_or_else(|e| die(&format!("runtime: {e}")));
     // With a manager, units are placed by a thread of their own.
-    let placer = p
-        .placement
+    let placer = placement
         .manager()
-        .map(|m| Arc::new(Placer::new(m.to_string(), p.placement.ids().to_vec())));
-    let manager = p.placement.manager().map(str::to_string);
+        .map(|m| Arc::new(Placer::new(m.to_string(), placement.ids().to_vec())));
+    let manager = placement.manager().map(str::to_string);
     let pool = DaemonPool::new(
         daemons,
-        p.placement,
+        placement,
         home,
         (space, capability),
         (p.region.base, p.region.len),
         p.program.clone(),
         p.timeout,
-        p.tuning.poll_us,
+        (p.tuning.poll_us, p.failover),
         placer.clone(),
     );
     let rt = runtime::publish(Box::new(Runtime {
@@ -224,13 +278,8 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         state: std::sync::Mutex::new(State {
             pager: p.pager,
             pool,
-            layout_fd: layout.stream().raw_fd().unwrap_or(-1),
         }),
-        layout: std::sync::Mutex::new(LayoutConn {
-            conn: layout,
-            addr: p.home,
-            next_id: 1,
-        }),
+        layout: std::sync::Mutex::new(layout),
         space,
         capability,
         program: p.program,
@@ -238,6 +287,7 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         stats: p.stats,
         tuning: p.tuning,
         inject_self_fault: p.inject_self_fault,
+        failover: p.failover,
         pid: std::process::id(),
         keeper: Keeper::new(Duration::from_micros(p.tuning.spin_us)),
     }));
@@ -267,23 +317,47 @@ fn start(p: Parts, origin: Origin) -> Result<(), DaemonError> {
         })
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the placer thread: {e}")));
     }
-    if let Some(manager) = manager {
-        process::spawn_thread(heap::mark_runtime_thread, move || rt.drain_loop(manager))
-            .unwrap_or_else(|e| die(&format!("runtime: cannot start the drain thread: {e}")));
-    }
+    process::spawn_thread(heap::mark_runtime_thread, move || rt.repair_loop(manager))
+        .unwrap_or_else(|e| die(&format!("runtime: cannot start the repair thread: {e}")));
     Ok(())
 }
 
-/// The state lock held across fork (a boxed guard; a thread-local would
-/// allocate from the locked region heap on first use).
-static FORK_GUARD: AtomicPtr<MutexGuard<'static, State>> = AtomicPtr::new(std::ptr::null_mut());
+/// Connects to the daemon at `addr` and opens (or forks) the space there
+/// with `open`: the connection, and the space.
+fn open_at(
+    addr: &str,
+    program: &str,
+    timeout: Duration,
+    open: &Message<'_>,
+) -> Result<(lego_transport::FramedConn<std::net::TcpStream>, SpaceId), DaemonError> {
+    let mut conn = pool::connect(addr, program, timeout)?;
+    let space = pool::space_call(&mut conn, addr, open)?.ok_or_else(|| DaemonError::Unexpected {
+        addr: addr.to_string(),
+        request: open.name(),
+        reply: "Done (no address space was opened)".into(),
+    })?;
+    Ok((conn, space))
+}
+
+/// The state and layout locks held across fork (boxed guards; a
+/// thread-local would allocate from the locked region heap on first use).
+struct ForkGuards {
+    state: MutexGuard<'static, State>,
+    layout: MutexGuard<'static, LayoutConn>,
+}
+
+static FORK_GUARD: AtomicPtr<ForkGuards> = AtomicPtr::new(std::ptr::null_mut());
 static FORK_PIPE: [AtomicI32; 2] = [AtomicI32::new(-1), AtomicI32::new(-1)];
 
 extern "C" fn before_fork() {
     heap::prepare_fork_region();
     if let Some(rt) = runtime::get() {
         let _scope = RuntimeScope::enter();
-        let guard = Box::new(lock(&rt.state));
+        let state = lock(&rt.state);
+        let guard = Box::new(ForkGuards {
+            state,
+            layout: lock(&rt.layout),
+        });
         FORK_GUARD.store(Box::into_raw(guard), Relaxed);
         if let Ok((r, w)) = process::pipe() {
             FORK_PIPE[0].store(r, Relaxed);
@@ -333,19 +407,20 @@ extern "C" fn after_fork_child() {
     // SAFETY: set by before_fork from Box::into_raw (copied into this child
     // by fork), taken once.
     let mut guard = unsafe { Box::from_raw(guard) };
-    let st = &mut *guard;
+    let st = &mut *guard.state;
     let mut pager = std::mem::replace(&mut st.pager, Pager::new(0, 0, ExCache::new(0, 1), 0));
-    let placement = std::mem::replace(&mut st.pool.placement, Placement::fixed(0, 1));
+    let placement = std::mem::replace(&mut st.pool.placement, Placement::fixed(0, 1, 1));
     let daemons: Vec<(String, bool)> = st
         .pool
         .daemons
         .iter()
         .map(|d| (d.addr.clone(), d.conn.is_some()))
         .collect();
-    let home = st.pool.daemons[st.pool.home].addr.clone();
+    let home = guard.layout.addr.clone();
+    let backup = guard.layout.backup.as_ref().map(|b| b.0.clone());
     // The parent's connections, userfaultfd and pidfd are the parent's.
-    let mut fds = st.pool.fds();
-    fds.push(st.layout_fd);
+    let mut fds = guard.state.pool.fds();
+    fds.extend(guard.layout.fds());
     fds.extend([parent.uffd.as_raw_fd(), parent.pidfd]);
     drop(guard);
     for fd in fds {
@@ -356,12 +431,14 @@ extern "C" fn after_fork_child() {
     let parts = Parts {
         region: parent.region,
         home,
+        backup,
         daemons,
         program: parent.program.clone(),
         timeout: parent.timeout,
         stats: parent.stats,
         tuning: parent.tuning,
         inject_self_fault: false,
+        failover: parent.failover,
         pager,
         placement,
     };

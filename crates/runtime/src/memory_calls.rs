@@ -1,38 +1,137 @@
 //! The memory interface of the program, as the interposers and the region
 //! heap call it: `mmap`, `munmap`, `mremap`, `madvise`, `mprotect`, `brk`
 //! and `free` of large blocks on region memory. The layout is decided with
-//! the home memory daemon (over the layout connection); contents are the
-//! pager's business.
+//! the home memory daemon (over the layout connection), and every change
+//! is made at a backup daemon too, which takes over if the home fails;
+//! contents are the pager's business.
 
 use std::net::TcpStream;
 
 use lego_protocol::{Message, VirtAddr, PAGE_SIZE};
-use lego_transport::FramedConn;
+use lego_transport::{FramedConn, Stream};
 
 use crate::heap::RuntimeCall;
 use crate::pager::PagerError;
 use crate::pool::{self, DaemonError};
 use crate::runtime::{lock, stop, Runtime};
 
-/// The connection to the home daemon that holds this space's layout.
+/// The connection to the home daemon that holds this space's layout, and
+/// to its backup.
 pub struct LayoutConn {
     pub conn: FramedConn<TcpStream>,
     /// The home daemon's address.
     pub addr: String,
     pub next_id: u64,
+    /// A second daemon holding the same layout (address, connection):
+    /// every change made at the home is made there too (the layout is a
+    /// deterministic function of its changes, and the answers are
+    /// compared), and it becomes the home if the home fails.
+    pub backup: Option<(String, FramedConn<TcpStream>)>,
 }
 
 impl LayoutConn {
-    /// One layout request and its reply.
+    /// One layout request and its reply: at the home, then, if it changes
+    /// the layout, at the backup. A home that fails is replaced by the
+    /// backup, which is asked instead.
     pub fn call(&mut self, msg: &Message<'_>) -> Result<Message<'static>, DaemonError> {
         self.next_id += 1;
-        let reply = pool::call(&mut self.conn, &self.addr, self.next_id, msg)?;
-        match reply {
-            Message::Mapped { addr } => Ok(Message::Mapped { addr }),
-            Message::BrkIs { brk } => Ok(Message::BrkIs { brk }),
-            Message::Done => Ok(Message::Done),
-            other => Err(pool::unexpected(&self.addr, msg.name(), &other)),
+        let id = self.next_id;
+        let reply = loop {
+            match pool::call(&mut self.conn, &self.addr, id, msg).and_then(|r| owned(&self.addr, msg, r))
+            {
+                Ok(r) => break r,
+                Err(e) if e.is_loss() => match self.backup.take() {
+                    Some((addr, conn)) => {
+                        lego_sys::process::warn(&format!(
+                            "{e}; the layout's backup at {addr} takes over"
+                        ));
+                        (self.addr, self.conn) = (addr, conn);
+                    }
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        };
+        let changes = !matches!(msg, Message::Brk { new_brk } if new_brk.0 == 0)
+            && !matches!(msg, Message::GetLayout);
+        if let (true, Some((addr, conn))) = (changes, self.backup.as_mut()) {
+            let same = pool::call(conn, addr, id, msg)
+                .and_then(|r| owned(addr, msg, r))
+                .map_err(|e| e.to_string())
+                .and_then(|r| {
+                    if r == reply {
+                        Ok(())
+                    } else {
+                        Err(format!("it answered {} where the home answered {}", r.describe(), reply.describe()))
+                    }
+                });
+            if let Err(e) = same {
+                // The repair thread makes a new backup from the home's
+                // layout.
+                lego_sys::process::warn(&format!(
+                    "memory daemon {addr} no longer keeps the layout's backup ({e})"
+                ));
+                self.backup = None;
+            }
         }
+        Ok(reply)
+    }
+
+    /// Makes `conn`, a connection to the daemon at `addr` attached to the
+    /// space, the layout's backup: it is given the home's layout.
+    pub fn set_backup(
+        &mut self,
+        addr: String,
+        mut conn: FramedConn<TcpStream>,
+    ) -> Result<(), DaemonError> {
+        self.next_id += 1;
+        let reply = pool::call(&mut self.conn, &self.addr, self.next_id, &Message::GetLayout)?;
+        let Message::Layout {
+            brk_start,
+            brk,
+            mappings,
+        } = reply
+        else {
+            return Err(pool::unexpected(&self.addr, "GetLayout", &reply));
+        };
+        let layout = Message::Layout {
+            brk_start,
+            brk,
+            mappings,
+        };
+        pool::space_call(&mut conn, &addr, &layout)?;
+        self.backup = Some((addr, conn));
+        Ok(())
+    }
+
+    /// The backup becomes the home (the home is drained); there is no
+    /// backup until the repair thread makes one.
+    pub fn promote_backup(&mut self) -> bool {
+        match self.backup.take() {
+            Some((addr, conn)) => {
+                (self.addr, self.conn) = (addr, conn);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The descriptors of the layout connections.
+    pub fn fds(&self) -> Vec<i32> {
+        let mut fds: Vec<i32> = self.conn.stream().raw_fd().into_iter().collect();
+        fds.extend(self.backup.as_ref().and_then(|b| b.1.stream().raw_fd()));
+        fds
+    }
+}
+
+/// A layout reply, owned; anything but `Mapped`, `BrkIs` and `Done` is
+/// unexpected.
+fn owned(addr: &str, msg: &Message<'_>, reply: Message<'_>) -> Result<Message<'static>, DaemonError> {
+    match reply {
+        Message::Mapped { addr } => Ok(Message::Mapped { addr }),
+        Message::BrkIs { brk } => Ok(Message::BrkIs { brk }),
+        Message::Done => Ok(Message::Done),
+        other => Err(pool::unexpected(addr, msg.name(), &other)),
     }
 }
 

@@ -1,13 +1,19 @@
-//! Which memory daemon holds each part of the region, in units of
-//! [`PLACEMENT_BYTES`].
+//! Which memory daemons hold each part of the region, in units of
+//! [`PLACEMENT_BYTES`]: every unit has one or more *replicas*, each on a
+//! different daemon. A writeback goes to every replica and counts as done
+//! when all have acknowledged it; a read goes to the first *whole* replica
+//! (one not still being filled by re-replication); a replica lost with its
+//! daemon is dropped and the unit served by the others (`crate::repair`
+//! gives it a new one).
 //!
 //! Without a global manager the placement is fixed: vRegion `i` (1 GiB)
-//! lives on daemon `i mod n`. With one (`LEGO_MANAGER`), a unit is placed
-//! by the manager's GMM (the alive memory daemon with the most free
-//! capacity), so a program can use more memory than any one daemon has,
-//! and a daemon that joins the cluster while it runs takes its new units at
-//! once. Pages of a unit that was never placed were never stored anywhere:
-//! they read as zeros.
+//! lives on daemons `i, i+1, ...` mod n (`LEGO_REPLICAS` of them). With
+//! one (`LEGO_MANAGER`), a unit is placed by the manager's GMM (the alive
+//! memory daemons with the most free capacity, in different zones), so a
+//! program can use more memory than any one daemon has, and a daemon that
+//! joins the cluster while it runs takes its new units at once. Pages of a
+//! unit that was never placed were never stored anywhere: they read as
+//! zeros.
 //!
 //! The manager is asked ahead of need and off the fault path: when the
 //! pager first installs a page of an unplaced unit it asks for the unit
@@ -21,12 +27,97 @@ use std::net::TcpStream;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use lego_protocol::control::{Reply, Request, PLACEMENT_BYTES};
+use lego_protocol::control::{Replica, Reply, Request, PLACEMENT_BYTES};
 use lego_protocol::VREGION_BYTES;
 use lego_transport::{ControlClient, FramedConn};
 
 const UNIT: usize = PLACEMENT_BYTES as usize;
-const UNPLACED: u8 = u8::MAX;
+/// Most replicas of one unit.
+pub const MAX_REPLICAS: usize = 4;
+/// Most daemons a program uses (indices are bytes).
+const MAX_DAEMONS: usize = u8::MAX as usize;
+
+/// The replicas of one unit: daemon indices, and which are still being
+/// filled (written to, never read).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replicas {
+    d: [u8; MAX_REPLICAS],
+    n: u8,
+    /// Bit k: replica k is being filled.
+    filling: u8,
+}
+
+impl Replicas {
+    /// Every replica: where writes go.
+    pub fn all(&self) -> impl Iterator<Item = usize> + '_ {
+        self.d[..self.n as usize].iter().map(|&d| d as usize)
+    }
+
+    /// The whole replicas: where reads may go.
+    pub fn whole(&self) -> impl Iterator<Item = usize> + '_ {
+        self.all()
+            .enumerate()
+            .filter(|(k, _)| self.filling & (1 << k) == 0)
+            .map(|(_, d)| d)
+    }
+
+    /// The replicas being filled.
+    pub fn filling(&self) -> impl Iterator<Item = usize> + '_ {
+        self.all()
+            .enumerate()
+            .filter(|(k, _)| self.filling & (1 << k) != 0)
+            .map(|(_, d)| d)
+    }
+
+    pub fn len(&self) -> usize {
+        self.n as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+
+    pub fn contains(&self, d: usize) -> bool {
+        self.all().any(|x| x == d)
+    }
+
+    /// Adds daemon `d` (filling or whole); false if the unit has its most.
+    pub fn add(&mut self, d: usize, filling: bool) -> bool {
+        if self.contains(d) {
+            return true;
+        }
+        if self.len() == MAX_REPLICAS || d >= MAX_DAEMONS {
+            return false;
+        }
+        self.d[self.len()] = d as u8;
+        if filling {
+            self.filling |= 1 << self.n;
+        }
+        self.n += 1;
+        true
+    }
+
+    /// Drops daemon `d`'s replica.
+    pub fn remove(&mut self, d: usize) {
+        let Some(k) = self.all().position(|x| x == d) else {
+            return;
+        };
+        let n = self.len();
+        self.d.copy_within(k + 1..n, k);
+        let low = self.filling & ((1 << k) - 1);
+        let high = (self.filling >> (k + 1)) << k;
+        self.filling = low | high;
+        self.n -= 1;
+    }
+
+    /// Daemon `d`'s replica is filled: it may be read.
+    pub fn filled(&mut self, d: usize) {
+        let k = self.all().position(|x| x == d);
+        if let Some(k) = k {
+            self.filling &= !(1 << k);
+        }
+    }
+}
 
 /// The global manager this program asks, and the manager ids of the
 /// daemons it is connected to (in the order of the runtime's daemon list).
@@ -36,47 +127,70 @@ struct Gmm {
 }
 
 pub struct Placement {
-    /// Daemon index of each unit, or `UNPLACED`.
-    table: Vec<u8>,
+    /// The replicas of each unit (none: not placed).
+    table: Vec<Replicas>,
+    /// Units that lost a replica and have not got a new one yet.
+    short: Vec<bool>,
     gmm: Option<Gmm>,
 }
 
 impl Placement {
-    /// The fixed placement over `n` daemons of a region of `len` bytes.
-    pub fn fixed(len: usize, n: usize) -> Self {
+    /// The fixed placement over `n` daemons of a region of `len` bytes,
+    /// `replicas` of each unit (at most `n`).
+    pub fn fixed(len: usize, n: usize, replicas: usize) -> Self {
         let per_vregion = VREGION_BYTES as usize / UNIT;
+        let r = replicas.clamp(1, n.clamp(1, MAX_REPLICAS));
         let table = (0..len.div_ceil(UNIT))
-            .map(|u| ((u / per_vregion) % n) as u8)
-            .collect();
-        Self { table, gmm: None }
+            .map(|u| {
+                let mut set = Replicas::default();
+                for k in 0..r {
+                    set.add((u / per_vregion + k) % n.max(1), false);
+                }
+                set
+            })
+            .collect::<Vec<_>>();
+        Self {
+            short: vec![false; table.len()],
+            table,
+            gmm: None,
+        }
     }
 
     /// Placement by the global manager at `manager`; `ids` are the manager
     /// ids of the daemons, in the runtime's order.
     pub fn managed(len: usize, manager: String, ids: Vec<u64>) -> Self {
+        let units = len.div_ceil(UNIT);
         Self {
-            table: vec![UNPLACED; len.div_ceil(UNIT)],
+            table: vec![Replicas::default(); units],
+            short: vec![false; units],
             gmm: Some(Gmm { addr: manager, ids }),
         }
     }
 
-    /// The daemon holding region offset `off`, if its unit is placed.
+    /// The daemon to read region offset `off` from (its unit's first whole
+    /// replica), if its unit is placed.
     pub fn placed(&self, off: usize) -> Option<usize> {
-        match self.table.get(off / UNIT) {
-            Some(&d) if d != UNPLACED => Some(d as usize),
-            _ => None,
-        }
+        self.table.get(off / UNIT)?.whole().next()
     }
 
-    /// The units overlapping `[off, off+len)` that are placed, with their
-    /// daemons.
+    /// The replicas of region offset `off`'s unit (empty: not placed).
+    pub fn replicas(&self, off: usize) -> Replicas {
+        self.table.get(off / UNIT).copied().unwrap_or_default()
+    }
+
+    /// The units, as (unit, replicas), placed or not.
+    pub fn units(&self) -> impl Iterator<Item = (usize, Replicas)> + '_ {
+        self.table.iter().copied().enumerate()
+    }
+
+    /// The daemons holding a replica of a unit overlapping
+    /// `[off, off+len)` (a daemon may come more than once).
     pub fn placed_in(&self, off: usize, len: usize) -> impl Iterator<Item = usize> + '_ {
         let first = off / UNIT;
         let end = (off + len).div_ceil(UNIT).min(self.table.len());
         self.table[first.min(end)..end]
             .iter()
-            .filter(|&&d| d != UNPLACED)
-            .map(|&d| d as usize)
+            .flat_map(|r| r.all().collect::<Vec<_>>())
     }
 
     /// The unit of region offset `off`.
@@ -84,14 +198,72 @@ impl Placement {
         off / UNIT
     }
 
-    /// Records that unit `unit` lives on daemon `id` of the manager, the
-    /// runtime's daemon `index` if it is connected to it. Returns the
-    /// index, or `None` if the daemon is new to this program (connect, then
-    /// [`Placement::bind`]).
-    pub fn placed_on(&mut self, unit: usize, id: u64) -> Option<usize> {
-        let d = self.index_of(id)?;
-        self.table[unit] = d as u8;
-        Some(d)
+    /// Records that unit `unit` lives, whole, on the runtime's daemons
+    /// `members` (a new placement: there is nothing to fill).
+    pub fn place(&mut self, unit: usize, members: &[usize]) {
+        if let Some(r) = self.table.get_mut(unit) {
+            *r = Replicas::default();
+            for &d in members {
+                r.add(d, false);
+            }
+        }
+    }
+
+    /// Adds daemon `d` to unit `unit`, to be filled.
+    pub fn add_filling(&mut self, unit: usize, d: usize) -> bool {
+        self.table.get_mut(unit).is_some_and(|r| r.add(d, true))
+    }
+
+    /// Daemon `d`'s replica of unit `unit` is filled.
+    pub fn filled(&mut self, unit: usize, d: usize) {
+        if let Some(r) = self.table.get_mut(unit) {
+            r.filled(d);
+        }
+    }
+
+    /// Drops daemon `d`'s replica of unit `unit` (it moved away).
+    pub fn remove(&mut self, unit: usize, d: usize) {
+        if let Some(r) = self.table.get_mut(unit) {
+            r.remove(d);
+        }
+    }
+
+    /// Daemon `d` is lost: its replicas are dropped. Returns the units
+    /// left with no whole replica (their pages are lost), if any.
+    pub fn lose(&mut self, d: usize) -> Vec<usize> {
+        let mut lost = Vec::new();
+        for (u, r) in self.table.iter_mut().enumerate() {
+            if !r.contains(d) {
+                continue;
+            }
+            r.remove(d);
+            self.short[u] = true;
+            if r.whole().next().is_none() {
+                lost.push(u);
+            }
+        }
+        lost
+    }
+
+    /// Whether every unit on daemon `d` has another whole replica (`d`
+    /// can be given up without losing anything).
+    pub fn expendable(&self, d: usize) -> bool {
+        self.table
+            .iter()
+            .filter(|r| r.contains(d))
+            .all(|r| r.whole().any(|x| x != d))
+    }
+
+    /// Whether unit `unit` lost a replica since it last got one.
+    pub fn is_short(&self, unit: usize) -> bool {
+        self.short.get(unit).copied().unwrap_or(false)
+    }
+
+    /// Unit `unit` has its replicas again (or cannot get more for now).
+    pub fn set_short(&mut self, unit: usize, short: bool) {
+        if let Some(s) = self.short.get_mut(unit) {
+            *s = short;
+        }
     }
 
     /// The manager ids of the daemons, in the runtime's order.
@@ -99,18 +271,17 @@ impl Placement {
         self.gmm.as_ref().map_or(&[], |g| g.ids.as_slice())
     }
 
-    /// Region offset `off`'s unit lives on daemon `id` of the manager, now
-    /// connected as the runtime's daemon `index` (the next one).
-    pub fn bind(&mut self, off: usize, id: u64, index: usize) -> Result<(), String> {
+    /// A daemon new to this program, with manager id `id`, is the
+    /// runtime's daemon `index` (the next one).
+    pub fn bind(&mut self, id: u64, index: usize) -> Result<(), String> {
         let Some(gmm) = self.gmm.as_mut() else {
             return Err("no global manager".into());
         };
-        if index >= UNPLACED as usize {
-            return Err(format!("too many memory daemons (at most {UNPLACED})"));
+        if index >= MAX_DAEMONS {
+            return Err(format!("too many memory daemons (at most {MAX_DAEMONS})"));
         }
         debug_assert_eq!(index, gmm.ids.len());
         gmm.ids.push(id);
-        self.table[off / UNIT] = index as u8;
         Ok(())
     }
 
@@ -125,38 +296,17 @@ impl Placement {
         self.gmm.as_ref()?.ids.iter().position(|&i| i == id)
     }
 
-    /// The first unit placed on daemon `d`, as a region offset.
-    pub fn first_on(&self, d: usize) -> Option<usize> {
-        self.table
-            .iter()
-            .position(|&x| x as usize == d)
-            .map(|u| u * UNIT)
-    }
-
-    /// Forgets where region offset `off`'s unit lives, so the next
-    /// [`Placement::place`] asks the manager again (a drain moving it).
-    pub fn unplace(&mut self, off: usize) {
-        if let Some(x) = self.table.get_mut(off / UNIT) {
-            *x = UNPLACED;
-        }
-    }
-
-    /// Records that region offset `off`'s unit lives on daemon `d` (a move
-    /// that failed puts it back).
-    pub fn set(&mut self, off: usize, d: usize) {
-        if let Some(x) = self.table.get_mut(off / UNIT) {
-            *x = d as u8;
-        }
+    /// Whether daemon `d` holds a replica of any unit.
+    pub fn holds_any(&self, d: usize) -> bool {
+        self.table.iter().any(|r| r.contains(d))
     }
 }
 
-/// A unit the placer placed: where, and a new connection if the daemon is
-/// new to this program.
+/// A unit the placer placed: its replicas, each with a new connection if
+/// the daemon is new to this program.
 pub struct Placed {
     pub unit: usize,
-    pub id: u64,
-    pub addr: String,
-    pub conn: Option<FramedConn<TcpStream>>,
+    pub replicas: Vec<(Replica, Option<FramedConn<TcpStream>>)>,
 }
 
 /// What the pager and the placer thread share (under its own lock, never
@@ -247,23 +397,32 @@ impl Placer {
                 q.wanted.clone()
             };
             for unit in units {
-                let placed =
-                    ask(&self.manager, &mut client, space, unit, timeout).and_then(|(id, addr)| {
-                        let new = !lock(&self.queue).known.contains(&id);
-                        let conn = if new { Some(attach(&addr)?) } else { None };
-                        Ok(Placed {
-                            unit,
-                            id,
-                            addr,
-                            conn,
-                        })
-                    });
+                let req = Request::PlaceMemory {
+                    space,
+                    unit: unit as u64,
+                    keep: vec![],
+                    avoid: vec![],
+                };
+                let placed = ask(&self.manager, &mut client, &req, timeout).and_then(|replicas| {
+                    let mut with = Vec::with_capacity(replicas.len());
+                    for r in replicas {
+                        let new = !lock(&self.queue).known.contains(&r.id);
+                        let conn = if new { Some(attach(&r.addr)?) } else { None };
+                        with.push((r, conn));
+                    }
+                    Ok(Placed {
+                        unit,
+                        replicas: with,
+                    })
+                });
                 let mut q = lock(&self.queue);
                 q.wanted.retain(|&u| u != unit);
                 match placed {
                     Ok(p) => {
-                        if p.conn.is_some() {
-                            q.known.push(p.id);
+                        for (r, conn) in &p.replicas {
+                            if conn.is_some() {
+                                q.known.push(r.id);
+                            }
                         }
                         q.placed.push(p);
                     }
@@ -275,19 +434,15 @@ impl Placer {
     }
 }
 
-/// Asks the manager at `manager` where unit `unit` of `space` goes,
-/// retrying for `timeout` while it is unreachable (restarting).
-fn ask(
+/// Asks the manager at `manager` where a unit's replicas go (`req`, a
+/// `PlaceMemory`), retrying for `timeout` while it is unreachable
+/// (restarting).
+pub fn ask(
     manager: &str,
     client: &mut Option<ControlClient>,
-    space: u64,
-    unit: usize,
+    req: &Request,
     timeout: Duration,
-) -> Result<(u64, String), String> {
-    let req = Request::PlaceMemory {
-        space,
-        unit: unit as u64,
-    };
+) -> Result<Vec<Replica>, String> {
     let deadline = Instant::now() + timeout;
     let mut last = String::new();
     while Instant::now() < deadline {
@@ -307,8 +462,8 @@ fn ask(
             }
         }
         let c = client.as_mut().expect("connected above");
-        match c.call(&req) {
-            Ok(Reply::Placed { id, addr }) => return Ok((id, addr)),
+        match c.call(req) {
+            Ok(Reply::Placed { replicas }) if !replicas.is_empty() => return Ok(replicas),
             Ok(Reply::Error { message }) => return Err(message),
             Ok(other) => return Err(format!("unexpected answer {other:?}")),
             Err(e) => {
@@ -328,34 +483,77 @@ mod tests {
     use super::*;
 
     #[test]
-    fn fixed_placement_is_vregion_mod_n() {
-        let p = Placement::fixed(8 * VREGION_BYTES as usize, 3);
+    fn fixed_placement_is_vregion_mod_n_with_the_next_daemons_as_replicas() {
+        let p = Placement::fixed(8 * VREGION_BYTES as usize, 3, 1);
         assert_eq!(p.placed(0), Some(0));
         assert_eq!(p.placed(VREGION_BYTES as usize + 5), Some(1));
         assert_eq!(p.placed(3 * VREGION_BYTES as usize), Some(0));
         assert_eq!(p.placed(100 * VREGION_BYTES as usize), None);
+        let p = Placement::fixed(8 * VREGION_BYTES as usize, 3, 2);
+        let r = p.replicas(2 * VREGION_BYTES as usize);
+        assert_eq!(r.all().collect::<Vec<_>>(), [2, 0]);
+        // More replicas than daemons: one per daemon.
+        let p = Placement::fixed(VREGION_BYTES as usize, 2, 3);
+        assert_eq!(p.replicas(0).len(), 2);
+        assert_eq!(Placement::fixed(1 << 30, 1, 2).manager(), None);
     }
 
     #[test]
-    fn a_unit_unplaced_for_a_move_is_asked_for_again() {
-        let mut p = Placement::managed(64 << 20, "127.0.0.1:1".into(), vec![4, 9]);
+    fn replicas_being_filled_take_writes_but_no_reads() {
+        let mut r = Replicas::default();
+        assert!(r.add(3, false) && r.add(5, true) && r.add(7, true));
+        assert_eq!(r.all().collect::<Vec<_>>(), [3, 5, 7]);
+        assert_eq!(r.whole().collect::<Vec<_>>(), [3]);
+        assert_eq!(r.filling().collect::<Vec<_>>(), [5, 7]);
+        r.remove(3);
+        // The flags move with their replicas.
+        assert_eq!(r.whole().count(), 0);
+        assert_eq!(r.filling().collect::<Vec<_>>(), [5, 7]);
+        r.filled(7);
+        assert_eq!(r.whole().collect::<Vec<_>>(), [7]);
+        assert!(r.add(1, false) && r.add(2, false));
+        assert!(!r.add(9, false), "at most {MAX_REPLICAS}");
+        assert!(r.add(2, true), "already there: nothing changes");
+        assert_eq!(r.whole().collect::<Vec<_>>(), [7, 1, 2]);
+    }
+
+    #[test]
+    fn a_lost_daemon_leaves_its_units_short_and_lost_only_without_a_whole_replica() {
+        let mut p = Placement::managed(64 << 20, "127.0.0.1:1".into(), vec![4, 9, 11]);
         assert_eq!(p.manager(), Some("127.0.0.1:1"));
         assert_eq!(p.index_of(9), Some(1));
         assert_eq!(p.index_of(5), None);
-        p.set(UNIT + 5, 1);
-        p.set(3 * UNIT, 1);
-        assert_eq!(p.first_on(1), Some(UNIT));
-        assert_eq!(p.first_on(0), None);
-        p.unplace(UNIT);
-        assert_eq!(p.placed(UNIT), None);
-        assert_eq!(p.first_on(1), Some(3 * UNIT));
-        assert_eq!(Placement::fixed(1 << 30, 1).manager(), None);
+        p.place(0, &[0, 1]);
+        p.place(1, &[1, 2]);
+        p.place(2, &[0]);
+        assert!(p.add_filling(2, 1));
+        assert!(!p.expendable(0), "unit 2 has no other whole replica");
+        assert!(p.expendable(2));
+        assert_eq!(p.placed(0), Some(0));
+        // 1 goes: units 0 and 1 are short but served by 0 and 2.
+        assert!(p.lose(1).is_empty());
+        assert_eq!(p.placed(UNIT), Some(2));
+        assert!(p.is_short(0) && p.is_short(1) && p.is_short(2));
+        assert!(!p.is_short(3));
+        // 0 goes: unit 0 has none left, and unit 2 had no other whole
+        // replica.
+        assert_eq!(p.lose(0), [0, 2]);
+        assert_eq!(p.placed(0), None);
+        assert!(p.holds_any(2) && !p.holds_any(0));
+        p.set_short(1, false);
+        assert!(!p.is_short(1));
     }
 
     #[test]
     fn an_unreachable_manager_is_a_clear_error() {
         crate::config::set_credential(lego_transport::auth::Credential::generate().unwrap());
-        let e = ask("127.0.0.1:1", &mut None, 7, 0, Duration::from_millis(300)).unwrap_err();
+        let req = Request::PlaceMemory {
+            space: 7,
+            unit: 0,
+            keep: vec![],
+            avoid: vec![],
+        };
+        let e = ask("127.0.0.1:1", &mut None, &req, Duration::from_millis(300)).unwrap_err();
         assert!(
             e.contains("unreachable") && e.contains("cannot place new memory"),
             "{e}"
@@ -384,13 +582,4 @@ mod tests {
         assert!(got.is_empty());
     }
 
-    #[test]
-    fn a_unit_placed_on_a_known_daemon_is_recorded_at_once() {
-        let mut p = Placement::managed(64 << 20, "127.0.0.1:1".into(), vec![4, 9]);
-        assert_eq!(p.placed_on(2, 9), Some(1));
-        assert_eq!(p.placed(2 * UNIT), Some(1));
-        assert_eq!(p.placed_on(3, 5), None);
-        assert_eq!(p.placed(3 * UNIT), None);
-        assert_eq!(p.ids(), &[4, 9]);
-    }
 }

@@ -1,8 +1,19 @@
 //! The daemon pool: this process's connections to its memory daemons, and
-//! where each unit of the region is placed among them. The request/reply
-//! sequence is written once ([`DaemonPool::call`]); every failure is a
-//! [`DaemonError`] for the caller to judge. The pager sees the pool as its
-//! [`Backing`].
+//! where the replicas of each unit of the region are placed among them.
+//! The request/reply sequence is written once ([`DaemonPool::call`]);
+//! every failure is a [`DaemonError`] for the caller to judge. The pager
+//! sees the pool as its [`Backing`].
+//!
+//! # Failover
+//! A daemon that closes its connection, breaks the protocol, or does not
+//! answer within `LEGO_FAILOVER_MS` while every unit it holds has another
+//! whole replica is *lost* ([`DaemonPool::lose`]): its connection closes,
+//! its replicas are dropped, and the request is served by the others —
+//! a read from the next whole replica of each page's unit, a write counted
+//! done once the remaining replicas have it. The program sees a pause,
+//! not an error, unless a unit is left with no whole replica (then its
+//! pages are gone and the program stops with that reason). The repair
+//! thread ([`crate::repair`]) then gives the units their replicas back.
 
 use std::net::TcpStream;
 use std::sync::Arc;
@@ -27,7 +38,7 @@ pub enum DaemonError {
     Refused { addr: String, reason: String },
     #[error("memory daemon {addr} did not answer in time")]
     TimedOut { addr: String },
-    #[error("memory daemon {addr} closed the connection; the program's pages there are lost")]
+    #[error("memory daemon {addr} closed the connection")]
     Closed { addr: String },
     #[error("memory daemon {addr}: {source}")]
     Conn {
@@ -50,8 +61,10 @@ pub enum DaemonError {
         code: ErrorCode,
         message: String,
     },
-    #[error("memory daemon {addr} was drained, yet a page placed on it was asked for")]
+    #[error("memory daemon {addr} is no longer used (drained or lost), yet a page placed on it was asked for")]
     Drained { addr: String },
+    #[error("{cause}; no other replica holds {units} unit(s) of the program's memory that were there: their pages are lost")]
+    Lost { cause: Box<DaemonError>, units: usize },
     #[error("page {addr:#x} is remote but its memory was never placed")]
     Unplaced { addr: usize },
     #[error("{0}")]
@@ -75,6 +88,20 @@ impl DaemonError {
             DaemonError::Failed { code, .. } => Some(code.errno()),
             _ => None,
         }
+    }
+
+    /// Whether the daemon is gone or unusable (not just refusing one
+    /// request): its replicas are given up, if others hold the units.
+    pub fn is_loss(&self) -> bool {
+        matches!(
+            self,
+            DaemonError::Connect { .. }
+                | DaemonError::Refused { .. }
+                | DaemonError::TimedOut { .. }
+                | DaemonError::Closed { .. }
+                | DaemonError::Conn { .. }
+                | DaemonError::Unexpected { .. }
+        )
     }
 }
 
@@ -167,8 +194,8 @@ pub fn space_call(
 }
 
 /// A memory daemon this program uses. Its index in the pool is what the
-/// placement table records, so a drained daemon keeps its place with its
-/// connection closed (`None`): no unit is placed on it any more.
+/// placement table records, so a drained or lost daemon keeps its place
+/// with its connection closed (`None`): no unit is placed on it any more.
 pub struct Daemon {
     pub addr: String,
     pub conn: Option<FramedConn<TcpStream>>,
@@ -216,6 +243,17 @@ pub struct DaemonPool {
     placed: Vec<Placed>,
     /// Units the placer could not place, and why.
     failed: Vec<(usize, String)>,
+    /// A daemon that does not answer this long is lost, if nothing is
+    /// lost with it (zero: wait the whole timeout).
+    failover: Duration,
+    /// Manager ids of the daemons this program lost.
+    pub lost_ids: Vec<u64>,
+    /// Pages read from several replicas after a loss.
+    scratch: Vec<u8>,
+    /// Per daemon: the pages of a writeback going there.
+    out: Vec<(Vec<VirtAddr>, Vec<u8>)>,
+    /// Wakes the repair thread after a loss.
+    pub repair: Arc<crate::repair::Wake>,
 }
 
 impl DaemonPool {
@@ -230,7 +268,7 @@ impl DaemonPool {
         region: (usize, usize),
         program: String,
         timeout: Duration,
-        poll_us: u64,
+        (poll_us, failover): (u64, Duration),
         placer: Option<Arc<Placer>>,
     ) -> Self {
         Self {
@@ -252,6 +290,11 @@ impl DaemonPool {
             placer,
             placed: Vec::new(),
             failed: Vec::new(),
+            failover,
+            lost_ids: Vec::new(),
+            scratch: Vec::new(),
+            out: Vec::new(),
+            repair: Arc::new(crate::repair::Wake::default()),
         }
     }
 
@@ -272,14 +315,98 @@ impl DaemonPool {
         } else {
             0
         };
+        {
+            let (addr, conn) = self.daemons[d].open()?;
+            conn.send(id, msg)
+                .map_err(|e| DaemonError::from_conn(addr, e))?;
+        }
+        self.wait_reply(d, poll_us)?;
         let (addr, conn) = self.daemons[d].open()?;
-        let reply = if poll_us == 0 {
-            conn.call(id, msg)
-        } else {
-            call_polling(conn, id, msg, poll_us)
-        };
-        let reply = reply.map_err(|e| DaemonError::from_conn(addr, e))?.message;
+        let reply = conn
+            .recv_reply(id)
+            .map_err(|e| DaemonError::from_conn(addr, e))?
+            .message;
         Ok((addr, check_reply(addr, msg.name(), reply)?))
+    }
+
+    /// Waits until daemon `d`'s reply begins to arrive: busy-polls for
+    /// `spin_us` first (one wakeup fewer when it comes quickly), then
+    /// sleeps on the socket. After [`DaemonPool::failover`] a daemon
+    /// whose units all have another whole replica is given up (timed
+    /// out); one that would take pages with it is waited for (the
+    /// socket's own timeout applies then).
+    fn wait_reply(&mut self, d: usize, spin_us: u64) -> Result<(), DaemonError> {
+        let Some(fd) = self.daemons[d]
+            .conn
+            .as_ref()
+            .and_then(|c| c.stream().raw_fd())
+        else {
+            return Ok(());
+        };
+        let start = Instant::now();
+        let mut p = [libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let spin = Duration::from_micros(spin_us);
+        while start.elapsed() < spin {
+            if lego_sys::process::poll(&mut p, 0).unwrap_or(1) > 0 {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        if self.failover.is_zero() {
+            return Ok(());
+        }
+        let ms = self.failover.saturating_sub(start.elapsed()).as_millis() as i32;
+        if lego_sys::process::poll(&mut p, ms.max(1)).unwrap_or(1) > 0
+            || !self.placement.expendable(d)
+        {
+            return Ok(());
+        }
+        Err(DaemonError::TimedOut {
+            addr: self.daemons[d].addr.clone(),
+        })
+    }
+
+    /// Gives daemon `d` up after `cause` (see the module docs): closes its
+    /// connection and drops its replicas. An error if a unit is left with
+    /// no whole replica.
+    pub fn lose(&mut self, d: usize, cause: DaemonError) -> Result<(), DaemonError> {
+        if self.daemons[d].conn.is_none() {
+            return Ok(());
+        }
+        let lost = self.placement.lose(d);
+        self.close(d);
+        if let Some(&id) = self.placement.ids().get(d) {
+            self.lost_ids.push(id);
+        }
+        if !lost.is_empty() {
+            return Err(DaemonError::Lost {
+                cause: Box::new(cause),
+                units: lost.len(),
+            });
+        }
+        lego_sys::process::warn(&format!(
+            "{cause}; its units are served by their other replicas"
+        ));
+        self.repair.wake();
+        Ok(())
+    }
+
+    /// Runs `f` against daemon `d`; if `d` is lost on the way, gives it up
+    /// (see [`DaemonPool::lose`]) and answers `None`.
+    fn or_lose<T>(
+        &mut self,
+        d: usize,
+        f: impl FnOnce(&mut Self) -> Result<T, DaemonError>,
+    ) -> Result<Option<T>, DaemonError> {
+        match f(self) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if e.is_loss() => self.lose(d, e).map(|()| None),
+            Err(e) => Err(e),
+        }
     }
 
     /// A request to daemon `d` that must be answered `Done`.
@@ -348,23 +475,25 @@ impl DaemonPool {
     }
 
     /// A daemon whose socket became readable while no request was in
-    /// flight went away (or broke the protocol): its pages are lost.
+    /// flight went away (or broke the protocol): it is lost.
     pub fn check_idle(&mut self, readable: impl Fn(i32) -> bool) -> Result<(), DaemonError> {
-        for d in &mut self.daemons {
-            let Some(conn) = d.conn.as_mut() else {
+        for d in 0..self.daemons.len() {
+            let daemon = &mut self.daemons[d];
+            let Some(conn) = daemon.conn.as_mut() else {
                 continue;
             };
             if !conn.stream().raw_fd().is_some_and(&readable) {
                 continue;
             }
-            return Err(match conn.recv() {
-                Err(e) => DaemonError::from_conn(&d.addr, e),
+            let cause = match conn.recv() {
+                Err(e) => DaemonError::from_conn(&daemon.addr, e),
                 Ok(f) => DaemonError::Unexpected {
-                    addr: d.addr.clone(),
+                    addr: daemon.addr.clone(),
                     request: "nothing",
                     reply: f.message.describe(),
                 },
-            });
+            };
+            self.lose(d, cause)?;
         }
         Ok(())
     }
@@ -378,14 +507,6 @@ impl DaemonPool {
         let mut asked = false;
         loop {
             if let Some(d) = self.placement.placed(off) {
-                if self.daemons[d].conn.is_none() {
-                    // A daemon this program drained, placed on again (its
-                    // drain was cancelled), before the placer's connection
-                    // to it came: attached here (rare).
-                    let conn = self.attach(&self.daemons[d].addr)?;
-                    self.daemons[d].conn = Some(conn);
-                    self.changed += 1;
-                }
                 return Ok(d);
             }
             let Some(placer) = self.placer.clone() else {
@@ -419,33 +540,63 @@ impl DaemonPool {
         let mut placed = std::mem::take(&mut self.placed);
         placer.take(&mut placed, &mut self.failed);
         for p in placed.drain(..) {
-            if let Some(d) = self.placement.placed_on(p.unit, p.id) {
-                if let (Some(conn), None) = (p.conn, &self.daemons[d].conn) {
-                    self.daemons[d].conn = Some(conn);
-                    self.changed += 1;
-                }
-                continue;
+            let mut members = Vec::with_capacity(p.replicas.len());
+            for (r, conn) in p.replicas {
+                members.push(self.daemon_index(r.id, &r.addr, conn)?);
             }
-            let conn = match p.conn {
-                Some(c) => c,
-                None => self.attach(&p.addr)?,
-            };
-            let d = self.daemons.len();
-            self.placement
-                .bind(p.unit * PLACEMENT_UNIT, p.id, d)
-                .map_err(DaemonError::Placement)?;
-            self.daemons.push(Daemon {
-                addr: p.addr,
-                conn: Some(conn),
-            });
-            self.changed += 1;
+            self.placement.place(p.unit, &members);
         }
         self.placed = placed;
         Ok(())
     }
+
+    /// The pool's index of the daemon with manager id `id` at `addr`,
+    /// connected (over `conn`, or a new connection) if it is not yet.
+    pub fn daemon_index(
+        &mut self,
+        id: u64,
+        addr: &str,
+        conn: Option<FramedConn<TcpStream>>,
+    ) -> Result<usize, DaemonError> {
+        let d = match self.placement.index_of(id) {
+            Some(d) => d,
+            None => {
+                let d = self.daemons.len();
+                self.placement
+                    .bind(id, d)
+                    .map_err(DaemonError::Placement)?;
+                self.daemons.push(Daemon {
+                    addr: addr.to_string(),
+                    conn: None,
+                });
+                d
+            }
+        };
+        if self.daemons[d].conn.is_none() {
+            // New to this program, or drained or lost before and placed
+            // on again.
+            let conn = match conn {
+                Some(c) => c,
+                None => self.attach(addr)?,
+            };
+            self.daemons[d].addr = addr.to_string();
+            self.daemons[d].conn = Some(conn);
+            self.lost_ids.retain(|&x| x != id);
+            self.changed += 1;
+        }
+        Ok(d)
+    }
+
+    /// The space and its capability, and the region (for the repair
+    /// thread's own connections).
+    pub fn space(&self) -> ((SpaceId, Capability), (usize, usize)) {
+        (
+            (self.space, self.capability),
+            (self.region_base, self.region_len),
+        )
+    }
 }
 
-const PLACEMENT_UNIT: usize = lego_protocol::control::PLACEMENT_BYTES as usize;
 
 /// A new connection to the daemon at `addr`, bound to `space`.
 pub fn attach(
@@ -469,13 +620,73 @@ pub fn attach(
     Ok(conn)
 }
 
+impl DaemonPool {
+    /// Reads `addrs` from daemon `d`; the reply stays in its connection.
+    fn read_from(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<(), DaemonError> {
+        let msg = Message::ReadPages {
+            addrs: addrs.into(),
+        };
+        match self.exchange(d, &msg)? {
+            (_, Message::Pages { data }) if data.len() == addrs.len() * PAGE_SIZE => Ok(()),
+            (addr, other) => Err(unexpected(addr, "ReadPages", &other)),
+        }
+    }
+
+    /// The page data of daemon `d`'s last reply (after [`Self::read_from`]).
+    fn last_pages(&self, d: usize) -> &[u8] {
+        match self.daemons[d].conn.as_ref().and_then(|c| c.last_frame()) {
+            Some(lego_protocol::Frame {
+                message: Message::Pages { data },
+                ..
+            }) => data,
+            _ => &[],
+        }
+    }
+
+    /// Reads `addrs` page by page from whole replicas, giving up the
+    /// daemons lost on the way, into `scratch`.
+    fn read_failing_over(&mut self, addrs: &[VirtAddr]) -> Result<(), DaemonError> {
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        let mut k = 0;
+        let r = loop {
+            if k == addrs.len() {
+                break Ok(());
+            }
+            let off = addrs[k].0 as usize - self.region_base;
+            let Some(d) = self.placement.placed(off) else {
+                break Err(DaemonError::Unplaced {
+                    addr: addrs[k].0 as usize,
+                });
+            };
+            // The run of pages whose units read from `d`.
+            let mut end = k + 1;
+            while end < addrs.len()
+                && self.placement.placed(addrs[end].0 as usize - self.region_base) == Some(d)
+            {
+                end += 1;
+            }
+            match self.or_lose(d, |p| p.read_from(d, &addrs[k..end])) {
+                Ok(Some(())) => {
+                    scratch.extend_from_slice(self.last_pages(d));
+                    k = end;
+                }
+                Ok(None) => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.scratch = scratch;
+        r
+    }
+}
+
 impl Backing for DaemonPool {
     fn daemon_of(&self, addr: usize) -> Option<usize> {
         self.placement.placed(addr - self.region_base)
     }
 
-    fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError> {
-        self.place(addr - self.region_base)
+    fn ensure_placed(&mut self, addr: usize) -> Result<(), DaemonError> {
+        self.place(addr - self.region_base).map(|_| ())
     }
 
     fn place_ahead(&mut self, addr: usize) {
@@ -486,59 +697,93 @@ impl Backing for DaemonPool {
     }
 
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {
-        let msg = Message::ReadPages {
-            addrs: addrs.into(),
-        };
-        match self.exchange(d, &msg)? {
-            (_, Message::Pages { data }) if data.len() == addrs.len() * PAGE_SIZE => Ok(data),
-            (addr, other) => Err(unexpected(addr, "ReadPages", &other)),
+        if self.or_lose(d, |p| p.read_from(d, addrs))?.is_some() {
+            return Ok(self.last_pages(d));
         }
+        self.read_failing_over(addrs)?;
+        Ok(&self.scratch)
     }
 
-    fn write_pages(
-        &mut self,
-        d: usize,
-        addrs: &[VirtAddr],
-        data: &[u8],
-    ) -> Result<(), DaemonError> {
-        let id = self.next_id();
-        let (addr, conn) = self.daemons[d].open()?;
-        conn.send(
-            id,
-            &Message::WritePages {
-                addrs: addrs.into(),
-                data,
-            },
-        )
-        .map_err(|e| DaemonError::from_conn(addr, e))?;
-        self.pending.push((d, id));
+    fn write_pages(&mut self, addrs: &[VirtAddr], data: &[u8]) -> Result<(), DaemonError> {
+        if self.out.len() < self.daemons.len() {
+            self.out.resize_with(self.daemons.len(), Default::default);
+        }
+        for (a, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            let off = a.0 as usize - self.region_base;
+            let replicas = self.placement.replicas(off);
+            if replicas.is_empty() {
+                return Err(DaemonError::Unplaced { addr: a.0 as usize });
+            }
+            for d in replicas.all() {
+                self.out[d].0.push(*a);
+                self.out[d].1.extend_from_slice(page);
+            }
+        }
+        for d in 0..self.out.len() {
+            if self.out[d].0.is_empty() {
+                continue;
+            }
+            let (addrs, data) = std::mem::take(&mut self.out[d]);
+            let id = self.next_id();
+            let sent = self.or_lose(d, |p| {
+                let (addr, conn) = p.daemons[d].open()?;
+                conn.send(
+                    id,
+                    &Message::WritePages {
+                        addrs: addrs.as_slice().into(),
+                        data: &data,
+                    },
+                )
+                .map_err(|e| DaemonError::from_conn(addr, e))
+            });
+            let mut kept = (addrs, data);
+            kept.0.clear();
+            kept.1.clear();
+            self.out[d] = kept;
+            if sent?.is_some() {
+                self.pending.push((d, id));
+            }
+        }
         Ok(())
     }
 
     fn await_writes(&mut self) -> Result<(), DaemonError> {
-        let pending = std::mem::take(&mut self.pending);
+        let mut pending = std::mem::take(&mut self.pending);
+        let mut r = Ok(());
         for &(d, id) in &pending {
-            let (addr, conn) = self.daemons[d].open()?;
-            let frame = conn.recv().map_err(|e| DaemonError::from_conn(addr, e))?;
-            let (rid, reply) = (frame.request_id, frame.message);
-            match check_reply(addr, "WritePages", reply)? {
-                Message::Done if rid == id => {}
-                other => return Err(unexpected(addr, "WritePages", &other)),
+            if self.daemons[d].conn.is_none() {
+                // Lost since: the other replicas have the pages.
+                continue;
+            }
+            let acked = self.or_lose(d, |p| {
+                p.wait_reply(d, 0)?;
+                let (addr, conn) = p.daemons[d].open()?;
+                let frame = conn.recv().map_err(|e| DaemonError::from_conn(addr, e))?;
+                let (rid, reply) = (frame.request_id, frame.message);
+                match check_reply(addr, "WritePages", reply)? {
+                    Message::Done if rid == id => Ok(()),
+                    other => Err(unexpected(addr, "WritePages", &other)),
+                }
+            });
+            if let Err(e) = acked {
+                r = Err(e);
+                break;
             }
         }
+        pending.clear();
         self.pending = pending;
-        self.pending.clear();
-        Ok(())
+        r
     }
 
     fn discard_on(&mut self, d: usize, addr: usize, len: usize) -> Result<(), DaemonError> {
-        self.call_done(
-            d,
-            &Message::Discard {
-                addr: VirtAddr(addr as u64),
-                len: len as u64,
-            },
-        )
+        if self.daemons[d].conn.is_none() {
+            return Ok(());
+        }
+        let msg = Message::Discard {
+            addr: VirtAddr(addr as u64),
+            len: len as u64,
+        };
+        self.or_lose(d, |p| p.call_done(d, &msg)).map(|_| ())
     }
 
     fn holders(&self, addr: usize, len: usize) -> Vec<usize> {
@@ -552,35 +797,4 @@ impl Backing for DaemonPool {
     fn home(&self) -> usize {
         self.home
     }
-
-    fn count(&self) -> usize {
-        self.daemons.len()
-    }
-}
-
-/// `FramedConn::call`, but busy-polls the socket for up to `spin_us` before
-/// sleeping on it: one wakeup fewer per miss when the reply comes quickly,
-/// a core spent while it does not.
-fn call_polling<'c>(
-    conn: &'c mut FramedConn<TcpStream>,
-    id: u64,
-    msg: &Message<'_>,
-    spin_us: u64,
-) -> Result<lego_protocol::Frame<'c>, ConnError> {
-    conn.send(id, msg)?;
-    let fd = conn.stream().raw_fd().unwrap_or(-1);
-    let start = std::time::Instant::now();
-    let limit = Duration::from_micros(spin_us);
-    loop {
-        let mut p = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        if lego_sys::process::poll(&mut p, 0).unwrap_or(1) > 0 || start.elapsed() >= limit {
-            break;
-        }
-        std::hint::spin_loop();
-    }
-    conn.recv_reply(id)
 }

@@ -6,7 +6,7 @@
 //!
 //! # Locks
 //! `state` (pager and pool) is taken before `layout` (the layout
-//! connection), never the other way round.
+//! connections), never the other way round; fork takes both.
 //!
 //! # Runtime threads never touch disaggregated memory
 //! A runtime thread that faults on the region waits for a page only it
@@ -41,9 +41,6 @@ use crate::uffd_table::UffdTable;
 pub struct State {
     pub pager: Pager,
     pub pool: DaemonPool,
-    /// The layout connection's descriptor, for a fork child to close (the
-    /// layout lock may be held by a thread the child does not have).
-    pub layout_fd: i32,
 }
 
 /// The process's runtime, created by [`crate::lifecycle::init`] (and again
@@ -60,6 +57,9 @@ pub struct Runtime {
     pub(crate) capability: lego_protocol::Capability,
     pub(crate) program: String,
     pub(crate) timeout: Duration,
+    /// How long a daemon whose units have other replicas may keep a
+    /// request waiting before it is given up (`LEGO_FAILOVER_MS`).
+    pub(crate) failover: Duration,
     pub(crate) stats: Option<&'static SharedStats>,
     pub(crate) tuning: Tuning,
     /// Make the pager fault on its own region (`LEGO_INJECT`), to test

@@ -282,6 +282,14 @@ impl<S: Stream> FramedConn<S> {
         Ok(decode_body(header, &self.rbuf[HEADER_BYTES..])?)
     }
 
+    /// The frame [`FramedConn::recv`] received last, decoded again from
+    /// its buffer (no copy), if there is one.
+    pub fn last_frame(&self) -> Option<Frame<'_>> {
+        let head: &[u8; HEADER_BYTES] = self.rbuf.get(..HEADER_BYTES)?.try_into().ok()?;
+        let header = decode_header(head).ok()?;
+        decode_body(header, &self.rbuf[HEADER_BYTES..]).ok()
+    }
+
     /// Reads the first bytes of a frame (all of `buf`), waiting for the
     /// first as [`FramedConn::be_patient`] says; once one has come, a
     /// timeout is an error.
@@ -763,6 +771,7 @@ pub struct Member {
     kind: control::Kind,
     addr: String,
     capacity_bytes: u64,
+    zone: String,
     id: u64,
     /// This component's own key, from the manager: its heartbeats, its
     /// leave and its registrations again bring it.
@@ -772,13 +781,12 @@ pub struct Member {
 
 impl Member {
     /// Registers with the manager at `manager` as a `kind` component that
-    /// peers reach at `addr`. An unreachable manager or a refusal is an
-    /// error: a component should not start outside the cluster it was told
-    /// to join.
+    /// peers reach at `addr`, in failure domain `zone` (empty: none). An
+    /// unreachable manager or a refusal is an error: a component should
+    /// not start outside the cluster it was told to join.
     pub fn join(
         manager: &str,
-        kind: control::Kind,
-        addr: &str,
+        (kind, addr, zone): (control::Kind, &str, &str),
         capacity_bytes: u64,
         cred: &Credential,
     ) -> Result<Self, String> {
@@ -788,6 +796,7 @@ impl Member {
             kind,
             addr: addr.to_string(),
             capacity_bytes,
+            zone: zone.to_string(),
             id: 0,
             key: String::new(),
             heartbeat: Duration::from_secs(1),
@@ -810,6 +819,7 @@ impl Member {
             capacity_bytes: self.capacity_bytes,
             id: (self.id != 0).then_some(self.id),
             key: self.key.clone(),
+            zone: self.zone.clone(),
         };
         match c.call(&req).map_err(|e| e.to_string())? {
             control::Reply::Registered {

@@ -72,8 +72,9 @@ pub struct Pager {
     victims: Vec<Victim>,
     span_pages: Vec<usize>,
     ranges: Vec<(usize, usize)>,
-    wb_addrs: Vec<Vec<VirtAddr>>,
-    wb_data: Vec<Vec<u8>>,
+    /// Writebacks of the batch being evicted.
+    wb_addrs: Vec<VirtAddr>,
+    wb_data: Vec<u8>,
     unchanged: Vec<usize>,
     runs: Scratch,
     /// Evicted pages kept compressed (off unless [`Pager::with_tier`]).
@@ -405,7 +406,7 @@ impl Pager {
             if self.tier.is_empty() {
                 return Err(PagerError::Stuck);
             }
-            self.clear_writebacks(b.count());
+            self.clear_writebacks();
             let mut written = 0;
             for _ in 0..self.batch {
                 written += self.demote_oldest(b)?;
@@ -454,7 +455,7 @@ impl Pager {
             if pages.is_empty() {
                 return Ok(());
             }
-            self.clear_writebacks(b.count());
+            self.clear_writebacks();
             for (n, &i) in pages.iter().enumerate() {
                 let at = n * PAGE_SIZE;
                 self.queue_writeback(b, self.addr(i), &data[at..at + PAGE_SIZE])?;
@@ -468,18 +469,17 @@ impl Pager {
         r
     }
 
-    /// Adds page `addr` (contents `page`) to its daemon's writeback list.
+    /// Adds page `addr` (contents `page`) to the writeback list, its unit
+    /// placed first if it is not yet.
     fn queue_writeback<B: Backing>(
         &mut self,
         b: &mut B,
         addr: usize,
         page: &[u8],
     ) -> Result<(), DaemonError> {
-        let d = b.daemon_for(addr)?;
-        // A unit placed on a daemon that joined since grows the lists.
-        self.grow_writebacks(b.count());
-        self.wb_addrs[d].push(VirtAddr(addr as u64));
-        self.wb_data[d].extend_from_slice(page);
+        b.ensure_placed(addr)?;
+        self.wb_addrs.push(VirtAddr(addr as u64));
+        self.wb_data.extend_from_slice(page);
         Ok(())
     }
 
@@ -532,7 +532,7 @@ impl Pager {
         b: &mut B,
         victims: &[Victim],
     ) -> Result<(), PagerError> {
-        self.clear_writebacks(b.count());
+        self.clear_writebacks();
         self.unchanged.clear();
         let mut unchanged_remote = 0u64;
         // Stop writers before copying: a write after the copy would be
@@ -642,22 +642,18 @@ impl Pager {
         Ok(())
     }
 
-    /// Empty writeback lists, one per daemon.
-    fn clear_writebacks(&mut self, daemons: usize) {
-        self.grow_writebacks(daemons);
-        self.wb_addrs.iter_mut().for_each(Vec::clear);
-        self.wb_data.iter_mut().for_each(Vec::clear);
+    /// An empty writeback list.
+    fn clear_writebacks(&mut self) {
+        self.wb_addrs.clear();
+        self.wb_data.clear();
     }
 
-    /// Sends the batched writebacks to every daemon (all writes first, then
-    /// all acks).
+    /// Sends the batched writebacks (all writes first, then all acks).
     fn send_writebacks<B: Backing>(&mut self, b: &mut B) -> Result<(), DaemonError> {
-        for d in 0..self.wb_addrs.len() {
-            let (addrs, data) = (&self.wb_addrs[d], &self.wb_data[d]);
-            for (k, chunk) in addrs.chunks(MAX_BATCH_PAGES).enumerate() {
-                let from = k * MAX_BATCH_PAGES * PAGE_SIZE;
-                b.write_pages(d, chunk, &data[from..from + chunk.len() * PAGE_SIZE])?;
-            }
+        let (addrs, data) = (&self.wb_addrs, &self.wb_data);
+        for (k, chunk) in addrs.chunks(MAX_BATCH_PAGES).enumerate() {
+            let from = k * MAX_BATCH_PAGES * PAGE_SIZE;
+            b.write_pages(chunk, &data[from..from + chunk.len() * PAGE_SIZE])?;
         }
         b.await_writes()
     }
@@ -720,17 +716,16 @@ impl Pager {
             .filter(|k| self.cache.is_remote(first_from + k))
             .collect();
         for chunk in remote.chunks(self.batch) {
-            self.clear_writebacks(b.count());
+            self.clear_writebacks();
             for &k in chunk {
                 let (src, dst) = (from + k * PAGE_SIZE, to + k * PAGE_SIZE);
-                let to_d = b.daemon_for(dst)?;
-                self.grow_writebacks(b.count());
+                b.ensure_placed(dst)?;
                 let d = b
                     .daemon_of(src)
                     .ok_or(DaemonError::Unplaced { addr: src })?;
                 let page = b.read_pages(d, &[VirtAddr(src as u64)])?;
-                self.wb_addrs[to_d].push(VirtAddr(dst as u64));
-                self.wb_data[to_d].extend_from_slice(page);
+                self.wb_addrs.push(VirtAddr(dst as u64));
+                self.wb_data.extend_from_slice(page);
             }
             self.send_writebacks(b)?;
         }
@@ -739,57 +734,6 @@ impl Pager {
         self.tier.remove_range(first_to, len / PAGE_SIZE);
         self.sync_tier();
         Ok(())
-    }
-
-    /// Grows the writeback lists to `daemons` without clearing them.
-    fn grow_writebacks(&mut self, daemons: usize) {
-        if self.wb_addrs.len() < daemons {
-            self.wb_addrs.resize_with(daemons, Vec::new);
-            self.wb_data.resize_with(daemons, Vec::new);
-        }
-    }
-
-    /// Moves the pages daemon `from` holds of the unit `[base, base+len)`
-    /// to daemon `to`, then has `from` forget them. Returns how many moved.
-    pub fn move_unit<B: Backing>(
-        &mut self,
-        b: &mut B,
-        base: usize,
-        len: usize,
-        from: usize,
-        to: usize,
-    ) -> Result<usize, DaemonError> {
-        let first = self.index(base);
-        let end = (first + len / PAGE_SIZE).min(self.len / PAGE_SIZE);
-        // The unit's dirty tier pages go to `from` first, to move with the
-        // rest (they stay in the tier, clean).
-        let (mut dirty, mut data) = (Vec::new(), Vec::new());
-        loop {
-            self.tier
-                .clean_range(first, end - first, MAX_BATCH_PAGES, &mut dirty, &mut data);
-            if dirty.is_empty() {
-                break;
-            }
-            let addrs: Vec<VirtAddr> = dirty
-                .iter()
-                .map(|&i| VirtAddr(self.addr(i) as u64))
-                .collect();
-            b.write_pages(from, &addrs, &data)?;
-            b.await_writes()?;
-            self.counters.writebacks += addrs.len() as u64;
-        }
-        let pages: Vec<VirtAddr> = (first..end)
-            .filter(|&i| self.cache.is_remote(i))
-            .map(|i| VirtAddr(self.addr(i) as u64))
-            .collect();
-        for chunk in pages.chunks(MAX_BATCH_PAGES) {
-            let data = b.read_pages(from, chunk)?.to_vec();
-            b.write_pages(to, chunk, &data)?;
-            b.await_writes()?;
-        }
-        b.discard_on(from, base, len)?;
-        self.counters.migrated_pages += pages.len() as u64;
-        Ok(pages.len())
     }
 
     /// In a forked child: every resident page counts as dirty (the kernel

@@ -65,15 +65,18 @@ impl PageTable for FakeTable {
     }
 }
 
-/// Memory daemons in maps; units placed round-robin as first written.
+/// Memory daemons in maps; units placed round-robin as first written, on
+/// `replicas` daemons each. Like the real pool, a dead daemon is passed
+/// over while another replica of the unit is alive.
 #[derive(Clone)]
 struct FakeDaemons {
     stores: Vec<HashMap<usize, Vec<u8>>>,
     dead: Vec<bool>,
     /// Writes fail with "out of memory".
     full: bool,
-    placed: BTreeMap<usize, usize>,
-    pending: Vec<(usize, Vec<VirtAddr>, Vec<u8>)>,
+    replicas: usize,
+    placed: BTreeMap<usize, Vec<usize>>,
+    pending: Vec<(usize, VirtAddr, Vec<u8>)>,
     read_buf: Vec<u8>,
     reads: usize,
     pages_written: usize,
@@ -89,6 +92,7 @@ impl FakeDaemons {
             stores: vec![HashMap::new(); n],
             dead: vec![false; n],
             full: false,
+            replicas: 1,
             placed: BTreeMap::new(),
             pending: Vec::new(),
             read_buf: Vec::new(),
@@ -101,30 +105,44 @@ impl FakeDaemons {
     fn unit(addr: usize) -> usize {
         (addr - BASE) / PAGE_SIZE / UNIT_PAGES
     }
-    fn check(&self, d: usize) -> Result<(), DaemonError> {
-        if self.dead[d] {
-            return Err(DaemonError::Closed {
+    /// The live replicas of `addr`'s unit; an error if it has none.
+    fn alive(&self, addr: usize) -> Result<Vec<usize>, DaemonError> {
+        let members = self.placed.get(&Self::unit(addr)).cloned().unwrap_or_default();
+        let alive: Vec<usize> = members.iter().copied().filter(|&d| !self.dead[d]).collect();
+        match (alive.is_empty(), members.first()) {
+            (true, Some(d)) => Err(DaemonError::Closed {
                 addr: format!("fake-{d}"),
-            });
+            }),
+            _ => Ok(alive),
         }
-        Ok(())
     }
 }
 
 impl Backing for FakeDaemons {
     fn daemon_of(&self, addr: usize) -> Option<usize> {
-        self.placed.get(&Self::unit(addr)).copied()
+        let members = self.placed.get(&Self::unit(addr))?;
+        members
+            .iter()
+            .copied()
+            .find(|&d| !self.dead[d])
+            .or(members.first().copied())
     }
-    fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError> {
+    fn ensure_placed(&mut self, addr: usize) -> Result<(), DaemonError> {
         let u = Self::unit(addr);
-        if self.join_on_next_place && !self.placed.contains_key(&u) {
+        if self.placed.contains_key(&u) {
+            return Ok(());
+        }
+        if self.join_on_next_place {
             self.join_on_next_place = false;
             self.stores.push(HashMap::new());
             self.dead.push(false);
-            self.placed.insert(u, self.stores.len() - 1);
+            self.placed.insert(u, vec![self.stores.len() - 1]);
+            return Ok(());
         }
         let n = self.stores.len();
-        Ok(*self.placed.entry(u).or_insert(u % n))
+        let members = (0..self.replicas.min(n)).map(|k| (u + k) % n).collect();
+        self.placed.insert(u, members);
+        Ok(())
     }
     fn place_ahead(&mut self, addr: usize) {
         if !self.placed.contains_key(&Self::unit(addr)) {
@@ -132,59 +150,65 @@ impl Backing for FakeDaemons {
         }
     }
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError> {
-        self.check(d)?;
         self.reads += 1;
         self.read_buf.clear();
         for a in addrs {
-            let page = self.stores[d].get(&(a.0 as usize));
+            let from = if self.dead[d] {
+                self.alive(a.0 as usize)?[0]
+            } else {
+                d
+            };
+            let page = self.stores[from].get(&(a.0 as usize));
             let page = page.expect("a page fetched from a daemon that does not hold it");
             self.read_buf.extend_from_slice(page);
         }
         Ok(&self.read_buf)
     }
-    fn write_pages(
-        &mut self,
-        d: usize,
-        addrs: &[VirtAddr],
-        data: &[u8],
-    ) -> Result<(), DaemonError> {
-        self.check(d)?;
-        self.pending.push((d, addrs.to_vec(), data.to_vec()));
+    fn write_pages(&mut self, addrs: &[VirtAddr], data: &[u8]) -> Result<(), DaemonError> {
+        for (a, page) in addrs.iter().zip(data.chunks(PAGE_SIZE)) {
+            assert!(
+                self.placed.contains_key(&Self::unit(a.0 as usize)),
+                "a write to an unplaced unit"
+            );
+            for d in self.alive(a.0 as usize)? {
+                self.pending.push((d, *a, page.to_vec()));
+            }
+        }
         Ok(())
     }
     fn await_writes(&mut self) -> Result<(), DaemonError> {
-        for (d, addrs, data) in std::mem::take(&mut self.pending) {
-            self.check(d)?;
+        for (d, a, page) in std::mem::take(&mut self.pending) {
             if self.full {
                 return Err(DaemonError::NoMemory {
                     addr: format!("fake-{d}"),
                     message: "full".into(),
                 });
             }
-            for (a, page) in addrs.iter().zip(data.chunks(PAGE_SIZE)) {
-                self.stores[d].insert(a.0 as usize, page.to_vec());
+            self.alive(a.0 as usize)?;
+            if !self.dead[d] {
+                self.stores[d].insert(a.0 as usize, page);
                 self.pages_written += 1;
             }
         }
         Ok(())
     }
     fn discard_on(&mut self, d: usize, addr: usize, len: usize) -> Result<(), DaemonError> {
-        self.check(d)?;
         self.stores[d].retain(|&a, _| a < addr || a >= addr + len);
         Ok(())
     }
     fn holders(&self, addr: usize, len: usize) -> Vec<usize> {
         let (first, last) = (Self::unit(addr), Self::unit(addr + len - 1));
-        let mut ds: Vec<usize> = self.placed.range(first..=last).map(|(_, &d)| d).collect();
+        let mut ds: Vec<usize> = self
+            .placed
+            .range(first..=last)
+            .flat_map(|(_, m)| m.iter().copied())
+            .collect();
         ds.sort_unstable();
         ds.dedup();
         ds
     }
     fn home(&self) -> usize {
         0
-    }
-    fn count(&self) -> usize {
-        self.stores.len()
     }
 }
 
@@ -494,30 +518,28 @@ fn a_fork_child_reads_evicted_pages_and_writes_only_its_own() {
 }
 
 #[test]
-fn a_drained_unit_moves_with_its_pages() {
-    let mut m = Machine::new(64, 8, 0, 2);
-    for p in 0..UNIT_PAGES {
+fn every_replica_gets_each_writeback_and_one_left_serves_every_page() {
+    let mut m = Machine::new(64, 8, 0, 3);
+    m.daemons.replicas = 2;
+    for p in 0..3 * UNIT_PAGES {
         m.write(word(p, 0), p as u64 + 1);
     }
     while m.pager.cache().resident() > 0 {
         m.evict();
     }
-    assert_eq!(m.daemons.daemon_of(word(0, 0)), Some(0));
-    let moved = m
-        .pager
-        .move_unit(&mut m.daemons, BASE, UNIT_PAGES * PAGE_SIZE, 0, 1)
-        .unwrap();
-    assert_eq!(moved, UNIT_PAGES);
-    m.daemons.placed.insert(0, 1);
-    assert!(
-        m.daemons.stores[0].is_empty(),
-        "the drained daemon forgot the unit"
-    );
-    m.daemons.dead[0] = true;
-    for p in 0..UNIT_PAGES {
+    // 3 units over 3 daemons, 2 replicas each: every daemon holds 2 units.
+    assert_eq!(m.daemons.pages_written, 2 * 3 * UNIT_PAGES);
+    assert!(m.daemons.stores.iter().all(|s| s.len() == 2 * UNIT_PAGES));
+    m.daemons.dead[1] = true;
+    for p in 0..3 * UNIT_PAGES {
         assert_eq!(m.read(word(p, 0)), p as u64 + 1);
+        m.write(word(p, 0), p as u64 + 100);
     }
+    m.evict_all();
     m.check();
+    for p in 0..3 * UNIT_PAGES {
+        assert_eq!(m.read(word(p, 0)), p as u64 + 100);
+    }
 }
 
 #[test]
@@ -530,7 +552,7 @@ fn a_unit_placed_on_a_daemon_that_joined_is_written_there() {
     m.write(word(UNIT_PAGES, 0), 2);
     m.evict();
     m.check();
-    assert_eq!(m.daemons.count(), 2);
+    assert_eq!(m.daemons.stores.len(), 2);
     assert_eq!(m.daemons.stores[1].len(), 1);
     assert_eq!(m.read(word(UNIT_PAGES, 0)), 2);
     assert_eq!(m.read(word(0, 0)), 1);
@@ -693,36 +715,6 @@ fn clean_pages_enter_the_tier_and_stay_current_at_their_daemon() {
     m.evict_all();
     assert_eq!(m.daemons.pages_written, 1);
     assert_eq!(m.read(word(1, 0)), 5);
-    m.check();
-}
-
-#[test]
-fn a_drained_unit_takes_its_dirty_tier_pages_along() {
-    let mut m = Machine::new(64, 8, 0, 2).with_tier(32 * PAGE_SIZE);
-    for p in 0..UNIT_PAGES {
-        m.write(word(p, 0), p as u64 + 1);
-    }
-    while m.pager.cache().resident() > 0 {
-        m.evict();
-    }
-    // Placed, but nothing written there yet.
-    assert_eq!(m.daemons.daemon_for(word(0, 0)).unwrap(), 0);
-    assert_eq!(m.daemons.pages_written, 0);
-    let moved = m
-        .pager
-        .move_unit(&mut m.daemons, BASE, UNIT_PAGES * PAGE_SIZE, 0, 1)
-        .unwrap();
-    assert_eq!(moved, UNIT_PAGES);
-    m.daemons.placed.insert(0, 1);
-    m.daemons.dead[0] = true;
-    // From the tier, then (the tier emptied) from the new daemon.
-    for p in 0..UNIT_PAGES / 2 {
-        assert_eq!(m.read(word(p, 0)), p as u64 + 1);
-    }
-    m.evict_all();
-    for p in 0..UNIT_PAGES {
-        assert_eq!(m.read(word(p, 0)), p as u64 + 1);
-    }
     m.check();
 }
 

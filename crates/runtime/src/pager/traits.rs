@@ -36,33 +36,36 @@ pub enum TableError {
     },
 }
 
-/// The memory daemons of a space, numbered, as the pager uses them.
+/// The memory daemons of a space, numbered, as the pager uses them. A unit
+/// may have several replicas: the backing writes to all of them and reads
+/// from one, and gives up a daemon that fails if the others hold its units
+/// (the pager does not see it).
 pub trait Backing {
-    /// The daemon holding `addr`'s unit, if it is placed.
+    /// The daemon to read `addr` from, if its unit is placed.
     fn daemon_of(&self, addr: usize) -> Option<usize>;
-    /// The daemon to store `addr` on (its unit placed now if need be).
-    fn daemon_for(&mut self, addr: usize) -> Result<usize, DaemonError>;
+    /// Places `addr`'s unit now if it is not yet (before a writeback).
+    fn ensure_placed(&mut self, addr: usize) -> Result<(), DaemonError>;
     /// A page of `addr`'s unit was written: it will be written back some
     /// day, so its unit is placed now if it is not yet, ahead of need (not
     /// waited for).
     fn place_ahead(&mut self, addr: usize);
-    /// Reads pages `addrs`, all on daemon `d`: their contents, in order.
+    /// Reads pages `addrs`, all read from daemon `d` ([`Backing::daemon_of`]):
+    /// their contents, in order.
     fn read_pages(&mut self, d: usize, addrs: &[VirtAddr]) -> Result<&[u8], DaemonError>;
-    /// Sends a write of pages `addrs` (contents `data`) to daemon `d`; it
-    /// counts as done only after [`Backing::await_writes`].
-    fn write_pages(&mut self, d: usize, addrs: &[VirtAddr], data: &[u8])
-        -> Result<(), DaemonError>;
-    /// Waits until every write sent is acknowledged.
+    /// Sends a write of pages `addrs` (contents `data`, their units placed)
+    /// to every replica of their units; it counts as done only after
+    /// [`Backing::await_writes`].
+    fn write_pages(&mut self, addrs: &[VirtAddr], data: &[u8]) -> Result<(), DaemonError>;
+    /// Waits until every write sent is acknowledged by every replica.
     fn await_writes(&mut self) -> Result<(), DaemonError>;
     /// Daemon `d` forgets `[addr, addr+len)`.
     fn discard_on(&mut self, d: usize, addr: usize, len: usize) -> Result<(), DaemonError>;
-    /// The daemons holding some unit of `[addr, addr+len)`, each once.
+    /// The daemons holding a replica of some unit of `[addr, addr+len)`,
+    /// each once.
     fn holders(&self, addr: usize, len: usize) -> Vec<usize>;
     /// The daemon that holds the layout (and forgets the contents of a
     /// range it unmaps by itself).
     fn home(&self) -> usize;
-    /// How many daemons there are (indices are below this).
-    fn count(&self) -> usize;
 }
 
 /// Why the pager could not do what was asked. The pager loop and the
