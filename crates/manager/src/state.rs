@@ -182,7 +182,7 @@ impl Cluster {
                 keep,
                 avoid,
             } => self.place_memory(now, (space, unit), &keep, &avoid, &mut ch),
-            Request::Restored { space, unit, ids } => self.restored(now, (space, unit), &ids),
+            Request::Restored { space, unit, ids } => self.restored((space, unit), &ids),
             Request::Drain { id } => self.drain(id, &mut ch),
             Request::Undrain { id } => self.undrain(id, &mut ch),
             Request::Draining => {
@@ -239,7 +239,7 @@ impl Cluster {
     /// lost it and is degraded until its runtime restores it; a unit with
     /// no replica left is gone (its program stopped).
     fn lose_replicas(&mut self, now: u64, id: u64, ch: &mut Changes) {
-        let mut hit = BTreeSet::new();
+        let mut hit = Vec::new();
         self.placements.retain(|&k, p| {
             if !p.replicas.contains(&id) {
                 return true;
@@ -251,10 +251,27 @@ impl Cluster {
             }
             p.degraded_since.get_or_insert(now);
             ch.placed.insert(k);
-            hit.insert(k);
+            hit.push(k);
             true
         });
-        if hit.is_empty() {
+        for k in hit {
+            self.note_lost(now, id, k);
+        }
+    }
+
+    /// Unit `key` lost its replica on memory daemon `id` (the manager saw
+    /// the daemon fail, or a runtime could not reach it): counted in that
+    /// daemon's recovery.
+    fn note_lost(&mut self, now: u64, id: u64, key: (u64, u64)) {
+        if let Some(r) = self
+            .recoveries
+            .iter_mut()
+            .rev()
+            .find(|r| r.component == id && r.done_ms.is_none())
+        {
+            if r.pending.insert(key) {
+                r.units += 1;
+            }
             return;
         }
         if self.recoveries.len() == RECOVERIES_KEPT {
@@ -263,8 +280,8 @@ impl Cluster {
         self.recoveries.push_back(Recovery {
             component: id,
             at_ms: now,
-            units: hit.len() as u64,
-            pending: hit,
+            units: 1,
+            pending: BTreeSet::from([key]),
             done_ms: None,
         });
     }
@@ -286,15 +303,20 @@ impl Cluster {
     }
 
     /// The runtime of `key`'s space filled every replica `ids` of it.
-    fn restored(&mut self, now: u64, key: (u64, u64), ids: &[u64]) -> Reply {
+    fn restored(&mut self, key: (u64, u64), ids: &[u64]) -> Reply {
         let Some(p) = self.placements.get_mut(&key) else {
             return Reply::Error {
                 message: format!("unit {} of space {} is not placed", key.1, key.0),
             };
         };
-        if p.replicas.iter().all(|r| ids.contains(r)) {
+        let alive = self
+            .components
+            .values()
+            .filter(|c| c.kind == Kind::Memory && c.state == State::Alive)
+            .count();
+        // Whole: every replica filled, and as many as it should have.
+        if p.replicas.iter().all(|r| ids.contains(r)) && p.replicas.len() >= self.replicas.min(alive) {
             p.degraded_since = None;
-            p.at_ms = p.at_ms.max(now.saturating_sub(1));
         }
         Reply::Ok
     }
@@ -599,15 +621,18 @@ impl Cluster {
         set.retain(|id| {
             seen.insert(*id) && !avoid.contains(id) && self.components.get(id).is_some_and(alive)
         });
-        let lost = had.as_ref().is_some_and(|had| {
-            had.iter().any(|id| {
+        let lost: Vec<u64> = had
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|id| {
                 !set.contains(id)
                     && self
                         .components
                         .get(id)
                         .is_none_or(|c| c.state != State::Draining)
             })
-        });
+            .collect();
         let units = self.units();
         let free = |id: &u64, c: &Component| {
             c.capacity_bytes
@@ -656,11 +681,14 @@ impl Cluster {
         }
         if had.as_ref() != Some(&set) {
             let degraded_since = match self.placements.get(&key) {
-                Some(p) if lost || p.degraded_since.is_some() => {
+                Some(p) if !lost.is_empty() || p.degraded_since.is_some() => {
                     Some(p.degraded_since.unwrap_or(now))
                 }
                 _ => None,
             };
+            for &id in &lost {
+                self.note_lost(now, id, key);
+            }
             self.placements.insert(
                 key,
                 Placement {
@@ -820,6 +848,7 @@ mod tests {
                     capacity_bytes: cap,
                     id: None,
                     key: String::new(),
+                    zone: String::new(),
                 },
             )
             .0
@@ -842,14 +871,32 @@ mod tests {
     }
 
     fn place(c: &mut Cluster, now: u64, space: u64, unit: u64) -> Reply {
-        c.apply(now, Request::PlaceMemory { space, unit }).0
+        let req = Request::PlaceMemory {
+            space,
+            unit,
+            keep: vec![],
+            avoid: vec![],
+        };
+        c.apply(now, req).0
     }
 
+    /// The first replica's daemon.
     fn placed_on(r: &Reply) -> u64 {
+        replicas_of(r)[0]
+    }
+
+    fn replicas_of(r: &Reply) -> Vec<u64> {
         match r {
-            Reply::Placed { id, .. } => *id,
+            Reply::Placed { replicas } => replicas.iter().map(|r| r.id).collect(),
             other => panic!("{other:?}"),
         }
+    }
+
+    fn on(c: &Cluster, id: u64) -> usize {
+        c.placements
+            .values()
+            .filter(|p| p.replicas.contains(&id))
+            .count()
     }
 
     #[test]
@@ -898,34 +945,154 @@ mod tests {
     }
 
     #[test]
-    fn units_lost_with_a_failed_daemon_are_forgotten_once_their_space_is_gone() {
+    fn a_unit_whose_only_replica_fails_is_gone() {
         let mut c = Cluster::new(900);
         let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
         let b = register(&mut c, 0, Kind::Memory, "b:1", 64 * MIB);
-        // Space 7 spreads over both; b then goes silent.
         for u in 0..4 {
             place(&mut c, 0, 7, u);
         }
-        let on_b = c.placements.values().filter(|p| p.component == b).count();
+        let on_b = on(&c, b);
         assert!(on_b > 0);
         let mut t = 0;
-        while t < 2400 {
+        let mut unplaced = 0;
+        while t < 1500 {
             t += 300;
             hb(&mut c, t, a, 4096, vec![7]);
-            c.tick(t);
+            unplaced += c.tick(t).unplaced.len();
         }
         assert_eq!(c.components[&b].state, State::Failed);
-        // While a still holds the space (its program runs), b's units stay
-        // (well past the wait after a manager restart).
+        assert_eq!(unplaced, on_b);
+        assert_eq!(on(&c, b), 0);
+        assert_eq!(c.placements.len(), 4 - on_b);
+        assert_eq!(c.status(t).degraded_units, 0, "nothing left to restore");
+    }
+
+    fn restore(c: &mut Cluster, now: u64, space: u64, unit: u64, ids: Vec<u64>) {
+        let r = c.apply(now, Request::Restored { space, unit, ids }).0;
+        assert_eq!(r, Reply::Ok);
+    }
+
+    #[test]
+    fn a_failed_daemons_replicas_are_replaced_and_degraded_until_restored() {
+        let mut c = Cluster::new(900).with_replicas(2);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 256 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 256 * MIB);
+        let d = register(&mut c, 0, Kind::Memory, "d:1", 256 * MIB);
+        let sets: Vec<Vec<u64>> = (0..6).map(|u| replicas_of(&place(&mut c, 0, 7, u))).collect();
+        for s in &sets {
+            assert_eq!(s.len(), 2);
+            assert_ne!(s[0], s[1]);
+        }
+        // Placing again answers the same replicas.
+        assert_eq!(replicas_of(&place(&mut c, 1, 7, 0)), sets[0]);
+        let with_b = sets.iter().filter(|s| s.contains(&b)).count();
+        assert!(with_b > 0);
+        // b goes silent.
+        let mut t = 0;
+        while c.components[&b].state != State::Failed {
+            t += 300;
+            hb(&mut c, t, a, 4096, vec![7]);
+            hb(&mut c, t, d, 4096, vec![7]);
+            c.tick(t);
+        }
+        let s = c.status(t);
+        assert_eq!(s.degraded_units, with_b as u64);
+        assert_eq!(s.recoveries.len(), 1);
+        assert_eq!(s.recoveries[0].component, b);
+        assert_eq!(s.recoveries[0].degraded, with_b as u64);
+        assert_eq!(s.recoveries[0].took_ms, None);
         assert_eq!(
-            c.placements.values().filter(|p| p.component == b).count(),
-            on_b
+            c.apply(t, Request::Draining).0,
+            Reply::Draining {
+                ids: vec![],
+                failed: vec![b]
+            }
         );
-        // The program stopped: a holds it no more; b's units go too.
-        hb(&mut c, t + 300, a, 0, vec![]);
-        let ch = c.tick(t + 300);
-        assert!(c.placements.is_empty(), "{:?}", c.placements);
-        assert_eq!(ch.unplaced.len(), on_b);
+        // Each runtime asks for the replicas it lost, fills them, says so.
+        let mut left = with_b as u64;
+        for (u, set) in sets.iter().enumerate() {
+            if !set.contains(&b) {
+                continue;
+            }
+            let keep: Vec<u64> = set.iter().copied().filter(|&x| x != b).collect();
+            let req = Request::PlaceMemory {
+                space: 7,
+                unit: u as u64,
+                keep: keep.clone(),
+                avoid: vec![b],
+            };
+            let now = replicas_of(&c.apply(t + 10, req).0);
+            assert_eq!(now.len(), 2);
+            assert_eq!(now[0], keep[0], "the surviving replica is read first");
+            assert!(!now.contains(&b));
+            assert_eq!(c.status(t + 10).degraded_units, left, "until filled");
+            restore(&mut c, t + 20 + u as u64, 7, u as u64, now);
+            left -= 1;
+        }
+        let s = c.status(t + 100);
+        assert_eq!(s.degraded_units, 0);
+        let took = s.recoveries[0].took_ms.unwrap();
+        assert!((20..=30).contains(&took), "{took}");
+        // A second failure loses nothing: every unit still has a replica.
+        let unplaced: usize = {
+            let mut n = 0;
+            let mut t = t + 100;
+            while c.components[&d].state != State::Failed {
+                t += 300;
+                hb(&mut c, t, a, 4096, vec![7]);
+                n += c.tick(t).unplaced.len();
+            }
+            n
+        };
+        assert_eq!(unplaced, 0);
+        assert!(c.placements.values().all(|p| p.replicas == [a]));
+        // With one memory daemon alive one replica is whole.
+        restore(&mut c, t + 5000, 7, 0, vec![a]);
+        assert!(c.placements[&(7, 0)].degraded_since.is_none());
+    }
+
+    #[test]
+    fn replicas_go_to_different_zones_and_unreachable_daemons_are_avoided() {
+        let mut c = Cluster::new(900).with_replicas(2);
+        let zone = |c: &mut Cluster, addr: &str, zone: &str| match c
+            .apply(
+                0,
+                Request::Register {
+                    kind: Kind::Memory,
+                    addr: addr.into(),
+                    capacity_bytes: 512 * MIB,
+                    id: None,
+                    key: String::new(),
+                    zone: zone.into(),
+                },
+            )
+            .0
+        {
+            Reply::Registered { id, .. } => id,
+            other => panic!("{other:?}"),
+        };
+        let a = zone(&mut c, "a:1", "rack-1");
+        let b = zone(&mut c, "b:1", "rack-1");
+        let r2 = zone(&mut c, "c:1", "rack-2");
+        for u in 0..8 {
+            let set = replicas_of(&place(&mut c, 1, 3, u));
+            assert!(set.contains(&r2), "unit {u}: {set:?} is all in rack-1");
+        }
+        assert_eq!(on(&c, r2), 8);
+        assert_eq!(on(&c, a) + on(&c, b), 8);
+        assert_eq!(c.status(1).components[2].zone, "rack-2");
+        // A runtime that cannot reach r2 gets another replica, not r2.
+        let req = Request::PlaceMemory {
+            space: 3,
+            unit: 0,
+            keep: vec![],
+            avoid: vec![r2],
+        };
+        let set = replicas_of(&c.apply(2, req).0);
+        assert!(!set.contains(&r2) && set.len() == 2, "{set:?}");
+        assert_eq!(c.status(2).degraded_units, 1);
+        assert_eq!(c.status(2).recoveries[0].component, r2);
     }
 
     #[test]
@@ -943,6 +1110,7 @@ mod tests {
                     capacity_bytes: 64 * MIB,
                     id: Some(a),
                     key: key.into(),
+                    zone: String::new(),
                 },
             )
             .0
@@ -1084,7 +1252,7 @@ mod tests {
         let places: Vec<_> = c
             .placements
             .iter()
-            .map(|(&k, p)| (k, p.component))
+            .map(|(&k, p)| (k, p.replicas.clone()))
             .collect();
         let mut r = Cluster::restore(1000, 50_000, comps, places);
         assert!(r.tick(50_900).is_empty());
@@ -1122,13 +1290,18 @@ mod tests {
         assert_eq!(drain(&mut c, b), Reply::Ok, "draining again is no error");
         assert_eq!(
             c.apply(3, Request::Draining).0,
-            Reply::Draining { ids: vec![b] }
+            Reply::Draining {
+                ids: vec![b],
+                failed: vec![]
+            }
         );
-        // Its unit is placed again on a when asked; no new unit goes to b.
+        // Its unit is placed again on a when asked (not degraded: b keeps
+        // it until it is copied); no new unit goes to b.
         let moved = (0..4)
-            .find(|&u| c.placements[&(7, u)].component == b)
+            .find(|&u| c.placements[&(7, u)].replicas == [b])
             .unwrap();
         assert_eq!(placed_on(&place(&mut c, 3, 7, moved)), a);
+        assert_eq!(c.status(3).degraded_units, 0);
         assert!(matches!(place(&mut c, 3, 8, 0), Reply::Error { .. }));
         // Still holding pages: stays draining.
         assert_eq!(hb(&mut c, 4, b, 4096, vec![7]), Reply::Ok);
@@ -1186,7 +1359,7 @@ mod tests {
         assert_eq!(reply, Reply::Ok);
         assert_eq!(c.components[&a].state, State::Left);
         // Its units went with it (the records are removed from storage).
-        assert!(c.placements.values().all(|pl| pl.component == b));
+        assert!(c.placements.values().all(|pl| pl.replicas == [b]));
         assert_eq!(ch.unplaced.len(), on.iter().filter(|&&x| x == a).count());
         // Nothing new goes to it; its old units are placed again elsewhere.
         assert!((0..4).all(|u| placed_on(&place(&mut c, 3, 7, u)) == b));
