@@ -122,6 +122,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>)> {
         capacity_bytes: 1 << 50,
         id: None,
         key: String::new(),
+        zone: String::new(),
     });
     let drain = control(&Request::Drain { id: 1 });
     let status = control(&Request::Status);
@@ -306,6 +307,7 @@ fn a_user_may_run_programs_but_not_reconfigure_the_cluster() {
             capacity_bytes: 1 << 50,
             id: None,
             key: String::new(),
+            zone: String::new(),
         },
         Request::Drain { id: 1 },
         Request::Undrain { id: 1 },

@@ -120,14 +120,18 @@ fn request(rng: &mut Rng, known: &[SpaceId], page: &[u8]) -> Vec<u8> {
         },
         10 | 11 => {
             let mut frame = Vec::new();
-            encode(
-                0,
-                &Message::WritePages {
+            let m = if rng.below(3) == 0 {
+                Message::FillPages {
                     addrs: addrs.into(),
                     data: &data,
-                },
-                &mut frame,
-            );
+                }
+            } else {
+                Message::WritePages {
+                    addrs: addrs.into(),
+                    data: &data,
+                }
+            };
+            encode(0, &m, &mut frame);
             return frame;
         }
         12 => Message::GetStats,

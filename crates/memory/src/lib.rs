@@ -753,6 +753,108 @@ mod tests {
         d.shutdown();
     }
 
+    fn read(c: &mut FramedConn<std::net::TcpStream>, addrs: &[VirtAddr]) -> Vec<u8> {
+        match c
+            .call(
+                9,
+                &Message::ReadPages {
+                    addrs: addrs.to_vec().into(),
+                },
+            )
+            .unwrap()
+            .message
+        {
+            Message::Pages { data } => data.to_vec(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_range_is_copied_daemon_to_daemon_without_overwriting_newer_pages() {
+        use lego_protocol::Capability;
+        let cred = Credential::generate().unwrap();
+        let a = MemoryDaemon::start("127.0.0.1:0", 1 << 20, cred.clone()).unwrap();
+        let b = MemoryDaemon::start("127.0.0.1:0", 1 << 20, cred.clone()).unwrap();
+        let connect = |addr: &str| {
+            let mut c = client(addr);
+            c.client_handshake(lego_protocol::Role::Runtime, "t", &cred)
+                .unwrap();
+            c
+        };
+        let cap = Capability([7; 16]);
+        let mut at_a = connect(a.addr());
+        let space = open(&mut at_a, cap);
+        let base = match at_a.call(2, &Message::Mmap { len: 16 * 4096 }).unwrap().message {
+            Message::Mapped { addr } => addr.0,
+            other => panic!("{other:?}"),
+        };
+        let addrs: Vec<VirtAddr> = (0..4).map(|k| VirtAddr(base + k * 4096)).collect();
+        let data: Vec<u8> = (0..4u8).flat_map(|k| [k + 1; 4096]).collect();
+        let w = at_a
+            .call(
+                3,
+                &Message::WritePages {
+                    addrs: addrs.clone().into(),
+                    data: &data,
+                },
+            )
+            .unwrap();
+        assert_eq!(w.message, Message::Done);
+        // The runtime attaches at b and writes page 2 there first (a write
+        // made after the copy began).
+        let mut at_b = connect(b.addr());
+        let attach = Message::AttachSpace {
+            space,
+            capability: cap,
+            region_base: VirtAddr(1 << 40),
+            region_bytes: 4 << 30,
+        };
+        assert_eq!(at_b.call(1, &attach).unwrap().message, Message::Done);
+        let newer = [0xee; 4096];
+        let w = at_b
+            .call(
+                2,
+                &Message::WritePages {
+                    addrs: vec![addrs[2]].into(),
+                    data: &newer,
+                },
+            )
+            .unwrap();
+        assert_eq!(w.message, Message::Done);
+        let copy = Message::CopyRange {
+            addr: VirtAddr(base),
+            len: 16 * 4096,
+            to: b.addr(),
+        };
+        assert_eq!(
+            at_a.call(4, &copy).unwrap().message,
+            Message::Copied { pages: 4 }
+        );
+        let got = read(&mut at_b, &addrs);
+        assert_eq!(&got[..4096], &data[..4096]);
+        assert_eq!(&got[2 * 4096..3 * 4096], &newer[..], "not overwritten");
+        assert_eq!(&got[3 * 4096..], &data[3 * 4096..]);
+        assert_eq!(b.stats().used_bytes, 4 * 4096);
+        // A copy to nowhere, or before a space, is an error; the
+        // connection goes on.
+        let nowhere = Message::CopyRange {
+            addr: VirtAddr(base),
+            len: 4096,
+            to: "127.0.0.1:1",
+        };
+        let r = at_a.call(5, &nowhere).unwrap();
+        assert!(
+            matches!(&r.message, Message::Error { message, .. } if message.contains("cannot copy")),
+            "{r:?}"
+        );
+        let mut fresh = connect(a.addr());
+        let r = fresh.call(1, &copy).unwrap();
+        assert!(matches!(r.message, Message::Error { .. }), "{r:?}");
+        assert_eq!(read(&mut at_a, &addrs[..1]), &data[..4096]);
+        a.shutdown();
+        b.shutdown();
+    }
+
     #[test]
     fn sizes_that_overflow_get_an_error_and_the_connection_goes_on() {
         let (d, cred) = daemon();

@@ -105,6 +105,10 @@ impl DaemonError {
     }
 }
 
+/// How long a daemon this program lost is avoided if the manager does not
+/// see it fail (it was slow, not dead).
+pub const LOST_FOR: Duration = Duration::from_secs(30);
+
 /// Connects and says hello to the memory daemon at `addr`.
 pub fn connect(
     addr: &str,
@@ -246,8 +250,10 @@ pub struct DaemonPool {
     /// A daemon that does not answer this long is lost, if nothing is
     /// lost with it (zero: wait the whole timeout).
     failover: Duration,
-    /// Manager ids of the daemons this program lost.
-    pub lost_ids: Vec<u64>,
+    /// Manager ids of the daemons this program lost, and when: no replica
+    /// goes there again until the manager has seen them fail (and come
+    /// back), or for [`LOST_FOR`].
+    pub lost_ids: Vec<(u64, Instant)>,
     /// Pages read from several replicas after a loss.
     scratch: Vec<u8>,
     /// Per daemon: the pages of a writeback going there.
@@ -380,7 +386,7 @@ impl DaemonPool {
         let lost = self.placement.lose(d);
         self.close(d);
         if let Some(&id) = self.placement.ids().get(d) {
-            self.lost_ids.push(id);
+            self.lost_ids.push((id, Instant::now()));
         }
         if !lost.is_empty() {
             return Err(DaemonError::Lost {
@@ -581,10 +587,19 @@ impl DaemonPool {
             };
             self.daemons[d].addr = addr.to_string();
             self.daemons[d].conn = Some(conn);
-            self.lost_ids.retain(|&x| x != id);
+            self.lost_ids.retain(|&(x, _)| x != id);
             self.changed += 1;
         }
         Ok(d)
+    }
+
+    /// The daemons this program lost and still avoids, given the ones the
+    /// manager reports failed (those it avoids by itself, and forgets once
+    /// they come back).
+    pub fn avoided(&mut self, failed: &[u64]) -> Vec<u64> {
+        self.lost_ids
+            .retain(|(id, at)| !failed.contains(id) && at.elapsed() < LOST_FOR);
+        self.lost_ids.iter().map(|&(id, _)| id).collect()
     }
 
     /// The space and its capability, and the region (for the repair

@@ -118,8 +118,9 @@ impl Runtime {
             let mut result = Ok(());
             if let Some(m) = &manager {
                 let retry = Instant::now() >= retry_short;
+                let avoid = lock(&self.state).pool.avoided(&verdict.failed);
                 for unit in self.units_to_repair(&verdict.draining, retry) {
-                    let r = self.repair_unit(m, &mut client, unit, &verdict.draining);
+                    let r = self.repair_unit(m, &mut client, unit, (&verdict.draining, &avoid));
                     match r {
                         Ok(true) => {}
                         Ok(false) => retry_short = Instant::now() + RETRY_SHORT,
@@ -194,13 +195,13 @@ impl Runtime {
         manager: &str,
         client: &mut Option<ControlClient>,
         unit: usize,
-        draining: &[u64],
+        (draining, avoid): (&[u64], &[u64]),
     ) -> Result<bool, RepairError> {
         let off = unit * UNIT;
         let base = self.region.base + off;
         let len = UNIT.min(self.region.len - off);
         // 1. What the manager makes of it.
-        let (keep, avoid, had) = {
+        let (keep, had) = {
             let st = lock(&self.state);
             let ids = st.pool.placement.ids();
             let r = st.pool.placement.replicas(off);
@@ -209,13 +210,13 @@ impl Runtime {
                 .filter_map(|d| ids.get(d).copied())
                 .filter(|id| !draining.contains(id))
                 .collect();
-            (keep, st.pool.lost_ids.clone(), r.len())
+            (keep, r.len())
         };
         let req = Request::PlaceMemory {
             space: self.space.0,
             unit: unit as u64,
             keep: keep.clone(),
-            avoid,
+            avoid: avoid.to_vec(),
         };
         let replicas =
             placement::ask(manager, client, &req, self.timeout).map_err(RepairError::Manager)?;

@@ -1,6 +1,8 @@
 //! Helpers shared by the end-to-end test files.
 #![allow(dead_code)] // each test file uses a subset
 
+pub mod hosts;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
