@@ -441,7 +441,7 @@ impl Report {
         let migrated = s.migrated_pages.load(Relaxed);
         let moved = if migrated > 0 {
             format!(
-                "lego: moved {} off draining memory daemons\n",
+                "lego: {} copied between memory daemons (replicas made again, drains)\n",
                 human(migrated * lego_protocol::PAGE_SIZE as u64)
             )
         } else {

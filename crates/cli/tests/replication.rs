@@ -165,7 +165,10 @@ fn a_memory_daemon_killed_at_a_random_moment_loses_nothing() {
         // It comes back empty, and takes memory again.
         mems.restart(&mut h, victim, &manager, "256M");
     }
-    eprintln!("{runs} runs, each with a memory daemon killed: {} failed", failed.len());
+    eprintln!(
+        "{runs} runs, each with a memory daemon killed: {} failed",
+        failed.len()
+    );
     assert!(failed.is_empty(), "{failed:#?}");
 }
 
@@ -195,7 +198,10 @@ fn redundancy_is_restored_after_a_failure_and_a_second_failure_loses_nothing() {
     });
     let took = killed.elapsed();
     assert!(restored, "not restored after {took:?}: {last}");
-    eprintln!("redundancy restored {took:?} after the kill: {}", last["recoveries"]);
+    eprintln!(
+        "redundancy restored {took:?} after the kill: {}",
+        last["recoveries"]
+    );
     // Every unit is on both survivors now: losing one loses nothing.
     mems.kill(&mut h, 2);
     work.check(child.wait_with_output().unwrap(), "after two failures");
@@ -247,7 +253,11 @@ fn a_memory_host_cut_off_mid_run_loses_nothing_and_its_stale_pages_are_never_ser
         degraded(&s) == 0 && units_on(&s, &h)[1] > 0
     });
     work.check(child.wait_with_output().unwrap(), "after a cut and a kill");
-    assert!(refilled, "no replica went back to mem2: {}", status(&h, &manager));
+    assert!(
+        refilled,
+        "no replica went back to mem2: {}",
+        status(&h, &manager)
+    );
 }
 
 #[test]
@@ -262,7 +272,10 @@ fn with_three_replicas_two_daemons_killed_one_after_the_other_lose_nothing() {
     mems.kill(&mut h, 1);
     std::thread::sleep(Duration::from_millis(1000));
     mems.kill(&mut h, 3);
-    work.check(child.wait_with_output().unwrap(), "two of three replicas killed");
+    work.check(
+        child.wait_with_output().unwrap(),
+        "two of three replicas killed",
+    );
 }
 
 #[test]
@@ -274,7 +287,10 @@ fn a_failure_during_forks_loses_nothing() {
     let child = work.start(&h, &manager);
     std::thread::sleep(Duration::from_millis(2500));
     mems.kill(&mut h, 2);
-    work.check(child.wait_with_output().unwrap(), "a daemon killed among forks");
+    work.check(
+        child.wait_with_output().unwrap(),
+        "a daemon killed among forks",
+    );
 }
 
 #[test]
@@ -304,7 +320,10 @@ fn a_failure_during_a_drain_loses_nothing_and_the_drain_completes() {
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     mems.kill(&mut h, 2);
-    work.check(child.wait_with_output().unwrap(), "a daemon killed during a drain");
+    work.check(
+        child.wait_with_output().unwrap(),
+        "a daemon killed during a drain",
+    );
     let drained = drain.wait_with_output().unwrap();
     assert!(drained.status.success(), "{}", text(&drained.stderr));
 }
@@ -325,6 +344,9 @@ fn a_failure_right_after_a_hot_add_loses_nothing() {
         let s = status(&h, &manager);
         degraded(&s) == 0 && units_on(&s, &h)[2] > 0
     });
-    work.check(child.wait_with_output().unwrap(), "a daemon killed after a hot-add");
+    work.check(
+        child.wait_with_output().unwrap(),
+        "a daemon killed after a hot-add",
+    );
     assert!(moved, "the added daemon got no replicas");
 }

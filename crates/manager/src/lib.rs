@@ -275,7 +275,13 @@ mod tests {
     fn state_survives_a_restart_and_garbage_gets_an_error() {
         let dir = tmp("restart");
         let cred = Credential::generate().unwrap();
-        let m = Manager::start("127.0.0.1:0", &dir, (Duration::from_secs(5), 1), cred.clone()).unwrap();
+        let m = Manager::start(
+            "127.0.0.1:0",
+            &dir,
+            (Duration::from_secs(5), 1),
+            cred.clone(),
+        )
+        .unwrap();
         let t = Duration::from_secs(5);
         let r = control_call(
             m.addr(),
@@ -312,8 +318,13 @@ mod tests {
         // their peers leave.
         let m = (0..100)
             .find_map(|_| {
-                let m =
-                    Manager::start("127.0.0.1:0", &dir, (Duration::from_secs(5), 1), cred.clone()).ok();
+                let m = Manager::start(
+                    "127.0.0.1:0",
+                    &dir,
+                    (Duration::from_secs(5), 1),
+                    cred.clone(),
+                )
+                .ok();
                 if m.is_none() {
                     std::thread::sleep(Duration::from_millis(20));
                 }

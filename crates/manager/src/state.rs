@@ -315,7 +315,9 @@ impl Cluster {
             .filter(|c| c.kind == Kind::Memory && c.state == State::Alive)
             .count();
         // Whole: every replica filled, and as many as it should have.
-        if p.replicas.iter().all(|r| ids.contains(r)) && p.replicas.len() >= self.replicas.min(alive) {
+        if p.replicas.iter().all(|r| ids.contains(r))
+            && p.replicas.len() >= self.replicas.min(alive)
+        {
             p.degraded_since = None;
         }
         Reply::Ok
@@ -658,18 +660,17 @@ impl Cluster {
             }
         }
         if set.is_empty() {
-            let (cap, placed, n) = self
-                .components
-                .iter()
-                .filter(|(_, c)| alive(c))
-                .fold((0, 0, 0), |(cap, placed, n), (id, c)| {
+            let (cap, placed, n) = self.components.iter().filter(|(_, c)| alive(c)).fold(
+                (0, 0, 0),
+                |(cap, placed, n), (id, c)| {
                     let units = units.get(id).copied().unwrap_or(0);
                     (
                         c.capacity_bytes.saturating_add(cap),
                         placed + units * PLACEMENT_BYTES,
                         n + 1,
                     )
-                });
+                },
+            );
             return Reply::Error {
                 message: format!(
                     "no memory daemon has room for another {} MiB ({n} alive, {} MiB capacity, {} MiB placed)",
@@ -979,7 +980,9 @@ mod tests {
         let a = register(&mut c, 0, Kind::Memory, "a:1", 256 * MIB);
         let b = register(&mut c, 0, Kind::Memory, "b:1", 256 * MIB);
         let d = register(&mut c, 0, Kind::Memory, "d:1", 256 * MIB);
-        let sets: Vec<Vec<u64>> = (0..6).map(|u| replicas_of(&place(&mut c, 0, 7, u))).collect();
+        let sets: Vec<Vec<u64>> = (0..6)
+            .map(|u| replicas_of(&place(&mut c, 0, 7, u)))
+            .collect();
         for s in &sets {
             assert_eq!(s.len(), 2);
             assert_ne!(s[0], s[1]);

@@ -250,7 +250,10 @@ fn copy_range(
         )
     })?;
     if to.len() > lego_protocol::control::MAX_ADDR_BYTES {
-        return Err(Refusal(Invalid, "the copy's target address is too long".into()));
+        return Err(Refusal(
+            Invalid,
+            "the copy's target address is too long".into(),
+        ));
     }
     let snap = lock(store).snapshot(id, addr, len)?;
     let failed = |e: String| Refusal(Invalid, format!("cannot copy to memory daemon {to}: {e}"));
@@ -277,7 +280,11 @@ fn copy_range(
     expect_done(reply.message)?;
     let (mut addrs, mut data) = (Vec::new(), Vec::new());
     let mut in_flight = 0;
-    for (k, batch) in snap.pages.chunks(lego_protocol::MAX_BATCH_PAGES).enumerate() {
+    for (k, batch) in snap
+        .pages
+        .chunks(lego_protocol::MAX_BATCH_PAGES)
+        .enumerate()
+    {
         addrs.clear();
         data.clear();
         for (a, p) in batch {
@@ -288,7 +295,8 @@ fn copy_range(
             addrs: addrs.as_slice().into(),
             data: &data,
         };
-        c.send(2 + k as u64, &msg).map_err(|e| failed(e.to_string()))?;
+        c.send(2 + k as u64, &msg)
+            .map_err(|e| failed(e.to_string()))?;
         in_flight += 1;
         if in_flight == COPY_WINDOW {
             let r = c.recv().map_err(|e| failed(e.to_string()))?;
@@ -315,7 +323,9 @@ fn request_loop<S: Stream>(
         let id = f.request_id;
         let result = match f.message {
             // Network I/O of its own: never under the store's lock.
-            Message::CopyRange { addr, len, to } => copy_range(store, *space, (addr, len), to, cred),
+            Message::CopyRange { addr, len, to } => {
+                copy_range(store, *space, (addr, len), to, cred)
+            }
             msg => {
                 let mut st = lock(store);
                 handle(&mut st, space, msg, &mut pages)
@@ -784,7 +794,11 @@ mod tests {
         let cap = Capability([7; 16]);
         let mut at_a = connect(a.addr());
         let space = open(&mut at_a, cap);
-        let base = match at_a.call(2, &Message::Mmap { len: 16 * 4096 }).unwrap().message {
+        let base = match at_a
+            .call(2, &Message::Mmap { len: 16 * 4096 })
+            .unwrap()
+            .message
+        {
             Message::Mapped { addr } => addr.0,
             other => panic!("{other:?}"),
         };

@@ -25,9 +25,10 @@ pub struct ThreadLook {
     /// Faults taken plus CPU ticks used (`minflt + majflt + utime +
     /// stime`): moves whenever the thread gets anything done.
     pub progress: u64,
-    /// A runtime keeper thread (named `lego-keeper`): it only spins while
-    /// misses are being served and never serves one, so it is left out.
-    pub keeper: bool,
+    /// A runtime helper thread (a keeper, the placer, the repair thread,
+    /// named `lego-…`): it never serves a fault (only the pager does), so
+    /// it is left out.
+    pub helper: bool,
 }
 
 impl ThreadLook {
@@ -58,7 +59,7 @@ impl ProcessLook {
         let live: Vec<&ThreadLook> = self
             .threads
             .iter()
-            .filter(|t| !t.dead() && !t.keeper)
+            .filter(|t| !t.dead() && !t.helper)
             .collect();
         if live.is_empty() || live.iter().any(|t| t.stopped() || !t.in_userfault) {
             return None;
@@ -153,7 +154,7 @@ mod tests {
             state,
             in_userfault,
             progress,
-            keeper: false,
+            helper: false,
         }
     }
 
@@ -193,14 +194,16 @@ mod tests {
     }
 
     #[test]
-    fn a_keeper_thread_does_not_hide_a_hang() {
+    fn a_helper_thread_does_not_hide_a_hang() {
         let mut d = HangDetector::new(3, 1);
         let mut p = both_waiting(100);
-        let keeper = ThreadLook {
-            keeper: true,
-            ..thread(102, 'S', false, 7)
-        };
-        p.threads.push(keeper);
+        for tid in [102, 103] {
+            let helper = ThreadLook {
+                helper: true,
+                ..thread(tid, 'S', false, 7)
+            };
+            p.threads.push(helper);
+        }
         assert!(looks(&mut d, 4, &[p])[3].is_some());
     }
 

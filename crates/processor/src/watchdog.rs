@@ -155,7 +155,7 @@ fn look_at(pid: u32, name: String) -> Option<ProcessLook> {
             state: stat.state,
             in_userfault: wchan.trim() == "handle_userfault",
             progress: stat.progress,
-            keeper: comm.trim() == lego_sys::process::KEEPER_THREAD_NAME,
+            helper: lego_sys::process::HELPER_THREAD_NAMES.contains(&comm.trim()),
         });
     }
     Some(ProcessLook { pid, name, threads })

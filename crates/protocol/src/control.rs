@@ -170,7 +170,11 @@ pub enum Request {
     },
     /// Every replica `ids` of unit `unit` of `space` holds the unit's
     /// pages again: the unit is no longer degraded.
-    Restored { space: u64, unit: u64, ids: Vec<u64> },
+    Restored {
+        space: u64,
+        unit: u64,
+        ids: Vec<u64>,
+    },
     /// Move every unit off memory daemon `id` (`lego drain`): it gets no
     /// new placements, the programs with units on it move them, and once
     /// it holds nothing it is told to leave.

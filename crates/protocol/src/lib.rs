@@ -1044,7 +1044,7 @@ mod tests {
             },
             Message::GetLayout,
             Message::FillPages {
-                addrs: vec![VirtAddr(4096)].into(),
+                addrs: vec![VirtAddr(4096), VirtAddr(8192)].into(),
                 data: &page,
             },
             Message::CopyRange {

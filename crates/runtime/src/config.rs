@@ -7,7 +7,7 @@
 //! | `LEGO_STATS_FD` | fd of the shared statistics page |
 //! | `LEGO_KEY` | the credential file the runtime proves itself with to daemons and the manager (`lego run` sets it; else `~/.lego/cluster.key`; docs/security.md) |
 //! | `LEGO_TIMEOUT_MS` | how long to wait for a daemon's answer before giving up (default 10000) |
-//! | `LEGO_FAILOVER_MS` | how long a daemon may leave a request unanswered before it is given up, if every unit it holds has another replica (default 1000; 0: wait `LEGO_TIMEOUT_MS`) |
+//! | `LEGO_FAILOVER_MS` | how long a daemon may leave a request unanswered before it is given up, if every unit it holds has another replica (default 500; 0: wait `LEGO_TIMEOUT_MS`) |
 //! | `LEGO_REPLICAS` | without a manager: replicas of each unit, on that many daemons of `LEGO_MEMORY` (default 2 when there are two or more; the manager's `--replicas` decides otherwise) |
 //! | `LEGO_REGION_BYTES` | virtual size of the disaggregated region (default 64 GiB) |
 //! | `LEGO_POLL_US` | after sending a page read, poll the socket this long before sleeping on it (default 100; 0: sleep at once) |
@@ -120,7 +120,7 @@ impl Config {
             excache_bytes: var("LEGO_EXCACHE_BYTES").unwrap_or(64 << 20),
             stats: var::<i32>("LEGO_STATS_FD").and_then(stats::attach),
             timeout: Duration::from_millis(var("LEGO_TIMEOUT_MS").unwrap_or(10_000)),
-            failover: Duration::from_millis(var("LEGO_FAILOVER_MS").unwrap_or(1000)),
+            failover: Duration::from_millis(var("LEGO_FAILOVER_MS").unwrap_or(500)),
             replicas: var("LEGO_REPLICAS").unwrap_or(2),
             tuning: Tuning {
                 prefetch_pages: var::<usize>("LEGO_PREFETCH_PAGES")

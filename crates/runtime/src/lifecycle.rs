@@ -216,7 +216,9 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
                         units: lost.len(),
                     });
                 }
-                process::warn(&format!("{e}; its units are served by their other replicas"));
+                process::warn(&format!(
+                    "{e}; its units are served by their other replicas"
+                ));
                 daemons.push(Daemon { addr, conn: None });
             }
             Err(e) => return Err(e),
@@ -244,9 +246,8 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
                 .map(|d| d.addr.clone())
         });
     if let Some(addr) = backup {
-        let conn = pool::connect(&addr, &p.program, p.timeout).and_then(|mut c| {
-            pool::space_call(&mut c, &addr, &attach).map(|_| c)
-        });
+        let conn = pool::connect(&addr, &p.program, p.timeout)
+            .and_then(|mut c| pool::space_call(&mut c, &addr, &attach).map(|_| c));
         let made = conn.and_then(|c| layout.set_backup(addr.clone(), c));
         if let Err(e) = made {
             // The repair thread tries again.
@@ -313,12 +314,16 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
             .map_err(|e| e.to_string())
         };
         process::spawn_thread(heap::mark_runtime_thread, move || {
+            process::set_thread_name(process::PLACER_THREAD_NAME);
             placer.run(space.0, timeout, attach)
         })
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the placer thread: {e}")));
     }
-    process::spawn_thread(heap::mark_runtime_thread, move || rt.repair_loop(manager))
-        .unwrap_or_else(|e| die(&format!("runtime: cannot start the repair thread: {e}")));
+    process::spawn_thread(heap::mark_runtime_thread, move || {
+        process::set_thread_name(process::REPAIR_THREAD_NAME);
+        rt.repair_loop(manager)
+    })
+    .unwrap_or_else(|e| die(&format!("runtime: cannot start the repair thread: {e}")));
     Ok(())
 }
 
@@ -331,11 +336,12 @@ fn open_at(
     open: &Message<'_>,
 ) -> Result<(lego_transport::FramedConn<std::net::TcpStream>, SpaceId), DaemonError> {
     let mut conn = pool::connect(addr, program, timeout)?;
-    let space = pool::space_call(&mut conn, addr, open)?.ok_or_else(|| DaemonError::Unexpected {
-        addr: addr.to_string(),
-        request: open.name(),
-        reply: "Done (no address space was opened)".into(),
-    })?;
+    let space =
+        pool::space_call(&mut conn, addr, open)?.ok_or_else(|| DaemonError::Unexpected {
+            addr: addr.to_string(),
+            request: open.name(),
+            reply: "Done (no address space was opened)".into(),
+        })?;
     Ok((conn, space))
 }
 

@@ -37,7 +37,8 @@ impl LayoutConn {
         self.next_id += 1;
         let id = self.next_id;
         let reply = loop {
-            match pool::call(&mut self.conn, &self.addr, id, msg).and_then(|r| owned(&self.addr, msg, r))
+            match pool::call(&mut self.conn, &self.addr, id, msg)
+                .and_then(|r| owned(&self.addr, msg, r))
             {
                 Ok(r) => break r,
                 Err(e) if e.is_loss() => match self.backup.take() {
@@ -62,7 +63,11 @@ impl LayoutConn {
                     if r == reply {
                         Ok(())
                     } else {
-                        Err(format!("it answered {} where the home answered {}", r.describe(), reply.describe()))
+                        Err(format!(
+                            "it answered {} where the home answered {}",
+                            r.describe(),
+                            reply.describe()
+                        ))
                     }
                 });
             if let Err(e) = same {
@@ -85,7 +90,12 @@ impl LayoutConn {
         mut conn: FramedConn<TcpStream>,
     ) -> Result<(), DaemonError> {
         self.next_id += 1;
-        let reply = pool::call(&mut self.conn, &self.addr, self.next_id, &Message::GetLayout)?;
+        let reply = pool::call(
+            &mut self.conn,
+            &self.addr,
+            self.next_id,
+            &Message::GetLayout,
+        )?;
         let Message::Layout {
             brk_start,
             brk,
@@ -126,7 +136,11 @@ impl LayoutConn {
 
 /// A layout reply, owned; anything but `Mapped`, `BrkIs` and `Done` is
 /// unexpected.
-fn owned(addr: &str, msg: &Message<'_>, reply: Message<'_>) -> Result<Message<'static>, DaemonError> {
+fn owned(
+    addr: &str,
+    msg: &Message<'_>,
+    reply: Message<'_>,
+) -> Result<Message<'static>, DaemonError> {
     match reply {
         Message::Mapped { addr } => Ok(Message::Mapped { addr }),
         Message::BrkIs { brk } => Ok(Message::BrkIs { brk }),

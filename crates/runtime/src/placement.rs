@@ -581,5 +581,4 @@ mod tests {
         );
         assert!(got.is_empty());
     }
-
 }

@@ -64,7 +64,10 @@ pub enum DaemonError {
     #[error("memory daemon {addr} is no longer used (drained or lost), yet a page placed on it was asked for")]
     Drained { addr: String },
     #[error("{cause}; no other replica holds {units} unit(s) of the program's memory that were there: their pages are lost")]
-    Lost { cause: Box<DaemonError>, units: usize },
+    Lost {
+        cause: Box<DaemonError>,
+        units: usize,
+    },
     #[error("page {addr:#x} is remote but its memory was never placed")]
     Unplaced { addr: usize },
     #[error("{0}")]
@@ -568,9 +571,7 @@ impl DaemonPool {
             Some(d) => d,
             None => {
                 let d = self.daemons.len();
-                self.placement
-                    .bind(id, d)
-                    .map_err(DaemonError::Placement)?;
+                self.placement.bind(id, d).map_err(DaemonError::Placement)?;
                 self.daemons.push(Daemon {
                     addr: addr.to_string(),
                     conn: None,
@@ -611,7 +612,6 @@ impl DaemonPool {
         )
     }
 }
-
 
 /// A new connection to the daemon at `addr`, bound to `space`.
 pub fn attach(
@@ -677,7 +677,10 @@ impl DaemonPool {
             // The run of pages whose units read from `d`.
             let mut end = k + 1;
             while end < addrs.len()
-                && self.placement.placed(addrs[end].0 as usize - self.region_base) == Some(d)
+                && self
+                    .placement
+                    .placed(addrs[end].0 as usize - self.region_base)
+                    == Some(d)
             {
                 end += 1;
             }

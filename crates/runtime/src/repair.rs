@@ -267,7 +267,11 @@ impl Runtime {
         };
         // 3. Copied daemon to daemon, off the lock.
         for (t, to) in targets {
-            self.copy_unit(&source.1, base, len, &to)?;
+            let pages = self.copy_unit(&source.1, base, len, &to)?;
+            if let Some(s) = self.stats {
+                s.migrated_pages
+                    .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
+            }
             // 4. Whole.
             lock(&self.state).pool.placement.filled(unit, t);
         }
@@ -296,7 +300,10 @@ impl Runtime {
     }
 
     /// A new connection to the daemon at `addr`, attached to the space.
-    fn attach(&self, addr: &str) -> Result<lego_transport::FramedConn<std::net::TcpStream>, DaemonError> {
+    fn attach(
+        &self,
+        addr: &str,
+    ) -> Result<lego_transport::FramedConn<std::net::TcpStream>, DaemonError> {
         pool::attach(
             addr,
             &self.program,
@@ -386,9 +393,7 @@ impl Runtime {
             let addr = st.pool.daemons[d].addr.clone();
             let layout_there =
                 addr == layout.addr || layout.backup.as_ref().is_some_and(|b| b.0 == addr);
-            if st.pool.daemons[d].conn.is_some()
-                && !layout_there
-                && !st.pool.placement.holds_any(d)
+            if st.pool.daemons[d].conn.is_some() && !layout_there && !st.pool.placement.holds_any(d)
             {
                 st.pool.close(d);
             }

@@ -151,7 +151,6 @@ impl Runtime {
             (&s.writebacks, c.writebacks),
             (&s.zero_drops, c.zero_drops),
             (&s.unchanged_drops, c.unchanged_drops),
-            (&s.migrated_pages, c.migrated_pages),
             (&s.tier_hits, c.tier_hits),
             (&s.tier_stores, c.tier_stores),
             (&s.tier_incompressible, c.tier_incompressible),

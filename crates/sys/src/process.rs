@@ -332,8 +332,16 @@ pub fn usable_cpus() -> usize {
 }
 
 /// The name of the runtime's keeper threads (they spin while misses come
-/// close together and never serve a fault; the hang watchdog ignores them).
+/// close together and never serve a fault).
 pub const KEEPER_THREAD_NAME: &str = "lego-keeper";
+/// The runtime's placer thread (asks the manager where units go).
+pub const PLACER_THREAD_NAME: &str = "lego-placer";
+/// The runtime's repair thread (replicas, drains, the layout's backup).
+pub const REPAIR_THREAD_NAME: &str = "lego-repair";
+/// The runtime's helper threads: none of them serves a fault (only the
+/// pager does), so the hang watchdog leaves them out.
+pub const HELPER_THREAD_NAMES: [&str; 3] =
+    [KEEPER_THREAD_NAME, PLACER_THREAD_NAME, REPAIR_THREAD_NAME];
 
 /// Names the calling thread (its `comm`, at most 15 bytes).
 pub fn set_thread_name(name: &str) {

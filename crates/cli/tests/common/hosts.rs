@@ -336,4 +336,3 @@ pub fn memory_entry(s: &serde_json::Value, h: &Hosts, k: usize) -> (u64, String,
         c["used_bytes"].as_u64().unwrap(),
     )
 }
-

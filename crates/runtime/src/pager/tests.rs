@@ -107,7 +107,11 @@ impl FakeDaemons {
     }
     /// The live replicas of `addr`'s unit; an error if it has none.
     fn alive(&self, addr: usize) -> Result<Vec<usize>, DaemonError> {
-        let members = self.placed.get(&Self::unit(addr)).cloned().unwrap_or_default();
+        let members = self
+            .placed
+            .get(&Self::unit(addr))
+            .cloned()
+            .unwrap_or_default();
         let alive: Vec<usize> = members.iter().copied().filter(|&d| !self.dead[d]).collect();
         match (alive.is_empty(), members.first()) {
             (true, Some(d)) => Err(DaemonError::Closed {

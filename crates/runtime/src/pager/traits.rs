@@ -111,7 +111,6 @@ pub struct Counters {
     pub writebacks: u64,
     pub zero_drops: u64,
     pub unchanged_drops: u64,
-    pub migrated_pages: u64,
     /// Misses served from the compressed tier.
     pub tier_hits: u64,
     /// Evicted pages stored in the tier.
