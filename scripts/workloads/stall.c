@@ -27,7 +27,16 @@ int main(int argc, char **argv) {
     double seconds = atof(argv[2]);
     uint64_t *buf = malloc(pages * 4096);
     if (!buf) return 2;
-    for (size_t i = 0; i < pages; i++) buf[i * 512] = i * 2654435761u;
+    /* Random words: pages that do not compress go to the memory daemons,
+     * not to lego's compressed tier. */
+    uint64_t r = 0x9e3779b97f4a7c15ull;
+    for (size_t i = 0; i < pages; i++) {
+        for (int k = 1; k < 512; k++) {
+            r ^= r << 13; r ^= r >> 7; r ^= r << 17;
+            buf[i * 512 + k] = r;
+        }
+        buf[i * 512] = i * 2654435761u;
+    }
     printf("filled %.6f\n", now());
     fflush(stdout);
     uint64_t x = 88172645463325252ull, sum = 0, reads = 0;

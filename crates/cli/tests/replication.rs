@@ -142,7 +142,7 @@ fn a_memory_daemon_killed_at_a_random_moment_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
-    let (mut h, manager, _) = replicated_cluster("1s", 3, "256M", "2");
+    let (mut h, manager, _) = replicated_cluster("2s", 3, "256M", "2");
     let mut mems = Mems::new(3);
     // 48 MiB, three times the ExCache; about 3 s under lego.
     let work = Workload::stress("48", "3");
@@ -174,7 +174,7 @@ fn a_memory_daemon_killed_at_a_random_moment_loses_nothing() {
 
 #[test]
 fn redundancy_is_restored_after_a_failure_and_a_second_failure_loses_nothing() {
-    let (mut h, manager, _) = replicated_cluster("1s", 3, "256M", "2");
+    let (mut h, manager, _) = replicated_cluster("2s", 3, "256M", "2");
     let mems = Mems::new(3);
     let work = Workload::stress("64", "12");
     let child = work.start(&h, &manager);
@@ -209,7 +209,7 @@ fn redundancy_is_restored_after_a_failure_and_a_second_failure_loses_nothing() {
 
 #[test]
 fn a_memory_host_cut_off_mid_run_loses_nothing_and_its_stale_pages_are_never_served() {
-    let (mut h, manager, _) = replicated_cluster("1s", 3, "256M", "2");
+    let (mut h, manager, _) = replicated_cluster("2s", 3, "256M", "2");
     let mems = Mems::new(3);
     let work = Workload::stress("64", "16");
     let child = work.start(&h, &manager);
@@ -262,7 +262,7 @@ fn a_memory_host_cut_off_mid_run_loses_nothing_and_its_stale_pages_are_never_ser
 
 #[test]
 fn with_three_replicas_two_daemons_killed_one_after_the_other_lose_nothing() {
-    let (mut h, manager, _) = replicated_cluster("1s", 3, "256M", "3");
+    let (mut h, manager, _) = replicated_cluster("2s", 3, "256M", "3");
     let mems = Mems::new(3);
     let work = Workload::stress("48", "8");
     let child = work.start(&h, &manager);
@@ -280,7 +280,7 @@ fn with_three_replicas_two_daemons_killed_one_after_the_other_lose_nothing() {
 
 #[test]
 fn a_failure_during_forks_loses_nothing() {
-    let (mut h, manager, _) = replicated_cluster("1s", 3, "256M", "2");
+    let (mut h, manager, _) = replicated_cluster("2s", 3, "256M", "2");
     let mems = Mems::new(3);
     // 48 MiB copied on write by six children in turn.
     let work = Workload::new("fork_checksum", &["48", "6"]);
@@ -295,7 +295,7 @@ fn a_failure_during_forks_loses_nothing() {
 
 #[test]
 fn a_failure_during_a_drain_loses_nothing_and_the_drain_completes() {
-    let (mut h, manager, _) = replicated_cluster("1s", 3, "256M", "2");
+    let (mut h, manager, _) = replicated_cluster("2s", 3, "256M", "2");
     let mems = Mems::new(3);
     let work = Workload::stress("64", "10");
     let child = work.start(&h, &manager);
@@ -333,7 +333,7 @@ fn a_failure_right_after_a_hot_add_loses_nothing() {
     // Two daemons hold the program's replicas; a third joins while it
     // runs, then one of the first two fails: its replicas go to the new
     // daemon, which the program had no connection to.
-    let (mut h, manager, _) = replicated_cluster("1s", 2, "256M", "2");
+    let (mut h, manager, _) = replicated_cluster("2s", 2, "256M", "2");
     let mems = Mems::new(2);
     let work = Workload::stress("64", "12");
     let child = work.start(&h, &manager);

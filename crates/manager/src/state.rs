@@ -263,15 +263,19 @@ impl Cluster {
     /// the daemon fail, or a runtime could not reach it): counted in that
     /// daemon's recovery.
     fn note_lost(&mut self, now: u64, id: u64, key: (u64, u64)) {
+        // One failure, however its units' losses trickle in (runtimes
+        // repair unit after unit, and learn of it before the manager).
+        let window = (5 * self.timeout_ms).max(10_000);
         if let Some(r) = self
             .recoveries
             .iter_mut()
             .rev()
-            .find(|r| r.component == id && r.done_ms.is_none())
+            .find(|r| r.component == id && now.saturating_sub(r.at_ms) <= window)
         {
             if r.pending.insert(key) {
                 r.units += 1;
             }
+            r.done_ms = None;
             return;
         }
         if self.recoveries.len() == RECOVERIES_KEPT {

@@ -543,6 +543,16 @@ impl DaemonPool {
         }
     }
 
+    /// Records what the placer placed since the last look (the repair
+    /// thread looks too: a unit placed ahead of need but not written yet
+    /// has replicas to repair as well).
+    pub fn collect_placed(&mut self) -> Result<(), DaemonError> {
+        match self.placer.clone() {
+            Some(placer) => self.collect(&placer),
+            None => Ok(()),
+        }
+    }
+
     /// Records what the placer placed since the last look (connecting a
     /// daemon new to the pool) and what it could not place.
     fn collect(&mut self, placer: &Placer) -> Result<(), DaemonError> {

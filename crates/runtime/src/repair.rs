@@ -152,6 +152,9 @@ impl Runtime {
     /// Gives up the daemons the manager says failed or left.
     fn give_up_failed(&self, failed: &[u64]) {
         let mut st = lock(&self.state);
+        // Not fatal here: the pager meets the same error if the unit is
+        // ever written.
+        let _ = st.pool.collect_placed();
         for &id in failed {
             let Some(d) = st.pool.placement.index_of(id) else {
                 continue;
