@@ -290,6 +290,26 @@ impl Cluster {
         });
     }
 
+    /// The units of `space` with a replica on one of `lost` are degraded.
+    fn lost_by_space(&mut self, now: u64, space: u64, lost: &[u64]) {
+        let hit: Vec<((u64, u64), u64)> = self
+            .placements
+            .range((space, 0)..=(space, u64::MAX))
+            .flat_map(|(&k, p)| {
+                p.replicas
+                    .iter()
+                    .filter(|r| lost.contains(r))
+                    .map(move |&r| (k, r))
+            })
+            .collect();
+        for (k, r) in hit {
+            if let Some(p) = self.placements.get_mut(&k) {
+                p.degraded_since.get_or_insert(now);
+            }
+            self.note_lost(now, r, k);
+        }
+    }
+
     /// A recovery is done once none of its units is degraded any more
     /// (restored, or gone with their program).
     fn settle_recoveries(&mut self, now: u64) {
@@ -694,6 +714,10 @@ impl Cluster {
             for &id in &lost {
                 self.note_lost(now, id, key);
             }
+            // The asker lost those daemons for all of its space: every
+            // unit of it there is degraded from now (it repairs them one
+            // after the other).
+            self.lost_by_space(now, key.0, &lost);
             self.placements.insert(
                 key,
                 Placement {
@@ -1098,8 +1122,12 @@ mod tests {
         };
         let set = replicas_of(&c.apply(2, req).0);
         assert!(!set.contains(&r2) && set.len() == 2, "{set:?}");
-        assert_eq!(c.status(2).degraded_units, 1);
-        assert_eq!(c.status(2).recoveries[0].component, r2);
+        // It lost r2 for its whole space: all 8 units are degraded, in one
+        // recovery, until each is restored.
+        let s = c.status(2);
+        assert_eq!(s.degraded_units, 8);
+        assert_eq!(s.recoveries.len(), 1);
+        assert_eq!((s.recoveries[0].component, s.recoveries[0].units), (r2, 8));
     }
 
     #[test]

@@ -657,6 +657,27 @@ impl DaemonPool {
         }
     }
 
+    /// Sends a write of `addrs` to daemon `d` (acknowledged at
+    /// `await_writes`); a daemon lost on the way is given up.
+    fn send_write(&mut self, d: usize, addrs: &[VirtAddr], data: &[u8]) -> Result<(), DaemonError> {
+        let id = self.next_id();
+        let sent = self.or_lose(d, |p| {
+            let (addr, conn) = p.daemons[d].open()?;
+            conn.send(
+                id,
+                &Message::WritePages {
+                    addrs: addrs.into(),
+                    data,
+                },
+            )
+            .map_err(|e| DaemonError::from_conn(addr, e))
+        })?;
+        if sent.is_some() {
+            self.pending.push((d, id));
+        }
+        Ok(())
+    }
+
     /// The page data of daemon `d`'s last reply (after [`Self::read_from`]).
     fn last_pages(&self, d: usize) -> &[u8] {
         match self.daemons[d].conn.as_ref().and_then(|c| c.last_frame()) {
@@ -733,6 +754,20 @@ impl Backing for DaemonPool {
     }
 
     fn write_pages(&mut self, addrs: &[VirtAddr], data: &[u8]) -> Result<(), DaemonError> {
+        // Most batches go to one set of replicas: sent as they are.
+        let first = match addrs.first() {
+            Some(a) => self.placement.replicas(a.0 as usize - self.region_base),
+            None => return Ok(()),
+        };
+        let same = addrs
+            .iter()
+            .all(|a| self.placement.replicas(a.0 as usize - self.region_base) == first);
+        if same && !first.is_empty() {
+            for d in first.all() {
+                self.send_write(d, addrs, data)?;
+            }
+            return Ok(());
+        }
         if self.out.len() < self.daemons.len() {
             self.out.resize_with(self.daemons.len(), Default::default);
         }
@@ -752,25 +787,12 @@ impl Backing for DaemonPool {
                 continue;
             }
             let (addrs, data) = std::mem::take(&mut self.out[d]);
-            let id = self.next_id();
-            let sent = self.or_lose(d, |p| {
-                let (addr, conn) = p.daemons[d].open()?;
-                conn.send(
-                    id,
-                    &Message::WritePages {
-                        addrs: addrs.as_slice().into(),
-                        data: &data,
-                    },
-                )
-                .map_err(|e| DaemonError::from_conn(addr, e))
-            });
+            let sent = self.send_write(d, &addrs, &data);
             let mut kept = (addrs, data);
             kept.0.clear();
             kept.1.clear();
             self.out[d] = kept;
-            if sent?.is_some() {
-                self.pending.push((d, id));
-            }
+            sent?;
         }
         Ok(())
     }
