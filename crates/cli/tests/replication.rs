@@ -235,7 +235,8 @@ fn a_memory_host_cut_off_mid_run_loses_nothing_and_its_stale_pages_are_never_ser
             .find(|c| c["addr"] == addr2.as_str())
             .map(|c| c["state"].as_str().unwrap().to_string())
     };
-    let repaired = wait_until(Duration::from_secs(10), || {
+    // Generous bounds: the tests of this file run side by side on two vCPUs.
+    let repaired = wait_until(Duration::from_secs(30), || {
         let s = status(&h, &manager);
         state_of(&s).as_deref() == Some("failed") && degraded(&s) == 0 && units_on(&s, &h)[1] == 0
     });
@@ -248,7 +249,7 @@ fn a_memory_host_cut_off_mid_run_loses_nothing_and_its_stale_pages_are_never_ser
     // Now mem3 fails: mem2 is the only daemon left for new replicas. Its
     // stale copies must not be served, or the checksums show it.
     mems.kill(&mut h, 3);
-    let refilled = wait_until(Duration::from_secs(10), || {
+    let refilled = wait_until(Duration::from_secs(30), || {
         let s = status(&h, &manager);
         degraded(&s) == 0 && units_on(&s, &h)[1] > 0
     });
@@ -340,7 +341,7 @@ fn a_failure_right_after_a_hot_add_loses_nothing() {
     std::thread::sleep(Duration::from_millis(1000));
     start_memory(&mut h, 3, &manager, "256M");
     mems.kill(&mut h, 1);
-    let moved = wait_until(Duration::from_secs(10), || {
+    let moved = wait_until(Duration::from_secs(30), || {
         let s = status(&h, &manager);
         degraded(&s) == 0 && units_on(&s, &h)[2] > 0
     });

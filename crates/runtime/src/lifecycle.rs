@@ -235,6 +235,7 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
         addr: p.home,
         next_id: 1,
         backup: None,
+        failover: p.failover,
     };
     let backup = p
         .backup

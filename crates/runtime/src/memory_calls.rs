@@ -27,6 +27,9 @@ pub struct LayoutConn {
     /// deterministic function of its changes, and the answers are
     /// compared), and it becomes the home if the home fails.
     pub backup: Option<(String, FramedConn<TcpStream>)>,
+    /// How long the home may leave a call unanswered while there is a
+    /// backup (`LEGO_FAILOVER_MS`).
+    pub failover: std::time::Duration,
 }
 
 impl LayoutConn {
@@ -37,9 +40,15 @@ impl LayoutConn {
         self.next_id += 1;
         let id = self.next_id;
         let reply = loop {
-            match pool::call(&mut self.conn, &self.addr, id, msg)
-                .and_then(|r| owned(&self.addr, msg, r))
-            {
+            // With a backup, a home that does not answer within the
+            // failover time is given up like a closed one.
+            let r = match (&self.backup, self.failover.is_zero()) {
+                (Some(_), false) => {
+                    pool::call_within(&mut self.conn, &self.addr, (id, self.failover), msg)
+                }
+                _ => pool::call(&mut self.conn, &self.addr, id, msg),
+            };
+            match r.and_then(|r| owned(&self.addr, msg, r)) {
                 Ok(r) => break r,
                 Err(e) if e.is_loss() => match self.backup.take() {
                     Some((addr, conn)) => {

@@ -154,6 +154,37 @@ pub fn call<'c>(
     check_reply(addr, msg.name(), reply)
 }
 
+/// [`call`], but a reply that has not begun within `limit` is a
+/// [`DaemonError::TimedOut`] (the daemon is given up; the caller has
+/// another copy of what it holds).
+pub fn call_within<'c>(
+    conn: &'c mut FramedConn<TcpStream>,
+    addr: &str,
+    (id, limit): (u64, Duration),
+    msg: &Message<'_>,
+) -> Result<Message<'c>, DaemonError> {
+    conn.send(id, msg)
+        .map_err(|e| DaemonError::from_conn(addr, e))?;
+    if let Some(fd) = conn.stream().raw_fd() {
+        let mut p = [libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        let ms = limit.as_millis().clamp(1, i32::MAX as u128) as i32;
+        if lego_sys::process::poll(&mut p, ms).unwrap_or(1) == 0 {
+            return Err(DaemonError::TimedOut {
+                addr: addr.to_string(),
+            });
+        }
+    }
+    let reply = conn
+        .recv_reply(id)
+        .map_err(|e| DaemonError::from_conn(addr, e))?
+        .message;
+    check_reply(addr, msg.name(), reply)
+}
+
 fn check_reply<'m>(
     addr: &str,
     request: &'static str,
