@@ -638,6 +638,9 @@ impl Cluster {
         ch: &mut Changes,
     ) -> Reply {
         let alive = |c: &Component| c.kind == Kind::Memory && c.state == State::Alive;
+        // Lists from the wire: at most one entry per component counts.
+        let keep = &keep[..keep.len().min(MAX_COMPONENTS)];
+        let avoid: BTreeSet<u64> = avoid.iter().take(MAX_COMPONENTS).copied().collect();
         let had = self.placements.get(&key).map(|p| p.replicas.clone());
         let mut set: Vec<u64> = match &had {
             Some(had) if keep.is_empty() => had.clone(),

@@ -224,10 +224,13 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
             Err(e) => return Err(e),
         }
     }
+    // The pool's index of the layout's home (which forgets the pages of a
+    // range it unmaps by itself). A fork child whose parent's pool gave the
+    // home up holds no replicas there: no index (nothing is skipped).
     let home = daemons
         .iter()
         .position(|d| d.conn.is_some() && d.addr == p.home)
-        .unwrap_or_else(|| die("runtime: the home memory daemon is not among the daemons"));
+        .unwrap_or(usize::MAX);
     // The layout's backup: the parent's daemon for it if there is one,
     // else the first other daemon.
     let mut layout = LayoutConn {

@@ -129,8 +129,9 @@ struct Gmm {
 pub struct Placement {
     /// The replicas of each unit (none: not placed).
     table: Vec<Replicas>,
-    /// Units that lost a replica and have not got a new one yet.
-    short: Vec<bool>,
+    /// How many whole replicas each unit should have: the most the
+    /// manager (or the fixed placement) gave it. Fewer: it is short.
+    target: Vec<u8>,
     gmm: Option<Gmm>,
 }
 
@@ -150,7 +151,7 @@ impl Placement {
             })
             .collect::<Vec<_>>();
         Self {
-            short: vec![false; table.len()],
+            target: table.iter().map(|r| r.len() as u8).collect(),
             table,
             gmm: None,
         }
@@ -162,7 +163,7 @@ impl Placement {
         let units = len.div_ceil(UNIT);
         Self {
             table: vec![Replicas::default(); units],
-            short: vec![false; units],
+            target: vec![0; units],
             gmm: Some(Gmm { addr: manager, ids }),
         }
     }
@@ -199,13 +200,15 @@ impl Placement {
     }
 
     /// Records that unit `unit` lives, whole, on the runtime's daemons
-    /// `members` (a new placement: there is nothing to fill).
-    pub fn place(&mut self, unit: usize, members: &[usize]) {
+    /// `members` (a new placement: there is nothing to fill), and should
+    /// have `target` replicas.
+    pub fn place(&mut self, unit: usize, members: &[usize], target: usize) {
         if let Some(r) = self.table.get_mut(unit) {
             *r = Replicas::default();
             for &d in members {
                 r.add(d, false);
             }
+            self.target[unit] = target.max(r.len()).min(MAX_REPLICAS) as u8;
         }
     }
 
@@ -237,7 +240,6 @@ impl Placement {
                 continue;
             }
             r.remove(d);
-            self.short[u] = true;
             if r.whole().next().is_none() {
                 lost.push(u);
             }
@@ -254,15 +256,18 @@ impl Placement {
             .all(|r| r.whole().any(|x| x != d))
     }
 
-    /// Whether unit `unit` lost a replica since it last got one.
+    /// Whether unit `unit` has fewer whole replicas than it should.
     pub fn is_short(&self, unit: usize) -> bool {
-        self.short.get(unit).copied().unwrap_or(false)
+        match (self.table.get(unit), self.target.get(unit)) {
+            (Some(r), Some(&t)) => r.whole().count() < t as usize,
+            _ => false,
+        }
     }
 
-    /// Unit `unit` has its replicas again (or cannot get more for now).
-    pub fn set_short(&mut self, unit: usize, short: bool) {
-        if let Some(s) = self.short.get_mut(unit) {
-            *s = short;
+    /// Unit `unit` should have (at least) `n` replicas.
+    pub fn want_at_least(&mut self, unit: usize, n: usize) {
+        if let Some(t) = self.target.get_mut(unit) {
+            *t = (*t).max(n.min(MAX_REPLICAS) as u8);
         }
     }
 
@@ -303,10 +308,13 @@ impl Placement {
 }
 
 /// A unit the placer placed: its replicas, each with a new connection if
-/// the daemon is new to this program.
+/// the daemon is new to this program, and how many the manager named
+/// (more than there are: one could not be reached, and the repair thread
+/// asks for another).
 pub struct Placed {
     pub unit: usize,
     pub replicas: Vec<(Replica, Option<FramedConn<TcpStream>>)>,
+    pub named: usize,
 }
 
 /// What the pager and the placer thread share (under its own lock, never
@@ -320,6 +328,9 @@ struct Queue {
     /// Manager ids of the daemons this program is connected to or being
     /// connected to by the placer.
     known: Vec<u64>,
+    /// Daemons this program lost, and when: new units avoid them for
+    /// [`crate::pool::LOST_FOR`].
+    avoid: Vec<(u64, Instant)>,
 }
 
 /// The placer: units asked for, units placed. See the module docs.
@@ -351,7 +362,7 @@ impl Placer {
     /// and the placement was forgotten).
     pub fn want(&self, unit: usize) {
         let mut q = lock(&self.queue);
-        if !q.wanted.contains(&unit) {
+        if !q.wanted.contains(&unit) && !q.placed.iter().any(|p| p.unit == unit) {
             q.wanted.push(unit);
             self.changed.notify_all();
         }
@@ -361,6 +372,11 @@ impl Placer {
     /// unit placed there again needs a new one.
     pub fn forget(&self, id: u64) {
         lock(&self.queue).known.retain(|&k| k != id);
+    }
+
+    /// The program lost daemon `id`: new units avoid it for a while.
+    pub fn avoid(&self, id: u64) {
+        lock(&self.queue).avoid.push((id, Instant::now()));
     }
 
     /// Takes the units placed so far, and those whose placement failed.
@@ -397,22 +413,43 @@ impl Placer {
                 q.wanted.clone()
             };
             for unit in units {
+                let avoid = {
+                    let mut q = lock(&self.queue);
+                    q.avoid
+                        .retain(|(_, at)| at.elapsed() < crate::pool::LOST_FOR);
+                    q.avoid.iter().map(|&(id, _)| id).collect()
+                };
                 let req = Request::PlaceMemory {
                     space,
                     unit: unit as u64,
                     keep: vec![],
-                    avoid: vec![],
+                    avoid,
                 };
                 let placed = ask(&self.manager, &mut client, &req, timeout).and_then(|replicas| {
+                    // A replica that cannot be reached is left out (the
+                    // unit is short: the repair thread asks for another),
+                    // unless none can be.
                     let mut with = Vec::with_capacity(replicas.len());
+                    let mut last = String::new();
+                    let named = replicas.len();
                     for r in replicas {
                         let new = !lock(&self.queue).known.contains(&r.id);
-                        let conn = if new { Some(attach(&r.addr)?) } else { None };
-                        with.push((r, conn));
+                        match if new {
+                            attach(&r.addr).map(Some)
+                        } else {
+                            Ok(None)
+                        } {
+                            Ok(conn) => with.push((r, conn)),
+                            Err(e) => last = e,
+                        }
+                    }
+                    if with.is_empty() {
+                        return Err(last);
                     }
                     Ok(Placed {
                         unit,
                         replicas: with,
+                        named,
                     })
                 });
                 let mut q = lock(&self.queue);
@@ -523,9 +560,9 @@ mod tests {
         assert_eq!(p.manager(), Some("127.0.0.1:1"));
         assert_eq!(p.index_of(9), Some(1));
         assert_eq!(p.index_of(5), None);
-        p.place(0, &[0, 1]);
-        p.place(1, &[1, 2]);
-        p.place(2, &[0]);
+        p.place(0, &[0, 1], 2);
+        p.place(1, &[1, 2], 2);
+        p.place(2, &[0], 1);
         assert!(p.add_filling(2, 1));
         assert!(!p.expendable(0), "unit 2 has no other whole replica");
         assert!(p.expendable(2));
@@ -533,15 +570,23 @@ mod tests {
         // 1 goes: units 0 and 1 are short but served by 0 and 2.
         assert!(p.lose(1).is_empty());
         assert_eq!(p.placed(UNIT), Some(2));
-        assert!(p.is_short(0) && p.is_short(1) && p.is_short(2));
+        assert!(p.is_short(0) && p.is_short(1));
+        assert!(
+            !p.is_short(2),
+            "its one replica is there (filling: not whole)"
+        );
         assert!(!p.is_short(3));
         // 0 goes: unit 0 has none left, and unit 2 had no other whole
         // replica.
         assert_eq!(p.lose(0), [0, 2]);
         assert_eq!(p.placed(0), None);
         assert!(p.holds_any(2) && !p.holds_any(0));
-        p.set_short(1, false);
+        p.add_filling(1, 0);
+        assert!(p.is_short(1), "filling is not whole");
+        p.filled(1, 0);
         assert!(!p.is_short(1));
+        p.want_at_least(1, 3);
+        assert!(p.is_short(1));
     }
 
     #[test]

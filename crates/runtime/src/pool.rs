@@ -108,6 +108,8 @@ impl DaemonError {
     }
 }
 
+const PLACEMENT_UNIT: usize = lego_protocol::control::PLACEMENT_BYTES as usize;
+
 /// How long a daemon this program lost is avoided if the manager does not
 /// see it fail (it was slow, not dead).
 pub const LOST_FOR: Duration = Duration::from_secs(30);
@@ -125,6 +127,9 @@ pub fn connect(
             source: ConnError::Connect(e),
         })?;
     let _ = s.set_read_timeout(Some(timeout));
+    // A daemon that stops reading (hung, or its link black-holed) fails a
+    // send after the same time, not after TCP's own minutes.
+    let _ = s.set_write_timeout(Some(timeout));
     let mut c = FramedConn::new(s);
     match c.client_handshake(Role::Runtime, program, crate::config::credential()) {
         Ok(_) => Ok(c),
@@ -256,7 +261,8 @@ impl Daemon {
 pub struct DaemonPool {
     pub daemons: Vec<Daemon>,
     pub placement: Placement,
-    /// The daemon holding the space's layout.
+    /// The daemon holding the space's layout (`usize::MAX`: none of the
+    /// pool's).
     pub home: usize,
     /// Bumped whenever a connection opens or closes (the pager loop polls
     /// them all).
@@ -420,7 +426,7 @@ impl DaemonPool {
         let lost = self.placement.lose(d);
         self.close(d);
         if let Some(&id) = self.placement.ids().get(d) {
-            self.lost_ids.push((id, Instant::now()));
+            self.avoid(id);
         }
         if !lost.is_empty() {
             return Err(DaemonError::Lost {
@@ -590,11 +596,28 @@ impl DaemonPool {
         let mut placed = std::mem::take(&mut self.placed);
         placer.take(&mut placed, &mut self.failed);
         for p in placed.drain(..) {
-            let mut members = Vec::with_capacity(p.replicas.len());
-            for (r, conn) in p.replicas {
-                members.push(self.daemon_index(r.id, &r.addr, conn)?);
+            // Placed already (asked for twice): what the table holds is
+            // newer (replicas lost or being filled since).
+            if !self.placement.replicas(p.unit * PLACEMENT_UNIT).is_empty() {
+                continue;
             }
-            self.placement.place(p.unit, &members);
+            let mut members = Vec::with_capacity(p.replicas.len());
+            let mut last = None;
+            for (rep, conn) in p.replicas {
+                match self.daemon_index(rep.id, &rep.addr, conn) {
+                    Ok(d) => members.push(d),
+                    Err(e) => last = Some(e),
+                }
+            }
+            match (members.is_empty(), last) {
+                (true, Some(e)) => self.failed.push((p.unit, e.to_string())),
+                _ => {
+                    self.placement.place(p.unit, &members, p.named);
+                    if members.len() < p.named {
+                        self.repair.wake();
+                    }
+                }
+            }
         }
         self.placed = placed;
         Ok(())
@@ -633,6 +656,15 @@ impl DaemonPool {
             self.changed += 1;
         }
         Ok(d)
+    }
+
+    /// New replicas avoid daemon `id` for [`LOST_FOR`] (it could not be
+    /// reached or filled).
+    pub fn avoid(&mut self, id: u64) {
+        self.lost_ids.push((id, Instant::now()));
+        if let Some(placer) = &self.placer {
+            placer.avoid(id);
+        }
     }
 
     /// The daemons this program lost and still avoids, given the ones the

@@ -104,7 +104,9 @@ impl Runtime {
         let wake = lock(&self.state).pool.repair.clone();
         let mut client: Option<ControlClient> = None;
         let mut said: Option<String> = None;
-        let mut retry_short = Instant::now();
+        // Units the manager could give no more replicas, and when to ask
+        // again.
+        let mut later: Vec<(usize, Instant)> = Vec::new();
         loop {
             wake.wait(POLL);
             let verdict = match &manager {
@@ -117,22 +119,25 @@ impl Runtime {
             self.give_up_failed(&verdict.failed);
             let mut result = Ok(());
             if let Some(m) = &manager {
-                let retry = Instant::now() >= retry_short;
                 let avoid = lock(&self.state).pool.avoided(&verdict.failed);
-                for unit in self.units_to_repair(&verdict.draining, retry) {
-                    let r = self.repair_unit(m, &mut client, unit, (&verdict.draining, &avoid));
-                    match r {
+                later.retain(|(_, at)| Instant::now() < *at);
+                for unit in self.units_to_repair(&verdict.draining) {
+                    if later.iter().any(|&(u, _)| u == unit) {
+                        continue;
+                    }
+                    // One unit's trouble does not hold the others up.
+                    match self.repair_unit(m, &mut client, unit, (&verdict.draining, &avoid)) {
                         Ok(true) => {}
-                        Ok(false) => retry_short = Instant::now() + RETRY_SHORT,
-                        Err(e) => {
-                            result = Err(e);
-                            break;
-                        }
+                        Ok(false) => later.push((unit, Instant::now() + RETRY_SHORT)),
+                        Err(RepairError::Daemon(e @ DaemonError::Lost { .. })) => stop(e),
+                        Err(e) => result = Err(e),
                     }
                 }
             }
-            if result.is_ok() {
-                result = self.repair_layout(&verdict.draining);
+            match self.repair_layout(&verdict.draining) {
+                Err(RepairError::Daemon(e @ DaemonError::Lost { .. })) => stop(e),
+                Err(e) => result = Err(e),
+                Ok(()) => {}
             }
             self.close_drained(&verdict.draining);
             // Said once per reason; tried again at the next poll.
@@ -172,17 +177,16 @@ impl Runtime {
         }
     }
 
-    /// The units that lost a replica (if `retry_short`, also those the
-    /// manager could not give one last time), have one on a draining
-    /// daemon, or have one still being filled.
-    fn units_to_repair(&self, draining: &[u64], retry_short: bool) -> Vec<usize> {
+    /// The units with fewer whole replicas than they should have, one on
+    /// a draining daemon, or one still being filled.
+    fn units_to_repair(&self, draining: &[u64]) -> Vec<usize> {
         let st = lock(&self.state);
         let p = &st.pool.placement;
         let draining: Vec<usize> = draining.iter().filter_map(|&id| p.index_of(id)).collect();
         p.units()
             .filter(|(u, r)| {
                 !r.is_empty()
-                    && ((retry_short && p.is_short(*u))
+                    && (p.is_short(*u)
                         || r.filling().next().is_some()
                         || r.all().any(|d| draining.contains(&d)))
             })
@@ -191,8 +195,9 @@ impl Runtime {
     }
 
     /// Repairs unit `unit` (steps 1–5 of the module docs). Returns whether
-    /// it has as many replicas as before it lost one (false: the manager
-    /// had no daemon for another).
+    /// it has as many whole replicas as it should (false: the manager had
+    /// no daemon for another, or one could not be filled; asked again
+    /// later).
     fn repair_unit(
         &self,
         manager: &str,
@@ -204,28 +209,29 @@ impl Runtime {
         let base = self.region.base + off;
         let len = UNIT.min(self.region.len - off);
         // 1. What the manager makes of it.
-        let (keep, had) = {
+        let keep: Vec<u64> = {
             let st = lock(&self.state);
             let ids = st.pool.placement.ids();
-            let r = st.pool.placement.replicas(off);
-            let keep: Vec<u64> = r
+            st.pool
+                .placement
+                .replicas(off)
                 .all()
                 .filter_map(|d| ids.get(d).copied())
                 .filter(|id| !draining.contains(id))
-                .collect();
-            (keep, r.len())
+                .collect()
         };
         let req = Request::PlaceMemory {
             space: self.space.0,
             unit: unit as u64,
-            keep: keep.clone(),
+            keep,
             avoid: avoid.to_vec(),
         };
-        let replicas =
+        let answer =
             placement::ask(manager, client, &req, self.timeout).map_err(RepairError::Manager)?;
-        // New daemons are connected to off the lock.
-        let mut conns = Vec::with_capacity(replicas.len());
-        for r in &replicas {
+        // New daemons are connected to off the lock; one that cannot be
+        // reached is avoided, and the unit stays short for now.
+        let mut replicas = Vec::with_capacity(answer.len());
+        for r in &answer {
             let connected = {
                 let st = lock(&self.state);
                 st.pool
@@ -233,17 +239,22 @@ impl Runtime {
                     .index_of(r.id)
                     .is_some_and(|d| st.pool.daemons[d].conn.is_some())
             };
-            conns.push(if connected {
-                None
-            } else {
-                Some(self.attach(&r.addr)?)
-            });
+            if connected {
+                replicas.push((r, None));
+                continue;
+            }
+            match self.attach(&r.addr) {
+                Ok(c) => replicas.push((r, Some(c))),
+                Err(_) => lock(&self.state).pool.avoid(r.id),
+            }
         }
         // 2. New replicas are emptied and take every write from now on.
         let (members, targets, source) = {
             let mut st = lock(&self.state);
+            let st = &mut *st;
+            st.pool.placement.want_at_least(unit, answer.len());
             let mut members = Vec::with_capacity(replicas.len());
-            for (r, conn) in replicas.iter().zip(conns) {
+            for (r, conn) in replicas {
                 members.push(st.pool.daemon_index(r.id, &r.addr, conn)?);
             }
             for &d in &members {
@@ -270,33 +281,48 @@ impl Runtime {
         };
         // 3. Copied daemon to daemon, off the lock.
         for (t, to) in targets {
-            let pages = self.copy_unit(&source.1, base, len, &to)?;
-            if let Some(s) = self.stats {
-                s.migrated_pages
-                    .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
-            }
-            // 4. Whole.
-            lock(&self.state).pool.placement.filled(unit, t);
-        }
-        {
-            let mut st = lock(&self.state);
-            let r = st.pool.placement.replicas(off);
-            if r.whole().any(|d| members.contains(&d)) {
-                for d in r.all().filter(|d| !members.contains(d)).collect::<Vec<_>>() {
-                    st.pool.placement.remove(unit, d);
-                    st.pool.discard_on(d, base, len)?;
+            match self.copy_unit(&source.1, base, len, &to) {
+                Ok(pages) => {
+                    if let Some(s) = self.stats {
+                        s.migrated_pages
+                            .fetch_add(pages, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    // 4. Whole.
+                    lock(&self.state).pool.placement.filled(unit, t);
+                }
+                Err(e) => {
+                    // Not this target (the source cannot reach it, or it
+                    // died): dropped, avoided for a while; the source's
+                    // own trouble shows in the pager.
+                    process::warn(&format!("cannot copy a unit to {to}: {e}"));
+                    let mut st = lock(&self.state);
+                    st.pool.placement.remove(unit, t);
+                    let _ = st.pool.discard_on(t, base, len);
+                    if let Some(&id) = st.pool.placement.ids().get(t) {
+                        st.pool.avoid(id);
+                    }
                 }
             }
         }
-        let whole = replicas.len() > keep.len() || replicas.len() >= had.max(2);
-        lock(&self.state).pool.placement.set_short(unit, !whole);
-        // 5. Not degraded any more.
+        let mut st = lock(&self.state);
+        let r = st.pool.placement.replicas(off);
+        if r.whole().any(|d| members.contains(&d)) {
+            for d in r.all().filter(|d| !members.contains(d)).collect::<Vec<_>>() {
+                st.pool.placement.remove(unit, d);
+                st.pool.discard_on(d, base, len)?;
+            }
+        }
+        let r = st.pool.placement.replicas(off);
+        let whole = !st.pool.placement.is_short(unit) && r.filling().next().is_none();
+        let ids = st.pool.placement.ids();
+        let filled: Vec<u64> = r.whole().filter_map(|d| ids.get(d).copied()).collect();
+        drop(st);
+        // 5. Not degraded any more (the manager checks it has them all).
         if let Some(c) = client.as_mut() {
-            let ids = replicas.iter().map(|r| r.id).collect();
             let _ = c.call(&Request::Restored {
                 space: self.space.0,
                 unit: unit as u64,
-                ids,
+                ids: filled,
             });
         }
         Ok(whole)
