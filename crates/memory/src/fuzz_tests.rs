@@ -122,6 +122,7 @@ fn request(rng: &mut Rng, known: &[SpaceId], page: &[u8]) -> Vec<u8> {
             let mut frame = Vec::new();
             let m = if rng.below(3) == 0 {
                 Message::FillPages {
+                    epoch: rng.below(3),
                     addrs: addrs.into(),
                     data: &data,
                 }
@@ -134,6 +135,11 @@ fn request(rng: &mut Rng, known: &[SpaceId], page: &[u8]) -> Vec<u8> {
             encode(0, &m, &mut frame);
             return frame;
         }
+        12 if rng.below(2) == 0 => Message::BeginFill {
+            addr: VirtAddr(rng.value()),
+            len: rng.value(),
+            epoch: rng.below(3),
+        },
         12 => Message::GetStats,
         13 => Message::GetLayout,
         _ => Message::Layout {

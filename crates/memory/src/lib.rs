@@ -239,7 +239,7 @@ fn copy_range(
     store: &Mutex<Store>,
     space: Option<SpaceId>,
     (addr, len): (VirtAddr, u64),
-    to: &str,
+    (to, epoch): (&str, u64),
     cred: &Credential,
 ) -> Result<Reply, Refusal> {
     use lego_protocol::ErrorCode::{BadState, Invalid};
@@ -292,6 +292,7 @@ fn copy_range(
             data.extend_from_slice(&p[..]);
         }
         let msg = Message::FillPages {
+            epoch,
             addrs: addrs.as_slice().into(),
             data: &data,
         };
@@ -323,9 +324,12 @@ fn request_loop<S: Stream>(
         let id = f.request_id;
         let result = match f.message {
             // Network I/O of its own: never under the store's lock.
-            Message::CopyRange { addr, len, to } => {
-                copy_range(store, *space, (addr, len), to, cred)
-            }
+            Message::CopyRange {
+                addr,
+                len,
+                to,
+                epoch,
+            } => copy_range(store, *space, (addr, len), (to, epoch), cred),
             msg => {
                 let mut st = lock(store);
                 handle(&mut st, space, msg, &mut pages)
@@ -442,8 +446,11 @@ fn handle(
         Message::WritePages { addrs, data } => st
             .write_pages(need(space)?, &addrs, data)
             .map(|_| Reply::Done),
-        Message::FillPages { addrs, data } => st
-            .fill_pages(need(space)?, &addrs, data)
+        Message::FillPages { epoch, addrs, data } => st
+            .fill_pages(need(space)?, epoch, &addrs, data)
+            .map(|_| Reply::Done),
+        Message::BeginFill { addr, len, epoch } => st
+            .begin_fill(need(space)?, addr, len, epoch)
             .map(|_| Reply::Done),
         Message::GetStats => Ok(Reply::Stats(st.stats())),
         Message::GetLayout => {
@@ -780,7 +787,7 @@ mod tests {
     }
 
     #[test]
-    fn a_range_is_copied_daemon_to_daemon_without_overwriting_newer_pages() {
+    fn a_range_is_copied_daemon_to_daemon_without_overwriting_newer_pages_or_taking_stale_fills() {
         use lego_protocol::Capability;
         let cred = Credential::generate().unwrap();
         let a = MemoryDaemon::start("127.0.0.1:0", 1 << 20, cred.clone()).unwrap();
@@ -824,6 +831,12 @@ mod tests {
             region_bytes: 4 << 30,
         };
         assert_eq!(at_b.call(1, &attach).unwrap().message, Message::Done);
+        let begin = Message::BeginFill {
+            addr: VirtAddr(base),
+            len: 16 * 4096,
+            epoch: 5,
+        };
+        assert_eq!(at_b.call(3, &begin).unwrap().message, Message::Done);
         let newer = [0xee; 4096];
         let w = at_b
             .call(
@@ -835,10 +848,23 @@ mod tests {
             )
             .unwrap();
         assert_eq!(w.message, Message::Done);
+        // A copy of an earlier fill (epoch 4) arriving late stores nothing.
+        let stale = Message::CopyRange {
+            addr: VirtAddr(base),
+            len: 16 * 4096,
+            to: b.addr(),
+            epoch: 4,
+        };
+        assert_eq!(
+            at_a.call(4, &stale).unwrap().message,
+            Message::Copied { pages: 4 }
+        );
+        assert_eq!(b.stats().used_bytes, 4096, "only the program's own write");
         let copy = Message::CopyRange {
             addr: VirtAddr(base),
             len: 16 * 4096,
             to: b.addr(),
+            epoch: 5,
         };
         assert_eq!(
             at_a.call(4, &copy).unwrap().message,
@@ -855,6 +881,7 @@ mod tests {
             addr: VirtAddr(base),
             len: 4096,
             to: "127.0.0.1:1",
+            epoch: 5,
         };
         let r = at_a.call(5, &nowhere).unwrap();
         assert!(

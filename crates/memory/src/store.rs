@@ -24,6 +24,10 @@ fn no_space(id: SpaceId) -> Refusal {
     Refusal(ErrorCode::NoSpace, format!("no address space {}", id.0))
 }
 
+/// Most ranges of one space being filled at once (a unit of placement
+/// each: 64 GiB of region in 16 MiB units).
+const MAX_FILLS: usize = 4096;
+
 /// A failed request: a wire error code and a message for the peer.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Refusal(pub ErrorCode, pub String);
@@ -48,6 +52,9 @@ struct Space {
     refs: u32,
     /// What a connection must present to attach to it or fork it.
     capability: Capability,
+    /// Ranges being filled by re-replication: start → (end, epoch). A
+    /// `FillPages` stores a page only inside one, with its epoch.
+    fills: BTreeMap<u64, (u64, u64)>,
 }
 
 /// All spaces of one daemon.
@@ -125,6 +132,7 @@ impl Store {
                 pages: BTreeMap::new(),
                 refs: 1,
                 capability,
+                fills: BTreeMap::new(),
             },
         );
         Ok(id)
@@ -152,6 +160,7 @@ impl Store {
             pages: BTreeMap::new(),
             refs: 0,
             capability,
+            fills: BTreeMap::new(),
         });
         if s.capability != capability {
             return Err(no_space(id));
@@ -190,6 +199,7 @@ impl Store {
             pages: p.pages.clone(),
             refs: 1,
             capability: child_capability,
+            fills: p.fills.clone(),
         };
         let id = match child {
             Some(id) if self.spaces.contains_key(&id) => {
@@ -301,16 +311,60 @@ impl Store {
         self.store_pages(id, addrs, data, true)
     }
 
-    /// Stores the pages the space does not hold yet (a copy from another
-    /// replica: what the program wrote here since the copy began is newer
-    /// than the copy); all or nothing when capacity runs out.
+    /// Empties `[addr, addr+len)` and takes fills of it with `epoch` only
+    /// (an earlier fill's late pages are not stored).
+    pub fn begin_fill(
+        &mut self,
+        id: SpaceId,
+        addr: VirtAddr,
+        len: u64,
+        epoch: u64,
+    ) -> Result<(), Refusal> {
+        self.discard(id, addr, len)?;
+        let s = self.space(id)?;
+        let end = addr.0.saturating_add(len);
+        s.fills
+            .retain(|&start, &mut (stop, _)| stop <= addr.0 || start >= end);
+        if s.fills.len() >= MAX_FILLS {
+            return Err(Refusal(
+                ErrorCode::Invalid,
+                format!("a space is filled in at most {MAX_FILLS} ranges"),
+            ));
+        }
+        s.fills.insert(addr.0, (end, epoch));
+        Ok(())
+    }
+
+    /// Stores the pages the space does not hold yet that lie in a range
+    /// being filled with `epoch` (a copy from another replica: what the
+    /// program wrote here since the fill began is newer than the copy);
+    /// all or nothing when capacity runs out. Returns how many were
+    /// stored.
     pub fn fill_pages(
         &mut self,
         id: SpaceId,
+        epoch: u64,
         addrs: &[VirtAddr],
         data: &[u8],
-    ) -> Result<(), Refusal> {
-        self.store_pages(id, addrs, data, false)
+    ) -> Result<u64, Refusal> {
+        let s = self.space(id)?;
+        let filling = |a: u64| {
+            s.fills
+                .range(..=a)
+                .next_back()
+                .is_some_and(|(_, &(end, e))| a < end && e == epoch)
+        };
+        let mut take_addrs = Vec::with_capacity(addrs.len());
+        let mut take_data = Vec::with_capacity(data.len());
+        for (a, page) in addrs.iter().zip(data.chunks_exact(PAGE_SIZE)) {
+            if filling(a.0) && !s.pages.contains_key(&a.0) {
+                take_addrs.push(*a);
+                take_data.extend_from_slice(page);
+            }
+        }
+        let n = take_addrs.len() as u64;
+        self.store_pages(id, &take_addrs, &take_data, false)?;
+        Ok(n)
     }
 
     /// The pages space `id` holds in `[addr, addr+len)`, shared with it.

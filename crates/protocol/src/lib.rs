@@ -247,12 +247,22 @@ pub enum Message<'a> {
         addrs: Cow<'a, [VirtAddr]>,
         data: &'a [u8],
     },
-    /// Store each page the space does not hold yet (a copy from another
-    /// replica, which must not overwrite what the program wrote here since
-    /// the copy began); acknowledged with `Done`.
+    /// Store each page the space does not hold yet, if it lies in a range
+    /// being filled with this `epoch` (a copy from another replica: it
+    /// must not overwrite what the program wrote here since the fill
+    /// began, and a late copy of an earlier fill is not stored at all);
+    /// acknowledged with `Done`.
     FillPages {
+        epoch: u64,
         addrs: Cow<'a, [VirtAddr]>,
         data: &'a [u8],
+    },
+    /// Empty `[addr, addr+len)` of the connection's space and take fills
+    /// of it (`FillPages`) with `epoch` only, from now on; `Done`.
+    BeginFill {
+        addr: VirtAddr,
+        len: u64,
+        epoch: u64,
     },
     /// Generic success.
     Done,
@@ -288,6 +298,7 @@ pub enum Message<'a> {
         addr: VirtAddr,
         len: u64,
         to: &'a str,
+        epoch: u64,
     },
     /// Reply to `CopyRange`: how many pages were sent.
     Copied { pages: u64 },
@@ -325,6 +336,7 @@ impl Message<'_> {
             Message::GetLayout => "GetLayout",
             Message::Layout { .. } => "Layout",
             Message::FillPages { .. } => "FillPages",
+            Message::BeginFill { .. } => "BeginFill",
             Message::CopyRange { .. } => "CopyRange",
             Message::Copied { .. } => "Copied",
         }
@@ -398,6 +410,7 @@ mod kind {
     pub const FILL_PAGES: u16 = 64;
     pub const COPY_RANGE: u16 = 65;
     pub const COPIED: u16 = 66;
+    pub const BEGIN_FILL: u16 = 67;
 }
 
 struct Writer<'b>(&'b mut Vec<u8>);
@@ -568,21 +581,37 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.0.extend_from_slice(data);
             kind::PAGES
         }
-        Message::WritePages { addrs, data } | Message::FillPages { addrs, data } => {
+        Message::WritePages { addrs, data } => {
             assert!(addrs.len() <= MAX_BATCH_PAGES, "write batch too large");
             assert_eq!(addrs.len() * PAGE_SIZE, data.len(), "page data mismatch");
             w.addrs(addrs);
             w.0.extend_from_slice(data);
-            if matches!(message, Message::WritePages { .. }) {
-                kind::WRITE_PAGES
-            } else {
-                kind::FILL_PAGES
-            }
+            kind::WRITE_PAGES
         }
-        Message::CopyRange { addr, len, to } => {
+        Message::FillPages { epoch, addrs, data } => {
+            assert!(addrs.len() <= MAX_BATCH_PAGES, "fill batch too large");
+            assert_eq!(addrs.len() * PAGE_SIZE, data.len(), "page data mismatch");
+            w.u64(*epoch);
+            w.addrs(addrs);
+            w.0.extend_from_slice(data);
+            kind::FILL_PAGES
+        }
+        Message::BeginFill { addr, len, epoch } => {
+            w.u64(addr.0);
+            w.u64(*len);
+            w.u64(*epoch);
+            kind::BEGIN_FILL
+        }
+        Message::CopyRange {
+            addr,
+            len,
+            to,
+            epoch,
+        } => {
             w.u64(addr.0);
             w.u64(*len);
             w.str(to);
+            w.u64(*epoch);
             kind::COPY_RANGE
         }
         Message::Copied { pages } => {
@@ -657,7 +686,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, DecodeError> 
     if body_len > MAX_BODY_BYTES {
         return Err(DecodeError::TooLarge(body_len));
     }
-    if !(kind::HELLO..=kind::COPIED).contains(&kind) {
+    if !(kind::HELLO..=kind::BEGIN_FILL).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     Ok(Header {
@@ -834,19 +863,34 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
             let data = r.take(n * PAGE_SIZE, "page data")?;
             Message::Pages { data }
         }
-        kind::WRITE_PAGES | kind::FILL_PAGES => {
-            let addrs: Cow<'_, [VirtAddr]> = r.addrs()?.into();
+        kind::WRITE_PAGES => {
+            let addrs = r.addrs()?;
             let data = r.take(addrs.len() * PAGE_SIZE, "page data")?;
-            if header.kind == kind::WRITE_PAGES {
-                Message::WritePages { addrs, data }
-            } else {
-                Message::FillPages { addrs, data }
+            Message::WritePages {
+                addrs: addrs.into(),
+                data,
             }
         }
+        kind::FILL_PAGES => {
+            let epoch = r.u64("epoch")?;
+            let addrs = r.addrs()?;
+            let data = r.take(addrs.len() * PAGE_SIZE, "page data")?;
+            Message::FillPages {
+                epoch,
+                addrs: addrs.into(),
+                data,
+            }
+        }
+        kind::BEGIN_FILL => Message::BeginFill {
+            addr: r.addr("address")?,
+            len: r.u64("length")?,
+            epoch: r.u64("epoch")?,
+        },
         kind::COPY_RANGE => Message::CopyRange {
             addr: r.addr("address")?,
             len: r.u64("length")?,
             to: r.str("target")?,
+            epoch: r.u64("epoch")?,
         },
         kind::COPIED => Message::Copied {
             pages: r.u64("pages")?,
@@ -1044,13 +1088,20 @@ mod tests {
             },
             Message::GetLayout,
             Message::FillPages {
+                epoch: 9,
                 addrs: vec![VirtAddr(4096), VirtAddr(8192)].into(),
                 data: &page,
+            },
+            Message::BeginFill {
+                addr: VirtAddr(1 << 24),
+                len: 16 << 20,
+                epoch: 9,
             },
             Message::CopyRange {
                 addr: VirtAddr(1 << 24),
                 len: 16 << 20,
                 to: "10.0.0.3:7000",
+                epoch: 9,
             },
             Message::Copied { pages: 12 },
             Message::Layout {

@@ -38,13 +38,15 @@ pub const MAX_REPLICAS: usize = 4;
 const MAX_DAEMONS: usize = u8::MAX as usize;
 
 /// The replicas of one unit: daemon indices, and which are still being
-/// filled (written to, never read).
+/// filled (written to, never read), with the epoch of their fill.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Replicas {
     d: [u8; MAX_REPLICAS],
     n: u8,
     /// Bit k: replica k is being filled.
     filling: u8,
+    /// Replica k's fill epoch (the daemon takes copies of it only).
+    epoch: [u64; MAX_REPLICAS],
 }
 
 impl Replicas {
@@ -81,8 +83,9 @@ impl Replicas {
         self.all().any(|x| x == d)
     }
 
-    /// Adds daemon `d` (filling or whole); false if the unit has its most.
-    pub fn add(&mut self, d: usize, filling: bool) -> bool {
+    /// Adds daemon `d`, whole, or filling with `epoch` (`Some`); false if
+    /// the unit has its most.
+    pub fn add(&mut self, d: usize, filling: Option<u64>) -> bool {
         if self.contains(d) {
             return true;
         }
@@ -90,11 +93,20 @@ impl Replicas {
             return false;
         }
         self.d[self.len()] = d as u8;
-        if filling {
+        if let Some(e) = filling {
             self.filling |= 1 << self.n;
+            self.epoch[self.len()] = e;
         }
         self.n += 1;
         true
+    }
+
+    /// The fill epoch of daemon `d`'s replica (0 if it is not filling).
+    pub fn epoch_of(&self, d: usize) -> u64 {
+        self.all()
+            .position(|x| x == d)
+            .filter(|&k| self.filling & (1 << k) != 0)
+            .map_or(0, |k| self.epoch[k])
     }
 
     /// Drops daemon `d`'s replica.
@@ -104,6 +116,7 @@ impl Replicas {
         };
         let n = self.len();
         self.d.copy_within(k + 1..n, k);
+        self.epoch.copy_within(k + 1..n, k);
         let low = self.filling & ((1 << k) - 1);
         let high = (self.filling >> (k + 1)) << k;
         self.filling = low | high;
@@ -145,7 +158,7 @@ impl Placement {
             .map(|u| {
                 let mut set = Replicas::default();
                 for k in 0..r {
-                    set.add((u / per_vregion + k) % n.max(1), false);
+                    set.add((u / per_vregion + k) % n.max(1), None);
                 }
                 set
             })
@@ -206,15 +219,17 @@ impl Placement {
         if let Some(r) = self.table.get_mut(unit) {
             *r = Replicas::default();
             for &d in members {
-                r.add(d, false);
+                r.add(d, None);
             }
             self.target[unit] = target.max(r.len()).min(MAX_REPLICAS) as u8;
         }
     }
 
-    /// Adds daemon `d` to unit `unit`, to be filled.
-    pub fn add_filling(&mut self, unit: usize, d: usize) -> bool {
-        self.table.get_mut(unit).is_some_and(|r| r.add(d, true))
+    /// Adds daemon `d` to unit `unit`, to be filled with `epoch`.
+    pub fn add_filling(&mut self, unit: usize, d: usize, epoch: u64) -> bool {
+        self.table
+            .get_mut(unit)
+            .is_some_and(|r| r.add(d, Some(epoch)))
     }
 
     /// Daemon `d`'s replica of unit `unit` is filled.
@@ -538,19 +553,21 @@ mod tests {
     #[test]
     fn replicas_being_filled_take_writes_but_no_reads() {
         let mut r = Replicas::default();
-        assert!(r.add(3, false) && r.add(5, true) && r.add(7, true));
+        assert!(r.add(3, None) && r.add(5, Some(50)) && r.add(7, Some(70)));
         assert_eq!(r.all().collect::<Vec<_>>(), [3, 5, 7]);
         assert_eq!(r.whole().collect::<Vec<_>>(), [3]);
         assert_eq!(r.filling().collect::<Vec<_>>(), [5, 7]);
         r.remove(3);
-        // The flags move with their replicas.
+        // The flags and epochs move with their replicas.
         assert_eq!(r.whole().count(), 0);
         assert_eq!(r.filling().collect::<Vec<_>>(), [5, 7]);
+        assert_eq!((r.epoch_of(5), r.epoch_of(7), r.epoch_of(3)), (50, 70, 0));
         r.filled(7);
         assert_eq!(r.whole().collect::<Vec<_>>(), [7]);
-        assert!(r.add(1, false) && r.add(2, false));
-        assert!(!r.add(9, false), "at most {MAX_REPLICAS}");
-        assert!(r.add(2, true), "already there: nothing changes");
+        assert_eq!(r.epoch_of(7), 0);
+        assert!(r.add(1, None) && r.add(2, None));
+        assert!(!r.add(9, None), "at most {MAX_REPLICAS}");
+        assert!(r.add(2, Some(1)), "already there: nothing changes");
         assert_eq!(r.whole().collect::<Vec<_>>(), [7, 1, 2]);
     }
 
@@ -563,7 +580,7 @@ mod tests {
         p.place(0, &[0, 1], 2);
         p.place(1, &[1, 2], 2);
         p.place(2, &[0], 1);
-        assert!(p.add_filling(2, 1));
+        assert!(p.add_filling(2, 1, 8));
         assert!(!p.expendable(0), "unit 2 has no other whole replica");
         assert!(p.expendable(2));
         assert_eq!(p.placed(0), Some(0));
@@ -581,7 +598,7 @@ mod tests {
         assert_eq!(p.lose(0), [0, 2]);
         assert_eq!(p.placed(0), None);
         assert!(p.holds_any(2) && !p.holds_any(0));
-        p.add_filling(1, 0);
+        p.add_filling(1, 0, 9);
         assert!(p.is_short(1), "filling is not whole");
         p.filled(1, 0);
         assert!(!p.is_short(1));

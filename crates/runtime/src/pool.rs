@@ -658,6 +658,26 @@ impl DaemonPool {
         Ok(d)
     }
 
+    /// Daemon `d` empties `[addr, addr+len)` and takes copies of it with
+    /// `epoch` only (a new replica); a daemon lost on the way is given up.
+    pub fn begin_fill(
+        &mut self,
+        d: usize,
+        addr: usize,
+        len: usize,
+        epoch: u64,
+    ) -> Result<(), DaemonError> {
+        if self.daemons[d].conn.is_none() {
+            return Ok(());
+        }
+        let msg = Message::BeginFill {
+            addr: VirtAddr(addr as u64),
+            len: len as u64,
+            epoch,
+        };
+        self.or_lose(d, |p| p.call_done(d, &msg)).map(|_| ())
+    }
+
     /// New replicas avoid daemon `id` for [`LOST_FOR`] (it could not be
     /// reached or filled).
     pub fn avoid(&mut self, id: u64) {

@@ -259,9 +259,10 @@ impl Runtime {
             }
             for &d in &members {
                 if !st.pool.placement.replicas(off).contains(d) {
-                    st.pool.discard_on(d, base, len)?;
+                    let epoch = next_epoch();
+                    st.pool.begin_fill(d, base, len, epoch)?;
                     if st.pool.daemons[d].conn.is_some() {
-                        st.pool.placement.add_filling(unit, d);
+                        st.pool.placement.add_filling(unit, d, epoch);
                     }
                 }
             }
@@ -276,12 +277,13 @@ impl Runtime {
                 .or_else(|| r.whole().next())
                 .ok_or(RepairError::NoSource(unit))?;
             let addr = |d: usize| st.pool.daemons[d].addr.clone();
-            let targets: Vec<(usize, String)> = r.filling().map(|d| (d, addr(d))).collect();
+            let targets: Vec<(usize, String, u64)> =
+                r.filling().map(|d| (d, addr(d), r.epoch_of(d))).collect();
             (members, targets, (source, addr(source)))
         };
         // 3. Copied daemon to daemon, off the lock.
-        for (t, to) in targets {
-            match self.copy_unit(&source.1, base, len, &to) {
+        for (t, to, epoch) in targets {
+            match self.copy_unit(&source.1, (base, len), &to, epoch) {
                 Ok(pages) => {
                     if let Some(s) = self.stats {
                         s.migrated_pages
@@ -343,13 +345,21 @@ impl Runtime {
     }
 
     /// Has the daemon at `from` copy its pages of `[base, base+len)` to
-    /// the daemon at `to`, over a connection of this thread's own.
-    fn copy_unit(&self, from: &str, base: usize, len: usize, to: &str) -> Result<u64, DaemonError> {
+    /// the daemon at `to` (filling with `epoch`), over a connection of
+    /// this thread's own.
+    fn copy_unit(
+        &self,
+        from: &str,
+        (base, len): (usize, usize),
+        to: &str,
+        epoch: u64,
+    ) -> Result<u64, DaemonError> {
         let mut conn = self.attach(from)?;
         let msg = Message::CopyRange {
             addr: VirtAddr(base as u64),
             len: len as u64,
             to,
+            epoch,
         };
         match pool::call(&mut conn, from, 2, &msg)? {
             Message::Copied { pages } => Ok(pages),
@@ -428,6 +438,19 @@ impl Runtime {
             }
         }
     }
+}
+
+/// A fill epoch not used before by this process (a daemon stores the
+/// pages of a fill only with the epoch it was begun with).
+fn next_epoch() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    use std::sync::atomic::Ordering::Relaxed;
+    if NEXT.load(Relaxed) == 0 {
+        let mut b = [0u8; 8];
+        let _ = getrandom::getrandom(&mut b);
+        let _ = NEXT.compare_exchange(0, u64::from_le_bytes(b) >> 2 | 1, Relaxed, Relaxed);
+    }
+    NEXT.fetch_add(1, Relaxed)
 }
 
 /// Asks the manager which memory daemons drain and which failed; `None`
