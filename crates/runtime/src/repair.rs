@@ -10,12 +10,13 @@
 //!
 //! 1. `PlaceMemory{keep, avoid}`: the manager answers the unit's replicas,
 //!    the ones it keeps plus new ones on other daemons (and zones);
-//! 2. under the pager's lock, each new replica is emptied (`Discard`) and
-//!    added as *filling*: from now on every writeback goes there too, but
-//!    no read;
+//! 2. under the pager's lock, each new replica begins a fill with a new
+//!    epoch (`BeginFill`: emptied, and taking copies of that epoch only)
+//!    and is added as *filling*: from now on every writeback goes there
+//!    too, but no read;
 //! 3. a whole replica copies the unit there, daemon to daemon
-//!    (`CopyRange`, sent as `FillPages`, which never overwrite a page the
-//!    program wrote since), off the pager's lock;
+//!    (`CopyRange`, sent as `FillPages` of the fill's epoch, which never
+//!    overwrite a page the program wrote since), off the pager's lock;
 //! 4. under the lock, the replica is whole; replicas the manager did not
 //!    answer (a draining daemon's) are discarded and dropped;
 //! 5. `Restored`: the manager no longer counts the unit degraded.
@@ -24,7 +25,8 @@
 //! the new replica directly, and every write made before it was
 //! acknowledged by the source before its copy began (writebacks complete
 //! under the lock of step 2), so the copy brings all of those. A page the
-//! copy brings late is not stored over a newer one. A replica is read only
+//! copy brings late is not stored over a newer one, and a copy of an
+//! earlier fill (one given up) is not stored at all. A replica is read only
 //! once its copy is complete, and a daemon given up is never read again
 //! unless it is emptied and filled anew (so its stale copies are never
 //! served, also when it comes back after a network cut).
