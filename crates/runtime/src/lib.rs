@@ -37,6 +37,7 @@ pub mod prefetch;
 pub mod region;
 pub mod repair;
 pub mod runtime;
+pub mod side;
 pub mod spin;
 pub mod tier;
 pub mod uffd_table;

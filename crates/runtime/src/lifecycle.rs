@@ -432,6 +432,8 @@ extern "C" fn after_fork_child() {
     let mut fds = guard.state.pool.fds();
     fds.extend(guard.layout.fds());
     fds.extend([parent.uffd.as_raw_fd(), parent.pidfd]);
+    // And the helper threads' connections outside the pool.
+    fds.extend(crate::side::take_listed());
     drop(guard);
     for fd in fds {
         process::close(fd);

@@ -328,7 +328,7 @@ impl Placement {
 /// asks for another).
 pub struct Placed {
     pub unit: usize,
-    pub replicas: Vec<(Replica, Option<FramedConn<TcpStream>>)>,
+    pub replicas: Vec<(Replica, Option<crate::side::Side>)>,
     pub named: usize,
 }
 
@@ -449,11 +449,12 @@ impl Placer {
                     let named = replicas.len();
                     for r in replicas {
                         let new = !lock(&self.queue).known.contains(&r.id);
-                        match if new {
-                            attach(&r.addr).map(Some)
+                        let made = if new {
+                            attach(&r.addr).map(|c| Some(crate::side::Side::new(c)))
                         } else {
                             Ok(None)
-                        } {
+                        };
+                        match made {
                             Ok(conn) => with.push((r, conn)),
                             Err(e) => last = e,
                         }

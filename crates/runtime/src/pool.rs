@@ -604,6 +604,7 @@ impl DaemonPool {
             let mut members = Vec::with_capacity(p.replicas.len());
             let mut last = None;
             for (rep, conn) in p.replicas {
+                let conn = conn.map(crate::side::Side::into_inner);
                 match self.daemon_index(rep.id, &rep.addr, conn) {
                     Ok(d) => members.push(d),
                     Err(e) => last = Some(e),

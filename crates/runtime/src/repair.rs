@@ -48,6 +48,7 @@ use crate::pager::Backing;
 use crate::placement;
 use crate::pool::{self, DaemonError};
 use crate::runtime::{lock, stop, Runtime};
+use crate::side::Side;
 
 /// How often a program's runtime asks the global manager which memory
 /// daemons are draining or failed.
@@ -246,7 +247,7 @@ impl Runtime {
                 continue;
             }
             match self.attach(&r.addr) {
-                Ok(c) => replicas.push((r, Some(c))),
+                Ok(c) => replicas.push((r, Some(Side::new(c)))),
                 Err(_) => lock(&self.state).pool.avoid(r.id),
             }
         }
@@ -257,6 +258,7 @@ impl Runtime {
             st.pool.placement.want_at_least(unit, answer.len());
             let mut members = Vec::with_capacity(replicas.len());
             for (r, conn) in replicas {
+                let conn = conn.map(Side::into_inner);
                 members.push(st.pool.daemon_index(r.id, &r.addr, conn)?);
             }
             for &d in &members {
@@ -356,14 +358,15 @@ impl Runtime {
         to: &str,
         epoch: u64,
     ) -> Result<u64, DaemonError> {
-        let mut conn = self.attach(from)?;
+        let mut side = Side::new(self.attach(from)?);
+        let conn = side.conn();
         let msg = Message::CopyRange {
             addr: VirtAddr(base as u64),
             len: len as u64,
             to,
             epoch,
         };
-        match pool::call(&mut conn, from, 2, &msg)? {
+        match pool::call(conn, from, 2, &msg)? {
             Message::Copied { pages } => Ok(pages),
             other => Err(pool::unexpected(from, "CopyRange", &other)),
         }
@@ -413,11 +416,11 @@ impl Runtime {
         let Some(addr) = candidate else {
             return Ok(());
         };
-        let conn = self.attach(&addr)?;
+        let conn = Side::new(self.attach(&addr)?);
         let _st = lock(&self.state);
         let mut layout = lock(&self.layout);
         if layout.backup.is_none() && layout.addr != addr {
-            layout.set_backup(addr, conn)?;
+            layout.set_backup(addr, conn.into_inner())?;
         }
         Ok(())
     }
