@@ -43,6 +43,10 @@ enum Command {
     Manager(cluster::ManagerArgs),
     /// Run a processor daemon: runs the programs the global manager places on this host.
     Processor(processor::ProcessorArgs),
+    /// Run a storage daemon (a storage component): vNodes' files under a
+    /// directory, durable on fsync (only the file service for now; vNodes
+    /// come with issue 16).
+    Storage(StorageArgs),
     /// Show the cluster (with --manager) or one memory daemon (with --memory).
     Status(StatusArgs),
     /// Move everything off a memory daemon while its programs run, then let it leave.
@@ -73,6 +77,26 @@ struct MemoryArgs {
     /// where it can.
     #[arg(long, value_name = "NAME", env = "LEGO_ZONE", requires = "manager")]
     zone: Option<String>,
+    #[command(flatten)]
+    key: keys::KeyArg,
+}
+
+#[derive(clap::Args)]
+struct StorageArgs {
+    /// Address to listen on, HOST:PORT (port 0 picks a free one).
+    #[arg(long, value_name = "ADDR", env = "LEGO_LISTEN")]
+    listen: String,
+    /// Directory holding the vNodes' files (one tree per vNode under
+    /// DIR/vnodes); made if missing.
+    #[arg(long, value_name = "DIR", env = "LEGO_STORAGE_DIR")]
+    dir: std::path::PathBuf,
+    /// Join the cluster of the global manager at ADDR (HOST:PORT).
+    #[arg(long, value_name = "ADDR", env = "LEGO_MANAGER")]
+    manager: Option<String>,
+    /// Address other components reach this daemon at, if not the listening
+    /// address.
+    #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
+    advertise: Option<String>,
     #[command(flatten)]
     key: keys::KeyArg,
 }
@@ -150,6 +174,10 @@ fn main() -> ExitCode {
             init_logging();
             processor::processor(args)
         }
+        Command::Storage(args) => {
+            init_logging();
+            storage(args)
+        }
         Command::Status(args) => {
             lego_sys::process::end_quietly_on_closed_pipe();
             let cred = match args.key.client() {
@@ -168,6 +196,34 @@ fn main() -> ExitCode {
             keys::keygen(args)
         }
     }
+}
+
+/// `lego storage`: serves vNodes' files until stopped.
+fn storage(args: StorageArgs) -> ExitCode {
+    let cred = match args.key.daemon(&args.listen) {
+        Ok(c) => c,
+        Err(e) => return fail("lego storage", e),
+    };
+    let mut d = match lego_storage::StorageDaemon::start(&args.listen, args.dir.clone(), cred) {
+        Ok(d) => d,
+        Err(e) => return fail("lego storage", e),
+    };
+    if let Err(e) = stop_on_signals(d.stopper()) {
+        return fail("lego storage", e);
+    }
+    if let Some(m) = &args.manager {
+        if let Err(e) = d.join(m, args.advertise.as_deref()) {
+            return fail("lego storage", e);
+        }
+    }
+    eprintln!(
+        "lego storage: serving on {} with files in {}",
+        d.addr(),
+        args.dir.display()
+    );
+    d.wait();
+    eprintln!("lego storage: stopped");
+    ExitCode::SUCCESS
 }
 
 /// A daemon's way out: SIGINT, SIGTERM, SIGHUP and SIGQUIT set `stop` (the

@@ -70,6 +70,8 @@ pub fn short_program(program: &str) -> String {
 pub enum Kind {
     Memory,
     Processor,
+    /// A storage daemon (`lego storage`): vNodes' files.
+    Storage,
 }
 
 impl std::fmt::Display for Kind {
@@ -77,6 +79,7 @@ impl std::fmt::Display for Kind {
         f.write_str(match self {
             Kind::Memory => "memory",
             Kind::Processor => "processor",
+            Kind::Storage => "storage",
         })
     }
 }

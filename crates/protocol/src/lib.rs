@@ -302,7 +302,70 @@ pub enum Message<'a> {
     },
     /// Reply to `CopyRange`: how many pages were sent.
     Copied { pages: u64 },
+    /// A file-system operation on vNode `vnode`'s tree, to a storage
+    /// daemon: `path` (and `to`, for `Rename` and `Symlink`'s target),
+    /// `offset`/`len` (read, write, truncate, readdir), `mode`, `data`
+    /// (write). Answered with `FsReply`.
+    FsCall {
+        vnode: u64,
+        op: FsOp,
+        path: &'a str,
+        to: &'a str,
+        offset: u64,
+        len: u64,
+        mode: u32,
+        data: &'a [u8],
+    },
+    /// Reply to `FsCall`: `errno` 0 and what the operation returns
+    /// (encoded per operation, see `lego_storage`), or the errno.
+    FsReply { errno: u32, data: &'a [u8] },
 }
+
+/// A file-system operation of [`Message::FsCall`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FsOp {
+    Getattr = 1,
+    Readdir = 2,
+    Create = 3,
+    Mkdir = 4,
+    Unlink = 5,
+    Rmdir = 6,
+    Rename = 7,
+    Symlink = 8,
+    Readlink = 9,
+    Truncate = 10,
+    Read = 11,
+    Write = 12,
+    Fsync = 13,
+    Statfs = 14,
+}
+
+impl FsOp {
+    fn from_u8(v: u8) -> Result<Self, DecodeError> {
+        use FsOp::*;
+        Ok(match v {
+            1 => Getattr,
+            2 => Readdir,
+            3 => Create,
+            4 => Mkdir,
+            5 => Unlink,
+            6 => Rmdir,
+            7 => Rename,
+            8 => Symlink,
+            9 => Readlink,
+            10 => Truncate,
+            11 => Read,
+            12 => Write,
+            13 => Fsync,
+            14 => Statfs,
+            other => return Err(DecodeError::BadValue("file-system operation", other as u64)),
+        })
+    }
+}
+
+/// Most bytes of file data in one `FsCall` or `FsReply`.
+pub const MAX_FS_DATA: usize = 1 << 20;
 
 impl Message<'_> {
     /// The message's kind, for error messages ("ReadPages").
@@ -339,6 +402,8 @@ impl Message<'_> {
             Message::BeginFill { .. } => "BeginFill",
             Message::CopyRange { .. } => "CopyRange",
             Message::Copied { .. } => "Copied",
+            Message::FsCall { .. } => "FsCall",
+            Message::FsReply { .. } => "FsReply",
         }
     }
 
@@ -411,6 +476,8 @@ mod kind {
     pub const COPY_RANGE: u16 = 65;
     pub const COPIED: u16 = 66;
     pub const BEGIN_FILL: u16 = 67;
+    pub const FS_CALL: u16 = 68;
+    pub const FS_REPLY: u16 = 69;
 }
 
 struct Writer<'b>(&'b mut Vec<u8>);
@@ -618,6 +685,35 @@ pub fn encode(request_id: u64, message: &Message<'_>, out: &mut Vec<u8>) {
             w.u64(*pages);
             kind::COPIED
         }
+        Message::FsCall {
+            vnode,
+            op,
+            path,
+            to,
+            offset,
+            len,
+            mode,
+            data,
+        } => {
+            assert!(data.len() <= MAX_FS_DATA, "file data too large");
+            w.u64(*vnode);
+            w.u8(*op as u8);
+            w.str(path);
+            w.str(to);
+            w.u64(*offset);
+            w.u64(*len);
+            w.u32(*mode);
+            w.u32(data.len() as u32);
+            w.0.extend_from_slice(data);
+            kind::FS_CALL
+        }
+        Message::FsReply { errno, data } => {
+            assert!(data.len() <= MAX_FS_DATA + 4096, "reply data too large");
+            w.u32(*errno);
+            w.u32(data.len() as u32);
+            w.0.extend_from_slice(data);
+            kind::FS_REPLY
+        }
         Message::Done => kind::DONE,
         Message::Error { code, message } => {
             w.u16(*code as u16);
@@ -686,7 +782,7 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES]) -> Result<Header, DecodeError> 
     if body_len > MAX_BODY_BYTES {
         return Err(DecodeError::TooLarge(body_len));
     }
-    if !(kind::HELLO..=kind::BEGIN_FILL).contains(&kind) {
+    if !(kind::HELLO..=kind::FS_REPLY).contains(&kind) {
         return Err(DecodeError::UnknownKind(kind));
     }
     Ok(Header {
@@ -895,6 +991,40 @@ pub fn decode_body<'a>(header: Header, body: &'a [u8]) -> Result<Frame<'a>, Deco
         kind::COPIED => Message::Copied {
             pages: r.u64("pages")?,
         },
+        kind::FS_CALL => {
+            let vnode = r.u64("vnode")?;
+            let op = FsOp::from_u8(r.u8("operation")?)?;
+            let path = r.str("path")?;
+            let to = r.str("second path")?;
+            let offset = r.u64("offset")?;
+            let len = r.u64("length")?;
+            let mode = r.u32("mode")?;
+            let n = r.u32("data length")? as usize;
+            if n > MAX_FS_DATA {
+                return Err(DecodeError::BadValue("file data length", n as u64));
+            }
+            Message::FsCall {
+                vnode,
+                op,
+                path,
+                to,
+                offset,
+                len,
+                mode,
+                data: r.take(n, "file data")?,
+            }
+        }
+        kind::FS_REPLY => {
+            let errno = r.u32("errno")?;
+            let n = r.u32("data length")? as usize;
+            if n > MAX_FS_DATA + 4096 {
+                return Err(DecodeError::BadValue("reply data length", n as u64));
+            }
+            Message::FsReply {
+                errno,
+                data: r.take(n, "reply data")?,
+            }
+        }
         kind::DONE => Message::Done,
         kind::ERROR => Message::Error {
             code: ErrorCode::from_u16(r.u16("error code")?)?,
@@ -1104,6 +1234,20 @@ mod tests {
                 epoch: 9,
             },
             Message::Copied { pages: 12 },
+            Message::FsCall {
+                vnode: 3,
+                op: FsOp::Write,
+                path: "dir/file.db",
+                to: "",
+                offset: 8192,
+                len: 5,
+                mode: 0o644,
+                data: b"hello",
+            },
+            Message::FsReply {
+                errno: 2,
+                data: b"",
+            },
             Message::Layout {
                 brk_start: VirtAddr(1 << 30),
                 brk: VirtAddr((1 << 30) + 8192),

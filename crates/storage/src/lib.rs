@@ -1,375 +1,366 @@
-//! The lego storage component (LegoOS's storage monitor), first part: the
-//! file tree of one vNode, as the storage daemon will serve it over the
-//! network (issue 16; the daemon, the global storage manager and the
-//! vNodes themselves come next).
+//! The lego storage component (LegoOS's storage monitor), issue 16 in
+//! progress: vNodes' file trees ([`tree`]) under one directory, served over
+//! the framed protocol (`FsCall`/`FsReply`) by the storage daemon
+//! ([`StorageDaemon`], `lego storage`), which registers with the global
+//! manager like the other daemons. The client side is [`Client`]. Still to
+//! come: the manager's GSM and vNodes, the FUSE client on processor
+//! daemons, and the file cache on memory daemons.
 //!
-//! A [`Tree`] is a directory that holds one vNode's files. Every operation
-//! names a path relative to it and is confined to it by the kernel: each
-//! path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
-//! from the tree's root descriptor, so no `..`, absolute path or symlink
-//! can lead out of the tree, whatever was created inside it (a symlink
-//! is stored and read back as such, never followed here: the file-system
-//! client resolves it, in the vNode's own view). There is no hard-link
-//! operation, so no file outside the tree can be linked in.
-//!
-//! Durability: [`Tree::fsync`] returns once the file's data and the
-//! directory entry naming it are on disk; a creation, rename or removal
-//! is durable once the directory holding it is synced (`fsync` of that
-//! directory's path).
+//! Only the cluster credential may use a storage daemon: users reach their
+//! vNode's files through the processor daemon that runs their programs.
 
 #![deny(unsafe_code)]
 
-use std::ffi::OsStr;
-use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
+pub mod tree;
+mod wire;
 
-use rustix::fs::{self as fs, AtFlags, Mode, OFlags, ResolveFlags};
+use std::collections::HashMap;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-/// Every path is resolved beneath the tree, following no symlink.
-const CONFINED: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
+use lego_protocol::{FsOp, Message, Role, MAX_FS_DATA};
+use lego_transport::auth::{Credential, Identity};
+use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport, TransportError};
 
-/// What a file is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Kind {
-    File,
-    Dir,
-    Symlink,
-    /// Anything else (a FIFO or socket made outside lego).
-    Other,
+pub use tree::{Attr, Kind, Space, Tree};
+pub use wire::DirEntry;
+
+/// How long a new connection may take to say `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running storage daemon: the trees of the vNodes under `dir/vnodes`.
+pub struct StorageDaemon {
+    addr: String,
+    dir: PathBuf,
+    cred: Arc<Credential>,
+    stop: Arc<AtomicBool>,
+    accept: Option<JoinHandle<()>>,
+    membership: Option<lego_transport::Membership>,
 }
 
-/// A file's attributes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Attr {
-    pub kind: Kind,
-    pub size: u64,
-    pub mode: u32,
-    pub nlink: u64,
-    pub ino: u64,
-    pub mtime_ns: i128,
-}
+/// The trees opened so far, by vNode id.
+type Trees = Mutex<HashMap<u64, Arc<Tree>>>;
 
-/// Space of the tree's file system.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Space {
-    pub total_bytes: u64,
-    pub free_bytes: u64,
-}
-
-/// One vNode's file tree.
-pub struct Tree {
-    root: OwnedFd,
-}
-
-fn errno(e: rustix::io::Errno) -> io::Error {
-    io::Error::from_raw_os_error(e.raw_os_error())
-}
-
-fn invalid(why: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, why.to_string())
-}
-
-/// `path` split into its parent (relative, maybe empty) and its last
-/// component, which must be a plain name.
-fn split(path: &str) -> io::Result<(&str, &str)> {
-    let path = path.trim_end_matches('/');
-    let (parent, name) = match path.rfind('/') {
-        Some(i) => (&path[..i], &path[i + 1..]),
-        None => ("", path),
-    };
-    if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&0) {
-        return Err(invalid("a file needs a name (not empty, '.' or '..')"));
-    }
-    Ok((parent, name))
-}
-
-fn attr(st: &fs::Stat) -> Attr {
-    let kind = match fs::FileType::from_raw_mode(st.st_mode) {
-        fs::FileType::RegularFile => Kind::File,
-        fs::FileType::Directory => Kind::Dir,
-        fs::FileType::Symlink => Kind::Symlink,
-        _ => Kind::Other,
-    };
-    Attr {
-        kind,
-        size: st.st_size as u64,
-        mode: st.st_mode & 0o7777,
-        nlink: st.st_nlink,
-        ino: st.st_ino,
-        mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
-    }
-}
-
-impl Tree {
-    /// The tree in directory `dir`, made if it does not exist.
-    pub fn open(dir: &Path) -> io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
-        let root = fs::open(
+impl StorageDaemon {
+    /// Binds `listen` and serves the trees under `dir` to the peers `cred`
+    /// (the cluster credential) vouches for.
+    pub fn start(listen: &str, dir: PathBuf, cred: Credential) -> Result<Self, String> {
+        std::fs::create_dir_all(dir.join("vnodes"))
+            .map_err(|e| format!("cannot make {}: {e}", dir.join("vnodes").display()))?;
+        let listener = Tcp
+            .listen(listen)
+            .map_err(|e: TransportError| e.to_string())?;
+        let addr = Listener::local_addr(&listener);
+        let stop = Arc::new(AtomicBool::new(false));
+        let cred = Arc::new(cred);
+        let trees: Arc<Trees> = Arc::new(Mutex::new(HashMap::new()));
+        let accept = {
+            let (cred, root) = (cred.clone(), dir.join("vnodes"));
+            lego_transport::serve_connections(listener, "lego-storage", stop.clone(), move |s| {
+                serve_connection(s, &root, &trees, &cred)
+            })
+        };
+        Ok(Self {
+            addr,
             dir,
-            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno)?;
-        Ok(Self { root })
+            cred,
+            stop,
+            accept: Some(accept),
+            membership: None,
+        })
     }
 
-    /// Opens `path` (relative; empty: the root) beneath the tree.
-    fn at(&self, path: &str, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
-        let path = if path.is_empty() { "." } else { path };
-        fs::openat2(
-            self.root.as_fd(),
-            path,
-            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            mode,
-            CONFINED,
-        )
-        .map_err(errno)
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
-    /// The directory holding `path`'s last component, and that name.
-    fn parent<'p>(&self, path: &'p str) -> io::Result<(OwnedFd, &'p str)> {
-        let (parent, name) = split(path)?;
-        let dir = self.at(parent, OFlags::DIRECTORY | OFlags::PATH, Mode::empty())?;
-        Ok((dir, name))
+    /// Free space of the storage directory's file system.
+    fn free_bytes(dir: &std::path::Path) -> u64 {
+        Tree::open(dir)
+            .and_then(|t| t.statfs())
+            .map_or(0, |s| s.free_bytes)
     }
 
-    /// `path`'s attributes (a symlink's own).
-    pub fn getattr(&self, path: &str) -> io::Result<Attr> {
-        if path.trim_matches('/').is_empty() {
-            return fs::fstat(&self.root).map(|s| attr(&s)).map_err(errno);
+    /// Joins the cluster of the manager at `manager` as a storage daemon
+    /// peers reach at `advertise` (default: the listening address), its
+    /// capacity the free space of its directory; heartbeats until stopped.
+    pub fn join(&mut self, manager: &str, advertise: Option<&str>) -> Result<u64, String> {
+        let addr = advertise.unwrap_or(&self.addr).to_string();
+        let vnodes = self.dir.join("vnodes");
+        let member = lego_transport::Member::join(
+            manager,
+            (lego_protocol::control::Kind::Storage, &addr, ""),
+            Self::free_bytes(&vnodes),
+            &self.cred,
+        )?;
+        let id = member.id();
+        self.membership = Some(member.keep_alive(self.stop.clone(), move || {
+            lego_protocol::control::Request::Heartbeat {
+                id: 0,
+                key: String::new(),
+                used_bytes: 0,
+                load: 0,
+                spaces: vec![],
+                processes: vec![],
+            }
+        }));
+        Ok(id)
+    }
+
+    /// Setting this flag stops the daemon: [`StorageDaemon::wait`] returns.
+    pub fn stopper(&self) -> Arc<AtomicBool> {
+        self.stop.clone()
+    }
+
+    /// Serves until stopped, then leaves its cluster, if in one.
+    pub fn wait(mut self) {
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let (dir, name) = self.parent(path)?;
-        fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
-            .map(|s| attr(&s))
-            .map_err(errno)
+        if let Some(m) = self.membership.take() {
+            m.leave();
+        }
+        let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
     }
+}
 
-    /// The entries of directory `path` (without `.` and `..`), sorted.
-    pub fn readdir(&self, path: &str) -> io::Result<Vec<(String, Kind)>> {
-        let dir = self.at(path, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())?;
-        let mut out = Vec::new();
-        for entry in fs::Dir::read_from(&dir).map_err(errno)? {
-            let entry = entry.map_err(errno)?;
-            let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
+fn serve_connection<S: Stream>(
+    stream: S,
+    root: &std::path::Path,
+    trees: &Trees,
+    cred: &Credential,
+) {
+    let peer = stream.peer();
+    let mut conn = FramedConn::new(stream);
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let who = conn.server_handshake(0, HELLO_TIMEOUT, cred)?;
+        conn.be_patient(None)?;
+        request_loop(&mut conn, root, trees, &who.identity)
+    }))
+    .unwrap_or_else(|_| {
+        Err(ConnError::Unexpected(
+            "a request handler failed (a bug; see the panic above)".into(),
+        ))
+    });
+    match result {
+        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
+        Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
+    }
+}
+
+fn request_loop<S: Stream>(
+    conn: &mut FramedConn<S>,
+    root: &std::path::Path,
+    trees: &Trees,
+    who: &Identity,
+) -> Result<(), ConnError> {
+    let mut out = Vec::new();
+    loop {
+        let f = conn.recv()?;
+        let id = f.request_id;
+        let errno = match f.message {
+            Message::FsCall { .. } if *who != Identity::Cluster => {
+                libc_errno(rustix::io::Errno::ACCESS)
+            }
+            Message::FsCall {
+                vnode,
+                op,
+                path,
+                to,
+                offset,
+                len,
+                mode,
+                data,
+            } => {
+                out.clear();
+                let r = tree_of(root, trees, vnode).and_then(|t| {
+                    wire::apply(&t, op, (path, to), (offset, len, mode), data, &mut out)
+                });
+                match r {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        out.clear();
+                        e.raw_os_error()
+                            .unwrap_or(libc_errno(rustix::io::Errno::IO))
+                    }
+                }
+            }
+            other => {
+                let message = format!("{} is not a request a storage daemon serves", other.name());
+                conn.send(
+                    id,
+                    &Message::Error {
+                        code: lego_protocol::ErrorCode::Invalid,
+                        message: &message,
+                    },
+                )?;
                 continue;
             }
-            let kind = match entry.file_type() {
-                fs::FileType::RegularFile => Kind::File,
-                fs::FileType::Directory => Kind::Dir,
-                fs::FileType::Symlink => Kind::Symlink,
-                _ => Kind::Other,
-            };
-            out.push((String::from_utf8_lossy(name).into_owned(), kind));
+        };
+        conn.send(
+            id,
+            &Message::FsReply {
+                errno: errno as u32,
+                data: &out,
+            },
+        )?;
+    }
+}
+
+fn libc_errno(e: rustix::io::Errno) -> i32 {
+    e.raw_os_error()
+}
+
+/// vNode `vnode`'s tree, opened (made) on first use.
+fn tree_of(root: &std::path::Path, trees: &Trees, vnode: u64) -> std::io::Result<Arc<Tree>> {
+    let mut t = trees.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(tree) = t.get(&vnode) {
+        return Ok(tree.clone());
+    }
+    let tree = Arc::new(Tree::open(&root.join(vnode.to_string()))?);
+    t.insert(vnode, tree.clone());
+    Ok(tree)
+}
+
+/// A connection to a storage daemon, for one vNode's tree.
+pub struct Client {
+    conn: FramedConn<TcpStream>,
+    addr: String,
+    vnode: u64,
+    next_id: u64,
+}
+
+impl Client {
+    pub fn connect(addr: &str, vnode: u64, cred: &Credential) -> Result<Self, ConnError> {
+        let s = Tcp
+            .connect(addr, Duration::from_secs(5))
+            .map_err(ConnError::Connect)?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut conn = FramedConn::new(s);
+        conn.client_handshake(Role::Client, "lego-storage-client", cred)?;
+        Ok(Self {
+            conn,
+            addr: addr.to_string(),
+            vnode,
+            next_id: 0,
+        })
+    }
+
+    fn call(
+        &mut self,
+        op: FsOp,
+        (path, to): (&str, &str),
+        (offset, len, mode): (u64, u64, u32),
+        data: &[u8],
+    ) -> std::io::Result<Vec<u8>> {
+        self.next_id += 1;
+        let msg = Message::FsCall {
+            vnode: self.vnode,
+            op,
+            path,
+            to,
+            offset,
+            len,
+            mode,
+            data,
+        };
+        let io = |e: ConnError| std::io::Error::other(format!("storage daemon {}: {e}", self.addr));
+        let f = self.conn.call(self.next_id, &msg).map_err(io)?;
+        match f.message {
+            Message::FsReply { errno: 0, data } => Ok(data.to_vec()),
+            Message::FsReply { errno, .. } => Err(std::io::Error::from_raw_os_error(errno as i32)),
+            other => Err(std::io::Error::other(format!(
+                "storage daemon {} answered {}",
+                self.addr,
+                other.describe()
+            ))),
         }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
     }
 
-    /// Creates file `path` (an error if it exists).
-    pub fn create(&self, path: &str, mode: u32) -> io::Result<()> {
-        let (dir, name) = self.parent(path)?;
-        fs::openat(
-            &dir,
-            name,
-            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(mode & 0o777),
-        )
-        .map(drop)
-        .map_err(errno)
+    pub fn getattr(&mut self, path: &str) -> std::io::Result<Attr> {
+        let d = self.call(FsOp::Getattr, (path, ""), (0, 0, 0), &[])?;
+        wire::decode_attr(&d)
     }
 
-    pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
-        let (dir, name) = self.parent(path)?;
-        fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)
-    }
-
-    /// Removes file or symlink `path`.
-    pub fn unlink(&self, path: &str) -> io::Result<()> {
-        let (dir, name) = self.parent(path)?;
-        fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)
-    }
-
-    /// Removes empty directory `path`.
-    pub fn rmdir(&self, path: &str) -> io::Result<()> {
-        let (dir, name) = self.parent(path)?;
-        fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)
-    }
-
-    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
-        let (from_dir, from_name) = self.parent(from)?;
-        let (to_dir, to_name) = self.parent(to)?;
-        fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(errno)
-    }
-
-    /// Makes symlink `path` pointing at `target` (stored as given; never
-    /// followed by the tree).
-    pub fn symlink(&self, target: &str, path: &str) -> io::Result<()> {
-        let (dir, name) = self.parent(path)?;
-        fs::symlinkat(target, &dir, name).map_err(errno)
-    }
-
-    pub fn readlink(&self, path: &str) -> io::Result<String> {
-        let (dir, name) = self.parent(path)?;
-        let target = fs::readlinkat(&dir, name, Vec::new()).map_err(errno)?;
-        Ok(OsStr::from_bytes(target.to_bytes())
-            .to_string_lossy()
-            .into_owned())
-    }
-
-    /// Regular file `path`, opened with `flags`.
-    fn file(&self, path: &str, flags: OFlags) -> io::Result<OwnedFd> {
-        let fd = self.at(path, flags, Mode::empty())?;
-        if fs::fstat(&fd).map_err(errno)?.st_mode & 0o170000 != 0o100000 {
-            return Err(io::Error::from_raw_os_error(libc_eisdir()));
-        }
-        Ok(fd)
-    }
-
-    pub fn truncate(&self, path: &str, size: u64) -> io::Result<()> {
-        let fd = self.file(path, OFlags::WRONLY)?;
-        fs::ftruncate(&fd, size).map_err(errno)
-    }
-
-    /// Up to `len` bytes of file `path` from `offset` (fewer at its end).
-    pub fn read(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        let fd = self.file(path, OFlags::RDONLY)?;
-        let mut buf = vec![0u8; len];
-        let mut got = 0;
-        while got < len {
-            let n = rustix::io::pread(&fd, &mut buf[got..], offset + got as u64).map_err(errno)?;
-            if n == 0 {
-                break;
+    pub fn readdir(&mut self, path: &str) -> std::io::Result<Vec<DirEntry>> {
+        let mut all = Vec::new();
+        loop {
+            let d = self.call(FsOp::Readdir, (path, ""), (all.len() as u64, 0, 0), &[])?;
+            let (entries, more) = wire::decode_dir(&d)?;
+            all.extend(entries);
+            if !more {
+                return Ok(all);
             }
-            got += n;
         }
-        buf.truncate(got);
-        Ok(buf)
     }
 
-    /// Writes `data` into file `path` at `offset`.
-    pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
-        let fd = self.file(path, OFlags::WRONLY)?;
-        let mut done = 0;
-        while done < data.len() {
-            done += rustix::io::pwrite(&fd, &data[done..], offset + done as u64).map_err(errno)?;
+    pub fn create(&mut self, path: &str, mode: u32) -> std::io::Result<()> {
+        self.call(FsOp::Create, (path, ""), (0, 0, mode), &[])
+            .map(drop)
+    }
+
+    pub fn mkdir(&mut self, path: &str, mode: u32) -> std::io::Result<()> {
+        self.call(FsOp::Mkdir, (path, ""), (0, 0, mode), &[])
+            .map(drop)
+    }
+
+    pub fn unlink(&mut self, path: &str) -> std::io::Result<()> {
+        self.call(FsOp::Unlink, (path, ""), (0, 0, 0), &[])
+            .map(drop)
+    }
+
+    pub fn rmdir(&mut self, path: &str) -> std::io::Result<()> {
+        self.call(FsOp::Rmdir, (path, ""), (0, 0, 0), &[]).map(drop)
+    }
+
+    pub fn rename(&mut self, from: &str, to: &str) -> std::io::Result<()> {
+        self.call(FsOp::Rename, (from, to), (0, 0, 0), &[])
+            .map(drop)
+    }
+
+    pub fn symlink(&mut self, target: &str, path: &str) -> std::io::Result<()> {
+        self.call(FsOp::Symlink, (path, target), (0, 0, 0), &[])
+            .map(drop)
+    }
+
+    pub fn readlink(&mut self, path: &str) -> std::io::Result<String> {
+        let d = self.call(FsOp::Readlink, (path, ""), (0, 0, 0), &[])?;
+        Ok(String::from_utf8_lossy(&d).into_owned())
+    }
+
+    pub fn truncate(&mut self, path: &str, size: u64) -> std::io::Result<()> {
+        self.call(FsOp::Truncate, (path, ""), (0, size, 0), &[])
+            .map(drop)
+    }
+
+    /// Up to `len` bytes (at most [`MAX_FS_DATA`]) from `offset`.
+    pub fn read(&mut self, path: &str, offset: u64, len: usize) -> std::io::Result<Vec<u8>> {
+        let len = len.min(MAX_FS_DATA) as u64;
+        self.call(FsOp::Read, (path, ""), (offset, len, 0), &[])
+    }
+
+    pub fn write(&mut self, path: &str, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        for (k, chunk) in data.chunks(MAX_FS_DATA).enumerate() {
+            let at = offset + (k * MAX_FS_DATA) as u64;
+            self.call(FsOp::Write, (path, ""), (at, 0, 0), chunk)?;
         }
         Ok(())
     }
 
-    /// Makes file (or directory) `path` durable: its data, and the entry
-    /// naming it in its directory.
-    pub fn fsync(&self, path: &str) -> io::Result<()> {
-        let fd = self.at(path, OFlags::RDONLY, Mode::empty())?;
-        fs::fsync(&fd).map_err(errno)?;
-        let parent = match path.trim_matches('/').rfind('/') {
-            Some(i) => &path.trim_matches('/')[..i],
-            None => "",
-        };
-        let dir = self.at(parent, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())?;
-        fs::fsync(&dir).map_err(errno)
+    /// Returns once `path`'s data and its directory entry are on disk.
+    pub fn fsync(&mut self, path: &str) -> std::io::Result<()> {
+        self.call(FsOp::Fsync, (path, ""), (0, 0, 0), &[]).map(drop)
     }
 
-    /// The file system's size and free space.
-    pub fn statfs(&self) -> io::Result<Space> {
-        let s = fs::fstatvfs(&self.root).map_err(errno)?;
-        Ok(Space {
-            total_bytes: s.f_blocks.saturating_mul(s.f_frsize),
-            free_bytes: s.f_bavail.saturating_mul(s.f_frsize),
-        })
-    }
-}
-
-/// EISDIR: an operation on a file met something else.
-fn libc_eisdir() -> i32 {
-    rustix::io::Errno::ISDIR.raw_os_error()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let d = std::env::temp_dir().join(format!("lego-tree-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        d
-    }
-
-    #[test]
-    fn files_and_directories_are_made_read_renamed_and_removed() {
-        let dir = tmp("ops");
-        let t = Tree::open(&dir.join("v1")).unwrap();
-        t.mkdir("src", 0o755).unwrap();
-        t.create("src/a.txt", 0o644).unwrap();
-        assert!(t.create("src/a.txt", 0o644).is_err(), "exists");
-        t.write("src/a.txt", 0, b"hello world").unwrap();
-        t.write("src/a.txt", 6, b"there").unwrap();
-        assert_eq!(t.read("src/a.txt", 0, 100).unwrap(), b"hello there");
-        assert_eq!(t.read("src/a.txt", 6, 3).unwrap(), b"the");
-        t.truncate("src/a.txt", 5).unwrap();
-        let a = t.getattr("src/a.txt").unwrap();
-        assert_eq!((a.kind, a.size, a.mode), (Kind::File, 5, 0o644));
-        t.rename("src/a.txt", "b.txt").unwrap();
-        t.symlink("b.txt", "link").unwrap();
-        assert_eq!(t.readlink("link").unwrap(), "b.txt");
-        assert_eq!(t.getattr("link").unwrap().kind, Kind::Symlink);
-        assert_eq!(
-            t.readdir("").unwrap(),
-            [
-                ("b.txt".into(), Kind::File),
-                ("link".into(), Kind::Symlink),
-                ("src".into(), Kind::Dir)
-            ]
-        );
-        t.fsync("b.txt").unwrap();
-        t.fsync("src").unwrap();
-        assert!(t.rmdir("src").is_ok());
-        t.unlink("link").unwrap();
-        t.unlink("b.txt").unwrap();
-        assert!(t.readdir("").unwrap().is_empty());
-        assert_eq!(t.getattr("").unwrap().kind, Kind::Dir);
-        let s = t.statfs().unwrap();
-        assert!(s.total_bytes >= s.free_bytes && s.free_bytes > 0);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn nothing_leads_out_of_the_tree() {
-        let dir = tmp("confined");
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(dir.join("secret"), b"other vnode").unwrap();
-        let t = Tree::open(&dir.join("v1")).unwrap();
-        t.mkdir("d", 0o755).unwrap();
-        // A symlink may point anywhere; the tree never follows it.
-        t.symlink("..", "up").unwrap();
-        t.symlink("/", "abs").unwrap();
-        t.symlink("../secret", "s").unwrap();
-        for path in [
-            "../secret",
-            "d/../../secret",
-            "/etc/passwd",
-            "up/secret",
-            "abs/etc/passwd",
-            "s",
-        ] {
-            assert!(t.read(path, 0, 16).is_err(), "{path} was read");
-            assert!(t.write(path, 0, b"x").is_err(), "{path} was written");
-            assert!(t.truncate(path, 0).is_err(), "{path} was truncated");
-        }
-        for path in ["../x", "up/x", "abs/tmp/x", "d/../../x"] {
-            assert!(t.create(path, 0o644).is_err(), "{path} was created");
-            assert!(t.mkdir(path, 0o755).is_err(), "{path} was made");
-            assert!(t.rename("d", path).is_err(), "renamed to {path}");
-        }
-        for path in ["..", ".", "", "d/.."] {
-            assert!(t.unlink(path).is_err(), "{path} was removed");
-        }
-        assert!(t.readdir("up").is_err());
-        assert!(t.readdir("..").is_err());
-        assert_eq!(std::fs::read(dir.join("secret")).unwrap(), b"other vnode");
-        assert!(!dir.join("x").exists());
-        std::fs::remove_dir_all(&dir).unwrap();
+    pub fn statfs(&mut self) -> std::io::Result<Space> {
+        let d = self.call(FsOp::Statfs, ("", ""), (0, 0, 0), &[])?;
+        wire::decode_space(&d)
     }
 }

@@ -1,0 +1,129 @@
+//! The storage daemon (issue 16, first part): vNodes' files served over
+//! the network by `lego storage`, a real daemon on loopback, through the
+//! real client. Durable after fsync across kill -9; one vNode's files out
+//! of another's reach; users refused.
+
+mod common;
+
+use std::path::PathBuf;
+
+use common::*;
+use lego_storage::{Client, Kind};
+use lego_transport::auth::{Credential, Identity};
+
+fn cluster_cred() -> Credential {
+    Credential::load(key()).unwrap()
+}
+
+fn storage_dir(name: &str) -> PathBuf {
+    let d = tmp().join(format!("storage-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn start(dir: &std::path::Path) -> Daemon {
+    Daemon::start_with(
+        &[
+            "storage",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            dir.to_str().unwrap(),
+        ],
+        &[],
+    )
+}
+
+#[test]
+fn files_are_served_over_the_network() {
+    let dir = storage_dir("ops");
+    let d = start(&dir);
+    let mut c = Client::connect(&d.addr, 7, &cluster_cred()).unwrap();
+    c.mkdir("db", 0o755).unwrap();
+    c.create("db/data.bin", 0o600).unwrap();
+    // Larger than one frame: written in pieces.
+    let big: Vec<u8> = (0..3_000_000u32).map(|k| (k % 251) as u8).collect();
+    c.write("db/data.bin", 0, &big).unwrap();
+    let mut back = Vec::new();
+    while back.len() < big.len() {
+        let part = c.read("db/data.bin", back.len() as u64, 1 << 20).unwrap();
+        assert!(!part.is_empty());
+        back.extend(part);
+    }
+    assert_eq!(back, big);
+    let a = c.getattr("db/data.bin").unwrap();
+    assert_eq!((a.kind, a.size, a.mode), (Kind::File, 3_000_000, 0o600));
+    c.rename("db/data.bin", "db/moved.bin").unwrap();
+    c.symlink("moved.bin", "db/link").unwrap();
+    assert_eq!(c.readlink("db/link").unwrap(), "moved.bin");
+    let names: Vec<String> = c
+        .readdir("db")
+        .unwrap()
+        .into_iter()
+        .map(|e| e.name)
+        .collect();
+    assert_eq!(names, ["link", "moved.bin"]);
+    c.truncate("db/moved.bin", 10).unwrap();
+    assert_eq!(c.getattr("db/moved.bin").unwrap().size, 10);
+    assert!(c.statfs().unwrap().free_bytes > 0);
+    // Errors come back as the errno, and the connection goes on.
+    let e = c.read("db/none", 0, 10).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(2), "{e}");
+    assert!(c.rmdir("db").is_err(), "not empty");
+    c.unlink("db/link").unwrap();
+    c.unlink("db/moved.bin").unwrap();
+    c.rmdir("db").unwrap();
+    assert!(c.readdir("").unwrap().is_empty());
+    drop(d);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn what_was_fsynced_survives_a_kill_9_twenty_times_out_of_twenty() {
+    let dir = storage_dir("durable");
+    for run in 0..20u32 {
+        let mut d = start(&dir);
+        let mut c = Client::connect(&d.addr, 1, &cluster_cred()).unwrap();
+        let name = format!("f{run}");
+        let data: Vec<u8> = (0..200_000u32).map(|k| (k ^ run) as u8).collect();
+        c.create(&name, 0o644).unwrap();
+        c.write(&name, 0, &data).unwrap();
+        c.fsync(&name).unwrap();
+        d.child.kill().unwrap();
+        d.child.wait().unwrap();
+        let d = start(&dir);
+        let mut c = Client::connect(&d.addr, 1, &cluster_cred()).unwrap();
+        assert_eq!(c.read(&name, 0, 1 << 20).unwrap(), data, "run {run}");
+        // Every earlier run's file too.
+        assert_eq!(c.readdir("").unwrap().len(), run as usize + 1);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_vnode_cannot_reach_another_ones_files_and_users_are_refused() {
+    let dir = storage_dir("apart");
+    let d = start(&dir);
+    let mut one = Client::connect(&d.addr, 1, &cluster_cred()).unwrap();
+    one.create("secret", 0o600).unwrap();
+    one.write("secret", 0, b"vnode one").unwrap();
+    let mut two = Client::connect(&d.addr, 2, &cluster_cred()).unwrap();
+    assert!(two.readdir("").unwrap().is_empty());
+    two.symlink("../1/secret", "s").unwrap();
+    two.symlink("/", "root").unwrap();
+    for path in ["../1/secret", "s", "root/etc/passwd", "/etc/passwd"] {
+        assert!(two.read(path, 0, 100).is_err(), "{path} was read");
+        assert!(two.write(path, 0, b"x").is_err(), "{path} was written");
+    }
+    assert!(two.rename("s", "../1/s").is_err());
+    assert_eq!(one.read("secret", 0, 100).unwrap(), b"vnode one");
+    // A user's credential gets nothing from a storage daemon.
+    let alice = cluster_cred()
+        .derive(Identity::User("alice".into()))
+        .unwrap();
+    let mut user = Client::connect(&d.addr, 1, &alice).unwrap();
+    let e = user.read("secret", 0, 100).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(13), "{e}");
+    drop(d);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

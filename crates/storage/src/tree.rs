@@ -1,0 +1,370 @@
+//! The file tree of one vNode, as the storage daemon serves it.
+//!
+//! A [`Tree`] is a directory that holds one vNode's files. Every operation
+//! names a path relative to it and is confined to it by the kernel: each
+//! path is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`
+//! from the tree's root descriptor, so no `..`, absolute path or symlink
+//! can lead out of the tree, whatever was created inside it (a symlink
+//! is stored and read back as such, never followed here: the file-system
+//! client resolves it, in the vNode's own view). There is no hard-link
+//! operation, so no file outside the tree can be linked in.
+//!
+//! Durability: [`Tree::fsync`] returns once the file's data and the
+//! directory entry naming it are on disk; a creation, rename or removal
+//! is durable once the directory holding it is synced (`fsync` of that
+//! directory's path).
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+use rustix::fs::{self as fs, AtFlags, Mode, OFlags, ResolveFlags};
+
+/// Every path is resolved beneath the tree, following no symlink.
+const CONFINED: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
+
+/// What a file is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    File,
+    Dir,
+    Symlink,
+    /// Anything else (a FIFO or socket made outside lego).
+    Other,
+}
+
+/// A file's attributes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attr {
+    pub kind: Kind,
+    pub size: u64,
+    pub mode: u32,
+    pub nlink: u64,
+    pub ino: u64,
+    pub mtime_ns: i128,
+}
+
+/// Space of the tree's file system.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// One vNode's file tree.
+pub struct Tree {
+    root: OwnedFd,
+}
+
+fn errno(e: rustix::io::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+fn invalid(why: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidInput, why.to_string())
+}
+
+/// `path` split into its parent (relative, maybe empty) and its last
+/// component, which must be a plain name.
+fn split(path: &str) -> io::Result<(&str, &str)> {
+    let path = path.trim_end_matches('/');
+    let (parent, name) = match path.rfind('/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => ("", path),
+    };
+    if name.is_empty() || name == "." || name == ".." || name.as_bytes().contains(&0) {
+        return Err(invalid("a file needs a name (not empty, '.' or '..')"));
+    }
+    Ok((parent, name))
+}
+
+fn attr(st: &fs::Stat) -> Attr {
+    let kind = match fs::FileType::from_raw_mode(st.st_mode) {
+        fs::FileType::RegularFile => Kind::File,
+        fs::FileType::Directory => Kind::Dir,
+        fs::FileType::Symlink => Kind::Symlink,
+        _ => Kind::Other,
+    };
+    Attr {
+        kind,
+        size: st.st_size as u64,
+        mode: st.st_mode & 0o7777,
+        nlink: st.st_nlink,
+        ino: st.st_ino,
+        mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+    }
+}
+
+impl Tree {
+    /// The tree in directory `dir`, made if it does not exist.
+    pub fn open(dir: &Path) -> io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let root = fs::open(
+            dir,
+            OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(errno)?;
+        Ok(Self { root })
+    }
+
+    /// Opens `path` (relative; empty: the root) beneath the tree.
+    fn at(&self, path: &str, flags: OFlags, mode: Mode) -> io::Result<OwnedFd> {
+        let path = if path.is_empty() { "." } else { path };
+        fs::openat2(
+            self.root.as_fd(),
+            path,
+            flags | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            mode,
+            CONFINED,
+        )
+        .map_err(errno)
+    }
+
+    /// The directory holding `path`'s last component, and that name.
+    fn parent<'p>(&self, path: &'p str) -> io::Result<(OwnedFd, &'p str)> {
+        let (parent, name) = split(path)?;
+        let dir = self.at(parent, OFlags::DIRECTORY | OFlags::PATH, Mode::empty())?;
+        Ok((dir, name))
+    }
+
+    /// `path`'s attributes (a symlink's own).
+    pub fn getattr(&self, path: &str) -> io::Result<Attr> {
+        if path.trim_matches('/').is_empty() {
+            return fs::fstat(&self.root).map(|s| attr(&s)).map_err(errno);
+        }
+        let (dir, name) = self.parent(path)?;
+        fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map(|s| attr(&s))
+            .map_err(errno)
+    }
+
+    /// The entries of directory `path` (without `.` and `..`), sorted.
+    pub fn readdir(&self, path: &str) -> io::Result<Vec<(String, Kind)>> {
+        let dir = self.at(path, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())?;
+        let mut out = Vec::new();
+        for entry in fs::Dir::read_from(&dir).map_err(errno)? {
+            let entry = entry.map_err(errno)?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let kind = match entry.file_type() {
+                fs::FileType::RegularFile => Kind::File,
+                fs::FileType::Directory => Kind::Dir,
+                fs::FileType::Symlink => Kind::Symlink,
+                _ => Kind::Other,
+            };
+            out.push((String::from_utf8_lossy(name).into_owned(), kind));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    /// Creates file `path` (an error if it exists).
+    pub fn create(&self, path: &str, mode: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        fs::openat(
+            &dir,
+            name,
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::from_raw_mode(mode & 0o777),
+        )
+        .map(drop)
+        .map_err(errno)
+    }
+
+    pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)
+    }
+
+    /// Removes file or symlink `path`.
+    pub fn unlink(&self, path: &str) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)
+    }
+
+    /// Removes empty directory `path`.
+    pub fn rmdir(&self, path: &str) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)
+    }
+
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let (from_dir, from_name) = self.parent(from)?;
+        let (to_dir, to_name) = self.parent(to)?;
+        fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(errno)
+    }
+
+    /// Makes symlink `path` pointing at `target` (stored as given; never
+    /// followed by the tree).
+    pub fn symlink(&self, target: &str, path: &str) -> io::Result<()> {
+        let (dir, name) = self.parent(path)?;
+        fs::symlinkat(target, &dir, name).map_err(errno)
+    }
+
+    pub fn readlink(&self, path: &str) -> io::Result<String> {
+        let (dir, name) = self.parent(path)?;
+        let target = fs::readlinkat(&dir, name, Vec::new()).map_err(errno)?;
+        Ok(OsStr::from_bytes(target.to_bytes())
+            .to_string_lossy()
+            .into_owned())
+    }
+
+    /// Regular file `path`, opened with `flags`.
+    fn file(&self, path: &str, flags: OFlags) -> io::Result<OwnedFd> {
+        let fd = self.at(path, flags, Mode::empty())?;
+        if fs::fstat(&fd).map_err(errno)?.st_mode & 0o170000 != 0o100000 {
+            return Err(io::Error::from_raw_os_error(libc_eisdir()));
+        }
+        Ok(fd)
+    }
+
+    pub fn truncate(&self, path: &str, size: u64) -> io::Result<()> {
+        let fd = self.file(path, OFlags::WRONLY)?;
+        fs::ftruncate(&fd, size).map_err(errno)
+    }
+
+    /// Up to `len` bytes of file `path` from `offset` (fewer at its end).
+    pub fn read(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let fd = self.file(path, OFlags::RDONLY)?;
+        let mut buf = vec![0u8; len];
+        let mut got = 0;
+        while got < len {
+            let n = rustix::io::pread(&fd, &mut buf[got..], offset + got as u64).map_err(errno)?;
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// Writes `data` into file `path` at `offset`.
+    pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let fd = self.file(path, OFlags::WRONLY)?;
+        let mut done = 0;
+        while done < data.len() {
+            done += rustix::io::pwrite(&fd, &data[done..], offset + done as u64).map_err(errno)?;
+        }
+        Ok(())
+    }
+
+    /// Makes file (or directory) `path` durable: its data, and the entry
+    /// naming it in its directory.
+    pub fn fsync(&self, path: &str) -> io::Result<()> {
+        let fd = self.at(path, OFlags::RDONLY, Mode::empty())?;
+        fs::fsync(&fd).map_err(errno)?;
+        let parent = match path.trim_matches('/').rfind('/') {
+            Some(i) => &path.trim_matches('/')[..i],
+            None => "",
+        };
+        let dir = self.at(parent, OFlags::DIRECTORY | OFlags::RDONLY, Mode::empty())?;
+        fs::fsync(&dir).map_err(errno)
+    }
+
+    /// The file system's size and free space.
+    pub fn statfs(&self) -> io::Result<Space> {
+        let s = fs::fstatvfs(&self.root).map_err(errno)?;
+        Ok(Space {
+            total_bytes: s.f_blocks.saturating_mul(s.f_frsize),
+            free_bytes: s.f_bavail.saturating_mul(s.f_frsize),
+        })
+    }
+}
+
+/// EISDIR: an operation on a file met something else.
+fn libc_eisdir() -> i32 {
+    rustix::io::Errno::ISDIR.raw_os_error()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("lego-tree-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn files_and_directories_are_made_read_renamed_and_removed() {
+        let dir = tmp("ops");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.mkdir("src", 0o755).unwrap();
+        t.create("src/a.txt", 0o644).unwrap();
+        assert!(t.create("src/a.txt", 0o644).is_err(), "exists");
+        t.write("src/a.txt", 0, b"hello world").unwrap();
+        t.write("src/a.txt", 6, b"there").unwrap();
+        assert_eq!(t.read("src/a.txt", 0, 100).unwrap(), b"hello there");
+        assert_eq!(t.read("src/a.txt", 6, 3).unwrap(), b"the");
+        t.truncate("src/a.txt", 5).unwrap();
+        let a = t.getattr("src/a.txt").unwrap();
+        assert_eq!((a.kind, a.size, a.mode), (Kind::File, 5, 0o644));
+        t.rename("src/a.txt", "b.txt").unwrap();
+        t.symlink("b.txt", "link").unwrap();
+        assert_eq!(t.readlink("link").unwrap(), "b.txt");
+        assert_eq!(t.getattr("link").unwrap().kind, Kind::Symlink);
+        assert_eq!(
+            t.readdir("").unwrap(),
+            [
+                ("b.txt".into(), Kind::File),
+                ("link".into(), Kind::Symlink),
+                ("src".into(), Kind::Dir)
+            ]
+        );
+        t.fsync("b.txt").unwrap();
+        t.fsync("src").unwrap();
+        assert!(t.rmdir("src").is_ok());
+        t.unlink("link").unwrap();
+        t.unlink("b.txt").unwrap();
+        assert!(t.readdir("").unwrap().is_empty());
+        assert_eq!(t.getattr("").unwrap().kind, Kind::Dir);
+        let s = t.statfs().unwrap();
+        assert!(s.total_bytes >= s.free_bytes && s.free_bytes > 0);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn nothing_leads_out_of_the_tree() {
+        let dir = tmp("confined");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("secret"), b"other vnode").unwrap();
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.mkdir("d", 0o755).unwrap();
+        // A symlink may point anywhere; the tree never follows it.
+        t.symlink("..", "up").unwrap();
+        t.symlink("/", "abs").unwrap();
+        t.symlink("../secret", "s").unwrap();
+        for path in [
+            "../secret",
+            "d/../../secret",
+            "/etc/passwd",
+            "up/secret",
+            "abs/etc/passwd",
+            "s",
+        ] {
+            assert!(t.read(path, 0, 16).is_err(), "{path} was read");
+            assert!(t.write(path, 0, b"x").is_err(), "{path} was written");
+            assert!(t.truncate(path, 0).is_err(), "{path} was truncated");
+        }
+        for path in ["../x", "up/x", "abs/tmp/x", "d/../../x"] {
+            assert!(t.create(path, 0o644).is_err(), "{path} was created");
+            assert!(t.mkdir(path, 0o755).is_err(), "{path} was made");
+            assert!(t.rename("d", path).is_err(), "renamed to {path}");
+        }
+        for path in ["..", ".", "", "d/.."] {
+            assert!(t.unlink(path).is_err(), "{path} was removed");
+        }
+        assert!(t.readdir("up").is_err());
+        assert!(t.readdir("..").is_err());
+        assert_eq!(std::fs::read(dir.join("secret")).unwrap(), b"other vnode");
+        assert!(!dir.join("x").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
