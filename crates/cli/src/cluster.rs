@@ -29,8 +29,23 @@ pub struct ManagerArgs {
     /// of all but one. Fewer while fewer memory daemons are alive.
     #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=4), env = "LEGO_REPLICAS")]
     replicas: u8,
+    /// The network vNodes' virtual IP addresses come from, ADDRESS/PREFIX.
+    #[arg(long, value_name = "NET", default_value = "10.77.0.0/16", value_parser = parse_net, env = "LEGO_VNODE_NET")]
+    vnode_net: (u32, u8),
     #[command(flatten)]
     key: crate::keys::KeyArg,
+}
+
+/// Parses `10.77.0.0/16` (prefix 8 to 30).
+fn parse_net(s: &str) -> Result<(u32, u8), String> {
+    let bad = || format!("'{s}' is not an IPv4 network like 10.77.0.0/16 (prefix 8 to 30)");
+    let (addr, prefix) = s.split_once('/').ok_or_else(bad)?;
+    let addr: std::net::Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let prefix: u8 = prefix.parse().map_err(|_| bad())?;
+    if !(8..=30).contains(&prefix) {
+        return Err(bad());
+    }
+    Ok((u32::from(addr), prefix))
 }
 
 /// Parses `500ms`, `3s`, `2m` or a plain number of seconds.
@@ -60,8 +75,12 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail("lego manager", e),
     };
-    let options = (args.heartbeat_timeout, usize::from(args.replicas));
-    match lego_manager::Manager::start(&args.listen, &args.state, options, cred) {
+    let options = (
+        args.heartbeat_timeout,
+        usize::from(args.replicas),
+        args.vnode_net,
+    );
+    match lego_manager::Manager::start_with(&args.listen, &args.state, options, cred) {
         Ok(m) => {
             eprintln!(
                 "lego manager: serving on {} with state in {}, {} replica(s) per unit",
@@ -172,6 +191,102 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+#[derive(clap::Args)]
+pub struct VnodeArgs {
+    #[command(subcommand)]
+    command: VnodeCommand,
+    /// Global manager of the cluster, HOST:PORT.
+    #[arg(long, global = true, value_name = "ADDR", env = "LEGO_MANAGER")]
+    manager: Option<String>,
+    #[command(flatten)]
+    key: crate::keys::KeyArg,
+}
+
+#[derive(clap::Subcommand)]
+enum VnodeCommand {
+    /// Make a vNode: a vID, a vIP and its files on a storage daemon.
+    Create {
+        name: String,
+        /// Storage the vNode's files may take, e.g. 10G.
+        #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::size::parse_size)]
+        storage_quota: u64,
+    },
+    /// The vNodes of the cluster.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a vNode (its files stay on their storage daemon).
+    Delete { name: String },
+}
+
+/// `lego vnode`: make, list and delete vNodes at the manager.
+pub fn vnode(args: VnodeArgs) -> ExitCode {
+    let Some(manager) = &args.manager else {
+        return fail("lego vnode", "give --manager (or LEGO_MANAGER)");
+    };
+    let cred = match args.key.client() {
+        Ok(c) => c,
+        Err(e) => return fail("lego vnode", e),
+    };
+    let req = match &args.command {
+        VnodeCommand::Create {
+            name,
+            storage_quota,
+        } => Request::CreateVnode {
+            name: name.clone(),
+            storage_quota: *storage_quota,
+        },
+        VnodeCommand::List { .. } => Request::Vnodes,
+        VnodeCommand::Delete { name } => Request::DeleteVnode { name: name.clone() },
+    };
+    let reply = match lego_transport::ask_manager(manager, &req, &cred) {
+        Ok(r) => r,
+        Err(e) => return fail("lego vnode", e),
+    };
+    let show = |v: &lego_protocol::control::VnodeInfo| {
+        println!(
+            "{:<20} {:>6} {:<15} {:>7} {:>10}",
+            printable(&v.name, 20),
+            v.vid,
+            v.vip,
+            v.storage,
+            human(v.storage_quota)
+        )
+    };
+    let header = || {
+        println!(
+            "{:<20} {:>6} {:<15} {:>7} {:>10}",
+            "NAME", "VID", "VIP", "STORAGE", "QUOTA"
+        )
+    };
+    match (reply, &args.command) {
+        (Reply::Error { message }, _) => fail("lego vnode", message),
+        (Reply::Vnode(v), _) => {
+            header();
+            show(&v);
+            ExitCode::SUCCESS
+        }
+        (Reply::Vnodes { vnodes }, VnodeCommand::List { json: true }) => {
+            match serde_json::to_string_pretty(&vnodes) {
+                Ok(j) => {
+                    println!("{j}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail("lego vnode", e),
+            }
+        }
+        (Reply::Vnodes { vnodes }, _) => {
+            header();
+            vnodes.iter().for_each(show);
+            ExitCode::SUCCESS
+        }
+        (Reply::Ok, _) => ExitCode::SUCCESS,
+        (other, _) => fail("lego vnode", format!("unexpected answer {other:?}")),
+    }
 }
 
 /// `text` for a terminal: control characters blanked, at most `most`

@@ -51,6 +51,9 @@ enum Command {
     Status(StatusArgs),
     /// Move everything off a memory daemon while its programs run, then let it leave.
     Drain(cluster::DrainArgs),
+    /// Make, list and delete vNodes (issue 16 in progress: programs do not
+    /// run in them yet).
+    Vnode(cluster::VnodeArgs),
     /// Make a cluster credential (or a user's, derived from it): every
     /// component and client proves itself with one.
     Keygen(keys::KeygenArgs),
@@ -191,6 +194,10 @@ fn main() -> ExitCode {
             }
         }
         Command::Drain(args) => cluster::drain(args),
+        Command::Vnode(args) => {
+            lego_sys::process::end_quietly_on_closed_pipe();
+            cluster::vnode(args)
+        }
         Command::Keygen(args) => {
             lego_sys::process::end_quietly_on_closed_pipe();
             keys::keygen(args)

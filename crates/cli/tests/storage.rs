@@ -127,3 +127,87 @@ fn a_vnode_cannot_reach_another_ones_files_and_users_are_refused() {
     drop(d);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+fn vnode_cmd(manager: &str, args: &[&str]) -> std::process::Output {
+    lego_cmd()
+        .arg("vnode")
+        .args(args)
+        .args(["--manager", manager])
+        .output()
+        .unwrap()
+}
+
+fn vnodes(manager: &str) -> serde_json::Value {
+    let out = vnode_cmd(manager, &["list", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn vnodes_are_placed_on_storage_daemons_and_survive_a_manager_restart() {
+    let state = storage_dir("mgr-state");
+    let dir = storage_dir("gsm");
+    let manager_args = |state: &std::path::Path| {
+        vec![
+            "manager".to_string(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--state".into(),
+            state.to_str().unwrap().into(),
+        ]
+    };
+    let args = manager_args(&state);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut m = Daemon::start_with(&args, &[]);
+    let s = Daemon::start_with(
+        &[
+            "storage",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            dir.to_str().unwrap(),
+            "--manager",
+            &m.addr,
+        ],
+        &[],
+    );
+    let out = vnode_cmd(&m.addr, &["create", "web", "--storage-quota", "64M"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("10.77.0.1"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = vnode_cmd(&m.addr, &["create", "db"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let again = vnode_cmd(&m.addr, &["create", "web"]);
+    assert_eq!(again.status.code(), Some(125));
+    assert!(
+        text(&again.stderr).contains("exists"),
+        "{}",
+        text(&again.stderr)
+    );
+    let before = vnodes(&m.addr);
+    assert_eq!(before.as_array().unwrap().len(), 2);
+    assert_eq!(before[1]["vip"], "10.77.0.1");
+    assert_eq!(before[1]["storage_addr"], s.addr.as_str());
+    // kill -9 of the manager, started again on its state: the same vNodes.
+    let addr = m.addr.clone();
+    m.child.kill().unwrap();
+    m.child.wait().unwrap();
+    let args = [
+        "manager",
+        "--listen",
+        &addr,
+        "--state",
+        state.to_str().unwrap(),
+    ];
+    let m2 = Daemon::start_with(&args, &[]);
+    assert_eq!(vnodes(&m2.addr), before);
+    let out = vnode_cmd(&m2.addr, &["delete", "db"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(vnodes(&m2.addr).as_array().unwrap().len(), 1);
+    drop((m2, s));
+    let _ = std::fs::remove_dir_all(&state);
+    let _ = std::fs::remove_dir_all(&dir);
+}

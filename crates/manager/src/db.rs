@@ -10,6 +10,8 @@ use crate::state::{Changes, Cluster, Component};
 
 /// Component id → its record (JSON).
 const COMPONENTS: TableDefinition<u64, &str> = TableDefinition::new("components");
+/// vNode name → its record (JSON).
+const VNODES: TableDefinition<&str, &str> = TableDefinition::new("vnodes");
 /// (space, unit) → the memory daemons holding its replicas (JSON list).
 const REPLICAS: TableDefinition<(u64, u64), &str> = TableDefinition::new("replicas");
 /// (space, unit) → component id: one replica per unit, as a manager before
@@ -46,6 +48,7 @@ impl Db {
         tx.open_table(COMPONENTS).map_err(|e| err(e.to_string()))?;
         tx.open_table(PLACEMENTS).map_err(|e| err(e.to_string()))?;
         tx.open_table(REPLICAS).map_err(|e| err(e.to_string()))?;
+        tx.open_table(VNODES).map_err(|e| err(e.to_string()))?;
         tx.commit().map_err(|e| err(e.to_string()))?;
         Ok(Self { db })
     }
@@ -74,7 +77,17 @@ impl Db {
                 .map_err(|e| format!("replicas of {:?}: {e}", k.value()))?;
             placements.insert(k.value(), ids);
         }
-        Ok(Cluster::restore(timeout_ms, now, components, placements))
+        let table = tx.open_table(VNODES).map_err(|e| e.to_string())?;
+        let mut vnodes = Vec::new();
+        for row in table.iter().map_err(|e| e.to_string())? {
+            let (k, v) = row.map_err(|e| e.to_string())?;
+            let vnode =
+                serde_json::from_str(v.value()).map_err(|e| format!("vNode {}: {e}", k.value()))?;
+            vnodes.push((k.value().to_string(), vnode));
+        }
+        Ok(Cluster::restore(
+            timeout_ms, now, components, placements, vnodes,
+        ))
     }
 
     /// Writes the records `changes` names, as they are in `cluster`.
@@ -95,6 +108,20 @@ impl Db {
                     }
                     None => {
                         comps.remove(*id).map_err(|e| e.to_string())?;
+                    }
+                }
+            }
+            let mut vnodes = tx.open_table(VNODES).map_err(|e| e.to_string())?;
+            for name in &changes.vnodes {
+                match cluster.vnodes.get(name) {
+                    Some(v) => {
+                        let json = serde_json::to_string(v).map_err(|e| e.to_string())?;
+                        vnodes
+                            .insert(name.as_str(), json.as_str())
+                            .map_err(|e| e.to_string())?;
+                    }
+                    None => {
+                        vnodes.remove(name.as_str()).map_err(|e| e.to_string())?;
                     }
                 }
             }
@@ -154,11 +181,35 @@ mod tests {
                 },
             );
             db.save(&c, &ch).unwrap();
+            let (r, ch) = c.apply(
+                2,
+                Request::Register {
+                    kind: Kind::Storage,
+                    addr: "10.0.0.3:7300".into(),
+                    capacity_bytes: 1 << 30,
+                    id: None,
+                    key: String::new(),
+                    zone: String::new(),
+                },
+            );
+            assert!(matches!(r, Reply::Registered { id: 2, .. }));
+            db.save(&c, &ch).unwrap();
+            let (r, ch) = c.apply(
+                3,
+                Request::CreateVnode {
+                    name: "web".into(),
+                    storage_quota: 1 << 20,
+                },
+            );
+            assert!(matches!(r, Reply::Vnode(_)), "{r:?}");
+            db.save(&c, &ch).unwrap();
         }
         let db = Db::open(&dir).unwrap();
         let c = db.load(1000, 5).unwrap();
         assert_eq!(c.components[&1].addr, "10.0.0.2:7000");
         assert_eq!(c.placements[&(9, 2)].replicas, [1]);
+        let web = &c.vnodes["web"];
+        assert_eq!((web.vid, web.storage, web.storage_quota), (1, 2, 1 << 20));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

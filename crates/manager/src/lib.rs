@@ -98,12 +98,29 @@ impl Manager {
         (timeout, replicas): (Duration, usize),
         cred: Credential,
     ) -> Result<Self, ManagerError> {
+        Self::start_with(
+            listen,
+            state_dir,
+            (timeout, replicas, state::DEFAULT_VNODE_NET),
+            cred,
+        )
+    }
+
+    /// [`Manager::start`], with vNodes' vIPs from `vnode_net` (address,
+    /// prefix length).
+    pub fn start_with(
+        listen: &str,
+        state_dir: &Path,
+        (timeout, replicas, vnode_net): (Duration, usize, (u32, u8)),
+        cred: Credential,
+    ) -> Result<Self, ManagerError> {
         let db = Db::open(state_dir)?;
         let timeout_ms = timeout.as_millis().max(1) as u64;
         let cluster = db
             .load(timeout_ms, 0)
             .map_err(ManagerError::Load)?
-            .with_replicas(replicas);
+            .with_replicas(replicas)
+            .with_vnode_net(vnode_net);
         let listener = Tcp.listen(listen)?;
         let addr = Listener::local_addr(&listener);
         let inner = Arc::new(Inner {

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use lego_protocol::control::{
     short_program, ClusterStatus, ComponentInfo, Kind, ProcessInfo, RecoveryInfo, Replica, Reply,
-    Request, RunningInfo, SpaceInfo, State, MAX_ADDR_BYTES, MAX_COMPONENTS, MAX_COMPONENT_ID,
-    MAX_PROCESSES, PLACEMENT_BYTES,
+    Request, RunningInfo, SpaceInfo, State, VnodeInfo, MAX_ADDR_BYTES, MAX_COMPONENTS,
+    MAX_COMPONENT_ID, MAX_PROCESSES, PLACEMENT_BYTES,
 };
 use serde::{Deserialize, Serialize};
 
@@ -84,12 +84,45 @@ pub struct Changes {
     pub components: BTreeSet<u64>,
     pub placed: BTreeSet<(u64, u64)>,
     pub unplaced: BTreeSet<(u64, u64)>,
+    /// vNodes made or deleted (by name).
+    pub vnodes: BTreeSet<String>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.components.is_empty() && self.placed.is_empty() && self.unplaced.is_empty()
+        self.components.is_empty()
+            && self.placed.is_empty()
+            && self.unplaced.is_empty()
+            && self.vnodes.is_empty()
     }
+}
+
+/// A vNode (stored): its vID, vIP and where its files live.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vnode {
+    pub vid: u64,
+    /// IPv4, as a number.
+    pub vip: u32,
+    pub storage: u64,
+    pub storage_quota: u64,
+}
+
+/// The range vIPs come from unless the manager is told otherwise.
+pub const DEFAULT_VNODE_NET: (u32, u8) = (0x0a4d_0000, 16); // 10.77.0.0/16
+
+/// Most vNodes a manager keeps (the list must fit one frame).
+pub const MAX_VNODES: usize = 4096;
+
+/// A vNode's name: 1 to 64 of `a-z`, `0-9`, `-` and `_`.
+fn valid_vnode_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+}
+
+fn ipv4(v: u32) -> String {
+    std::net::Ipv4Addr::from(v).to_string()
 }
 
 pub struct Cluster {
@@ -102,6 +135,10 @@ pub struct Cluster {
     pub replicas: usize,
     /// The latest failures of daemons holding replicas, oldest first.
     pub recoveries: VecDeque<Recovery>,
+    /// vNodes by name.
+    pub vnodes: BTreeMap<String, Vnode>,
+    /// The network vIPs come from: (address, prefix length).
+    pub vnode_net: (u32, u8),
 }
 
 impl Cluster {
@@ -113,7 +150,15 @@ impl Cluster {
             timeout_ms,
             replicas: 1,
             recoveries: VecDeque::new(),
+            vnodes: BTreeMap::new(),
+            vnode_net: DEFAULT_VNODE_NET,
         }
+    }
+
+    /// Takes vIPs from `net` (address, prefix length 8 to 30).
+    pub fn with_vnode_net(mut self, net: (u32, u8)) -> Self {
+        self.vnode_net = net;
+        self
     }
 
     /// Gives each unit `n` replicas (at least 1), on different daemons.
@@ -129,8 +174,10 @@ impl Cluster {
         now: u64,
         components: impl IntoIterator<Item = (u64, Component)>,
         placements: impl IntoIterator<Item = ((u64, u64), Vec<u64>)>,
+        vnodes: impl IntoIterator<Item = (String, Vnode)>,
     ) -> Self {
         let mut c = Self::new(timeout_ms);
+        c.vnodes.extend(vnodes);
         for (id, mut comp) in components {
             comp.last_seen_ms = now;
             c.components.insert(id, comp);
@@ -203,6 +250,26 @@ impl Cluster {
                 excache_bytes,
             } => self.place_process(excache_bytes),
             Request::Status => Reply::Status(self.status(now)),
+            Request::CreateVnode {
+                name,
+                storage_quota,
+            } => self.create_vnode(name, storage_quota, &mut ch),
+            Request::DeleteVnode { name } => match self.vnodes.remove(&name) {
+                Some(_) => {
+                    ch.vnodes.insert(name);
+                    Reply::Ok
+                }
+                None => Reply::Error {
+                    message: format!("no vNode {name}"),
+                },
+            },
+            Request::Vnodes => Reply::Vnodes {
+                vnodes: self
+                    .vnodes
+                    .iter()
+                    .map(|(name, v)| self.vnode_info(name, v))
+                    .collect(),
+            },
             Request::Launch { .. } | Request::Signal { .. } => Reply::Error {
                 message: "the global manager runs no programs: send Launch to a processor daemon"
                     .into(),
@@ -233,6 +300,84 @@ impl Cluster {
         }
         self.settle_recoveries(now);
         ch
+    }
+
+    fn vnode_info(&self, name: &str, v: &Vnode) -> VnodeInfo {
+        VnodeInfo {
+            name: name.to_string(),
+            vid: v.vid,
+            vip: ipv4(v.vip),
+            storage: v.storage,
+            storage_addr: self
+                .components
+                .get(&v.storage)
+                .map(|c| c.addr.clone())
+                .unwrap_or_default(),
+            storage_quota: v.storage_quota,
+        }
+    }
+
+    /// Makes vNode `name`: the next vID, the first free vIP of the range,
+    /// and its files on the alive storage daemon with the most space not
+    /// yet promised to vNodes (GSM).
+    fn create_vnode(&mut self, name: String, quota: u64, ch: &mut Changes) -> Reply {
+        let error = |message: String| Reply::Error { message };
+        if !valid_vnode_name(&name) {
+            return error(format!(
+                "'{}' is not a vNode name (1 to 64 of a-z, 0-9, - and _)",
+                short_program(&name)
+            ));
+        }
+        if self.vnodes.contains_key(&name) {
+            return error(format!("vNode {name} exists"));
+        }
+        if self.vnodes.len() >= MAX_VNODES {
+            return error(format!("the cluster has its most vNodes ({MAX_VNODES})"));
+        }
+        let mut promised: BTreeMap<u64, u64> = BTreeMap::new();
+        for v in self.vnodes.values() {
+            *promised.entry(v.storage).or_insert(0) += v.storage_quota;
+        }
+        let best = self
+            .components
+            .iter()
+            .filter(|(_, c)| c.kind == Kind::Storage && c.state == State::Alive)
+            .map(|(&id, c)| {
+                let free = c
+                    .capacity_bytes
+                    .saturating_sub(promised.get(&id).copied().unwrap_or(0));
+                (free, std::cmp::Reverse(id))
+            })
+            .filter(|&(free, _)| free >= quota)
+            .max();
+        let Some((_, std::cmp::Reverse(storage))) = best else {
+            return error(format!(
+                "no alive storage daemon has {} to spare for vNode {name}",
+                lego_protocol::control::human_bytes(quota)
+            ));
+        };
+        // vIPs: the range's hosts, .1 up, the first not taken.
+        let (net, prefix) = self.vnode_net;
+        let hosts = (1u64 << (32 - u32::from(prefix.clamp(8, 30)))) - 2;
+        let base = net & (u32::MAX << (32 - u32::from(prefix.clamp(8, 30))));
+        let taken: BTreeSet<u32> = self.vnodes.values().map(|v| v.vip).collect();
+        let Some(vip) = (1..=hosts)
+            .map(|k| base + k as u32)
+            .find(|ip| !taken.contains(ip))
+        else {
+            return error(format!("no vIP left in {}/{prefix}", ipv4(base)));
+        };
+        let vid = self.vnodes.values().map(|v| v.vid).max().unwrap_or(0) + 1;
+        let v = Vnode {
+            vid,
+            vip,
+            storage,
+            storage_quota: quota,
+        };
+        let info = self.vnode_info(&name, &v);
+        self.vnodes.insert(name.clone(), v);
+        ch.vnodes.insert(name);
+        Reply::Vnode(info)
     }
 
     /// Memory daemon `id` failed or left: every unit with a replica there
@@ -1292,7 +1437,7 @@ mod tests {
             .iter()
             .map(|(&k, p)| (k, p.replicas.clone()))
             .collect();
-        let mut r = Cluster::restore(1000, 50_000, comps, places);
+        let mut r = Cluster::restore(1000, 50_000, comps, places, []);
         assert!(r.tick(50_900).is_empty());
         assert_eq!(placed_on(&place(&mut r, 50_900, 1, 0)), a);
         assert_eq!(r.tick(51_001).components.len(), 1);
@@ -1377,6 +1522,70 @@ mod tests {
             },
         );
         assert!(refused(undrain(&mut c, b), "is left, not draining"));
+    }
+
+    fn vnode(c: &mut Cluster, name: &str, quota: u64) -> Reply {
+        c.apply(
+            1,
+            Request::CreateVnode {
+                name: name.into(),
+                storage_quota: quota,
+            },
+        )
+        .0
+    }
+
+    #[test]
+    fn vnodes_get_ids_addresses_and_storage_by_free_space() {
+        let mut c = Cluster::new(1000).with_vnode_net((0x0a01_0200, 30)); // 10.1.2.0/30: 2 hosts
+        assert!(
+            matches!(vnode(&mut c, "web", MIB), Reply::Error { message } if message.contains("no alive storage daemon"))
+        );
+        let s1 = register(&mut c, 0, Kind::Storage, "s1:1", 100 * MIB);
+        let s2 = register(&mut c, 0, Kind::Storage, "s2:1", 60 * MIB);
+        let info = |r: Reply| match r {
+            Reply::Vnode(v) => v,
+            other => panic!("{other:?}"),
+        };
+        let web = info(vnode(&mut c, "web", 50 * MIB));
+        assert_eq!(
+            (web.vid, web.vip.as_str(), web.storage),
+            (1, "10.1.2.1", s1)
+        );
+        assert_eq!(web.storage_addr, "s1:1");
+        // s2 has more room left now (60 against 50).
+        let db = info(vnode(&mut c, "db", 40 * MIB));
+        assert_eq!((db.vid, db.vip.as_str(), db.storage), (2, "10.1.2.2", s2));
+        assert!(
+            matches!(vnode(&mut c, "web", MIB), Reply::Error { message } if message.contains("exists"))
+        );
+        assert!(
+            matches!(vnode(&mut c, "x", MIB), Reply::Error { message } if message.contains("no vIP left"))
+        );
+        for bad in ["", "Web", "../etc", &"a".repeat(65)] {
+            assert!(
+                matches!(vnode(&mut c, bad, MIB), Reply::Error { .. }),
+                "{bad}"
+            );
+        }
+        // Deleted, its vIP is free again; its vID is not reused.
+        assert_eq!(
+            c.apply(2, Request::DeleteVnode { name: "web".into() }).0,
+            Reply::Ok
+        );
+        let again = info(vnode(&mut c, "api", 10 * MIB));
+        assert_eq!((again.vid, again.vip.as_str()), (3, "10.1.2.1"));
+        match c.apply(3, Request::Vnodes).0 {
+            Reply::Vnodes { vnodes } => {
+                let names: Vec<&str> = vnodes.iter().map(|v| v.name.as_str()).collect();
+                assert_eq!(names, ["api", "db"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            c.apply(3, Request::DeleteVnode { name: "web".into() }).0,
+            Reply::Error { .. }
+        ));
     }
 
     #[test]

@@ -192,6 +192,14 @@ pub enum Request {
     PlaceProcess { program: String, excache_bytes: u64 },
     /// The whole cluster, for `lego status`.
     Status,
+    /// Make vNode `name`: a vID, a vIP from the manager's range, and its
+    /// storage placed on a storage daemon (GSM) with `storage_quota`
+    /// bytes.
+    CreateVnode { name: String, storage_quota: u64 },
+    /// Forget vNode `name`.
+    DeleteVnode { name: String },
+    /// Every vNode.
+    Vnodes,
     /// To a processor daemon: run `argv` (in `cwd`, with `env`) with an
     /// ExCache of `excache_bytes`. Answered with `Launched`, then the
     /// program's output as `Stdio` frames, then `Exited`; the client sends
@@ -227,6 +235,9 @@ impl Request {
             Request::Draining => "ask which daemons drain",
             Request::PlaceProcess { .. } => "place a program",
             Request::Status => "see the cluster",
+            Request::CreateVnode { .. } => "create a vNode",
+            Request::DeleteVnode { .. } => "delete a vNode",
+            Request::Vnodes => "list the vNodes",
             Request::Launch { .. } => "launch a program",
             Request::Signal { .. } => "signal a program",
         }
@@ -255,6 +266,10 @@ pub enum Reply {
         addr: String,
     },
     Status(ClusterStatus),
+    Vnode(VnodeInfo),
+    Vnodes {
+        vnodes: Vec<VnodeInfo>,
+    },
     /// The memory daemons being drained, and those failed or left (their
     /// replicas are replaced).
     Draining {
@@ -279,6 +294,20 @@ pub enum Reply {
     Error {
         message: String,
     },
+}
+
+/// A vNode, as the manager keeps it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VnodeInfo {
+    pub name: String,
+    /// Its virtual id.
+    pub vid: u64,
+    /// Its virtual IP address (IPv4, from the manager's `--vnode-net`).
+    pub vip: String,
+    /// The storage daemon holding its files (GSM), and its address.
+    pub storage: u64,
+    pub storage_addr: String,
+    pub storage_quota: u64,
 }
 
 /// Where one replica of a unit lives.
