@@ -323,11 +323,16 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
         })
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the placer thread: {e}")));
     }
-    process::spawn_thread(heap::mark_runtime_thread, move || {
-        process::set_thread_name(process::REPAIR_THREAD_NAME);
-        rt.repair_loop(manager)
-    })
-    .unwrap_or_else(|e| die(&format!("runtime: cannot start the repair thread: {e}")));
+    // With one daemon and no manager (the embedded default) there is
+    // nothing to repair: no thread, and none of its memory in every process.
+    let daemons = lock(&rt.state).pool.daemons.len();
+    if manager.is_some() || daemons > 1 {
+        process::spawn_thread(heap::mark_runtime_thread, move || {
+            process::set_thread_name(process::REPAIR_THREAD_NAME);
+            rt.repair_loop(manager)
+        })
+        .unwrap_or_else(|e| die(&format!("runtime: cannot start the repair thread: {e}")));
+    }
     Ok(())
 }
 
