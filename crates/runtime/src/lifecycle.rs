@@ -306,20 +306,10 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
             .unwrap_or_else(|e| die(&format!("runtime: cannot start a keeper thread: {e}")));
     }
     if let Some(placer) = placer {
-        let (program, timeout, region) = (rt.program.clone(), rt.timeout, rt.region);
-        let attach = move |addr: &str| {
-            pool::attach(
-                addr,
-                &program,
-                timeout,
-                (space, capability),
-                (region.base, region.len),
-            )
-            .map_err(|e| e.to_string())
-        };
+        let attach = move |addr: &str| rt.attach(addr).map_err(|e| e.to_string());
         process::spawn_thread(heap::mark_runtime_thread, move || {
             process::set_thread_name(process::PLACER_THREAD_NAME);
-            placer.run(space.0, timeout, attach)
+            placer.run(space.0, rt.timeout, attach)
         })
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the placer thread: {e}")));
     }

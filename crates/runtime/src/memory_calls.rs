@@ -50,20 +50,16 @@ impl LayoutConn {
             };
             match r.and_then(|r| owned(&self.addr, msg, r)) {
                 Ok(r) => break r,
-                Err(e) if e.is_loss() => match self.backup.take() {
-                    Some((addr, conn)) => {
-                        lego_sys::process::warn(&format!(
-                            "{e}; the layout's backup at {addr} takes over"
-                        ));
-                        (self.addr, self.conn) = (addr, conn);
-                    }
-                    None => return Err(e),
-                },
+                Err(e) if e.is_loss() && self.promote_backup() => {
+                    lego_sys::process::warn(&format!(
+                        "{e}; the layout's backup at {} takes over",
+                        self.addr
+                    ));
+                }
                 Err(e) => return Err(e),
             }
         };
-        let changes = !matches!(msg, Message::Brk { new_brk } if new_brk.0 == 0)
-            && !matches!(msg, Message::GetLayout);
+        let changes = !matches!(msg, Message::Brk { new_brk } if new_brk.0 == 0);
         if let (true, Some((addr, conn))) = (changes, self.backup.as_mut()) {
             let same = pool::call(conn, addr, id, msg)
                 .and_then(|r| owned(addr, msg, r))
@@ -123,8 +119,8 @@ impl LayoutConn {
         Ok(())
     }
 
-    /// The backup becomes the home (the home is drained); there is no
-    /// backup until the repair thread makes one.
+    /// The backup becomes the home (the home is drained or failed); there
+    /// is no backup until the repair thread makes one.
     pub fn promote_backup(&mut self) -> bool {
         match self.backup.take() {
             Some((addr, conn)) => {

@@ -204,7 +204,7 @@ impl Placement {
         let end = (off + len).div_ceil(UNIT).min(self.table.len());
         self.table[first.min(end)..end]
             .iter()
-            .flat_map(|r| r.all().collect::<Vec<_>>())
+            .flat_map(Replicas::all)
     }
 
     /// The unit of region offset `off`.

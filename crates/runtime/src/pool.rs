@@ -170,24 +170,31 @@ pub fn call_within<'c>(
 ) -> Result<Message<'c>, DaemonError> {
     conn.send(id, msg)
         .map_err(|e| DaemonError::from_conn(addr, e))?;
-    if let Some(fd) = conn.stream().raw_fd() {
-        let mut p = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
-        let ms = limit.as_millis().clamp(1, i32::MAX as u128) as i32;
-        if lego_sys::process::poll(&mut p, ms).unwrap_or(1) == 0 {
-            return Err(DaemonError::TimedOut {
-                addr: addr.to_string(),
-            });
-        }
+    if conn
+        .stream()
+        .raw_fd()
+        .is_some_and(|fd| !readable_within(fd, limit))
+    {
+        return Err(DaemonError::TimedOut {
+            addr: addr.to_string(),
+        });
     }
     let reply = conn
         .recv_reply(id)
         .map_err(|e| DaemonError::from_conn(addr, e))?
         .message;
     check_reply(addr, msg.name(), reply)
+}
+
+/// Whether `fd` has data (or a hang-up) within `limit` (zero: now).
+fn readable_within(fd: i32, limit: Duration) -> bool {
+    let mut p = [libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }];
+    let ms = limit.as_millis().min(i32::MAX as u128) as i32;
+    lego_sys::process::poll(&mut p, ms).unwrap_or(1) > 0
 }
 
 fn check_reply<'m>(
@@ -390,14 +397,9 @@ impl DaemonPool {
             return Ok(());
         };
         let start = Instant::now();
-        let mut p = [libc::pollfd {
-            fd,
-            events: libc::POLLIN,
-            revents: 0,
-        }];
         let spin = Duration::from_micros(spin_us);
         while start.elapsed() < spin {
-            if lego_sys::process::poll(&mut p, 0).unwrap_or(1) > 0 {
+            if readable_within(fd, Duration::ZERO) {
                 return Ok(());
             }
             std::hint::spin_loop();
@@ -405,10 +407,11 @@ impl DaemonPool {
         if self.failover.is_zero() {
             return Ok(());
         }
-        let ms = self.failover.saturating_sub(start.elapsed()).as_millis() as i32;
-        if lego_sys::process::poll(&mut p, ms.max(1)).unwrap_or(1) > 0
-            || !self.placement.expendable(d)
-        {
+        let left = self
+            .failover
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
+        if readable_within(fd, left) || !self.placement.expendable(d) {
             return Ok(());
         }
         Err(DaemonError::TimedOut {
@@ -695,15 +698,6 @@ impl DaemonPool {
         self.lost_ids
             .retain(|(id, at)| !failed.contains(id) && at.elapsed() < LOST_FOR);
         self.lost_ids.iter().map(|&(id, _)| id).collect()
-    }
-
-    /// The space and its capability, and the region (for the repair
-    /// thread's own connections).
-    pub fn space(&self) -> ((SpaceId, Capability), (usize, usize)) {
-        (
-            (self.space, self.capability),
-            (self.region_base, self.region_len),
-        )
     }
 }
 

@@ -334,20 +334,6 @@ impl Runtime {
         Ok(whole)
     }
 
-    /// A new connection to the daemon at `addr`, attached to the space.
-    fn attach(
-        &self,
-        addr: &str,
-    ) -> Result<lego_transport::FramedConn<std::net::TcpStream>, DaemonError> {
-        pool::attach(
-            addr,
-            &self.program,
-            self.timeout,
-            (self.space, self.capability),
-            (self.region.base, self.region.len),
-        )
-    }
-
     /// Has the daemon at `from` copy its pages of `[base, base+len)` to
     /// the daemon at `to` (filling with `epoch`), over a connection of
     /// this thread's own.

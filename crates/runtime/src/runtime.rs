@@ -105,6 +105,21 @@ pub(crate) fn stop(e: impl Display) -> ! {
 }
 
 impl Runtime {
+    /// A new connection to the daemon at `addr`, attached to the space
+    /// (the helper threads' own, off the pager's lock).
+    pub(crate) fn attach(
+        &self,
+        addr: &str,
+    ) -> Result<lego_transport::FramedConn<std::net::TcpStream>, crate::pool::DaemonError> {
+        crate::pool::attach(
+            addr,
+            &self.program,
+            self.timeout,
+            (self.space, self.capability),
+            (self.region.base, self.region.len),
+        )
+    }
+
     pub(crate) fn table(&self) -> UffdTable<'_> {
         UffdTable {
             uffd: &self.uffd,

@@ -348,7 +348,9 @@ impl Client {
 
     pub fn write(&mut self, path: &str, offset: u64, data: &[u8]) -> std::io::Result<()> {
         for (k, chunk) in data.chunks(MAX_FS_DATA).enumerate() {
-            let at = offset + (k * MAX_FS_DATA) as u64;
+            let at = offset
+                .checked_add((k * MAX_FS_DATA) as u64)
+                .ok_or_else(|| std::io::Error::from_raw_os_error(22))?;
             self.call(FsOp::Write, (path, ""), (at, 0, 0), chunk)?;
         }
         Ok(())

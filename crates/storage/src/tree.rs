@@ -231,6 +231,9 @@ impl Tree {
     /// Up to `len` bytes of file `path` from `offset` (fewer at its end).
     pub fn read(&self, path: &str, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let fd = self.file(path, OFlags::RDONLY)?;
+        offset
+            .checked_add(len as u64)
+            .ok_or_else(|| invalid("offset and length overflow"))?;
         let mut buf = vec![0u8; len];
         let mut got = 0;
         while got < len {
@@ -247,6 +250,9 @@ impl Tree {
     /// Writes `data` into file `path` at `offset`.
     pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
+        offset
+            .checked_add(data.len() as u64)
+            .ok_or_else(|| invalid("offset and length overflow"))?;
         let mut done = 0;
         while done < data.len() {
             done += rustix::io::pwrite(&fd, &data[done..], offset + done as u64).map_err(errno)?;
