@@ -33,6 +33,10 @@ pub struct Component {
     pub load: u32,
     #[serde(skip)]
     pub last_seen_ms: u64,
+    /// When it last came back after the manager had seen it fail (not
+    /// stored).
+    #[serde(skip)]
+    pub back_ms: Option<u64>,
     /// Spaces a memory daemon last said it holds (not stored).
     #[serde(skip)]
     pub spaces: BTreeSet<u64>,
@@ -74,6 +78,10 @@ pub struct Recovery {
     pub pending: BTreeSet<(u64, u64)>,
     pub done_ms: Option<u64>,
 }
+
+/// How long a memory daemon that came back after a failure is reported
+/// as such (runtimes that lost it use it again).
+pub const BACK_REPORTED_MS: u64 = 60_000;
 
 /// How many failures `lego status` remembers.
 const RECOVERIES_KEPT: usize = 8;
@@ -240,9 +248,17 @@ impl Cluster {
                         .map(|(&id, _)| id)
                         .collect()
                 };
+                let back = self
+                    .components
+                    .iter()
+                    .filter(|(_, c)| c.kind == Kind::Memory && c.state == State::Alive)
+                    .filter_map(|(&id, c)| Some((id, now.saturating_sub(c.back_ms?))))
+                    .filter(|&(_, ago)| ago < BACK_REPORTED_MS)
+                    .collect();
                 Reply::Draining {
                     ids: memory_in(&[State::Draining]),
                     failed: memory_in(&[State::Failed, State::Left]),
+                    back,
                 }
             }
             Request::PlaceProcess {
@@ -582,6 +598,7 @@ impl Cluster {
             used_bytes: 0,
             load: 0,
             last_seen_ms: now,
+            back_ms: None,
             spaces: BTreeSet::new(),
             processes: Vec::new(),
         });
@@ -589,8 +606,13 @@ impl Cluster {
         c.zone = zone;
         c.addr = addr;
         c.capacity_bytes = capacity_bytes;
-        if c.state != State::Draining {
-            c.state = State::Alive;
+        match c.state {
+            State::Draining => {}
+            State::Failed => {
+                c.state = State::Alive;
+                c.back_ms = Some(now);
+            }
+            _ => c.state = State::Alive,
         }
         c.last_seen_ms = now;
         ch.components.insert(id);
@@ -622,6 +644,7 @@ impl Cluster {
         if c.state == State::Failed {
             // It came back.
             c.state = State::Alive;
+            c.back_ms = Some(now);
             ch.components.insert(id);
         }
         c.used_bytes = used_bytes;
@@ -1145,6 +1168,42 @@ mod tests {
         assert_eq!(c.status(t).degraded_units, 0, "nothing left to restore");
     }
 
+    #[test]
+    fn a_daemon_back_after_a_failure_is_reported_for_a_minute() {
+        let mut c = Cluster::new(900);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 256 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 256 * MIB);
+        let draining = |c: &mut Cluster, now| match c.apply(now, Request::Draining).0 {
+            Reply::Draining { failed, back, .. } => (failed, back),
+            r => panic!("{r:?}"),
+        };
+        let mut t = 0;
+        while c.components[&b].state != State::Failed {
+            t += 300;
+            hb(&mut c, t, a, 0, vec![]);
+            c.tick(t);
+        }
+        assert_eq!(draining(&mut c, t), (vec![b], vec![]));
+        // Its heartbeat brings it back; a runtime that lost it may use it
+        // again, whether or not it asked while it was failed.
+        hb(&mut c, t + 100, b, 0, vec![]);
+        assert_eq!(draining(&mut c, t + 400), (vec![], vec![(b, 300)]));
+        assert_eq!(
+            draining(&mut c, t + 100 + BACK_REPORTED_MS),
+            (vec![], vec![])
+        );
+        // A daemon restarted at the same address registers again: the same.
+        while c.components[&a].state != State::Failed {
+            t += 300;
+            hb(&mut c, t, b, 0, vec![]);
+            c.tick(t);
+        }
+        assert_eq!(register(&mut c, t, Kind::Memory, "a:1", 256 * MIB), a);
+        let (failed, back) = draining(&mut c, t + 5);
+        assert!(failed.is_empty());
+        assert!(back.contains(&(a, 5)), "{back:?}");
+    }
+
     fn restore(c: &mut Cluster, now: u64, space: u64, unit: u64, ids: Vec<u64>) {
         let r = c.apply(now, Request::Restored { space, unit, ids }).0;
         assert_eq!(r, Reply::Ok);
@@ -1185,7 +1244,8 @@ mod tests {
             c.apply(t, Request::Draining).0,
             Reply::Draining {
                 ids: vec![],
-                failed: vec![b]
+                failed: vec![b],
+                back: vec![],
             }
         );
         // Each runtime asks for the replicas it lost, fills them, says so.
@@ -1475,7 +1535,8 @@ mod tests {
             c.apply(3, Request::Draining).0,
             Reply::Draining {
                 ids: vec![b],
-                failed: vec![]
+                failed: vec![],
+                back: vec![],
             }
         );
         // Its unit is placed again on a when asked (not degraded: b keeps

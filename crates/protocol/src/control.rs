@@ -270,12 +270,15 @@ pub enum Reply {
     Vnodes {
         vnodes: Vec<VnodeInfo>,
     },
-    /// The memory daemons being drained, and those failed or left (their
-    /// replicas are replaced).
+    /// The memory daemons being drained, those failed or left (their
+    /// replicas are replaced), and those that came back after a failure
+    /// in the last minute, with how many milliseconds ago.
     Draining {
         ids: Vec<u64>,
         #[serde(default)]
         failed: Vec<u64>,
+        #[serde(default)]
+        back: Vec<(u64, u64)>,
     },
     /// To a heartbeat of a drained memory daemon: it holds nothing any
     /// more and has left the cluster.

@@ -343,8 +343,8 @@ struct Queue {
     /// Manager ids of the daemons this program is connected to or being
     /// connected to by the placer.
     known: Vec<u64>,
-    /// Daemons this program lost, and when: new units avoid them for
-    /// [`crate::pool::LOST_FOR`].
+    /// Daemons this program lost, and when: new units avoid them until
+    /// the manager has seen them fail, or for [`crate::pool::LOST_FOR`].
     avoid: Vec<(u64, Instant)>,
 }
 
@@ -392,6 +392,12 @@ impl Placer {
     /// The program lost daemon `id`: new units avoid it for a while.
     pub fn avoid(&self, id: u64) {
         lock(&self.queue).avoid.push((id, Instant::now()));
+    }
+
+    /// The manager saw daemon `id` fail, or fail and come back: new units
+    /// may go there again.
+    pub fn unavoid(&self, id: u64) {
+        lock(&self.queue).avoid.retain(|&(a, _)| a != id);
     }
 
     /// Takes the units placed so far, and those whose placement failed.

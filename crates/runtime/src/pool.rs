@@ -298,8 +298,8 @@ pub struct DaemonPool {
     /// lost with it (zero: wait the whole timeout).
     failover: Duration,
     /// Manager ids of the daemons this program lost, and when: no replica
-    /// goes there again until the manager has seen them fail (and come
-    /// back), or for [`LOST_FOR`].
+    /// goes there again until the manager has seen them fail (now, or
+    /// since the loss and come back), or for [`LOST_FOR`].
     pub lost_ids: Vec<(u64, Instant)>,
     /// Pages read from several replicas after a loss.
     scratch: Vec<u8>,
@@ -692,11 +692,27 @@ impl DaemonPool {
     }
 
     /// The daemons this program lost and still avoids, given the ones the
-    /// manager reports failed (those it avoids by itself, and forgets once
-    /// they come back).
-    pub fn avoided(&mut self, failed: &[u64]) -> Vec<u64> {
-        self.lost_ids
-            .retain(|(id, at)| !failed.contains(id) && at.elapsed() < LOST_FOR);
+    /// manager reports failed (it avoids them by itself) and those it
+    /// reports back after a failure, with how many milliseconds ago. A
+    /// daemon the manager saw fail is forgotten: it was down, not cut off
+    /// from this program alone, and a replica placed there is filled anew.
+    pub fn avoided(&mut self, failed: &[u64], back: &[(u64, u64)]) -> Vec<u64> {
+        let seen_failing = |id: u64, at: Instant| {
+            failed.contains(&id)
+                || back
+                    .iter()
+                    .any(|&(b, ago)| b == id && u128::from(ago) <= at.elapsed().as_millis())
+        };
+        let placer = &self.placer;
+        self.lost_ids.retain(|&(id, at)| {
+            let keep = !seen_failing(id, at) && at.elapsed() < LOST_FOR;
+            if !keep {
+                if let Some(placer) = placer {
+                    placer.unavoid(id);
+                }
+            }
+            keep
+        });
         self.lost_ids.iter().map(|&(id, _)| id).collect()
     }
 }

@@ -97,6 +97,8 @@ pub enum RepairError {
 struct Verdict {
     draining: Vec<u64>,
     failed: Vec<u64>,
+    /// Daemons back after a failure, and how many milliseconds ago.
+    back: Vec<(u64, u64)>,
 }
 
 impl Runtime {
@@ -122,7 +124,9 @@ impl Runtime {
             self.give_up_failed(&verdict.failed);
             let mut result = Ok(());
             if let Some(m) = &manager {
-                let avoid = lock(&self.state).pool.avoided(&verdict.failed);
+                let avoid = lock(&self.state)
+                    .pool
+                    .avoided(&verdict.failed, &verdict.back);
                 later.retain(|(_, at)| Instant::now() < *at);
                 for unit in self.units_to_repair(&verdict.draining) {
                     if later.iter().any(|&(u, _)| u == unit) {
@@ -457,9 +461,10 @@ fn ask_verdict(manager: &str, client: &mut Option<ControlClient>) -> Option<Verd
         .ok();
     }
     match client.as_mut()?.call(&Request::Draining) {
-        Ok(Reply::Draining { ids, failed }) => Some(Verdict {
+        Ok(Reply::Draining { ids, failed, back }) => Some(Verdict {
             draining: ids,
             failed,
+            back,
         }),
         _ => {
             *client = None;
