@@ -339,7 +339,17 @@ pub enum FsOp {
     Write = 12,
     Fsync = 13,
     Statfs = 14,
+    /// `mode` is the new permission bits.
+    Chmod = 15,
+    /// `offset` and `len` are the new access and modification times, in
+    /// nanoseconds since the epoch (as i64), or [`TIME_NOW`]/[`TIME_OMIT`].
+    Utimens = 16,
 }
+
+/// In a `Utimens`: set this time to the storage daemon's clock.
+pub const TIME_NOW: u64 = u64::MAX;
+/// In a `Utimens`: leave this time as it is.
+pub const TIME_OMIT: u64 = u64::MAX - 1;
 
 impl FsOp {
     fn from_u8(v: u8) -> Result<Self, DecodeError> {
@@ -359,6 +369,8 @@ impl FsOp {
             12 => Write,
             13 => Fsync,
             14 => Statfs,
+            15 => Chmod,
+            16 => Utimens,
             other => return Err(DecodeError::BadValue("file-system operation", other as u64)),
         })
     }

@@ -26,7 +26,7 @@ use lego_protocol::{FsOp, Message, Role, MAX_FS_DATA};
 use lego_transport::auth::{Credential, Identity};
 use lego_transport::{ConnError, FramedConn, Listener, Stream, Tcp, Transport, TransportError};
 
-pub use tree::{Attr, Kind, Space, Tree};
+pub use tree::{Attr, Kind, Space, Time, Tree};
 pub use wire::DirEntry;
 
 /// How long a new connection may take to say `Hello`.
@@ -359,6 +359,15 @@ impl Client {
     /// Returns once `path`'s data and its directory entry are on disk.
     pub fn fsync(&mut self, path: &str) -> std::io::Result<()> {
         self.call(FsOp::Fsync, (path, ""), (0, 0, 0), &[]).map(drop)
+    }
+
+    pub fn chmod(&mut self, path: &str, mode: u32) -> std::io::Result<()> {
+        self.call(FsOp::Chmod, (path, ""), (0, 0, mode), &[]).map(drop)
+    }
+
+    pub fn utimens(&mut self, path: &str, atime: Time, mtime: Time) -> std::io::Result<()> {
+        let (a, m) = (atime.to_wire(), mtime.to_wire());
+        self.call(FsOp::Utimens, (path, ""), (a, m, 0), &[]).map(drop)
     }
 
     pub fn statfs(&mut self) -> std::io::Result<Space> {

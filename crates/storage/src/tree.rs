@@ -46,6 +46,36 @@ pub struct Attr {
     pub mtime_ns: i128,
 }
 
+/// A time to set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Time {
+    /// The storage daemon's clock.
+    Now,
+    /// Left as it is.
+    Omit,
+    /// Nanoseconds since the epoch.
+    At(i64),
+}
+
+impl Time {
+    /// From its encoding in a `Utimens` call.
+    pub fn from_wire(v: u64) -> Self {
+        match v {
+            lego_protocol::TIME_NOW => Time::Now,
+            lego_protocol::TIME_OMIT => Time::Omit,
+            ns => Time::At(ns as i64),
+        }
+    }
+
+    pub fn to_wire(self) -> u64 {
+        match self {
+            Time::Now => lego_protocol::TIME_NOW,
+            Time::Omit => lego_protocol::TIME_OMIT,
+            Time::At(ns) => ns as u64,
+        }
+    }
+}
+
 /// Space of the tree's file system.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Space {
@@ -163,22 +193,26 @@ impl Tree {
         Ok(out)
     }
 
-    /// Creates file `path` (an error if it exists).
+    /// Creates file `path` (an error if it exists) with exactly `mode`'s
+    /// permission bits (the client applied its umask; this daemon's does
+    /// not count).
     pub fn create(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        fs::openat(
+        let fd = fs::openat(
             &dir,
             name,
             OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
             Mode::from_raw_mode(mode & 0o777),
         )
-        .map(drop)
-        .map_err(errno)
+        .map_err(errno)?;
+        fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
     }
 
+    /// Makes directory `path` with exactly `mode`'s permission bits.
     pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)
+        fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)?;
+        self.chmod(path, mode)
     }
 
     /// Removes file or symlink `path`.
@@ -212,6 +246,41 @@ impl Tree {
         Ok(OsStr::from_bytes(target.to_bytes())
             .to_string_lossy()
             .into_owned())
+    }
+
+    /// `path` itself (a file or directory; a symlink is refused), opened
+    /// to change its attributes.
+    fn node(&self, path: &str) -> io::Result<OwnedFd> {
+        self.at(path, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
+    }
+
+    /// Sets `path`'s permission bits to `mode`.
+    pub fn chmod(&self, path: &str, mode: u32) -> io::Result<()> {
+        fs::fchmod(&self.node(path)?, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
+    }
+
+    /// Sets `path`'s access and modification times (nanoseconds since the
+    /// epoch; `None`: left as they are; see [`Time`]).
+    pub fn utimens(&self, path: &str, atime: Time, mtime: Time) -> io::Result<()> {
+        let spec = |t: Time| match t {
+            Time::Now => fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: fs::UTIME_NOW,
+            },
+            Time::Omit => fs::Timespec {
+                tv_sec: 0,
+                tv_nsec: fs::UTIME_OMIT,
+            },
+            Time::At(ns) => fs::Timespec {
+                tv_sec: ns.div_euclid(1_000_000_000),
+                tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+            },
+        };
+        let times = fs::Timestamps {
+            last_access: spec(atime),
+            last_modification: spec(mtime),
+        };
+        fs::futimens(&self.node(path)?, &times).map_err(errno)
     }
 
     /// Regular file `path`, opened with `flags`.
@@ -296,6 +365,26 @@ mod tests {
         let d = std::env::temp_dir().join(format!("lego-tree-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn modes_are_exact_and_times_and_modes_can_be_set() {
+        let dir = tmp("attrs");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.mkdir("d", 0o777).unwrap();
+        t.create("d/f", 0o666).unwrap();
+        assert_eq!(t.getattr("d").unwrap().mode, 0o777, "no umask");
+        assert_eq!(t.getattr("d/f").unwrap().mode, 0o666);
+        t.chmod("d/f", 0o4750).unwrap();
+        assert_eq!(t.getattr("d/f").unwrap().mode, 0o4750);
+        let ns = 1_234_567_890_123_456_789;
+        t.utimens("d/f", Time::Omit, Time::At(ns)).unwrap();
+        assert_eq!(t.getattr("d/f").unwrap().mtime_ns, i128::from(ns));
+        t.utimens("d/f", Time::Now, Time::Now).unwrap();
+        assert!(t.getattr("d/f").unwrap().mtime_ns > i128::from(ns));
+        t.symlink("/etc/passwd", "l").unwrap();
+        assert!(t.chmod("l", 0o777).is_err(), "a symlink is never followed");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io;
 
 use lego_protocol::{FsOp, MAX_FS_DATA};
 
-use crate::tree::{Attr, Kind, Space, Tree};
+use crate::tree::{Attr, Kind, Space, Time, Tree};
 
 /// One entry of a directory.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +62,8 @@ pub(crate) fn apply(
         FsOp::Read => out.extend(t.read(path, offset, (len as usize).min(MAX_FS_DATA))?),
         FsOp::Write => t.write(path, offset, data)?,
         FsOp::Fsync => t.fsync(path)?,
+        FsOp::Chmod => t.chmod(path, mode)?,
+        FsOp::Utimens => t.utimens(path, Time::from_wire(offset), Time::from_wire(len))?,
         FsOp::Statfs => {
             let s = t.statfs()?;
             out.extend_from_slice(&s.total_bytes.to_le_bytes());
