@@ -57,6 +57,34 @@ enum Command {
     /// Make a cluster credential (or a user's, derived from it): every
     /// component and client proves itself with one.
     Keygen(keys::KeygenArgs),
+    /// What a processor daemon starts to run a program in a vNode (not
+    /// for users).
+    #[command(hide = true)]
+    VnodeHost(VnodeHostArgs),
+}
+
+#[derive(clap::Args)]
+struct VnodeHostArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    vid: u64,
+    #[arg(long)]
+    vip: String,
+    #[arg(long)]
+    storage: String,
+    #[arg(long)]
+    timeout_ms: u64,
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
+    #[arg(long)]
+    manager: String,
+    #[arg(long)]
+    job_dir: Option<std::path::PathBuf>,
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -202,6 +230,32 @@ fn main() -> ExitCode {
             lego_sys::process::end_quietly_on_closed_pipe();
             keys::keygen(args)
         }
+        Command::VnodeHost(args) => {
+            // Its log goes to the program's stderr: problems only.
+            init_logging_at("warn,fuser=error");
+            let spec = lego_processor::vnode::Spec {
+                name: args.name,
+                vid: args.vid,
+                vip: args.vip,
+                storage: args.storage,
+                user: args.uid.zip(args.gid),
+                timeout: std::time::Duration::from_millis(args.timeout_ms),
+            };
+            // The program's environment: this one, less the credential.
+            let env: Vec<(String, String)> = std::env::vars()
+                .filter(|(k, _)| k != lego_processor::vnode::CRED_ENV)
+                .collect();
+            let r = lego_processor::vnode::host(
+                &spec,
+                (&args.manager, args.job_dir.as_deref()),
+                &args.command,
+                &env,
+            );
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("lego", e),
+            }
+        }
     }
 }
 
@@ -286,8 +340,13 @@ fn memory_status(addr: &str, json: bool, cred: &lego_transport::auth::Credential
 }
 
 fn init_logging() {
+    init_logging_at("info");
+}
+
+/// Logging filtered by `LEGO_LOG`, else at `default`.
+fn init_logging_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEGO_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(filter)

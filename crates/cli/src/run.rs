@@ -45,6 +45,17 @@ pub struct RunArgs {
     /// daemon the manager picks (what processor daemons themselves use).
     #[arg(long, requires = "manager")]
     local: bool,
+    /// With --manager: run the program in vNode NAME (its own network
+    /// namespace with the vNode's vIP, its file system at
+    /// /run/lego/vnode, which is also its working directory), on the
+    /// processor daemon the manager picks.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "manager",
+        conflicts_with = "local"
+    )]
+    vnode: Option<String>,
     /// Capacity of the memory daemon started for this run.
     #[arg(long, value_name = "SIZE", default_value = "16G", value_parser = parse_size)]
     capacity: u64,
@@ -180,6 +191,11 @@ pub fn run(args: RunArgs) -> ExitCode {
         };
         match lego_processor::remote::processors_alive(m, &cred) {
             Ok(true) => return run_on_processor(m, &args, cred),
+            Ok(false) if args.vnode.is_some() => {
+                return fail(format!(
+                    "no processor daemon is alive in the cluster of {m}: programs run in vNodes on processor daemons"
+                ))
+            }
             Ok(false) => {} // No processor daemon: this host runs it.
             Err(e) => return fail(e),
         }
@@ -345,6 +361,7 @@ fn run_on_processor(manager: &str, args: &RunArgs, cred: Credential) -> ExitCode
         summary: !args.quiet,
         stats: args.stats.is_some(),
         cred,
+        vnode: args.vnode.clone(),
     };
     let ended = match job.run() {
         Ok(e) => e,

@@ -115,6 +115,7 @@ fn requests() -> Vec<(&'static str, Vec<u8>)> {
         excache_bytes: 1 << 20,
         summary: false,
         stats: false,
+        vnode: None,
     });
     let register = control(&Request::Register {
         kind: Kind::Memory,
@@ -355,6 +356,7 @@ fn launch(addr: &str, cred: &Credential, argv: &[&str], env: &[(&str, &str)]) ->
         excache_bytes: 16 << 20,
         summary: false,
         stats: false,
+        vnode: None,
     });
     conn.send(1, &Message::Control { json: &req }).unwrap();
     conn.send(0, &Message::Stdio { fd: 0, data: &[] }).unwrap();
@@ -432,6 +434,7 @@ fn a_processor_chooses_the_preloaded_library_and_the_user_a_program_runs_as() {
         excache_bytes: 16 << 20,
         summary: false,
         stats: false,
+        vnode: None,
     });
     conn.send(1, &Message::Control { json: &req }).unwrap();
     let (mut out, mut err) = (String::new(), String::new());

@@ -227,6 +227,8 @@ struct Job {
     stats: bool,
     /// Who asked (the handshake proved it): whom the program runs as.
     identity: Identity,
+    /// The vNode to run it in.
+    vnode: Option<String>,
 }
 
 /// Whether a variable of the client's environment reaches the program:
@@ -326,6 +328,7 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
             excache_bytes,
             summary,
             stats,
+            vnode,
         }) if !argv.is_empty() => (
             Job {
                 argv,
@@ -334,6 +337,7 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
                 summary,
                 stats,
                 identity: who.identity.clone(),
+                vnode,
             },
             excache_bytes,
         ),
@@ -418,6 +422,23 @@ fn run_program(
         Err(message) => return refuse(message),
     };
     let mut cmd = Command::new(&host.lego_exe);
+    cmd.env_clear();
+    // In a vNode: `lego vnode-host` makes its namespaces and file system
+    // and starts the wrapper there as the user (crate::vnode).
+    if let Some(name) = &job.vnode {
+        let v = match crate::vnode::look_up(&host.manager, name, &host.cred) {
+            Ok(v) => v,
+            Err(message) => return refuse(message),
+        };
+        let spec = crate::vnode::Spec::new(&v, user.map(|u| (u.uid, u.gid)));
+        cmd.arg("vnode-host")
+            .args(spec.to_args())
+            .args(["--manager", &host.manager, "--job-dir"])
+            .arg(&key.dir)
+            .arg("--")
+            .arg(&host.lego_exe)
+            .env(crate::vnode::CRED_ENV, host.cred.to_text());
+    }
     cmd.args(["run", "--manager", &host.manager, "--local"]);
     if !job.summary {
         cmd.arg("--quiet");
@@ -432,16 +453,15 @@ fn run_program(
         .arg(excache_bytes.to_string())
         .arg("--")
         .args(argv)
-        .env_clear()
         .envs(env.iter().filter(|(k, _)| passes(k)).map(|(k, v)| (k, v)))
         .env(lego_transport::auth::KEY_ENV, key.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if !cwd.is_empty() {
+    if !cwd.is_empty() && job.vnode.is_none() {
         cmd.current_dir(cwd);
     }
-    if let Some(u) = user {
+    if let (Some(u), None) = (user, &job.vnode) {
         use std::os::unix::process::CommandExt;
         cmd.uid(u.uid).gid(u.gid);
     }

@@ -8,6 +8,8 @@
 //!   daemons in the cluster): asks the manager for a processor daemon, runs
 //!   the program there and relays its stdin, stdout, stderr, signals and
 //!   exit status.
+//! - [`vnode`]: running a program in a vNode (`lego vnode-host`): its
+//!   namespaces, its file system, the broker of its connections.
 //! - [`watchdog`] (over [`hang`], its pure core): the watch `lego run`
 //!   keeps over the program it launched, which stops a program whose
 //!   every thread waits on a page fault nobody can serve.
@@ -21,6 +23,7 @@
 pub mod daemon;
 pub mod hang;
 pub mod remote;
+pub mod vnode;
 pub mod watchdog;
 
 pub use daemon::{ProcessorConfig, ProcessorDaemon, ProcessorError};

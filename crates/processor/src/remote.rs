@@ -78,6 +78,8 @@ pub struct RemoteRun {
     /// Who asks: the processor runs the program as the user this
     /// credential names (docs/security.md).
     pub cred: Credential,
+    /// Run it in this vNode.
+    pub vnode: Option<String>,
 }
 
 /// How a program on a processor daemon ended.
@@ -186,6 +188,7 @@ impl RemoteRun {
             excache_bytes: self.excache_bytes,
             summary: self.summary,
             stats: self.stats,
+            vnode: self.vnode.clone(),
         };
         let json = control::to_json(&launch);
         if json.len() > lego_protocol::MAX_CONTROL_BYTES {

@@ -215,6 +215,9 @@ pub enum Request {
         summary: bool,
         #[serde(default)]
         stats: bool,
+        /// Run it in this vNode (its namespaces and file system).
+        #[serde(default)]
+        vnode: Option<String>,
     },
     /// To a processor daemon, during a `Launch`: deliver signal `signum`
     /// to the program.

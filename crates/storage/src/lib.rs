@@ -11,6 +11,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod fuse;
 pub mod tree;
 mod wire;
 
@@ -239,10 +240,22 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: &str, vnode: u64, cred: &Credential) -> Result<Self, ConnError> {
+        Self::connect_with(addr, vnode, cred, Duration::from_secs(30))
+    }
+
+    /// A connection whose every call fails once the daemon leaves it
+    /// unanswered for `timeout`.
+    pub fn connect_with(
+        addr: &str,
+        vnode: u64,
+        cred: &Credential,
+        timeout: Duration,
+    ) -> Result<Self, ConnError> {
         let s = Tcp
-            .connect(addr, Duration::from_secs(5))
+            .connect(addr, timeout.min(Duration::from_secs(5)))
             .map_err(ConnError::Connect)?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         let mut conn = FramedConn::new(s);
         conn.client_handshake(Role::Client, "lego-storage-client", cred)?;
         Ok(Self {
@@ -362,12 +375,14 @@ impl Client {
     }
 
     pub fn chmod(&mut self, path: &str, mode: u32) -> std::io::Result<()> {
-        self.call(FsOp::Chmod, (path, ""), (0, 0, mode), &[]).map(drop)
+        self.call(FsOp::Chmod, (path, ""), (0, 0, mode), &[])
+            .map(drop)
     }
 
     pub fn utimens(&mut self, path: &str, atime: Time, mtime: Time) -> std::io::Result<()> {
         let (a, m) = (atime.to_wire(), mtime.to_wire());
-        self.call(FsOp::Utimens, (path, ""), (a, m, 0), &[]).map(drop)
+        self.call(FsOp::Utimens, (path, ""), (a, m, 0), &[])
+            .map(drop)
     }
 
     pub fn statfs(&mut self) -> std::io::Result<Space> {

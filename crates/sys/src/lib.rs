@@ -9,10 +9,12 @@
 //! - [`stats`]: the statistics page shared between `lego run` and the
 //!   runtime of every process it starts;
 //! - [`process`]: the few process-control calls `lego run` needs;
-//! - [`loader`]: where the C library's and the dynamic loader's code lie.
+//! - [`loader`]: where the C library's and the dynamic loader's code lie;
+//! - [`ns`]: the namespaces and mounts a vNode's programs run in.
 
 pub mod loader;
 pub mod mm;
+pub mod ns;
 pub mod process;
 pub mod stats;
 pub mod uffd;

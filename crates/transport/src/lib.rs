@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod auth;
+pub mod broker;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -91,12 +92,14 @@ impl Transport for Tcp {
     type Listener = TcpListener;
 
     fn connect(&self, addr: &str, timeout: Duration) -> Result<TcpStream, TransportError> {
-        let sa = resolve(addr)?;
-        let s =
-            TcpStream::connect_timeout(&sa, timeout).map_err(|source| TransportError::Connect {
-                addr: addr.to_string(),
-                source,
-            })?;
+        let connected = match broker::broker() {
+            Some(socket) => broker::connect_via(socket, addr, timeout),
+            None => TcpStream::connect_timeout(&resolve(addr)?, timeout),
+        };
+        let s = connected.map_err(|source| TransportError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
         s.set_nodelay(true)
             .map_err(|source| TransportError::Connect {
                 addr: addr.to_string(),

@@ -1,0 +1,330 @@
+//! Programs in a vNode. A processor daemon asked to run a program in vNode
+//! NAME looks the vNode up at the global manager and starts
+//! `lego vnode-host` (this module's [`host`]) as itself; that process
+//!
+//! 1. enters a mount namespace and a network namespace of its own (the
+//!    host's mounts stay as they are, and nothing mounted here shows on
+//!    the host);
+//! 2. brings up loopback there and gives it the vNode's vIP;
+//! 3. mounts private, empty `/tmp`, `/var/tmp` and `/dev/shm` (so no
+//!    socket or file there is shared with another vNode);
+//! 4. mounts the vNode's file system (FUSE, [`lego_storage::fuse`]) at
+//!    [`VNODE_ROOT`], served from the storage daemon that holds the
+//!    vNode's tree, and usable only from this mount namespace;
+//! 5. starts the program's `lego run --local` there, as the program's
+//!    user, in [`VNODE_ROOT`] with `LEGO_VNODE_ROOT` and `LEGO_VNODE` set,
+//!    forwards signals to it, and ends as it ends (unmounting).
+//!
+//! The cluster credential (to reach the storage daemon) comes in the
+//! environment variable [`CRED_ENV`], which the program never sees.
+
+use std::process::Command;
+use std::time::Duration;
+
+use lego_protocol::control::{Reply, Request, VnodeInfo};
+use lego_transport::auth::Credential;
+use lego_transport::ControlClient;
+
+/// Where a vNode's files are, for its programs.
+pub const VNODE_ROOT: &str = "/run/lego/vnode";
+
+/// The variable carrying the cluster credential to `lego vnode-host`.
+pub const CRED_ENV: &str = "LEGO_VNODE_CRED";
+
+/// How long a file operation waits for the storage daemon before the
+/// program gets `EIO` (`LEGO_STORAGE_TIMEOUT_MS`).
+pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// vNode `name` as the manager at `manager` knows it.
+pub fn look_up(manager: &str, name: &str, cred: &Credential) -> Result<VnodeInfo, String> {
+    let mut c = ControlClient::connect(manager, "lego-processor", Duration::from_secs(5), cred)
+        .map_err(|e| format!("cannot reach the global manager at {manager}: {e}"))?;
+    match c.call(&Request::Vnodes) {
+        Ok(Reply::Vnodes { vnodes }) => vnodes
+            .into_iter()
+            .find(|v| v.name == name)
+            .ok_or_else(|| format!("no vNode '{name}' (lego vnode create makes one)")),
+        Ok(Reply::Error { message }) => Err(message),
+        Ok(other) => Err(format!("the manager answered {other:?}")),
+        Err(e) => Err(format!("the global manager at {manager}: {e}")),
+    }
+}
+
+/// What `lego vnode-host` is told.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Spec {
+    pub name: String,
+    pub vid: u64,
+    pub vip: String,
+    pub storage: String,
+    /// The program's user (none: this process's).
+    pub user: Option<(u32, u32)>,
+    pub timeout: Duration,
+}
+
+impl Spec {
+    pub fn new(v: &VnodeInfo, user: Option<(u32, u32)>) -> Self {
+        let timeout = std::env::var("LEGO_STORAGE_TIMEOUT_MS")
+            .ok()
+            .and_then(|t| t.parse().ok())
+            .map_or(STORAGE_TIMEOUT, Duration::from_millis);
+        Self {
+            name: v.name.clone(),
+            vid: v.vid,
+            vip: v.vip.clone(),
+            storage: v.storage_addr.clone(),
+            user,
+            timeout,
+        }
+    }
+
+    /// As `lego vnode-host` arguments (before `--` and the command).
+    pub fn to_args(&self) -> Vec<String> {
+        let mut a = vec![
+            "--name".into(),
+            self.name.clone(),
+            "--vid".into(),
+            self.vid.to_string(),
+            "--vip".into(),
+            self.vip.clone(),
+            "--storage".into(),
+            self.storage.clone(),
+            "--timeout-ms".into(),
+            self.timeout.as_millis().to_string(),
+        ];
+        if let Some((uid, gid)) = self.user {
+            a.extend([
+                "--uid".into(),
+                uid.to_string(),
+                "--gid".into(),
+                gid.to_string(),
+            ]);
+        }
+        a
+    }
+}
+
+/// Where the connection broker listens, inside the vNode's mount
+/// namespace.
+pub const BROKER_SOCKET: &str = "/run/lego/connect.sock";
+
+/// Which addresses the broker connects to: the manager's and its
+/// components' (asked again, at most once a second, for one it does not
+/// know: a daemon added since).
+struct Cluster {
+    manager: String,
+    cred: Credential,
+    known: std::sync::Mutex<(Vec<String>, Option<std::time::Instant>)>,
+}
+
+impl Cluster {
+    fn allows(&self, addr: &str) -> bool {
+        if addr == self.manager {
+            return true;
+        }
+        let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        if k.0.iter().any(|a| a == addr) {
+            return true;
+        }
+        if k.1.is_some_and(|at| at.elapsed() < Duration::from_secs(1)) {
+            return false;
+        }
+        k.1 = Some(std::time::Instant::now());
+        let status = ControlClient::connect(
+            &self.manager,
+            "lego-vnode-host",
+            Duration::from_secs(5),
+            &self.cred,
+        )
+        .ok()
+        .and_then(|mut c| c.call(&Request::Status).ok());
+        if let Some(Reply::Status(s)) = status {
+            k.0 = s.components.into_iter().map(|c| c.addr).collect();
+        }
+        k.0.iter().any(|a| a == addr)
+    }
+}
+
+/// Runs `command` with `env` in the vNode `spec` names (see the module
+/// docs), its connections to the cluster of the manager at `manager` made
+/// by a broker, and ends this process as the command ends. Errors before
+/// the command starts are returned.
+///
+/// Call it while the process has one thread.
+pub fn host(
+    spec: &Spec,
+    (manager, job_dir): (&str, Option<&std::path::Path>),
+    command: &[String],
+    env: &[(String, String)],
+) -> Result<(), String> {
+    let cred = std::env::var(CRED_ENV)
+        .map_err(|_| format!("no cluster credential in {CRED_ENV}"))
+        .and_then(|t| Credential::from_text(&t))?;
+    let Some((program, args)) = command.split_first() else {
+        return Err("no command to run".into());
+    };
+    if !std::path::Path::new("/dev/fuse").exists() {
+        return Err("no /dev/fuse on this processor host: vNode file systems need FUSE".into());
+    }
+    let host_net = std::fs::File::open("/proc/self/ns/net")
+        .map_err(|e| format!("cannot open this host's network namespace: {e}"))?;
+    std::fs::create_dir_all("/run/lego").map_err(|e| format!("cannot make /run/lego: {e}"))?;
+    lego_sys::ns::enter_own_mount_and_network().map_err(|e| {
+        format!("cannot make the vNode's namespaces (this needs root, or CAP_SYS_ADMIN): {e}")
+    })?;
+    let ip = |args: &[&str]| -> Result<(), String> {
+        let out = Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    // The job's own directory (its credential, its statistics) stays
+    // where it is under the private /tmp.
+    let job = match job_dir {
+        Some(d) => {
+            let f =
+                std::fs::File::open(d).map_err(|e| format!("cannot open {}: {e}", d.display()))?;
+            Some((d.to_path_buf(), f))
+        }
+        None => None,
+    };
+    ip(&["link", "set", "lo", "up"])?;
+    if !spec.vip.is_empty() {
+        ip(&["addr", "add", &format!("{}/32", spec.vip), "dev", "lo"])?;
+    }
+    for dir in ["/tmp", "/var/tmp", "/dev/shm", "/run/lego"] {
+        if std::path::Path::new(dir).is_dir() {
+            lego_sys::ns::mount_tmpfs(dir)
+                .map_err(|e| format!("cannot mount a private {dir}: {e}"))?;
+        }
+    }
+    if let Some((dir, f)) = &job {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+        let src = format!("/proc/self/fd/{}", f.as_raw_fd());
+        lego_sys::ns::bind_mount(&src, &dir.to_string_lossy())
+            .map_err(|e| format!("cannot bring {} into the vNode: {e}", dir.display()))?;
+    }
+    drop(job);
+    std::fs::create_dir_all(VNODE_ROOT).map_err(|e| format!("cannot make {VNODE_ROOT}: {e}"))?;
+    let ns = std::fs::read_link("/proc/self/ns/mnt")
+        .map_err(|e| format!("cannot name this mount namespace: {e}"))?;
+    let broker = std::os::unix::net::UnixListener::bind(BROKER_SOCKET)
+        .map_err(|e| format!("cannot listen on {BROKER_SOCKET}: {e}"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(BROKER_SOCKET, std::fs::Permissions::from_mode(0o666));
+    }
+    let (uid, gid) = spec.user.unwrap_or_else(|| {
+        let me = lego_sys::process::effective_uid();
+        (me, me)
+    });
+    // The file system's and the broker's threads live in the host's
+    // network namespace (and this mount namespace); the program in the
+    // vNode's.
+    let (tx, rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let (spec2, manager) = (spec.clone(), manager.to_string());
+    let started = std::thread::Builder::new()
+        .name("lego-vnode-fs".into())
+        .spawn(move || {
+            let fail = |e: String| {
+                let _ = tx.send(Err(e));
+            };
+            if let Err(e) = lego_sys::ns::enter_network(&host_net) {
+                return fail(format!(
+                    "cannot return to the host's network namespace: {e}"
+                ));
+            }
+            let fs = lego_storage::fuse::VnodeFs::new(
+                &spec2.storage,
+                spec2.vid,
+                cred.clone(),
+                spec2.timeout,
+            )
+            .owned_by(uid, gid)
+            .only_namespace(ns.to_string_lossy().into_owned());
+            if let Err(e) = fs.check() {
+                return fail(format!(
+                    "vNode '{}': its storage daemon at {} does not answer: {e}",
+                    spec2.name, spec2.storage
+                ));
+            }
+            let path = std::path::Path::new(VNODE_ROOT);
+            let _mounted = match lego_storage::fuse::mount(fs, path, &spec2.name) {
+                Ok(m) => m,
+                Err(e) => {
+                    return fail(format!(
+                        "cannot mount vNode '{}' at {VNODE_ROOT}: {e}",
+                        spec2.name
+                    ))
+                }
+            };
+            let _ = tx.send(Ok(()));
+            let cluster = Cluster {
+                manager,
+                cred,
+                known: std::sync::Mutex::new((Vec::new(), None)),
+            };
+            lego_transport::broker::serve(
+                broker,
+                std::sync::Arc::new(move |a: &str| cluster.allows(a)),
+            );
+        });
+    if let Err(e) = started {
+        return Err(format!("cannot start the vNode's file system thread: {e}"));
+    }
+    rx.recv()
+        .map_err(|_| "the vNode's file system thread ended".to_string())??;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .env("LEGO_VNODE_ROOT", VNODE_ROOT)
+        .env("LEGO_VNODE", &spec.name)
+        .env(lego_transport::broker::BROKER_ENV, BROKER_SOCKET)
+        .current_dir(VNODE_ROOT);
+    if let Some((uid, gid)) = spec.user {
+        use std::os::unix::process::CommandExt;
+        cmd.uid(uid).gid(gid);
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    lego_sys::process::forward_signals_to(child.id() as i32);
+    match child.wait() {
+        // The namespaces, the mount with them, end with this process.
+        Ok(s) => lego_sys::process::exit_like(s),
+        Err(e) => Err(format!("waiting for {program} failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_spec_goes_through_its_arguments() {
+        let v = VnodeInfo {
+            name: "web".into(),
+            vid: 3,
+            vip: "10.77.0.3".into(),
+            storage: 9,
+            storage_addr: "10.0.0.2:7500".into(),
+            storage_quota: 1 << 30,
+        };
+        let s = Spec::new(&v, Some((1000, 1000)));
+        let a = s.to_args();
+        assert_eq!(a[..4], ["--name", "web", "--vid", "3"]);
+        assert!(a.ends_with(&["--uid".into(), "1000".into(), "--gid".into(), "1000".into()]));
+        assert!(a.contains(&"10.0.0.2:7500".to_string()));
+    }
+}

@@ -1,0 +1,90 @@
+//! Namespaces and mounts for a vNode's programs: the calls
+//! `lego_processor::vnode` makes before it starts the program.
+
+use std::ffi::CString;
+use std::io;
+
+fn cstr(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Moves this process into a mount namespace and a network namespace of
+/// its own, and makes every mount in the new mount namespace private (so
+/// nothing mounted here shows on the host, nor the other way round).
+///
+/// Call it while the process has one thread: the new namespaces are the
+/// calling thread's.
+pub fn enter_own_mount_and_network() -> io::Result<()> {
+    // SAFETY: unshare takes no pointers; it unshares neither the file
+    // descriptor table nor memory, so no other thread's view of either
+    // changes.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })?;
+    let root = cstr("/")?;
+    // SAFETY: valid NUL-terminated path; the other pointers may be null
+    // for a propagation change.
+    check(unsafe {
+        libc::mount(
+            std::ptr::null(),
+            root.as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        )
+    })
+}
+
+/// Mounts a new tmpfs at `dir` (mode 1777, like `/tmp`).
+pub fn mount_tmpfs(dir: &str) -> io::Result<()> {
+    let (src, target, fstype, opts) = (
+        cstr("tmpfs")?,
+        cstr(dir)?,
+        cstr("tmpfs")?,
+        cstr("mode=1777")?,
+    );
+    // SAFETY: every pointer is a valid NUL-terminated string that lives
+    // through the call.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            opts.as_ptr().cast(),
+        )
+    })
+}
+
+/// Moves the calling thread (only) into the network namespace `ns` (an
+/// open `/proc/PID/ns/net`); threads it starts from then on are there
+/// too.
+pub fn enter_network(ns: &std::fs::File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setns takes a file descriptor that `ns` keeps open through
+    // the call; a network namespace change touches no memory.
+    check(unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) })
+}
+
+/// Bind-mounts `src` (a path, or `/proc/self/fd/N` of an `O_PATH` file
+/// descriptor) at `target`.
+pub fn bind_mount(src: &str, target: &str) -> io::Result<()> {
+    let (src, target) = (cstr(src)?, cstr(target)?);
+    // SAFETY: both are valid NUL-terminated paths that live through the
+    // call; a bind mount reads no file-system type or data.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    })
+}
