@@ -368,6 +368,19 @@ impl VnodeFs {
         Ok(true)
     }
 
+    /// A file's or directory's `fsync`: answered once it is on the
+    /// storage daemon's disk.
+    fn sync(&self, req: &Request, ino: INodeNo, reply: ReplyEmpty) {
+        let r = self
+            .allowed(req)
+            .and_then(|()| self.path(ino))
+            .and_then(|p| self.call(|c| c.fsync(&p)));
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn opened(&self, ino: u64) {
         if let Some(n) = lock(&self.nodes).by_ino.get_mut(&ino) {
             n.open += 1;
@@ -741,14 +754,7 @@ impl Filesystem for VnodeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
-            .and_then(|p| self.call(|c| c.fsync(&p)));
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.sync(req, ino, reply);
     }
 
     fn fsyncdir(
@@ -759,14 +765,7 @@ impl Filesystem for VnodeFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
-            .and_then(|p| self.call(|c| c.fsync(&p)));
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
-        }
+        self.sync(req, ino, reply);
     }
 
     fn link(
