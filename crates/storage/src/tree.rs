@@ -280,7 +280,12 @@ impl Tree {
             last_access: spec(atime),
             last_modification: spec(mtime),
         };
-        fs::futimens(&self.node(path)?, &times).map_err(errno)
+        if path.trim_matches('/').is_empty() {
+            return fs::futimens(&self.root, &times).map_err(errno);
+        }
+        // A symlink's own times (what `tar` restores): never followed.
+        let (dir, name) = self.parent(path)?;
+        fs::utimensat(&dir, name, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(errno)
     }
 
     /// Regular file `path`, opened with `flags`.
@@ -384,6 +389,8 @@ mod tests {
         assert!(t.getattr("d/f").unwrap().mtime_ns > i128::from(ns));
         t.symlink("/etc/passwd", "l").unwrap();
         assert!(t.chmod("l", 0o777).is_err(), "a symlink is never followed");
+        t.utimens("l", Time::At(ns), Time::At(ns)).unwrap();
+        assert_eq!(t.getattr("l").unwrap().mtime_ns, i128::from(ns), "its own");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -1,0 +1,260 @@
+//! Programs in vNodes (issue 16) on network-namespace hosts: a manager, a
+//! memory daemon, a storage daemon and processor daemons, each on its own
+//! host; real programs (sqlite3, git, tar) run with `lego run --vnode`
+//! and keep their files on the storage daemon.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use common::hosts::*;
+use common::*;
+
+const VHOSTS: [&str; 5] = ["mgr", "mem1", "store", "proc1", "proc2"];
+
+/// The cluster: manager, memory, storage daemons started, processor
+/// daemons not yet (see [`start_processor`]).
+fn vnode_cluster() -> (Hosts, String, std::path::PathBuf) {
+    let mut h = Hosts::new(&VHOSTS);
+    let manager = format!("{}:{PORT}", h.ip(0));
+    let state = tmp().join(format!("vnode-mgr-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&state);
+    start_manager(&mut h, &manager, &state, ("2s", "1"));
+    start_memory(&mut h, 1, &manager, "256M");
+    let dir = tmp().join(format!("vnode-store-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let listen = format!("{}:{PORT}", h.ip(2));
+    h.daemon(
+        "store",
+        &[
+            "storage",
+            "--listen",
+            &listen,
+            "--dir",
+            dir.to_str().unwrap(),
+            "--manager",
+            &manager,
+        ],
+        "lego storage: serving",
+    );
+    (h, manager, dir)
+}
+
+/// Starts the processor daemon of host `proc{k}` (host index 2 + k).
+fn start_processor(h: &mut Hosts, k: usize, manager: &str) -> usize {
+    let listen = format!("{}:{PORT}", h.ip(2 + k));
+    h.daemon(
+        &format!("proc{k}"),
+        &[
+            "processor",
+            "--listen",
+            &listen,
+            "--manager",
+            manager,
+            "--excache",
+            "256M",
+        ],
+        "lego processor: serving",
+    )
+}
+
+fn lego_on(h: &Hosts, manager: &str, args: &[&str]) -> Output {
+    h.cmd("mgr")
+        .arg(lego())
+        .env("LEGO_KEY", key())
+        .args(args)
+        .args(["--manager", manager])
+        .output()
+        .unwrap()
+}
+
+fn create_vnode(h: &Hosts, manager: &str, name: &str) {
+    let out = lego_on(h, manager, &["vnode", "create", name]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+/// `lego run --vnode NAME -- sh -c SCRIPT`, with `input` on its stdin.
+fn in_vnode(h: &Hosts, manager: &str, name: &str, script: &str, input: &[u8]) -> Output {
+    let mut child = h
+        .cmd("mgr")
+        .arg(lego())
+        .env("LEGO_KEY", key())
+        .args([
+            "run",
+            "--excache",
+            "32M",
+            "--manager",
+            manager,
+            "--vnode",
+            name,
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input).unwrap();
+    drop(stdin);
+    child.wait_with_output().unwrap()
+}
+
+fn ok(out: &Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        text(&out.stderr),
+        text(&out.stdout)
+    );
+    text(&out.stdout)
+}
+
+fn ran_on(out: &Output) -> String {
+    text(&out.stderr)
+        .lines()
+        .find_map(|l| l.strip_prefix("lego: ran on processor daemon "))
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn sqlite_data_written_on_one_processor_is_read_on_another() {
+    let (mut h, manager, dir) = vnode_cluster();
+    let p1 = start_processor(&mut h, 1, &manager);
+    create_vnode(&h, &manager, "db");
+    let out = in_vnode(
+        &h,
+        &manager,
+        "db",
+        "pwd; echo \"$LEGO_VNODE_ROOT $LEGO_VNODE\"; \
+         sqlite3 shop.db 'create table items(id integer primary key, name text, n integer);' \
+         \"insert into items(name, n) select 'item' || value, value * 7 from generate_series(1, 5000);\" \
+         'update items set n = n + 1 where id % 3 = 0;' 'delete from items where id % 10 = 0;' \
+         'select count(*), sum(n) from items;'",
+        b"",
+    );
+    let first = ok(&out, "sqlite3 writes");
+    let on1 = ran_on(&out);
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines[0], "/run/lego/vnode", "starts at the vNode's root");
+    assert_eq!(lines[1], "/run/lego/vnode db");
+    let result = lines[2];
+    // The same through plain sqlite3 here: the vNode changes nothing.
+    let plain = Command::new("sqlite3")
+        .args([
+            ":memory:",
+            "create table items(id integer primary key, name text, n integer);",
+            "insert into items(name, n) select 'item' || value, value * 7 from generate_series(1, 5000);",
+            "update items set n = n + 1 where id % 3 = 0;",
+            "delete from items where id % 10 = 0;",
+            "select count(*), sum(n) from items;",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(result, text(&plain.stdout).trim());
+    // The file is on the storage host, not on the processor's.
+    assert!(std::fs::read_dir(dir.join("vnodes"))
+        .unwrap()
+        .flatten()
+        .any(|v| v.path().join("shop.db").is_file()));
+    // Another processor daemon; the first one gone.
+    start_processor(&mut h, 2, &manager);
+    let c = &mut h.children[p1];
+    c.kill().unwrap();
+    c.wait().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let out = in_vnode(
+        &h,
+        &manager,
+        "db",
+        "sqlite3 shop.db 'select count(*), sum(n) from items;' 'pragma integrity_check;'",
+        b"",
+    );
+    let again = ok(&out, "sqlite3 reads");
+    assert_ne!(ran_on(&out), on1, "ran on the other processor daemon");
+    assert_eq!(again, format!("{result}\nok\n"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn git_commits_and_fscks_and_tar_round_trips_byte_identical() {
+    let (mut h, manager, dir) = vnode_cluster();
+    start_processor(&mut h, 1, &manager);
+    create_vnode(&h, &manager, "dev");
+    let out = in_vnode(
+        &h,
+        &manager,
+        "dev",
+        "set -e; git init -q repo; cd repo; git config user.email dev@lego; git config user.name dev; \
+         for i in 1 2 3; do seq $i 40000 > f$i.txt; mkdir -p d$i; echo $i > d$i/x; git add .; git commit -qm c$i; done; \
+         git mv f1.txt moved.txt; git commit -qm move; git gc -q; git fsck --full --strict; \
+         git log --oneline | wc -l; git status --porcelain | wc -l",
+        b"",
+    );
+    assert_eq!(
+        ok(&out, "git").split_whitespace().collect::<Vec<_>>(),
+        ["4", "0"]
+    );
+    // A tree with modes, a symlink, an empty directory and a large file,
+    // in through tar and out again.
+    let src = tmp().join(format!("vnode-tar-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&src);
+    std::fs::create_dir_all(src.join("t/empty")).unwrap();
+    std::fs::create_dir_all(src.join("t/sub/deeper")).unwrap();
+    let big: Vec<u8> = (0..5_000_000u32)
+        .map(|k| (k.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(src.join("t/sub/big.bin"), &big).unwrap();
+    std::fs::write(src.join("t/sub/deeper/run.sh"), b"#!/bin/sh\necho hi\n").unwrap();
+    std::fs::write(src.join("t/small"), b"x").unwrap();
+    std::os::unix::fs::symlink("sub/big.bin", src.join("t/link")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        src.join("t/sub/deeper/run.sh"),
+        std::fs::Permissions::from_mode(0o750),
+    )
+    .unwrap();
+    let tar_in = Command::new("tar")
+        .args(["cf", "-", "-C", src.to_str().unwrap(), "t"])
+        .output()
+        .unwrap();
+    assert!(tar_in.status.success());
+    ok(
+        &in_vnode(&h, &manager, "dev", "tar xf - && ls t", &tar_in.stdout),
+        "tar in",
+    );
+    let out = in_vnode(&h, &manager, "dev", "tar cf - t", b"");
+    ok(&out, "tar out");
+    let back = tmp().join(format!("vnode-back-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&back);
+    std::fs::create_dir_all(&back).unwrap();
+    let mut x = Command::new("tar")
+        .args(["xf", "-", "-C", back.to_str().unwrap()])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    x.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+    assert!(x.wait().unwrap().success());
+    let diff = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(src.join("t"))
+        .arg(back.join("t"))
+        .output()
+        .unwrap();
+    assert!(diff.status.success(), "{}", text(&diff.stdout));
+    assert_eq!(std::fs::read(back.join("t/sub/big.bin")).unwrap(), big);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&back.join("t/sub/deeper/run.sh")), 0o750);
+    assert_eq!(
+        std::fs::read_link(back.join("t/link")).unwrap(),
+        std::path::Path::new("sub/big.bin")
+    );
+    for d in [&src, &back, &dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}
