@@ -61,6 +61,19 @@ enum Command {
     /// for users).
     #[command(hide = true)]
     VnodeHost(VnodeHostArgs),
+    /// PID 1 of a vNode's programs (not for users).
+    #[command(hide = true)]
+    VnodeInit(VnodeInitArgs),
+}
+
+#[derive(clap::Args)]
+struct VnodeInitArgs {
+    #[arg(long, requires = "gid")]
+    uid: Option<u32>,
+    #[arg(long, requires = "uid")]
+    gid: Option<u32>,
+    #[arg(required = true, last = true)]
+    command: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -252,6 +265,12 @@ fn main() -> ExitCode {
                 &env,
             );
             match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => fail("lego", e),
+            }
+        }
+        Command::VnodeInit(args) => {
+            match lego_processor::vnode::init(args.uid.zip(args.gid), &args.command) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => fail("lego", e),
             }

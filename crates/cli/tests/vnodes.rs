@@ -258,3 +258,172 @@ fn git_commits_and_fscks_and_tar_round_trips_byte_identical() {
         let _ = std::fs::remove_dir_all(d);
     }
 }
+
+/// vNode a's program: a secret file, Unix sockets in its /tmp and in the
+/// abstract namespace, a TCP listener on its vIP; it answers each
+/// connection with the secret file's descriptor, and ends when its input
+/// does.
+const HOLDER: &str = r#"
+import os, socket, sys, threading
+vip = os.environ["LEGO_VNODE_IP"]
+with open("secret", "w") as f:
+    f.write("top-secret-a\n")
+os.mkdir("private")
+socks = []
+for addr in ["/tmp/a.sock", "\0lego-vnode-a"]:
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(addr)
+    s.listen()
+    socks.append(s)
+t = socket.socket()
+t.bind((vip, 9999))
+t.listen()
+socket.create_connection((vip, 9999)).close()
+def serve(s):
+    while True:
+        c, _ = s.accept()
+        fd = os.open("secret", os.O_RDONLY)
+        socket.send_fds(c, [b"x"], [fd])
+        c.close()
+for s in socks:
+    threading.Thread(target=serve, args=(s,), daemon=True).start()
+print("ready", vip, flush=True)
+sys.stdin.read()
+"#;
+
+/// vNode b's program: every way it could reach a's files or sockets.
+const PROBE: &str = r#"
+import os, socket, sys
+a_vip = sys.argv[1]
+def attempt(name, f):
+    try:
+        got = f()
+        print(name, "REACHED", repr(got)[:60])
+    except Exception as e:
+        print(name, "refused", type(e).__name__)
+root = os.environ["LEGO_VNODE_ROOT"]
+# a's marker, never whole in this program's own command line.
+marker = "lego-vnode-" + "a"
+print("listing", sorted(os.listdir(root)))
+attempt("dotdot", lambda: open(root + "/../vnode/secret").read())
+attempt("dotdot-deep", lambda: open("../../../run/lego/vnode/secret").read())
+os.symlink("/proc/1/root" + root + "/secret", "via-proc")
+attempt("symlink", lambda: open("via-proc").read())
+attempt("hardlink", lambda: os.link(root + "/../vnode/secret", "mine"))
+pids = [p for p in os.listdir("/proc") if p.isdigit()]
+def other_procs():
+    out = []
+    for p in pids:
+        try:
+            with open("/proc/%s/cmdline" % p, "rb") as f:
+                if marker.encode() in f.read():
+                    out.append(p)
+        except OSError:
+            pass
+    if out:
+        return out
+    raise PermissionError("none")
+attempt("processes", other_procs)
+for addr in ["/tmp/a.sock", "\0" + marker]:
+    def fd_of(addr=addr):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(addr)
+        _, fds, _, _ = socket.recv_fds(s, 1, 1)
+        return os.read(fds[0], 100)
+    attempt("unix " + repr(addr[:4]), fd_of)
+attempt("vip", lambda: socket.create_connection((a_vip, 9999), timeout=2))
+print("done")
+"#;
+
+/// Lets users use userfaultfd (`vm.unprivileged_userfaultfd=1`) while it
+/// lives; the setting before comes back on drop, also on failure.
+struct UserFaults(String);
+
+impl UserFaults {
+    const KNOB: &'static str = "/proc/sys/vm/unprivileged_userfaultfd";
+
+    fn allow() -> Self {
+        let before = std::fs::read_to_string(Self::KNOB).unwrap();
+        std::fs::write(Self::KNOB, "1").unwrap();
+        UserFaults(before.trim().to_string())
+    }
+}
+
+impl Drop for UserFaults {
+    fn drop(&mut self) {
+        let _ = std::fs::write(Self::KNOB, &self.0);
+    }
+}
+
+#[test]
+fn two_vnodes_cannot_reach_each_others_files_sockets_or_vip() {
+    let _faults = UserFaults::allow();
+    let (mut h, manager, dir) = vnode_cluster();
+    start_processor(&mut h, 1, &manager);
+    create_vnode(&h, &manager, "a");
+    create_vnode(&h, &manager, "b");
+    // As a user (nobody, in both vNodes: the same uid).
+    let user_key = tmp().join(format!("vnode-nobody-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_file(&user_key);
+    let out = Command::new(lego())
+        .args(["keygen", "--user", "nobody", "--from"])
+        .arg(key())
+        .arg("--out")
+        .arg(&user_key)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let as_nobody = |vnode: &str, args: &[&str]| {
+        let mut c = h.cmd("mgr");
+        c.arg(lego())
+            .env("LEGO_KEY", &user_key)
+            .args(["run", "-q", "--excache", "32M", "--manager", &manager])
+            .args(["--vnode", vnode, "--"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c
+    };
+    let mut holder = as_nobody("a", &["python3", "-c", HOLDER, "lego-vnode-a"])
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(holder.stdout.take().unwrap()));
+    let Some(Ok(ready)) = lines.next() else {
+        let end = holder.wait_with_output().unwrap();
+        panic!("vNode a's program: {}", text(&end.stderr));
+    };
+    let a_vip = ready.strip_prefix("ready ").expect(&ready).to_string();
+    let probe = as_nobody("b", &["python3", "-c", PROBE, &a_vip])
+        .output()
+        .unwrap();
+    let report = ok(&probe, "the probe");
+    assert!(report.contains("\ndone"), "{report}");
+    assert!(!report.contains("REACHED"), "{report}");
+    assert!(report.starts_with("listing []"), "{report}");
+    // Not even root on the processor's host, from outside the vNode,
+    // reads a's files through its processes' /proc/PID/root: the file
+    // system answers only its own mount namespace.
+    let pids = Command::new("pgrep")
+        .args(["-f", "lego-vnode-a"])
+        .output()
+        .unwrap();
+    let mut tried = 0;
+    for pid in text(&pids.stdout).split_whitespace() {
+        let p = format!("/proc/{pid}/root/run/lego/vnode/secret");
+        if let Err(e) = std::fs::read(&p) {
+            if e.raw_os_error() == Some(13) {
+                tried += 1;
+                continue;
+            }
+        } else {
+            panic!("{p} was read from outside the vNode");
+        }
+    }
+    assert!(tried > 0, "a's program not found: {}", text(&pids.stdout));
+    drop(holder.stdin.take());
+    let end = holder.wait_with_output().unwrap();
+    assert!(end.status.success(), "{}", text(&end.stderr));
+    let _ = std::fs::remove_file(&user_key);
+    let _ = std::fs::remove_dir_all(&dir);
+}

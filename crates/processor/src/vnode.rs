@@ -12,8 +12,10 @@
 //!    [`VNODE_ROOT`], served from the storage daemon that holds the
 //!    vNode's tree, and usable only from this mount namespace;
 //! 5. starts the program's `lego run --local` there, as the program's
-//!    user, in [`VNODE_ROOT`] with `LEGO_VNODE_ROOT` and `LEGO_VNODE` set,
-//!    forwards signals to it, and ends as it ends (unmounting).
+//!    user, in [`VNODE_ROOT`] with `LEGO_VNODE_ROOT`, `LEGO_VNODE` (its
+//!    name) and `LEGO_VNODE_IP` set, in a PID namespace of its own (whose
+//!    init, [`init`], mounts its /proc), forwards signals to it, and ends
+//!    as it ends (the namespaces and the mount end with it).
 //!
 //! The cluster credential (to reach the storage daemon) comes in the
 //! environment variable [`CRED_ENV`], which the program never sees.
@@ -218,6 +220,9 @@ pub fn host(
     std::fs::create_dir_all(VNODE_ROOT).map_err(|e| format!("cannot make {VNODE_ROOT}: {e}"))?;
     let ns = std::fs::read_link("/proc/self/ns/mnt")
         .map_err(|e| format!("cannot name this mount namespace: {e}"))?;
+    // Callers are looked up in this /proc, which the vNode's own will
+    // cover.
+    let proc = std::fs::File::open("/proc").map_err(|e| format!("cannot open /proc: {e}"))?;
     let broker = std::os::unix::net::UnixListener::bind(BROKER_SOCKET)
         .map_err(|e| format!("cannot listen on {BROKER_SOCKET}: {e}"))?;
     {
@@ -251,7 +256,7 @@ pub fn host(
                 spec2.timeout,
             )
             .owned_by(uid, gid)
-            .only_namespace(ns.to_string_lossy().into_owned());
+            .only_namespace(ns.to_string_lossy().into_owned(), proc);
             if let Err(e) = fs.check() {
                 return fail(format!(
                     "vNode '{}': its storage daemon at {} does not answer: {e}",
@@ -284,15 +289,49 @@ pub fn host(
     }
     rx.recv()
         .map_err(|_| "the vNode's file system thread ended".to_string())??;
-    let mut cmd = Command::new(program);
-    cmd.args(args)
+    // Its processes see only each other: their own PID namespace, whose
+    // init (`lego vnode-init`, [`init`]) mounts its /proc and starts the
+    // command as the user.
+    lego_sys::ns::children_in_new_pid_namespace()
+        .map_err(|e| format!("cannot make the vNode's PID namespace: {e}"))?;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find lego itself: {e}"))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("vnode-init");
+    if let Some((uid, gid)) = spec.user {
+        cmd.args(["--uid", &uid.to_string(), "--gid", &gid.to_string()]);
+    }
+    cmd.arg("--")
+        .arg(program)
+        .args(args)
         .env_clear()
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("LEGO_VNODE_ROOT", VNODE_ROOT)
         .env("LEGO_VNODE", &spec.name)
+        .env("LEGO_VNODE_IP", &spec.vip)
         .env(lego_transport::broker::BROKER_ENV, BROKER_SOCKET)
         .current_dir(VNODE_ROOT);
-    if let Some((uid, gid)) = spec.user {
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {program}: {e}"))?;
+    lego_sys::process::forward_signals_to(child.id() as i32);
+    match child.wait() {
+        // The namespaces, the mount with them, end with this process.
+        Ok(s) => lego_sys::process::exit_like(s),
+        Err(e) => Err(format!("waiting for {program} failed: {e}")),
+    }
+}
+
+/// PID 1 of a vNode's PID namespace: mounts its /proc, runs `command` as
+/// `user`, passes signals on, and ends as the command ends (the kernel
+/// then ends every other process of the namespace).
+pub fn init(user: Option<(u32, u32)>, command: &[String]) -> Result<(), String> {
+    let Some((program, args)) = command.split_first() else {
+        return Err("no command to run".into());
+    };
+    lego_sys::ns::mount_proc().map_err(|e| format!("cannot mount the vNode's /proc: {e}"))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    if let Some((uid, gid)) = user {
         use std::os::unix::process::CommandExt;
         cmd.uid(uid).gid(gid);
     }
@@ -301,7 +340,6 @@ pub fn host(
         .map_err(|e| format!("cannot start {program}: {e}"))?;
     lego_sys::process::forward_signals_to(child.id() as i32);
     match child.wait() {
-        // The namespaces, the mount with them, end with this process.
         Ok(s) => lego_sys::process::exit_like(s),
         Err(e) => Err(format!("waiting for {program} failed: {e}")),
     }

@@ -182,8 +182,9 @@ pub struct VnodeFs {
     /// Owner shown for every file (the vNode's program's user).
     owner: (u32, u32),
     /// The mount namespace whose processes may use the file system
-    /// (`mnt:[N]`); `None`: any.
-    namespace: Option<String>,
+    /// (`mnt:[N]`), and the procfs (of the PID namespace FUSE names
+    /// callers in) to look callers up in; `None`: any.
+    namespace: Option<(String, std::fs::File)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -253,9 +254,10 @@ impl VnodeFs {
     }
 
     /// Only processes in the mount namespace `ns` (as `/proc/PID/ns/mnt`
-    /// names it) may use the file system.
-    pub fn only_namespace(mut self, ns: String) -> Self {
-        self.namespace = Some(ns);
+    /// names it) may use the file system; `proc` is the open `/proc` of
+    /// this process's PID namespace (where FUSE's caller PIDs are).
+    pub fn only_namespace(mut self, ns: String, proc: std::fs::File) -> Self {
+        self.namespace = Some((ns, proc));
         self
     }
 
@@ -292,7 +294,7 @@ impl VnodeFs {
 
     /// Whether the request's caller belongs to the vNode.
     fn allowed(&self, req: &Request) -> Result<(), Errno> {
-        let Some(ns) = &self.namespace else {
+        let Some((ns, proc)) = &self.namespace else {
             return Ok(());
         };
         let pid = req.pid();
@@ -301,8 +303,8 @@ impl VnodeFs {
             // exited).
             return Ok(());
         }
-        match std::fs::read_link(format!("/proc/{pid}/ns/mnt")) {
-            Ok(p) if p.as_os_str() == ns.as_str() => Ok(()),
+        match rustix::fs::readlinkat(proc, format!("{pid}/ns/mnt"), Vec::new()) {
+            Ok(p) if p.as_bytes() == ns.as_bytes() => Ok(()),
             _ => Err(Errno::EACCES),
         }
     }

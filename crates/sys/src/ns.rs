@@ -88,3 +88,27 @@ pub fn bind_mount(src: &str, target: &str) -> io::Result<()> {
         )
     })
 }
+
+/// Puts the children this process starts from now on into a new PID
+/// namespace (the first one is its init, PID 1).
+pub fn children_in_new_pid_namespace() -> io::Result<()> {
+    // SAFETY: unshare takes no pointers; CLONE_NEWPID changes only which
+    // PID namespace later children are made in.
+    check(unsafe { libc::unshare(libc::CLONE_NEWPID) })
+}
+
+/// Mounts a new procfs at `/proc`: the calling process's PID namespace's.
+pub fn mount_proc() -> io::Result<()> {
+    let (src, target, fstype) = (cstr("proc")?, cstr("/proc")?, cstr("proc")?);
+    // SAFETY: every pointer is a valid NUL-terminated string that lives
+    // through the call; procfs takes no data.
+    check(unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    })
+}
