@@ -44,15 +44,14 @@ enum Command {
     /// Run a processor daemon: runs the programs the global manager places on this host.
     Processor(processor::ProcessorArgs),
     /// Run a storage daemon (a storage component): vNodes' files under a
-    /// directory, durable on fsync (only the file service for now; vNodes
-    /// come with issue 16).
+    /// directory, durable on fsync.
     Storage(StorageArgs),
     /// Show the cluster (with --manager) or one memory daemon (with --memory).
     Status(StatusArgs),
     /// Move everything off a memory daemon while its programs run, then let it leave.
     Drain(cluster::DrainArgs),
-    /// Make, list and delete vNodes (issue 16 in progress: programs do not
-    /// run in them yet).
+    /// Make, list and delete vNodes (programs run in one with
+    /// `lego run --vnode`).
     Vnode(cluster::VnodeArgs),
     /// Make a cluster credential (or a user's, derived from it): every
     /// component and client proves itself with one.

@@ -1,10 +1,10 @@
-//! The lego storage component (LegoOS's storage monitor), issue 16 in
-//! progress: vNodes' file trees ([`tree`]) under one directory, served over
-//! the framed protocol (`FsCall`/`FsReply`) by the storage daemon
-//! ([`StorageDaemon`], `lego storage`), which registers with the global
-//! manager like the other daemons. The client side is [`Client`]. Still to
-//! come: the manager's GSM and vNodes, the FUSE client on processor
-//! daemons, and the file cache on memory daemons.
+//! The lego storage component (LegoOS's storage monitor): vNodes' file
+//! trees ([`tree`]) under one directory, served over the framed protocol
+//! (`FsCall`/`FsReply`) by the storage daemon ([`StorageDaemon`],
+//! `lego storage`), which registers with the global manager like the
+//! other daemons. The client side is [`Client`]; [`fuse`] is the vNode
+//! file system a processor host mounts over it. Still to come: the file
+//! cache on memory daemons.
 //!
 //! Only the cluster credential may use a storage daemon: users reach their
 //! vNode's files through the processor daemon that runs their programs.
