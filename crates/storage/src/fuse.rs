@@ -419,6 +419,10 @@ impl Filesystem for VnodeFs {
         // Large requests: one round trip per MiB.
         let _ = config.set_max_write(MAX_FS_DATA as u32);
         let _ = config.set_max_readahead(MAX_FS_DATA as u32);
+        // Small writes gather in this host's page cache and go to the
+        // storage daemon in large ones: at fsync, at close (FUSE flushes
+        // before it answers close), or when the kernel writes back.
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_WRITEBACK_CACHE);
         Ok(())
     }
 
@@ -917,7 +921,7 @@ pub struct Mounted {
 }
 
 /// Mounts `fs` at `dir` for every user (the kernel checks permissions
-/// against the modes; files show as the vNode's user's), served by two
+/// against the modes; files show as the vNode's user's), served by four
 /// threads.
 pub fn mount(fs: VnodeFs, dir: &std::path::Path, name: &str) -> io::Result<Mounted> {
     use fuser::{Config, MountOption, SessionACL};
@@ -931,7 +935,7 @@ pub fn mount(fs: VnodeFs, dir: &std::path::Path, name: &str) -> io::Result<Mount
         MountOption::RW,
     ];
     config.acl = SessionACL::All;
-    config.n_threads = Some(2);
+    config.n_threads = Some(4);
     config.clone_fd = true;
     Ok(Mounted {
         _session: fuser::spawn_mount(fs, dir, &config)?,
