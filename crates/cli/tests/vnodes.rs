@@ -43,8 +43,12 @@ fn vnode_cluster() -> (Hosts, String, std::path::PathBuf) {
 
 /// Starts the processor daemon of host `proc{k}` (host index 2 + k).
 fn start_processor(h: &mut Hosts, k: usize, manager: &str) -> usize {
+    start_processor_with(h, k, manager, &[])
+}
+
+fn start_processor_with(h: &mut Hosts, k: usize, manager: &str, env: &[(&str, &str)]) -> usize {
     let listen = format!("{}:{PORT}", h.ip(2 + k));
-    h.daemon(
+    h.daemon_with(
         &format!("proc{k}"),
         &[
             "processor",
@@ -55,6 +59,7 @@ fn start_processor(h: &mut Hosts, k: usize, manager: &str) -> usize {
             "--excache",
             "256M",
         ],
+        env,
         "lego processor: serving",
     )
 }
@@ -425,5 +430,65 @@ fn two_vnodes_cannot_reach_each_others_files_sockets_or_vip() {
     let end = holder.wait_with_output().unwrap();
     assert!(end.status.success(), "{}", text(&end.stderr));
     let _ = std::fs::remove_file(&user_key);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Writes and fsyncs a file every 50 ms; says how long the first failing
+/// fsync took, and its error.
+const SYNCER: &str = r#"
+import os, sys, time
+fd = os.open("log", os.O_WRONLY | os.O_CREAT, 0o644)
+print("writing", flush=True)
+while True:
+    os.write(fd, b"x" * 4096)
+    t = time.monotonic()
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        print("failed after %.1f s: errno %d" % (time.monotonic() - t, e.errno), flush=True)
+        sys.exit(0)
+    time.sleep(0.05)
+"#;
+
+#[test]
+fn an_unreachable_storage_daemon_is_eio_after_the_timeout_not_a_hang() {
+    let (mut h, manager, dir) = vnode_cluster();
+    start_processor_with(&mut h, 1, &manager, &[("LEGO_STORAGE_TIMEOUT_MS", "1500")]);
+    create_vnode(&h, &manager, "w");
+    let mut child = h
+        .cmd("mgr")
+        .arg(lego())
+        .env("LEGO_KEY", key())
+        .args(["run", "-q", "--excache", "32M", "--manager", &manager])
+        .args(["--vnode", "w", "--", "python3", "-c", SYNCER])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    assert_eq!(lines.next().unwrap().unwrap(), "writing");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The storage daemon stops answering (its process stopped).
+    let store = h.children[2].id().to_string();
+    let pids = Command::new("pgrep").args(["-P", &store]).output().unwrap();
+    let daemon = text(&pids.stdout)
+        .split_whitespace()
+        .next()
+        .map(str::to_string);
+    let daemon = daemon.unwrap_or(store);
+    sh(&["kill", "-STOP", &daemon]);
+    let said = lines.next();
+    sh(&["kill", "-CONT", &daemon]);
+    let said = said.unwrap().unwrap();
+    let took: f64 = said
+        .strip_prefix("failed after ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|t| t.parse().ok())
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(said.ends_with("errno 5"), "EIO: {said}");
+    assert!((1.0..=6.0).contains(&took), "{said}");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }

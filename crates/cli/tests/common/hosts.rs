@@ -89,10 +89,22 @@ impl Hosts {
     /// Starts a lego daemon in host `name`; returns once it prints the line
     /// starting with `ready`.
     pub fn daemon(&mut self, name: &str, args: &[&str], ready: &str) -> usize {
+        self.daemon_with(name, args, &[], ready)
+    }
+
+    /// As [`Hosts::daemon`], with variables `env` set.
+    pub fn daemon_with(
+        &mut self,
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: &str,
+    ) -> usize {
         let mut child = self
             .cmd(name)
             .arg(lego())
             .env("LEGO_KEY", key())
+            .envs(env.iter().copied())
             .args(args)
             .stderr(Stdio::piped())
             .spawn()
