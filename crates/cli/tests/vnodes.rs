@@ -492,3 +492,32 @@ fn an_unreachable_storage_daemon_is_eio_after_the_timeout_not_a_hang() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_vnode_past_its_storage_quota_gets_enospc_and_room_comes_back() {
+    let (mut h, manager, dir) = vnode_cluster();
+    start_processor(&mut h, 1, &manager);
+    let out = lego_on(
+        &h,
+        &manager,
+        &["vnode", "create", "small", "--storage-quota", "2M"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = in_vnode(
+        &h,
+        &manager,
+        "small",
+        "dd if=/dev/zero of=fits bs=64k count=16 conv=fsync status=none && echo fits; \
+         if dd if=/dev/zero of=big bs=64k count=64 conv=fsync status=none; then echo big-written; fi; \
+         rm -f big; dd if=/dev/zero of=again bs=64k count=8 conv=fsync status=none && echo again",
+        b"",
+    );
+    let said = text(&out.stdout);
+    assert_eq!(said, "fits\nagain\n", "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("No space left on device"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

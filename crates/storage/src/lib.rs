@@ -41,10 +41,42 @@ pub struct StorageDaemon {
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
     membership: Option<lego_transport::Membership>,
+    trees: Arc<Trees>,
 }
 
-/// The trees opened so far, by vNode id.
-type Trees = Mutex<HashMap<u64, Arc<Tree>>>;
+/// The trees opened so far, by vNode id, and where their quotas come
+/// from: the manager this daemon joined (its vNodes' `--storage-quota`).
+#[derive(Default)]
+struct Trees {
+    open: Mutex<HashMap<u64, Arc<Tree>>>,
+    manager: Mutex<Option<(String, Credential)>>,
+}
+
+impl Trees {
+    /// vNode `vnode`'s quota, as its manager says (none without one).
+    fn quota_of(&self, vnode: u64) -> Option<u64> {
+        use lego_protocol::control::{Reply, Request};
+        let (m, cred) = self
+            .manager
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let mut c = lego_transport::ControlClient::connect(
+            &m,
+            "lego-storage",
+            Duration::from_secs(5),
+            &cred,
+        )
+        .ok()?;
+        match c.call(&Request::Vnodes) {
+            Ok(Reply::Vnodes { vnodes }) => vnodes
+                .into_iter()
+                .find(|v| v.vid == vnode)
+                .map(|v| v.storage_quota),
+            _ => None,
+        }
+    }
+}
 
 impl StorageDaemon {
     /// Binds `listen` and serves the trees under `dir` to the peers `cred`
@@ -58,9 +90,9 @@ impl StorageDaemon {
         let addr = Listener::local_addr(&listener);
         let stop = Arc::new(AtomicBool::new(false));
         let cred = Arc::new(cred);
-        let trees: Arc<Trees> = Arc::new(Mutex::new(HashMap::new()));
+        let trees: Arc<Trees> = Arc::new(Trees::default());
         let accept = {
-            let (cred, root) = (cred.clone(), dir.join("vnodes"));
+            let (cred, root, trees) = (cred.clone(), dir.join("vnodes"), trees.clone());
             lego_transport::serve_connections(listener, "lego-storage", stop.clone(), move |s| {
                 serve_connection(s, &root, &trees, &cred)
             })
@@ -72,6 +104,7 @@ impl StorageDaemon {
             stop,
             accept: Some(accept),
             membership: None,
+            trees,
         })
     }
 
@@ -99,6 +132,8 @@ impl StorageDaemon {
             &self.cred,
         )?;
         let id = member.id();
+        *self.trees.manager.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((manager.to_string(), (*self.cred).clone()));
         self.membership = Some(member.keep_alive(self.stop.clone(), move || {
             lego_protocol::control::Request::Heartbeat {
                 id: 0,
@@ -219,15 +254,25 @@ fn libc_errno(e: rustix::io::Errno) -> i32 {
     e.raw_os_error()
 }
 
-/// vNode `vnode`'s tree, opened (made) on first use.
+/// vNode `vnode`'s tree, opened (made) on first use, with its quota from
+/// the manager.
 fn tree_of(root: &std::path::Path, trees: &Trees, vnode: u64) -> std::io::Result<Arc<Tree>> {
-    let mut t = trees.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(tree) = t.get(&vnode) {
-        return Ok(tree.clone());
+    let open = |t: &Trees| {
+        t.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&vnode)
+            .cloned()
+    };
+    if let Some(tree) = open(trees) {
+        return Ok(tree);
     }
     let tree = Arc::new(Tree::open(&root.join(vnode.to_string()))?);
-    t.insert(vnode, tree.clone());
-    Ok(tree)
+    if let Some(q) = trees.quota_of(vnode) {
+        tree.set_quota(q);
+    }
+    let mut t = trees.open.lock().unwrap_or_else(|p| p.into_inner());
+    Ok(t.entry(vnode).or_insert(tree).clone())
 }
 
 /// A connection to a storage daemon, for one vNode's tree.

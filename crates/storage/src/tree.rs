@@ -19,6 +19,7 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use rustix::fs::{self as fs, AtFlags, Mode, OFlags, ResolveFlags};
 
@@ -86,6 +87,38 @@ pub struct Space {
 /// One vNode's file tree.
 pub struct Tree {
     root: OwnedFd,
+    /// Bytes its files and directories take on disk (allocated blocks),
+    /// counted at open and kept up to date by every change.
+    used: std::sync::atomic::AtomicU64,
+    /// Most bytes it may take (`--storage-quota`); 0: no limit.
+    quota: std::sync::atomic::AtomicU64,
+}
+
+/// Bytes `st` takes on disk.
+fn on_disk(st: &fs::Stat) -> u64 {
+    (st.st_blocks as u64).saturating_mul(512)
+}
+
+/// Bytes the tree under `dir` takes on disk (symlinks not followed).
+fn disk_usage(dir: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let Ok(m) = e.path().symlink_metadata() else {
+                continue;
+            };
+            total = total.saturating_add(m.blocks().saturating_mul(512));
+            if m.is_dir() {
+                todo.push(e.path());
+            }
+        }
+    }
+    total
 }
 
 fn errno(e: rustix::io::Errno) -> io::Error {
@@ -137,7 +170,59 @@ impl Tree {
             Mode::empty(),
         )
         .map_err(errno)?;
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            used: std::sync::atomic::AtomicU64::new(disk_usage(dir)),
+            quota: std::sync::atomic::AtomicU64::new(0),
+        })
+    }
+
+    /// At most `bytes` on disk from now on (0: no limit): a write or
+    /// truncate that would need more fails with `ENOSPC`.
+    pub fn set_quota(&self, bytes: u64) {
+        self.quota.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes the tree takes on disk.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Fails with `ENOSPC` if `more` bytes do not fit the quota.
+    fn room_for(&self, more: u64) -> io::Result<()> {
+        let quota = self.quota.load(Ordering::Relaxed);
+        if quota != 0 && self.used().saturating_add(more) > quota {
+            return Err(io::Error::from_raw_os_error(libc_enospc()));
+        }
+        Ok(())
+    }
+
+    /// Counts a change from `before` to `after` bytes on disk.
+    fn count(&self, before: u64, after: u64) {
+        if after >= before {
+            self.used.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            let less = before - after;
+            let _ = self
+                .used
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                    Some(u.saturating_sub(less))
+                });
+        }
+    }
+
+    /// Bytes on disk that removing the name `name` in `dir` frees (none
+    /// if another hard link keeps the file).
+    fn freed_by_removing(dir: &OwnedFd, name: &str) -> u64 {
+        match fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st)
+                if st.st_nlink <= 1
+                    || fs::FileType::from_raw_mode(st.st_mode) == fs::FileType::Directory =>
+            {
+                on_disk(&st)
+            }
+            _ => 0,
+        }
     }
 
     /// Opens `path` (relative; empty: the root) beneath the tree.
@@ -211,26 +296,43 @@ impl Tree {
     /// Makes directory `path` with exactly `mode`'s permission bits.
     pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
+        self.room_for(4096)?;
         fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)?;
+        if let Ok(st) = fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
+            self.count(0, on_disk(&st));
+        }
         self.chmod(path, mode)
     }
 
     /// Removes file or symlink `path`.
     pub fn unlink(&self, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)
+        let freed = Self::freed_by_removing(&dir, name);
+        fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)?;
+        self.count(freed, 0);
+        Ok(())
     }
 
     /// Removes empty directory `path`.
     pub fn rmdir(&self, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)
+        let freed = Self::freed_by_removing(&dir, name);
+        fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)?;
+        self.count(freed, 0);
+        Ok(())
     }
 
     pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
         let (from_dir, from_name) = self.parent(from)?;
         let (to_dir, to_name) = self.parent(to)?;
-        fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(errno)
+        // A file replaced by the rename frees its blocks.
+        let freed = match fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(_) => Self::freed_by_removing(&to_dir, to_name),
+            Err(_) => 0,
+        };
+        fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(errno)?;
+        self.count(freed, 0);
+        Ok(())
     }
 
     /// Makes symlink `path` pointing at `target` (stored as given; never
@@ -299,7 +401,11 @@ impl Tree {
 
     pub fn truncate(&self, path: &str, size: u64) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
-        fs::ftruncate(&fd, size).map_err(errno)
+        let before = fs::fstat(&fd).map_err(errno)?;
+        fs::ftruncate(&fd, size).map_err(errno)?;
+        let after = fs::fstat(&fd).map_err(errno)?;
+        self.count(on_disk(&before), on_disk(&after));
+        Ok(())
     }
 
     /// Up to `len` bytes of file `path` from `offset` (fewer at its end).
@@ -322,16 +428,29 @@ impl Tree {
     }
 
     /// Writes `data` into file `path` at `offset`.
+    /// Fails with `ENOSPC`, writing nothing, if the file would grow past
+    /// the tree's quota.
     pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
-        offset
+        let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| invalid("offset and length overflow"))?;
+        let before = fs::fstat(&fd).map_err(errno)?;
+        self.room_for(end.saturating_sub(before.st_size as u64))?;
         let mut done = 0;
-        while done < data.len() {
-            done += rustix::io::pwrite(&fd, &data[done..], offset + done as u64).map_err(errno)?;
+        let written = loop {
+            if done == data.len() {
+                break Ok(());
+            }
+            match rustix::io::pwrite(&fd, &data[done..], offset + done as u64) {
+                Ok(n) => done += n,
+                Err(e) => break Err(errno(e)),
+            }
+        };
+        if let Ok(after) = fs::fstat(&fd) {
+            self.count(on_disk(&before), on_disk(&after));
         }
-        Ok(())
+        written
     }
 
     /// Makes file (or directory) `path` durable: its data, and the entry
@@ -358,6 +477,10 @@ impl Tree {
 }
 
 /// EISDIR: an operation on a file met something else.
+fn libc_enospc() -> i32 {
+    rustix::io::Errno::NOSPC.raw_os_error()
+}
+
 fn libc_eisdir() -> i32 {
     rustix::io::Errno::ISDIR.raw_os_error()
 }
@@ -370,6 +493,38 @@ mod tests {
         let d = std::env::temp_dir().join(format!("lego-tree-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         d
+    }
+
+    #[test]
+    fn a_quota_refuses_growth_and_counts_what_is_freed() {
+        let dir = tmp("quota");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.create("a", 0o644).unwrap();
+        t.write("a", 0, &vec![7u8; 300 << 10]).unwrap();
+        let with_a = t.used();
+        assert!(with_a >= 300 << 10, "{with_a}");
+        t.set_quota(with_a + (200 << 10));
+        t.create("b", 0o644).unwrap();
+        t.write("b", 0, &vec![1u8; 100 << 10]).unwrap();
+        let e = t.write("b", 100 << 10, &vec![1u8; 200 << 10]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc_enospc()));
+        assert_eq!(t.getattr("b").unwrap().size, 100 << 10, "nothing written");
+        // Overwriting in place needs no room.
+        t.write("b", 0, &vec![2u8; 100 << 10]).unwrap();
+        // Freeing a makes room; the count follows removes, truncates and
+        // replacing renames.
+        t.unlink("a").unwrap();
+        t.write("b", 100 << 10, &vec![1u8; 200 << 10]).unwrap();
+        t.truncate("b", 0).unwrap();
+        t.create("c", 0o644).unwrap();
+        t.write("c", 0, &vec![3u8; 64 << 10]).unwrap();
+        t.rename("c", "b").unwrap();
+        let left = t.used();
+        assert!((64 << 10..(64 << 10) + 16384).contains(&left), "{left}");
+        // Counted again from the disk when opened.
+        let again = Tree::open(&dir.join("v1")).unwrap();
+        assert_eq!(again.used(), left);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
