@@ -109,6 +109,32 @@ fn in_vnode(h: &Hosts, manager: &str, name: &str, script: &str, input: &[u8]) ->
     child.wait_with_output().unwrap()
 }
 
+/// `lego run --vnode NAME -- python3 -c PROGRAM` in the background (as the
+/// cluster's operator), its input closed, and its output's lines.
+fn python_in_vnode(
+    h: &Hosts,
+    manager: &str,
+    name: &str,
+    program: &str,
+) -> (
+    std::process::Child,
+    std::io::Lines<std::io::BufReader<std::process::ChildStdout>>,
+) {
+    let mut child = h
+        .cmd("mgr")
+        .arg(lego())
+        .env("LEGO_KEY", key())
+        .args(["run", "-q", "--excache", "32M", "--manager", manager])
+        .args(["--vnode", name, "--", "python3", "-c", program])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    (child, lines)
+}
+
 fn ok(out: &Output, what: &str) -> String {
     assert!(
         out.status.success(),
@@ -455,18 +481,7 @@ fn an_unreachable_storage_daemon_is_eio_after_the_timeout_not_a_hang() {
     let (mut h, manager, dir) = vnode_cluster();
     start_processor_with(&mut h, 1, &manager, &[("LEGO_STORAGE_TIMEOUT_MS", "1500")]);
     create_vnode(&h, &manager, "w");
-    let mut child = h
-        .cmd("mgr")
-        .arg(lego())
-        .env("LEGO_KEY", key())
-        .args(["run", "-q", "--excache", "32M", "--manager", &manager])
-        .args(["--vnode", "w", "--", "python3", "-c", SYNCER])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().unwrap()));
+    let (child, mut lines) = python_in_vnode(&h, &manager, "w", SYNCER);
     assert_eq!(lines.next().unwrap().unwrap(), "writing");
     std::thread::sleep(std::time::Duration::from_millis(300));
     // The storage daemon stops answering (its process stopped).
@@ -519,5 +534,64 @@ fn a_vnode_past_its_storage_quota_gets_enospc_and_room_comes_back() {
         "{}",
         text(&out.stderr)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Listens on the vNode's vIP, says so, answers one connection.
+const LISTENER: &str = r#"
+import os, socket
+s = socket.socket()
+s.bind((os.environ["LEGO_VNODE_IP"], 7777))
+s.listen()
+print("listening", flush=True)
+c, _ = s.accept()
+c.sendall(b"hello from the same vNode\n")
+c.close()
+"#;
+
+#[test]
+fn runs_of_one_vnode_on_one_host_share_its_vip() {
+    let (mut h, manager, dir) = vnode_cluster();
+    start_processor(&mut h, 1, &manager);
+    create_vnode(&h, &manager, "svc");
+    create_vnode(&h, &manager, "other");
+    let (server, mut lines) = python_in_vnode(&h, &manager, "svc", LISTENER);
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    let connect = "import os, socket, sys\n\
+                   vip = sys.argv[1]\n\
+                   try:\n    print(socket.create_connection((vip, 7777), timeout=3).recv(100).decode(), end='')\n\
+                   except OSError as e:\n    print('refused', type(e).__name__)";
+    let out = lego_on(&h, &manager, &["vnode", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let vip = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "svc")
+        .map(|v| v["vip"].as_str().unwrap().to_string())
+        .unwrap();
+    // Another vNode does not reach it; another run of the same one does.
+    let other = in_vnode(
+        &h,
+        &manager,
+        "other",
+        &format!("python3 -c \"{connect}\" {vip}"),
+        b"",
+    );
+    assert!(
+        ok(&other, "other").starts_with("refused"),
+        "{}",
+        text(&other.stdout)
+    );
+    let same = in_vnode(
+        &h,
+        &manager,
+        "svc",
+        &format!("python3 -c \"{connect}\" {vip}"),
+        b"",
+    );
+    assert_eq!(ok(&same, "same"), "hello from the same vNode\n");
+    let end = server.wait_with_output().unwrap();
+    assert!(end.status.success(), "{}", text(&end.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }

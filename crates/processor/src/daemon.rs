@@ -162,6 +162,7 @@ impl ProcessorDaemon {
             std::thread::sleep(Duration::from_millis(100));
         }
         end_programs(&self.host);
+        crate::vnode::forget_networks();
         self.membership.leave();
     }
 }

@@ -106,6 +106,50 @@ impl Spec {
     }
 }
 
+/// Where a processor host keeps each vNode's network namespace while it
+/// runs programs of it (bind mounts named by vID, like `ip netns`).
+pub const NETNS_DIR: &str = "/run/lego/netns";
+
+/// Moves this thread into vNode `vid`'s network namespace on this host:
+/// the one its earlier runs here made, else a new one, kept at
+/// [`NETNS_DIR`] for its later runs. Returns whether it is new (loopback
+/// and the vIP still to be set up). Runs of one vNode on one host so
+/// share one network stack: they reach each other by the vIP.
+fn join_vnode_network(vid: u64) -> std::io::Result<bool> {
+    use std::os::fd::AsFd;
+    std::fs::create_dir_all(NETNS_DIR)?;
+    let handle = std::path::Path::new(NETNS_DIR).join(vid.to_string());
+    // One run at a time decides, so two first runs make one namespace.
+    let lock = std::fs::File::create(format!("{}.lock", handle.display()))?;
+    rustix::fs::flock(lock.as_fd(), rustix::fs::FlockOperation::LockExclusive)?;
+    if let Ok(f) = std::fs::File::open(&handle) {
+        // A plain file (left by a processor daemon that ended) is no
+        // namespace: setns refuses it, and a new one is made.
+        if lego_sys::ns::enter_network(&f).is_ok() {
+            return Ok(false);
+        }
+    }
+    lego_sys::ns::enter_new_network()?;
+    std::fs::File::create(&handle)?;
+    lego_sys::ns::bind_mount("/proc/thread-self/ns/net", &handle.to_string_lossy())?;
+    Ok(true)
+}
+
+/// Forgets the vNodes' network namespaces this host keeps (a processor
+/// daemon's stop: no run is left).
+pub fn forget_networks() {
+    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.extension().is_none() {
+            let _ = lego_sys::ns::unmount_detached(&p.to_string_lossy());
+        }
+        let _ = std::fs::remove_file(&p);
+    }
+}
+
 /// Where the connection broker listens, inside the vNode's mount
 /// namespace.
 pub const BROKER_SOCKET: &str = "/run/lego/connect.sock";
@@ -171,9 +215,11 @@ pub fn host(
     let host_net = std::fs::File::open("/proc/self/ns/net")
         .map_err(|e| format!("cannot open this host's network namespace: {e}"))?;
     std::fs::create_dir_all("/run/lego").map_err(|e| format!("cannot make /run/lego: {e}"))?;
-    lego_sys::ns::enter_own_mount_and_network().map_err(|e| {
+    let needs_root = |e: std::io::Error| {
         format!("cannot make the vNode's namespaces (this needs root, or CAP_SYS_ADMIN): {e}")
-    })?;
+    };
+    let fresh = join_vnode_network(spec.vid).map_err(needs_root)?;
+    lego_sys::ns::enter_own_mounts().map_err(needs_root)?;
     let ip = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("ip")
             .args(args)
@@ -199,9 +245,11 @@ pub fn host(
         }
         None => None,
     };
-    ip(&["link", "set", "lo", "up"])?;
-    if !spec.vip.is_empty() {
-        ip(&["addr", "add", &format!("{}/32", spec.vip), "dev", "lo"])?;
+    if fresh {
+        ip(&["link", "set", "lo", "up"])?;
+        if !spec.vip.is_empty() {
+            ip(&["addr", "add", &format!("{}/32", spec.vip), "dev", "lo"])?;
+        }
     }
     for dir in ["/tmp", "/var/tmp", "/dev/shm", "/run/lego"] {
         if std::path::Path::new(dir).is_dir() {

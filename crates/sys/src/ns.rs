@@ -16,17 +16,25 @@ fn check(r: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// Moves this process into a mount namespace and a network namespace of
-/// its own, and makes every mount in the new mount namespace private (so
-/// nothing mounted here shows on the host, nor the other way round).
+/// Moves the calling thread into a new network namespace (only loopback,
+/// down).
+pub fn enter_new_network() -> io::Result<()> {
+    // SAFETY: unshare takes no pointers; a network namespace change
+    // touches no memory.
+    check(unsafe { libc::unshare(libc::CLONE_NEWNET) })
+}
+
+/// Moves this process into a mount namespace of its own, and makes every
+/// mount in it private (so nothing mounted here shows on the host, nor
+/// the other way round).
 ///
-/// Call it while the process has one thread: the new namespaces are the
+/// Call it while the process has one thread: the new namespace is the
 /// calling thread's.
-pub fn enter_own_mount_and_network() -> io::Result<()> {
+pub fn enter_own_mounts() -> io::Result<()> {
     // SAFETY: unshare takes no pointers; it unshares neither the file
     // descriptor table nor memory, so no other thread's view of either
     // changes.
-    check(unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWNET) })?;
+    check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
     let root = cstr("/")?;
     // SAFETY: valid NUL-terminated path; the other pointers may be null
     // for a propagation change.
@@ -111,4 +119,11 @@ pub fn mount_proc() -> io::Result<()> {
             std::ptr::null(),
         )
     })
+}
+
+/// Unmounts `target` (lazily: once nothing uses it).
+pub fn unmount_detached(target: &str) -> io::Result<()> {
+    let target = cstr(target)?;
+    // SAFETY: a valid NUL-terminated path that lives through the call.
+    check(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) })
 }
