@@ -95,6 +95,8 @@ struct VnodeHostArgs {
     manager: String,
     #[arg(long)]
     job_dir: Option<std::path::PathBuf>,
+    #[arg(long)]
+    netns: Option<std::path::PathBuf>,
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
@@ -252,6 +254,7 @@ fn main() -> ExitCode {
                 storage: args.storage,
                 user: args.uid.zip(args.gid),
                 timeout: std::time::Duration::from_millis(args.timeout_ms),
+                netns: args.netns,
             };
             // The program's environment: this one, less the credential.
             let env: Vec<(String, String)> = std::env::vars()

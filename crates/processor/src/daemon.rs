@@ -69,6 +69,8 @@ struct Host {
     lego_exe: PathBuf,
     cred: Credential,
     running: Mutex<Vec<ProcessInfo>>,
+    /// The network namespace of each vNode with programs here (crate::vnode).
+    vnode_nets: crate::vnode::Networks,
 }
 
 impl Host {
@@ -106,6 +108,7 @@ impl ProcessorDaemon {
             lego_exe: config.lego_exe,
             cred: config.cred,
             running: Mutex::new(Vec::new()),
+            vnode_nets: Default::default(),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let membership = {
@@ -162,7 +165,6 @@ impl ProcessorDaemon {
             std::thread::sleep(Duration::from_millis(100));
         }
         end_programs(&self.host);
-        crate::vnode::forget_networks();
         self.membership.leave();
     }
 }
@@ -426,15 +428,19 @@ fn run_program(
     cmd.env_clear();
     // In a vNode: `lego vnode-host` makes its namespaces and file system
     // and starts the wrapper there as the user (crate::vnode).
+    let mut vnode_vid = None;
     if let Some(name) = &job.vnode {
         let v = match crate::vnode::look_up(&host.manager, name, &host.cred) {
             Ok(v) => v,
             Err(message) => return refuse(message),
         };
+        vnode_vid = Some(v.vid);
         let spec = crate::vnode::Spec::new(&v, user.map(|u| (u.uid, u.gid)));
-        cmd.arg("vnode-host")
-            .args(spec.to_args())
-            .args(["--manager", &host.manager, "--job-dir"])
+        cmd.arg("vnode-host").args(spec.to_args());
+        if let Some(path) = host.vnode_nets.path_of(v.vid) {
+            cmd.arg("--netns").arg(path);
+        }
+        cmd.args(["--manager", &host.manager, "--job-dir"])
             .arg(&key.dir)
             .arg("--")
             .arg(&host.lego_exe)
@@ -474,6 +480,8 @@ fn run_program(
         }
     };
     let pid = child.id();
+    // The vNode's network namespace, kept while it has programs here.
+    let _net = vnode_vid.and_then(|vid| host.vnode_nets.hold(vid, pid));
     if let Some(p) = host.running().iter_mut().find(|p| p.pid == *listed_as) {
         p.pid = pid;
         *listed_as = pid;

@@ -62,6 +62,9 @@ pub struct Spec {
     /// The program's user (none: this process's).
     pub user: Option<(u32, u32)>,
     pub timeout: Duration,
+    /// The vNode's network namespace on this host, to join (none: make
+    /// it).
+    pub netns: Option<std::path::PathBuf>,
 }
 
 impl Spec {
@@ -77,6 +80,7 @@ impl Spec {
             storage: v.storage_addr.clone(),
             user,
             timeout,
+            netns: None,
         }
     }
 
@@ -106,48 +110,86 @@ impl Spec {
     }
 }
 
-/// Where a processor host keeps each vNode's network namespace while it
-/// runs programs of it (bind mounts named by vID, like `ip netns`).
-pub const NETNS_DIR: &str = "/run/lego/netns";
+/// The network namespace of each vNode with programs on this host, held
+/// open by the processor daemon: a vNode's later runs here join it (they
+/// reach each other by the vIP); it goes when the vNode's last run here
+/// ends. Nothing of it is left on the host.
+#[derive(Default)]
+pub struct Networks {
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, (std::fs::File, usize)>>>,
+}
 
-/// Moves this thread into vNode `vid`'s network namespace on this host:
-/// the one its earlier runs here made, else a new one, kept at
-/// [`NETNS_DIR`] for its later runs. Returns whether it is new (loopback
-/// and the vIP still to be set up). Runs of one vNode on one host so
-/// share one network stack: they reach each other by the vIP.
-fn join_vnode_network(vid: u64) -> std::io::Result<bool> {
-    use std::os::fd::AsFd;
-    std::fs::create_dir_all(NETNS_DIR)?;
-    let handle = std::path::Path::new(NETNS_DIR).join(vid.to_string());
-    // One run at a time decides, so two first runs make one namespace.
-    let lock = std::fs::File::create(format!("{}.lock", handle.display()))?;
-    rustix::fs::flock(lock.as_fd(), rustix::fs::FlockOperation::LockExclusive)?;
-    if let Ok(f) = std::fs::File::open(&handle) {
-        // A plain file (left by a processor daemon that ended) is no
-        // namespace: setns refuses it, and a new one is made.
-        if lego_sys::ns::enter_network(&f).is_ok() {
-            return Ok(false);
+/// A run's hold on its vNode's network namespace (released on drop).
+pub struct NetworkHold {
+    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, (std::fs::File, usize)>>>,
+    vid: u64,
+}
+
+impl Networks {
+    /// A path `lego vnode-host --netns` opens to join vNode `vid`'s
+    /// namespace, if it has one here.
+    pub fn path_of(&self, vid: u64) -> Option<String> {
+        use std::os::fd::AsRawFd;
+        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.get(&vid)
+            .map(|(f, _)| format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+    }
+
+    /// Holds vNode `vid`'s namespace while the run `pid` (its
+    /// `lego vnode-host`) lasts: the one held already, else the one the
+    /// run made (waited for until it has left this daemon's).
+    pub fn hold(&self, vid: u64, pid: u32) -> Option<NetworkHold> {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, n)) = held.get_mut(&vid) {
+            *n += 1;
+        } else {
+            let own = std::fs::read_link("/proc/self/ns/net").ok()?;
+            let theirs = format!("/proc/{pid}/ns/net");
+            let started = std::time::Instant::now();
+            loop {
+                match std::fs::read_link(&theirs) {
+                    Ok(ns) if ns != own => break,
+                    Ok(_) if started.elapsed() < Duration::from_secs(5) => {
+                        std::thread::sleep(Duration::from_millis(2))
+                    }
+                    _ => return None,
+                }
+            }
+            held.insert(vid, (std::fs::File::open(&theirs).ok()?, 1));
+        }
+        Some(NetworkHold {
+            held: self.held.clone(),
+            vid,
+        })
+    }
+}
+
+impl Drop for NetworkHold {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, n)) = held.get_mut(&self.vid) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.vid);
+            }
+        }
+    }
+}
+
+/// Moves this thread into the network namespace at `join` (the vNode's on
+/// this host), or into a new one. Returns whether it is new (loopback and
+/// the vIP still to be set up).
+fn join_vnode_network(join: Option<&std::path::Path>) -> std::io::Result<bool> {
+    if let Some(path) = join {
+        // Gone meanwhile (its last run ended): a new one.
+        if let Ok(f) = std::fs::File::open(path) {
+            if lego_sys::ns::enter_network(&f).is_ok() {
+                return Ok(false);
+            }
         }
     }
     lego_sys::ns::enter_new_network()?;
-    std::fs::File::create(&handle)?;
-    lego_sys::ns::bind_mount("/proc/thread-self/ns/net", &handle.to_string_lossy())?;
     Ok(true)
-}
-
-/// Forgets the vNodes' network namespaces this host keeps (a processor
-/// daemon's stop: no run is left).
-pub fn forget_networks() {
-    let Ok(entries) = std::fs::read_dir(NETNS_DIR) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.extension().is_none() {
-            let _ = lego_sys::ns::unmount_detached(&p.to_string_lossy());
-        }
-        let _ = std::fs::remove_file(&p);
-    }
 }
 
 /// Where the connection broker listens, inside the vNode's mount
@@ -218,7 +260,7 @@ pub fn host(
     let needs_root = |e: std::io::Error| {
         format!("cannot make the vNode's namespaces (this needs root, or CAP_SYS_ADMIN): {e}")
     };
-    let fresh = join_vnode_network(spec.vid).map_err(needs_root)?;
+    let fresh = join_vnode_network(spec.netns.as_deref()).map_err(needs_root)?;
     lego_sys::ns::enter_own_mounts().map_err(needs_root)?;
     let ip = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("ip")

@@ -120,10 +120,3 @@ pub fn mount_proc() -> io::Result<()> {
         )
     })
 }
-
-/// Unmounts `target` (lazily: once nothing uses it).
-pub fn unmount_detached(target: &str) -> io::Result<()> {
-    let target = cstr(target)?;
-    // SAFETY: a valid NUL-terminated path that lives through the call.
-    check(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) })
-}
