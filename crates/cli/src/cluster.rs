@@ -219,7 +219,7 @@ enum VnodeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Forget a vNode (its files stay on their storage daemon).
+    /// Delete a vNode, and its files from its storage daemon.
     Delete { name: String },
 }
 
@@ -265,6 +265,28 @@ pub fn vnode(args: VnodeArgs) -> ExitCode {
     };
     match (reply, &args.command) {
         (Reply::Error { message }, _) => fail("lego vnode", message),
+        (Reply::Vnode(v), VnodeCommand::Delete { .. }) => {
+            // Gone at the manager; now its files.
+            let removed = lego_storage::Client::connect(&v.storage_addr, v.vid, &cred)
+                .map_err(|e| e.to_string())
+                .and_then(|mut c| c.remove_tree().map_err(|e| e.to_string()));
+            match removed {
+                Ok(()) => {
+                    eprintln!(
+                        "lego vnode: deleted {}; its files are removed from storage daemon {}",
+                        v.name, v.storage_addr
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(
+                    "lego vnode",
+                    format!(
+                        "deleted {} at the manager, but its files remain on storage daemon {} (vnodes/{} under its --dir): {e}",
+                        v.name, v.storage_addr, v.vid
+                    ),
+                ),
+            }
+        }
         (Reply::Vnode(v), _) => {
             header();
             show(&v);

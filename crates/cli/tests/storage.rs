@@ -204,9 +204,34 @@ fn vnodes_are_placed_on_storage_daemons_and_survive_a_manager_restart() {
     ];
     let m2 = Daemon::start_with(&args, &[]);
     assert_eq!(vnodes(&m2.addr), before);
+    // Deleting db removes its files from the storage daemon, and only
+    // its.
+    let vid = |k: usize| before[k]["vid"].as_u64().unwrap();
+    assert_eq!(before[0]["name"], "db");
+    for k in [0, 1] {
+        let mut c = Client::connect(&s.addr, vid(k), &cluster_cred()).unwrap();
+        c.create("f", 0o644).unwrap();
+        c.write("f", 0, b"data").unwrap();
+    }
+    let tree = |k: usize| dir.join("vnodes").join(vid(k).to_string());
+    assert!(tree(0).join("f").is_file());
     let out = vnode_cmd(&m2.addr, &["delete", "db"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("files are removed"),
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(vnodes(&m2.addr).as_array().unwrap().len(), 1);
+    assert!(!tree(0).exists(), "db's files are gone");
+    assert!(tree(1).join("f").is_file(), "web's stay");
+    let mut late = Client::connect(&s.addr, vid(0), &cluster_cred()).unwrap();
+    assert_eq!(
+        late.getattr("f").unwrap_err().raw_os_error(),
+        Some(116),
+        "ESTALE"
+    );
+    assert!(!tree(0).exists(), "not made again");
     drop((m2, s));
     let _ = std::fs::remove_dir_all(&state);
     let _ = std::fs::remove_dir_all(&dir);

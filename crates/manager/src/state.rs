@@ -270,10 +270,13 @@ impl Cluster {
                 name,
                 storage_quota,
             } => self.create_vnode(name, storage_quota, &mut ch),
+            // Answered with the record, so the caller can have its files
+            // removed from its storage daemon.
             Request::DeleteVnode { name } => match self.vnodes.remove(&name) {
-                Some(_) => {
+                Some(v) => {
+                    let info = self.vnode_info(&name, &v);
                     ch.vnodes.insert(name);
-                    Reply::Ok
+                    Reply::Vnode(info)
                 }
                 None => Reply::Error {
                     message: format!("no vNode {name}"),
@@ -1631,8 +1634,8 @@ mod tests {
         }
         // Deleted, its vIP is free again; its vID is not reused.
         assert_eq!(
-            c.apply(2, Request::DeleteVnode { name: "web".into() }).0,
-            Reply::Ok
+            info(c.apply(2, Request::DeleteVnode { name: "web".into() }).0).name,
+            "web"
         );
         let again = info(vnode(&mut c, "api", 10 * MIB));
         assert_eq!((again.vid, again.vip.as_str()), (3, "10.1.2.1"));

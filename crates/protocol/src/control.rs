@@ -196,7 +196,7 @@ pub enum Request {
     /// storage placed on a storage daemon (GSM) with `storage_quota`
     /// bytes.
     CreateVnode { name: String, storage_quota: u64 },
-    /// Forget vNode `name`.
+    /// Forget vNode `name`; answered with its record (`Vnode`).
     DeleteVnode { name: String },
     /// Every vNode.
     Vnodes,

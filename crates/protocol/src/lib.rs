@@ -344,6 +344,9 @@ pub enum FsOp {
     /// `offset` and `len` are the new access and modification times, in
     /// nanoseconds since the epoch (as i64), or [`TIME_NOW`]/[`TIME_OMIT`].
     Utimens = 16,
+    /// Removes the vNode's whole tree (the vNode was deleted); later
+    /// calls for it fail with `ESTALE` until the daemon restarts.
+    RemoveTree = 17,
 }
 
 /// In a `Utimens`: set this time to the storage daemon's clock.
@@ -371,6 +374,7 @@ impl FsOp {
             14 => Statfs,
             15 => Chmod,
             16 => Utimens,
+            17 => RemoveTree,
             other => return Err(DecodeError::BadValue("file-system operation", other as u64)),
         })
     }

@@ -50,6 +50,8 @@ pub struct StorageDaemon {
 struct Trees {
     open: Mutex<HashMap<u64, Arc<Tree>>>,
     manager: Mutex<Option<(String, Credential)>>,
+    /// vNodes whose trees were removed (deleted vNodes).
+    removed: Mutex<std::collections::HashSet<u64>>,
 }
 
 impl Trees {
@@ -207,6 +209,16 @@ fn request_loop<S: Stream>(
             }
             Message::FsCall {
                 vnode,
+                op: FsOp::RemoveTree,
+                ..
+            } => match remove_tree(root, trees, vnode) {
+                Ok(()) => 0,
+                Err(e) => e
+                    .raw_os_error()
+                    .unwrap_or(libc_errno(rustix::io::Errno::IO)),
+            },
+            Message::FsCall {
+                vnode,
                 op,
                 path,
                 to,
@@ -254,9 +266,29 @@ fn libc_errno(e: rustix::io::Errno) -> i32 {
     e.raw_os_error()
 }
 
+/// Removes vNode `vnode`'s tree, files and all; later calls for it fail
+/// with `ESTALE`.
+fn remove_tree(root: &std::path::Path, trees: &Trees, vnode: u64) -> std::io::Result<()> {
+    lock(&trees.removed).insert(vnode);
+    lock(&trees.open).remove(&vnode);
+    match std::fs::remove_dir_all(root.join(vnode.to_string())) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// vNode `vnode`'s tree, opened (made) on first use, with its quota from
 /// the manager.
 fn tree_of(root: &std::path::Path, trees: &Trees, vnode: u64) -> std::io::Result<Arc<Tree>> {
+    if lock(&trees.removed).contains(&vnode) {
+        return Err(std::io::Error::from_raw_os_error(libc_errno(
+            rustix::io::Errno::STALE,
+        )));
+    }
     let open = |t: &Trees| {
         t.open
             .lock()
@@ -427,6 +459,12 @@ impl Client {
     pub fn utimens(&mut self, path: &str, atime: Time, mtime: Time) -> std::io::Result<()> {
         let (a, m) = (atime.to_wire(), mtime.to_wire());
         self.call(FsOp::Utimens, (path, ""), (a, m, 0), &[])
+            .map(drop)
+    }
+
+    /// Removes the vNode's whole tree (it was deleted).
+    pub fn remove_tree(&mut self) -> std::io::Result<()> {
+        self.call(FsOp::RemoveTree, ("", ""), (0, 0, 0), &[])
             .map(drop)
     }
 

@@ -64,6 +64,8 @@ pub(crate) fn apply(
         FsOp::Fsync => t.fsync(path)?,
         FsOp::Chmod => t.chmod(path, mode)?,
         FsOp::Utimens => t.utimens(path, Time::from_wire(offset), Time::from_wire(len))?,
+        // Served by the daemon (it needs the trees, not one tree).
+        FsOp::RemoveTree => return Err(io::Error::from_raw_os_error(22)),
         FsOp::Statfs => {
             let s = t.statfs()?;
             out.extend_from_slice(&s.total_bytes.to_le_bytes());
