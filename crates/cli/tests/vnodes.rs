@@ -595,3 +595,46 @@ fn runs_of_one_vnode_on_one_host_share_its_vip() {
     assert!(end.status.success(), "{}", text(&end.stderr));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_file_changed_elsewhere_is_read_anew_on_the_next_open() {
+    let (mut h, manager, dir) = vnode_cluster();
+    start_processor(&mut h, 1, &manager);
+    create_vnode(&h, &manager, "c");
+    // One run (one mount): it reads the file, waits, reads it again.
+    let mut run = h
+        .cmd("mgr")
+        .arg(lego())
+        .env("LEGO_KEY", key())
+        .args(["run", "-q", "--excache", "32M", "--manager", &manager])
+        .args(["--vnode", "c", "--", "sh", "-c"])
+        .arg("echo one > x; cat x; cat x; read go; cat x; read go; cat x")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = run.stdin.take().unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(run.stdout.take().unwrap()));
+    let mut next = || lines.next().unwrap().unwrap();
+    assert_eq!((next(), next()), ("one".to_string(), "one".to_string()));
+    // Unchanged: read again (from this host's cache).
+    stdin.write_all(b"\n").unwrap();
+    assert_eq!(next(), "one");
+    // Another writer (here: on the storage host itself), same size.
+    let tree = std::fs::read_dir(dir.join("vnodes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("x").is_file())
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    std::fs::write(tree.join("x"), "two\n").unwrap();
+    // The kernel's attributes expire, then the next open reads anew.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    stdin.write_all(b"\n").unwrap();
+    assert_eq!(next(), "two");
+    drop(stdin);
+    assert!(run.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&dir);
+}

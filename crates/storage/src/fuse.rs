@@ -16,11 +16,12 @@
 //! another vNode reaching it through `/proc/PID/root`, or through a file
 //! descriptor passed to it, is refused with `EACCES`.
 //!
-//! Attributes and names are cached by the kernel for [`TTL`]; file data is
-//! dropped from the kernel's page cache at every open, so a program that
-//! opens a file after another processor host closed it sees what was
-//! written there (close-to-open consistency, as NFS gives). Locks are the
-//! kernel's, per processor host.
+//! Attributes and names are cached by the kernel for [`TTL`]; file data
+//! cached by this host stays across opens only while the file's size and
+//! modification time are what they were at the last open here, so a
+//! program that opens a file after another processor host closed it sees
+//! what was written there (close-to-open consistency, as NFS gives).
+//! Locks are the kernel's, per processor host.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -56,6 +57,9 @@ struct Node {
     /// Renamed away by an unlink or a replacing rename while open: removed
     /// at the last close.
     hidden: bool,
+    /// Size and modification time at the last open here: what the pages
+    /// this host caches were read under.
+    cached: Option<(u64, i128)>,
 }
 
 /// The inode numbers this mount handed out, and their paths.
@@ -82,6 +86,7 @@ impl Nodes {
                 lookups: 1,
                 open: 0,
                 hidden: false,
+                cached: None,
             },
         );
         n.by_path.insert(String::new(), ROOT);
@@ -112,6 +117,7 @@ impl Nodes {
                 lookups: 1,
                 open: 0,
                 hidden: false,
+                cached: None,
             },
         );
         self.by_path.insert(path.to_string(), ino);
@@ -638,12 +644,33 @@ impl Filesystem for VnodeFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.allowed(req).and_then(|()| self.path(ino)) {
-            Ok(_) => {
-                self.opened(ino.0);
-                // No FOPEN_KEEP_CACHE: data cached from before this open
-                // is dropped (close-to-open consistency).
-                reply.opened(FileHandle(0), FopenFlags::empty());
+        let r = self
+            .allowed(req)
+            .and_then(|()| self.path(ino))
+            .and_then(|p| self.call(|c| c.getattr(&p)));
+        match r {
+            Ok(a) => {
+                // The pages this host cached stay only if the file is as
+                // it was at the last open here (size and modification
+                // time); else they are dropped (close-to-open
+                // consistency).
+                let now = (a.size, a.mtime_ns);
+                let keep = {
+                    let mut n = lock(&self.nodes);
+                    match n.by_ino.get_mut(&ino.0) {
+                        Some(x) => {
+                            x.open += 1;
+                            x.cached.replace(now) == Some(now)
+                        }
+                        None => false,
+                    }
+                };
+                let flags = if keep {
+                    FopenFlags::FOPEN_KEEP_CACHE
+                } else {
+                    FopenFlags::empty()
+                };
+                reply.opened(FileHandle(0), flags);
             }
             Err(e) => reply.error(e),
         }
