@@ -638,3 +638,26 @@ fn a_file_changed_elsewhere_is_read_anew_on_the_next_open() {
     assert!(run.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn an_unknown_vnode_or_no_processor_daemon_is_a_clear_error() {
+    let (mut h, manager, dir) = vnode_cluster();
+    // No processor daemon yet: vNodes run on processor daemons.
+    create_vnode(&h, &manager, "here");
+    let out = in_vnode(&h, &manager, "here", "true", b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("no processor daemon is alive"),
+        "{}",
+        text(&out.stderr)
+    );
+    start_processor(&mut h, 1, &manager);
+    let out = in_vnode(&h, &manager, "nowhere", "true", b"");
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("no vNode 'nowhere'"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
