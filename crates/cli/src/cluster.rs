@@ -212,6 +212,10 @@ enum VnodeCommand {
         /// Storage the vNode's files may take, e.g. 10G.
         #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = crate::size::parse_size)]
         storage_quota: u64,
+        /// The user (as `lego keygen --user` names them) who may run
+        /// programs in it; without it, only the cluster's operators may.
+        #[arg(long, value_name = "USER", default_value = "")]
+        owner: String,
     },
     /// The vNodes of the cluster.
     List {
@@ -236,9 +240,11 @@ pub fn vnode(args: VnodeArgs) -> ExitCode {
         VnodeCommand::Create {
             name,
             storage_quota,
+            owner,
         } => Request::CreateVnode {
             name: name.clone(),
             storage_quota: *storage_quota,
+            owner: owner.clone(),
         },
         VnodeCommand::List { .. } => Request::Vnodes,
         VnodeCommand::Delete { name } => Request::DeleteVnode { name: name.clone() },

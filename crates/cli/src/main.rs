@@ -97,6 +97,8 @@ struct VnodeHostArgs {
     job_dir: Option<std::path::PathBuf>,
     #[arg(long)]
     netns: Option<std::path::PathBuf>,
+    #[arg(long)]
+    env_file: std::path::PathBuf,
     #[arg(required = true, last = true)]
     command: Vec<String>,
 }
@@ -256,10 +258,12 @@ fn main() -> ExitCode {
                 timeout: std::time::Duration::from_millis(args.timeout_ms),
                 netns: args.netns,
             };
-            // The program's environment: this one, less the credential.
-            let env: Vec<(String, String)> = std::env::vars()
-                .filter(|(k, _)| k != lego_processor::vnode::CRED_ENV)
-                .collect();
+            // The program's environment (this process runs with a fixed
+            // one).
+            let env = match lego_processor::vnode::EnvFile::read(&args.env_file) {
+                Ok(e) => e,
+                Err(e) => return fail("lego", e),
+            };
             let r = lego_processor::vnode::host(
                 &spec,
                 (&args.manager, args.job_dir.as_deref()),

@@ -391,8 +391,15 @@ fn two_vnodes_cannot_reach_each_others_files_sockets_or_vip() {
     let _faults = UserFaults::allow();
     let (mut h, manager, dir) = vnode_cluster();
     start_processor(&mut h, 1, &manager);
-    create_vnode(&h, &manager, "a");
-    create_vnode(&h, &manager, "b");
+    for name in ["a", "b"] {
+        let out = lego_on(
+            &h,
+            &manager,
+            &["vnode", "create", name, "--owner", "nobody"],
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+    }
+    create_vnode(&h, &manager, "ops");
     // As a user (nobody, in both vNodes: the same uid).
     let user_key = tmp().join(format!("vnode-nobody-{}-{}", std::process::id(), unique()));
     let _ = std::fs::remove_file(&user_key);
@@ -416,6 +423,14 @@ fn two_vnodes_cannot_reach_each_others_files_sockets_or_vip() {
             .stderr(Stdio::piped());
         c
     };
+    // Not in a vNode nobody does not own.
+    let out = as_nobody("ops", &["true"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("is not nobody's"),
+        "{}",
+        text(&out.stderr)
+    );
     let mut holder = as_nobody("a", &["python3", "-c", HOLDER, "lego-vnode-a"])
         .spawn()
         .unwrap();

@@ -113,7 +113,14 @@ impl Db {
             }
             let mut vnodes = tx.open_table(VNODES).map_err(|e| e.to_string())?;
             for name in &changes.vnodes {
-                match cluster.vnodes.get(name) {
+                let retired = (name == crate::state::RETIRED_VIDS).then(|| crate::state::Vnode {
+                    vid: cluster.retired_vid,
+                    vip: 0,
+                    storage: 0,
+                    storage_quota: 0,
+                    owner: String::new(),
+                });
+                match retired.as_ref().or_else(|| cluster.vnodes.get(name)) {
                     Some(v) => {
                         let json = serde_json::to_string(v).map_err(|e| e.to_string())?;
                         vnodes
@@ -199,10 +206,24 @@ mod tests {
                 Request::CreateVnode {
                     name: "web".into(),
                     storage_quota: 1 << 20,
+                    owner: "alice".into(),
                 },
             );
             assert!(matches!(r, Reply::Vnode(_)), "{r:?}");
             db.save(&c, &ch).unwrap();
+            // A second vNode, deleted: its vID is never given again.
+            for req in [
+                Request::CreateVnode {
+                    name: "tmp".into(),
+                    storage_quota: 1 << 20,
+                    owner: String::new(),
+                },
+                Request::DeleteVnode { name: "tmp".into() },
+            ] {
+                let (r, ch) = c.apply(4, req);
+                assert!(matches!(r, Reply::Vnode(_)), "{r:?}");
+                db.save(&c, &ch).unwrap();
+            }
         }
         let db = Db::open(&dir).unwrap();
         let c = db.load(1000, 5).unwrap();
@@ -210,6 +231,21 @@ mod tests {
         assert_eq!(c.placements[&(9, 2)].replicas, [1]);
         let web = &c.vnodes["web"];
         assert_eq!((web.vid, web.storage, web.storage_quota), (1, 2, 1 << 20));
+        assert_eq!(web.owner, "alice");
+        assert_eq!(c.vnodes.len(), 1, "the retired vIDs are no vNode");
+        let mut c = c;
+        let (r, _) = c.apply(
+            6,
+            Request::CreateVnode {
+                name: "new".into(),
+                storage_quota: 1 << 20,
+                owner: String::new(),
+            },
+        );
+        match r {
+            Reply::Vnode(v) => assert_eq!(v.vid, 3, "not tmp's 2"),
+            other => panic!("{other:?}"),
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

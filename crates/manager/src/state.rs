@@ -113,7 +113,15 @@ pub struct Vnode {
     pub vip: u32,
     pub storage: u64,
     pub storage_quota: u64,
+    #[serde(default)]
+    pub owner: String,
 }
+
+/// The record, among the vNodes, that keeps the highest vID ever given
+/// (its `vid`): a deleted vNode's vID is never given again, so nothing
+/// left of it (files, a network namespace) is taken for a new one's. No
+/// vNode name can start with a NUL.
+pub const RETIRED_VIDS: &str = "\0retired";
 
 /// The range vIPs come from unless the manager is told otherwise.
 pub const DEFAULT_VNODE_NET: (u32, u8) = (0x0a4d_0000, 16); // 10.77.0.0/16
@@ -145,6 +153,8 @@ pub struct Cluster {
     pub recoveries: VecDeque<Recovery>,
     /// vNodes by name.
     pub vnodes: BTreeMap<String, Vnode>,
+    /// The highest vID of a deleted vNode (see [`RETIRED_VIDS`]).
+    pub retired_vid: u64,
     /// The network vIPs come from: (address, prefix length).
     pub vnode_net: (u32, u8),
 }
@@ -160,6 +170,7 @@ impl Cluster {
             recoveries: VecDeque::new(),
             vnodes: BTreeMap::new(),
             vnode_net: DEFAULT_VNODE_NET,
+            retired_vid: 0,
         }
     }
 
@@ -185,7 +196,13 @@ impl Cluster {
         vnodes: impl IntoIterator<Item = (String, Vnode)>,
     ) -> Self {
         let mut c = Self::new(timeout_ms);
-        c.vnodes.extend(vnodes);
+        for (name, v) in vnodes {
+            if name == RETIRED_VIDS {
+                c.retired_vid = v.vid;
+            } else {
+                c.vnodes.insert(name, v);
+            }
+        }
         for (id, mut comp) in components {
             comp.last_seen_ms = now;
             c.components.insert(id, comp);
@@ -269,13 +286,16 @@ impl Cluster {
             Request::CreateVnode {
                 name,
                 storage_quota,
-            } => self.create_vnode(name, storage_quota, &mut ch),
+                owner,
+            } => self.create_vnode(name, (storage_quota, owner), &mut ch),
             // Answered with the record, so the caller can have its files
             // removed from its storage daemon.
             Request::DeleteVnode { name } => match self.vnodes.remove(&name) {
                 Some(v) => {
                     let info = self.vnode_info(&name, &v);
+                    self.retired_vid = self.retired_vid.max(v.vid);
                     ch.vnodes.insert(name);
+                    ch.vnodes.insert(RETIRED_VIDS.to_string());
                     Reply::Vnode(info)
                 }
                 None => Reply::Error {
@@ -333,14 +353,23 @@ impl Cluster {
                 .map(|c| c.addr.clone())
                 .unwrap_or_default(),
             storage_quota: v.storage_quota,
+            owner: v.owner.clone(),
         }
     }
 
     /// Makes vNode `name`: the next vID, the first free vIP of the range,
     /// and its files on the alive storage daemon with the most space not
     /// yet promised to vNodes (GSM).
-    fn create_vnode(&mut self, name: String, quota: u64, ch: &mut Changes) -> Reply {
+    fn create_vnode(
+        &mut self,
+        name: String,
+        (quota, owner): (u64, String),
+        ch: &mut Changes,
+    ) -> Reply {
         let error = |message: String| Reply::Error { message };
+        if owner.len() > 64 || owner.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return error("an owner is a user name of at most 64 characters".into());
+        }
         if !valid_vnode_name(&name) {
             return error(format!(
                 "'{}' is not a vNode name (1 to 64 of a-z, 0-9, - and _)",
@@ -386,12 +415,20 @@ impl Cluster {
         else {
             return error(format!("no vIP left in {}/{prefix}", ipv4(base)));
         };
-        let vid = self.vnodes.values().map(|v| v.vid).max().unwrap_or(0) + 1;
+        let vid = self
+            .vnodes
+            .values()
+            .map(|v| v.vid)
+            .max()
+            .unwrap_or(0)
+            .max(self.retired_vid)
+            + 1;
         let v = Vnode {
             vid,
             vip,
             storage,
             storage_quota: quota,
+            owner,
         };
         let info = self.vnode_info(&name, &v);
         self.vnodes.insert(name.clone(), v);
@@ -1594,6 +1631,7 @@ mod tests {
             Request::CreateVnode {
                 name: name.into(),
                 storage_quota: quota,
+                owner: String::new(),
             },
         )
         .0

@@ -273,15 +273,10 @@ impl JobKey {
         user: Option<lego_sys::process::UserIds>,
         slot: u32,
     ) -> Result<Self, String> {
-        use std::os::unix::fs::DirBuilderExt;
         let key = cred.derive(identity.clone())?;
-        let dir = std::env::temp_dir().join(format!("lego-job-{}-{slot}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
-        let this = Self { dir };
+        let this = Self {
+            dir: private_dir("job", slot)?,
+        };
         let path = this.path();
         key.save(&path)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
@@ -300,6 +295,19 @@ impl JobKey {
     fn path(&self) -> PathBuf {
         self.dir.join("key")
     }
+}
+
+/// A new directory `lego-KIND-<pid>-<slot>` in the temporary directory,
+/// this daemon's user's alone.
+pub(crate) fn private_dir(kind: &str, slot: u32) -> Result<PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = std::env::temp_dir().join(format!("lego-{kind}-{}-{slot}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot make {}: {e}", dir.display()))?;
+    Ok(dir)
 }
 
 impl Drop for JobKey {
@@ -426,24 +434,56 @@ fn run_program(
     };
     let mut cmd = Command::new(&host.lego_exe);
     cmd.env_clear();
-    // In a vNode: `lego vnode-host` makes its namespaces and file system
-    // and starts the wrapper there as the user (crate::vnode).
+    let program_env: Vec<(String, String)> = env
+        .iter()
+        .filter(|(k, _)| passes(k))
+        .cloned()
+        .chain([(
+            lego_transport::auth::KEY_ENV.to_string(),
+            key.path().to_string_lossy().into_owned(),
+        )])
+        .collect();
+    // In a vNode: `lego vnode-host` (root) makes its namespaces and file
+    // system and starts the wrapper there as the user (crate::vnode). It
+    // runs with a fixed environment; the program's comes in a file only
+    // this daemon's user can reach.
     let mut vnode_vid = None;
+    let mut net_hold = None;
+    let mut env_file = None;
     if let Some(name) = &job.vnode {
         let v = match crate::vnode::look_up(&host.manager, name, &host.cred) {
             Ok(v) => v,
             Err(message) => return refuse(message),
         };
+        if let Identity::User(who) = &job.identity {
+            if v.owner != *who {
+                return refuse(format!(
+                    "vNode '{name}' is not {who}'s: only its owner and the cluster's operators run programs in it"
+                ));
+            }
+        }
         vnode_vid = Some(v.vid);
         let spec = crate::vnode::Spec::new(&v, user.map(|u| (u.uid, u.gid)));
-        cmd.arg("vnode-host").args(spec.to_args());
-        if let Some(path) = host.vnode_nets.path_of(v.vid) {
+        let file = match crate::vnode::EnvFile::new(&program_env, *listed_as) {
+            Ok(f) => f,
+            Err(message) => return refuse(message),
+        };
+        cmd.arg("vnode-host")
+            .args(spec.to_args())
+            .arg("--env-file")
+            .arg(file.path());
+        env_file = Some(file);
+        // Held from before the run starts, so the namespace it is told
+        // to join stays open until it has.
+        if let Some((hold, path)) = host.vnode_nets.hold_existing(v.vid) {
             cmd.arg("--netns").arg(path);
+            net_hold = Some(hold);
         }
         cmd.args(["--manager", &host.manager, "--job-dir"])
             .arg(&key.dir)
             .arg("--")
             .arg(&host.lego_exe)
+            .env("PATH", crate::vnode::SAFE_PATH)
             .env(crate::vnode::CRED_ENV, host.cred.to_text());
     }
     cmd.args(["run", "--manager", &host.manager, "--local"]);
@@ -460,13 +500,14 @@ fn run_program(
         .arg(excache_bytes.to_string())
         .arg("--")
         .args(argv)
-        .envs(env.iter().filter(|(k, _)| passes(k)).map(|(k, v)| (k, v)))
-        .env(lego_transport::auth::KEY_ENV, key.path())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if !cwd.is_empty() && job.vnode.is_none() {
-        cmd.current_dir(cwd);
+    if job.vnode.is_none() {
+        cmd.envs(program_env.iter().map(|(k, v)| (k, v)));
+        if !cwd.is_empty() {
+            cmd.current_dir(cwd);
+        }
     }
     if let (Some(u), None) = (user, &job.vnode) {
         use std::os::unix::process::CommandExt;
@@ -481,7 +522,8 @@ fn run_program(
     };
     let pid = child.id();
     // The vNode's network namespace, kept while it has programs here.
-    let _net = vnode_vid.and_then(|vid| host.vnode_nets.hold(vid, pid));
+    let _net = net_hold.or_else(|| vnode_vid.and_then(|vid| host.vnode_nets.hold_new(vid, pid)));
+    let _env_file = env_file;
     if let Some(p) = host.running().iter_mut().find(|p| p.pid == *listed_as) {
         p.pid = pid;
         *listed_as = pid;

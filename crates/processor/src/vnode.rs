@@ -33,6 +33,59 @@ pub const VNODE_ROOT: &str = "/run/lego/vnode";
 /// The variable carrying the cluster credential to `lego vnode-host`.
 pub const CRED_ENV: &str = "LEGO_VNODE_CRED";
 
+/// The whole environment `lego vnode-host` (root) runs with, besides the
+/// credential: nothing of the user's chooses what it runs.
+pub const SAFE_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The program's environment for `lego vnode-host`, in a file in a
+/// directory only this daemon's user can reach (removed on drop).
+pub struct EnvFile {
+    dir: std::path::PathBuf,
+}
+
+impl EnvFile {
+    pub fn new(env: &[(String, String)], slot: u32) -> Result<Self, String> {
+        let this = Self {
+            dir: crate::daemon::private_dir("env", slot)?,
+        };
+        let mut text = Vec::new();
+        for (k, v) in env {
+            text.extend_from_slice(k.as_bytes());
+            text.push(b'=');
+            text.extend_from_slice(v.as_bytes());
+            text.push(0);
+        }
+        std::fs::write(this.path(), text)
+            .map_err(|e| format!("cannot write {}: {e}", this.path().display()))?;
+        Ok(this)
+    }
+
+    pub fn path(&self) -> std::path::PathBuf {
+        self.dir.join("env")
+    }
+
+    /// The environment in the file at `path`.
+    pub fn read(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+        let text =
+            std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        Ok(text
+            .split(|&b| b == 0)
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| {
+                let kv = String::from_utf8_lossy(kv);
+                let (k, v) = kv.split_once('=')?;
+                Some((k.to_string(), v.to_string()))
+            })
+            .collect())
+    }
+}
+
+impl Drop for EnvFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// How long a file operation waits for the storage daemon before the
 /// program gets `EIO` (`LEGO_STORAGE_TIMEOUT_MS`).
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -126,37 +179,42 @@ pub struct NetworkHold {
 }
 
 impl Networks {
-    /// A path `lego vnode-host --netns` opens to join vNode `vid`'s
-    /// namespace, if it has one here.
-    pub fn path_of(&self, vid: u64) -> Option<String> {
+    /// Holds vNode `vid`'s namespace here if it has one, with the path
+    /// (`/proc/<daemon>/fd/<n>`) a new run opens to join it; the hold
+    /// keeps that descriptor open until the run ends.
+    pub fn hold_existing(&self, vid: u64) -> Option<(NetworkHold, String)> {
         use std::os::fd::AsRawFd;
-        let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.get(&vid)
-            .map(|(f, _)| format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd()))
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let (f, n) = held.get_mut(&vid)?;
+        *n += 1;
+        let path = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
+        Some((
+            NetworkHold {
+                held: self.held.clone(),
+                vid,
+            },
+            path,
+        ))
     }
 
-    /// Holds vNode `vid`'s namespace while the run `pid` (its
-    /// `lego vnode-host`) lasts: the one held already, else the one the
-    /// run made (waited for until it has left this daemon's).
-    pub fn hold(&self, vid: u64, pid: u32) -> Option<NetworkHold> {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, n)) = held.get_mut(&vid) {
-            *n += 1;
-        } else {
-            let own = std::fs::read_link("/proc/self/ns/net").ok()?;
-            let theirs = format!("/proc/{pid}/ns/net");
-            let started = std::time::Instant::now();
-            loop {
-                match std::fs::read_link(&theirs) {
-                    Ok(ns) if ns != own => break,
-                    Ok(_) if started.elapsed() < Duration::from_secs(5) => {
-                        std::thread::sleep(Duration::from_millis(2))
-                    }
-                    _ => return None,
+    /// Holds the namespace the new run `pid` (its `lego vnode-host`)
+    /// made for vNode `vid`, once it has left this daemon's, while the
+    /// run lasts (another first run's, if one was quicker).
+    pub fn hold_new(&self, vid: u64, pid: u32) -> Option<NetworkHold> {
+        let own = std::fs::read_link("/proc/self/ns/net").ok()?;
+        let theirs = format!("/proc/{pid}/ns/net");
+        let started = std::time::Instant::now();
+        let file = loop {
+            match std::fs::read_link(&theirs) {
+                Ok(ns) if ns != own => break std::fs::File::open(&theirs).ok()?,
+                Ok(_) if started.elapsed() < Duration::from_secs(5) => {
+                    std::thread::sleep(Duration::from_millis(2))
                 }
+                _ => return None,
             }
-            held.insert(vid, (std::fs::File::open(&theirs).ok()?, 1));
-        }
+        };
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        held.entry(vid).or_insert((file, 0)).1 += 1;
         Some(NetworkHold {
             held: self.held.clone(),
             vid,
@@ -264,6 +322,8 @@ pub fn host(
     lego_sys::ns::enter_own_mounts().map_err(needs_root)?;
     let ip = |args: &[&str]| -> Result<(), String> {
         let out = Command::new("ip")
+            .env_clear()
+            .env("PATH", SAFE_PATH)
             .args(args)
             .output()
             .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
@@ -418,6 +478,8 @@ pub fn init(user: Option<(u32, u32)>, command: &[String]) -> Result<(), String> 
     let Some((program, args)) = command.split_first() else {
         return Err("no command to run".into());
     };
+    lego_sys::ns::die_with_parent()
+        .map_err(|e| format!("cannot tie the vNode's init to its host: {e}"))?;
     lego_sys::ns::mount_proc().map_err(|e| format!("cannot mount the vNode's /proc: {e}"))?;
     let mut cmd = Command::new(program);
     cmd.args(args);
@@ -425,13 +487,22 @@ pub fn init(user: Option<(u32, u32)>, command: &[String]) -> Result<(), String> 
         use std::os::unix::process::CommandExt;
         cmd.uid(uid).gid(gid);
     }
-    let mut child = cmd
+    let child = cmd
         .spawn()
         .map_err(|e| format!("cannot start {program}: {e}"))?;
-    lego_sys::process::forward_signals_to(child.id() as i32);
-    match child.wait() {
-        Ok(s) => lego_sys::process::exit_like(s),
-        Err(e) => Err(format!("waiting for {program} failed: {e}")),
+    let main = child.id() as i32;
+    lego_sys::process::forward_signals_to(main);
+    // Every process of the namespace whose parent ended is this one's
+    // child: reaped here, until the program itself ends.
+    loop {
+        match lego_sys::ns::wait_any() {
+            Ok((pid, status)) if pid == main => {
+                use std::os::unix::process::ExitStatusExt;
+                lego_sys::process::exit_like(std::process::ExitStatus::from_raw(status))
+            }
+            Ok(_) => {}
+            Err(e) => return Err(format!("waiting for {program} failed: {e}")),
+        }
     }
 }
 
@@ -448,6 +519,7 @@ mod tests {
             storage: 9,
             storage_addr: "10.0.0.2:7500".into(),
             storage_quota: 1 << 30,
+            owner: String::new(),
         };
         let s = Spec::new(&v, Some((1000, 1000)));
         let a = s.to_args();

@@ -195,7 +195,14 @@ pub enum Request {
     /// Make vNode `name`: a vID, a vIP from the manager's range, and its
     /// storage placed on a storage daemon (GSM) with `storage_quota`
     /// bytes.
-    CreateVnode { name: String, storage_quota: u64 },
+    /// `owner`: the user (a user credential's name) who may run programs
+    /// in it besides the cluster's operators; empty: operators only.
+    CreateVnode {
+        name: String,
+        storage_quota: u64,
+        #[serde(default)]
+        owner: String,
+    },
     /// Forget vNode `name`; answered with its record (`Vnode`).
     DeleteVnode { name: String },
     /// Every vNode.
@@ -314,6 +321,10 @@ pub struct VnodeInfo {
     pub storage: u64,
     pub storage_addr: String,
     pub storage_quota: u64,
+    /// The user who may run programs in it besides the operators (empty:
+    /// operators only).
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// Where one replica of a unit lives.

@@ -67,7 +67,8 @@ struct Nodes {
     by_ino: HashMap<u64, Node>,
     by_path: HashMap<String, u64>,
     next: u64,
-    /// For hidden names.
+    /// For hidden names: this mount's random id, and a count.
+    mount_id: u64,
     hidden_seq: u64,
 }
 
@@ -77,6 +78,12 @@ impl Nodes {
             by_ino: HashMap::new(),
             by_path: HashMap::new(),
             next: ROOT + 1,
+            mount_id: {
+                use std::hash::{BuildHasher, Hasher};
+                let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+                h.write_u32(std::process::id());
+                h.finish()
+            },
             hidden_seq: 0,
         };
         n.by_ino.insert(
@@ -93,11 +100,13 @@ impl Nodes {
         n
     }
 
+    /// `ino`'s path; `ESTALE` once its file is gone.
     fn path(&self, ino: u64) -> Result<String, Errno> {
-        self.by_ino
-            .get(&ino)
-            .map(|n| n.path.clone())
-            .ok_or(Errno::ENOENT)
+        match self.by_ino.get(&ino) {
+            Some(n) if n.path.starts_with('\0') => Err(Errno::ESTALE),
+            Some(n) => Ok(n.path.clone()),
+            None => Err(Errno::ENOENT),
+        }
     }
 
     /// The number for `path`, one more lookup held by the kernel.
@@ -169,9 +178,8 @@ impl Nodes {
             None => "",
         };
         format!(
-            "{dir}.lego-hidden-{}-{}",
-            std::process::id(),
-            self.hidden_seq
+            "{dir}.lego-hidden-{:016x}-{}",
+            self.mount_id, self.hidden_seq
         )
     }
 }
@@ -353,27 +361,36 @@ impl VnodeFs {
 
     /// If `path` names a file open here, renames it to a hidden name so
     /// its handles keep their data; the caller then removes or replaces
-    /// the name.
-    fn hide_if_open(&self, path: &str) -> Result<bool, Errno> {
-        let hidden = {
-            let mut n = lock(&self.nodes);
-            match n.by_path.get(path).copied() {
-                Some(ino) if n.by_ino.get(&ino).is_some_and(|x| x.open > 0) => {
-                    Some((ino, n.hidden_name(path)))
-                }
-                _ => None,
-            }
-        };
-        let Some((ino, name)) = hidden else {
-            return Ok(false);
-        };
-        self.call(|c| c.rename(path, &name))?;
+    /// the name. Decided and done under the lock a last close takes, so
+    /// the close either comes first (nothing to hide) or finds the file
+    /// hidden (and removes it). Returns the file's number and its hidden
+    /// name.
+    fn hide_if_open(&self, path: &str) -> Result<Option<(u64, String)>, Errno> {
         let mut n = lock(&self.nodes);
+        let Some(ino) = n.by_path.get(path).copied() else {
+            return Ok(None);
+        };
+        if n.by_ino.get(&ino).is_none_or(|x| x.open == 0) {
+            return Ok(None);
+        }
+        let name = n.hidden_name(path);
+        self.call(|c| c.rename(path, &name))?;
         n.moved(path, &name);
         if let Some(x) = n.by_ino.get_mut(&ino) {
             x.hidden = true;
         }
-        Ok(true)
+        Ok(Some((ino, name)))
+    }
+
+    /// Undoes [`VnodeFs::hide_if_open`] (what it made way for failed).
+    fn unhide(&self, (ino, name): (u64, String), path: &str) {
+        let mut n = lock(&self.nodes);
+        if self.call(|c| c.rename(&name, path)).is_ok() {
+            n.moved(&name, path);
+            if let Some(x) = n.by_ino.get_mut(&ino) {
+                x.hidden = false;
+            }
+        }
     }
 
     /// A file's or directory's `fsync`: answered once it is on the
@@ -555,7 +572,7 @@ impl Filesystem for VnodeFs {
             .allowed(req)
             .and_then(|()| join(&self.path(parent)?, name))
             .and_then(|p| {
-                if self.hide_if_open(&p)? {
+                if self.hide_if_open(&p)?.is_some() {
                     return Ok(());
                 }
                 self.call(|c| c.unlink(&p))?;
@@ -632,8 +649,14 @@ impl Filesystem for VnodeFs {
         let r = self.allowed(req).and_then(|()| {
             let from = join(&self.path(parent)?, name)?;
             let to = join(&self.path(newparent)?, newname)?;
-            self.hide_if_open(&to)?;
-            self.call(|c| c.rename(&from, &to))?;
+            let hidden = self.hide_if_open(&to)?;
+            if let Err(e) = self.call(|c| c.rename(&from, &to)) {
+                // The file it was to replace stays.
+                if let Some(h) = hidden {
+                    self.unhide(h, &to);
+                }
+                return Err(e);
+            }
             lock(&self.nodes).moved(&from, &to);
             Ok(())
         });
@@ -986,7 +1009,7 @@ mod tests {
         assert_eq!(n.path(f).unwrap(), "e/f");
         assert_eq!(n.path(g).unwrap(), "e/sub/g");
         assert_eq!(n.path(other).unwrap(), "dd/x", "a sibling sharing a prefix");
-        assert!(n.path(old).unwrap().starts_with('\0'), "replaced");
+        assert_eq!(n.path(old), Err(Errno::ESTALE), "replaced");
         assert_eq!(n.by_path.get("e/f"), Some(&f));
         assert_eq!(n.by_path.get("d/f"), None);
     }

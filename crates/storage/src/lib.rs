@@ -84,8 +84,14 @@ impl StorageDaemon {
     /// Binds `listen` and serves the trees under `dir` to the peers `cred`
     /// (the cluster credential) vouches for.
     pub fn start(listen: &str, dir: PathBuf, cred: Credential) -> Result<Self, String> {
-        std::fs::create_dir_all(dir.join("vnodes"))
-            .map_err(|e| format!("cannot make {}: {e}", dir.join("vnodes").display()))?;
+        // The vNodes' files are theirs: no one else on this host reads them.
+        let vnodes = dir.join("vnodes");
+        std::fs::create_dir_all(&vnodes)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&vnodes, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|e| format!("cannot make {}: {e}", vnodes.display()))?;
         let listener = Tcp
             .listen(listen)
             .map_err(|e: TransportError| e.to_string())?;

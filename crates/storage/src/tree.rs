@@ -23,6 +23,11 @@ use std::sync::atomic::Ordering;
 
 use rustix::fs::{self as fs, AtFlags, Mode, OFlags, ResolveFlags};
 
+/// The permission bits a file keeps: the set-user-ID and set-group-ID
+/// bits are dropped, so no file a vNode writes runs with the storage
+/// daemon's user's rights on its host.
+const KEPT_MODE: u32 = 0o1777;
+
 /// Every path is resolved beneath the tree, following no symlink.
 const CONFINED: ResolveFlags = ResolveFlags::BENEATH.union(ResolveFlags::NO_SYMLINKS);
 
@@ -92,6 +97,9 @@ pub struct Tree {
     used: std::sync::atomic::AtomicU64,
     /// Most bytes it may take (`--storage-quota`); 0: no limit.
     quota: std::sync::atomic::AtomicU64,
+    /// Held across each change's look before, change and look after, so
+    /// two changes at once are not counted twice.
+    changing: std::sync::Mutex<()>,
 }
 
 /// Bytes `st` takes on disk.
@@ -174,6 +182,7 @@ impl Tree {
             root,
             used: std::sync::atomic::AtomicU64::new(disk_usage(dir)),
             quota: std::sync::atomic::AtomicU64::new(0),
+            changing: std::sync::Mutex::new(()),
         })
     }
 
@@ -186,6 +195,10 @@ impl Tree {
     /// Bytes the tree takes on disk.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
+    }
+
+    fn changing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Fails with `ENOSPC` if `more` bytes do not fit the quota.
@@ -290,12 +303,13 @@ impl Tree {
             Mode::from_raw_mode(mode & 0o777),
         )
         .map_err(errno)?;
-        fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
+        fs::fchmod(&fd, Mode::from_raw_mode(mode & KEPT_MODE)).map_err(errno)
     }
 
     /// Makes directory `path` with exactly `mode`'s permission bits.
     pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
+        let _changing = self.changing();
         self.room_for(4096)?;
         fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)?;
         if let Ok(st) = fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -307,6 +321,7 @@ impl Tree {
     /// Removes file or symlink `path`.
     pub fn unlink(&self, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
+        let _changing = self.changing();
         let freed = Self::freed_by_removing(&dir, name);
         fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)?;
         self.count(freed, 0);
@@ -316,6 +331,7 @@ impl Tree {
     /// Removes empty directory `path`.
     pub fn rmdir(&self, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
+        let _changing = self.changing();
         let freed = Self::freed_by_removing(&dir, name);
         fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)?;
         self.count(freed, 0);
@@ -326,6 +342,7 @@ impl Tree {
         let (from_dir, from_name) = self.parent(from)?;
         let (to_dir, to_name) = self.parent(to)?;
         // A file replaced by the rename frees its blocks.
+        let _changing = self.changing();
         let freed = match fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(_) => Self::freed_by_removing(&to_dir, to_name),
             Err(_) => 0,
@@ -356,9 +373,10 @@ impl Tree {
         self.at(path, OFlags::RDONLY | OFlags::NONBLOCK, Mode::empty())
     }
 
-    /// Sets `path`'s permission bits to `mode`.
+    /// Sets `path`'s permission bits to `mode` (never set-user-ID or
+    /// set-group-ID: see [`KEPT_MODE`]).
     pub fn chmod(&self, path: &str, mode: u32) -> io::Result<()> {
-        fs::fchmod(&self.node(path)?, Mode::from_raw_mode(mode & 0o7777)).map_err(errno)
+        fs::fchmod(&self.node(path)?, Mode::from_raw_mode(mode & KEPT_MODE)).map_err(errno)
     }
 
     /// Sets `path`'s access and modification times (nanoseconds since the
@@ -401,6 +419,7 @@ impl Tree {
 
     pub fn truncate(&self, path: &str, size: u64) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
+        let _changing = self.changing();
         let before = fs::fstat(&fd).map_err(errno)?;
         fs::ftruncate(&fd, size).map_err(errno)?;
         let after = fs::fstat(&fd).map_err(errno)?;
@@ -428,15 +447,25 @@ impl Tree {
     }
 
     /// Writes `data` into file `path` at `offset`.
-    /// Fails with `ENOSPC`, writing nothing, if the file would grow past
-    /// the tree's quota.
+    /// Fails with `ENOSPC`, writing nothing, if the write may take more
+    /// room than the tree's quota leaves.
     pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
         let end = offset
             .checked_add(data.len() as u64)
             .ok_or_else(|| invalid("offset and length overflow"))?;
+        let _changing = self.changing();
         let before = fs::fstat(&fd).map_err(errno)?;
-        self.room_for(end.saturating_sub(before.st_size as u64))?;
+        // Overwriting a file with no holes takes no room; anything else
+        // may take as much as it writes.
+        let size = before.st_size as u64;
+        let dense = on_disk(&before) >= size;
+        let need = if end <= size && dense {
+            0
+        } else {
+            (data.len() as u64).div_ceil(4096) * 4096
+        };
+        self.room_for(need)?;
         let mut done = 0;
         let written = loop {
             if done == data.len() {
@@ -521,6 +550,12 @@ mod tests {
         t.rename("c", "b").unwrap();
         let left = t.used();
         assert!((64 << 10..(64 << 10) + 16384).contains(&left), "{left}");
+        // A hole made by truncate is no way around the quota.
+        t.create("sparse", 0o644).unwrap();
+        t.truncate("sparse", 1 << 30).unwrap();
+        let e = t.write("sparse", 4096, &vec![5u8; 800 << 10]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc_enospc()));
+        t.unlink("sparse").unwrap();
         // Counted again from the disk when opened.
         let again = Tree::open(&dir.join("v1")).unwrap();
         assert_eq!(again.used(), left);
@@ -536,7 +571,9 @@ mod tests {
         assert_eq!(t.getattr("d").unwrap().mode, 0o777, "no umask");
         assert_eq!(t.getattr("d/f").unwrap().mode, 0o666);
         t.chmod("d/f", 0o4750).unwrap();
-        assert_eq!(t.getattr("d/f").unwrap().mode, 0o4750);
+        assert_eq!(t.getattr("d/f").unwrap().mode, 0o750, "no set-user-ID");
+        t.chmod("d/f", 0o1750).unwrap();
+        assert_eq!(t.getattr("d/f").unwrap().mode, 0o1750);
         let ns = 1_234_567_890_123_456_789;
         t.utimens("d/f", Time::Omit, Time::At(ns)).unwrap();
         assert_eq!(t.getattr("d/f").unwrap().mtime_ns, i128::from(ns));

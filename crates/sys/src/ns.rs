@@ -120,3 +120,29 @@ pub fn mount_proc() -> io::Result<()> {
         )
     })
 }
+
+/// This process is killed (SIGKILL) when the thread that started it ends
+/// (a vNode's init, when its `lego vnode-host` dies: the namespace's
+/// processes go with it).
+pub fn die_with_parent() -> io::Result<()> {
+    // SAFETY: prctl(PR_SET_PDEATHSIG) takes the signal as a plain integer
+    // and touches no memory.
+    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) })
+}
+
+/// Waits for any child of this process to end: its pid and wait status
+/// (an init reaps every orphan of its namespace this way).
+pub fn wait_any() -> io::Result<(i32, i32)> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes the status into the valid local `status`.
+        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if pid >= 0 {
+            return Ok((pid, status));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}

@@ -31,6 +31,9 @@ pub const BROKER_ENV: &str = "LEGO_CONNECT_VIA";
 /// Longest request line (an address and a timeout).
 const MAX_REQUEST: usize = 512;
 
+/// Most requests served at once (each on a thread); more are refused.
+const MAX_AT_ONCE: usize = 64;
+
 static BROKER: OnceLock<Option<PathBuf>> = OnceLock::new();
 
 /// This process makes its connections through the broker at `socket`
@@ -89,13 +92,31 @@ pub fn connect_via(socket: &Path, addr: &str, timeout: Duration) -> io::Result<T
 /// thread started from the calling thread (whose network namespace they
 /// share). `allow` says which addresses may be reached.
 pub fn serve(listener: UnixListener, allow: Arc<dyn Fn(&str) -> bool + Send + Sync>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let busy = Arc::new(AtomicUsize::new(0));
     for s in listener.incoming() {
-        let Ok(s) = s else { continue };
-        let allow = allow.clone();
+        let s = match s {
+            Ok(s) => s,
+            Err(_) => {
+                // Out of descriptors, say: not a busy loop.
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_AT_ONCE {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            refuse(&s, "the connection broker is busy; try again");
+            continue;
+        }
+        let (allow, done) = (allow.clone(), busy.clone());
         let spawned = std::thread::Builder::new()
             .name("lego-broker".into())
-            .spawn(move || answer(s, &*allow));
+            .spawn(move || {
+                answer(s, &*allow);
+                done.fetch_sub(1, Ordering::SeqCst);
+            });
         if let Err(e) = spawned {
+            busy.fetch_sub(1, Ordering::SeqCst);
             tracing::warn!(error = %e, "the connection broker cannot start a thread");
         }
     }
@@ -141,7 +162,11 @@ fn answer(s: UnixStream, allow: &dyn Fn(&str) -> bool) {
 
 fn refuse(mut s: &UnixStream, why: &str) {
     let mut msg = format!("-{why}");
-    msg.truncate(255);
+    let mut end = msg.len().min(255);
+    while !msg.is_char_boundary(end) {
+        end -= 1;
+    }
+    msg.truncate(end);
     let _ = s.write_all(msg.as_bytes());
 }
 
