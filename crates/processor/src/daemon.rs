@@ -648,7 +648,11 @@ fn pump_in(
             }
             Message::Control { json } => {
                 if let Ok(Request::Signal { signum }) = control::from_json(json) {
-                    if !reaped.load(Ordering::SeqCst) {
+                    // Only those `lego run` passes on: another (SIGSTOP,
+                    // say, which would freeze a vNode's file system with
+                    // its root `lego vnode-host`) is dropped.
+                    let passed = lego_sys::process::PASSED_SIGNALS.contains(&signum);
+                    if passed && !reaped.load(Ordering::SeqCst) {
                         let _ = lego_sys::process::send_signal(pid as i32, signum);
                     }
                 }

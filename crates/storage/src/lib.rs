@@ -52,6 +52,9 @@ struct Trees {
     manager: Mutex<Option<(String, Credential)>>,
     /// vNodes whose trees were removed (deleted vNodes).
     removed: Mutex<std::collections::HashSet<u64>>,
+    /// Open trees whose quota the manager did not give yet, and when it
+    /// was last asked (asked again every few seconds).
+    unknown_quota: Mutex<HashMap<u64, std::time::Instant>>,
 }
 
 impl Trees {
@@ -302,13 +305,27 @@ fn tree_of(root: &std::path::Path, trees: &Trees, vnode: u64) -> std::io::Result
             .get(&vnode)
             .cloned()
     };
+    let set_quota = |tree: &Tree| match trees.quota_of(vnode) {
+        Some(q) => {
+            tree.set_quota(q);
+            lock(&trees.unknown_quota).remove(&vnode);
+        }
+        None if lock(&trees.manager).is_some() => {
+            lock(&trees.unknown_quota).insert(vnode, std::time::Instant::now());
+        }
+        None => {}
+    };
     if let Some(tree) = open(trees) {
+        let ask = lock(&trees.unknown_quota)
+            .get(&vnode)
+            .is_some_and(|at| at.elapsed() > Duration::from_secs(5));
+        if ask {
+            set_quota(&tree);
+        }
         return Ok(tree);
     }
     let tree = Arc::new(Tree::open(&root.join(vnode.to_string()))?);
-    if let Some(q) = trees.quota_of(vnode) {
-        tree.set_quota(q);
-    }
+    set_quota(&tree);
     let mut t = trees.open.lock().unwrap_or_else(|p| p.into_inner());
     Ok(t.entry(vnode).or_insert(tree).clone())
 }

@@ -33,6 +33,17 @@ extern "C" fn to_pipe(sig: i32, info: *mut libc::siginfo_t, ctx: *mut libc::c_vo
     }
 }
 
+/// The signals lego passes on to the program it runs (from `lego run` to
+/// a program on another host, and on to it there).
+pub const PASSED_SIGNALS: [i32; 6] = [
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+];
+
 /// Delivers SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to
 /// this process to `deliver`, called on a thread of its own, instead of
 /// their default action (for `lego run` of a program on another host).
@@ -71,14 +82,7 @@ type Handler = extern "C" fn(i32, *mut libc::siginfo_t, *mut libc::c_void);
 /// for the signals lego passes on to a program: SIGINT, SIGTERM, SIGHUP,
 /// SIGQUIT, SIGUSR1 and SIGUSR2.
 fn handle_passed_signals(handler: Handler) {
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ] {
+    for sig in PASSED_SIGNALS {
         // SAFETY: sa is fully initialised; the handler is async-signal-safe
         // by this function's contract.
         unsafe {
