@@ -184,19 +184,10 @@ fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>, cred: &Crede
     let mut space: Option<SpaceId> = None;
     // A bug in a handler must not leak the connection's space: caught
     // here, the space is released below like on any other end.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    lego_transport::run_connection(&peer, || {
         handshake(&mut conn, &store, cred)
             .and_then(|_| request_loop(&mut conn, &store, &mut space, cred))
-    }))
-    .unwrap_or_else(|_| {
-        Err(ConnError::Unexpected(
-            "a request handler failed (a bug; see the panic above)".into(),
-        ))
     });
-    match result {
-        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
-        Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
-    }
     let mut s = lock(&store);
     s.connections -= 1;
     if let Some(id) = space {

@@ -163,18 +163,23 @@ impl Spec {
     }
 }
 
+/// Each vNode's network namespace held open here, and how many runs hold
+/// it.
+type Held =
+    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, (std::fs::File, usize)>>>;
+
 /// The network namespace of each vNode with programs on this host, held
 /// open by the processor daemon: a vNode's later runs here join it (they
 /// reach each other by the vIP); it goes when the vNode's last run here
 /// ends. Nothing of it is left on the host.
 #[derive(Default)]
 pub struct Networks {
-    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, (std::fs::File, usize)>>>,
+    held: Held,
 }
 
 /// A run's hold on its vNode's network namespace (released on drop).
 pub struct NetworkHold {
-    held: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, (std::fs::File, usize)>>>,
+    held: Held,
     vid: u64,
 }
 

@@ -148,11 +148,7 @@ impl Nodes {
     /// `from` (and everything beneath it) is now called `to`; whatever
     /// was called `to` is gone from the names.
     fn moved(&mut self, from: &str, to: &str) {
-        if let Some(old) = self.by_path.remove(to) {
-            if let Some(n) = self.by_ino.get_mut(&old) {
-                n.path = format!("\0gone{old}");
-            }
-        }
+        self.gone(to);
         let prefix = format!("{from}/");
         let moving: Vec<(String, u64)> = self
             .by_path
@@ -167,6 +163,16 @@ impl Nodes {
                 n.path = new.clone();
             }
             self.by_path.insert(new, ino);
+        }
+    }
+
+    /// The file called `path` is gone: its number, if any, names nothing
+    /// from now on (`ESTALE`).
+    fn gone(&mut self, path: &str) {
+        if let Some(ino) = self.by_path.remove(path) {
+            if let Some(n) = self.by_ino.get_mut(&ino) {
+                n.path = format!("\0gone{ino}");
+            }
         }
     }
 
@@ -224,6 +230,14 @@ fn join(dir: &str, name: &OsStr) -> Result<String, Errno> {
     } else {
         format!("{dir}/{name}")
     })
+}
+
+/// Answers a lookup or a making of a file: its attributes, or the error.
+fn answer_entry(reply: ReplyEntry, r: Result<FileAttr, Errno>) {
+    match r {
+        Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+        Err(e) => reply.error(e),
+    }
 }
 
 fn file_type(k: Kind) -> FileType {
@@ -359,6 +373,19 @@ impl VnodeFs {
         lock(&self.nodes).path(ino.0)
     }
 
+    /// `ino`'s path, for a caller the vNode allows.
+    fn path_for(&self, req: &Request, ino: INodeNo) -> Result<String, Errno> {
+        self.allowed(req)?;
+        self.path(ino)
+    }
+
+    /// The path of `name` in directory `parent`, for a caller the vNode
+    /// allows.
+    fn child(&self, req: &Request, parent: INodeNo, name: &OsStr) -> Result<String, Errno> {
+        self.allowed(req)?;
+        join(&self.path(parent)?, name)
+    }
+
     /// If `path` names a file open here, renames it to a hidden name so
     /// its handles keep their data; the caller then removes or replaces
     /// the name. Decided and done under the lock a last close takes, so
@@ -397,8 +424,7 @@ impl VnodeFs {
     /// storage daemon's disk.
     fn sync(&self, req: &Request, ino: INodeNo, reply: ReplyEmpty) {
         let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
+            .path_for(req, ino)
             .and_then(|p| self.call(|c| c.fsync(&p)));
         match r {
             Ok(()) => reply.ok(),
@@ -450,14 +476,8 @@ impl Filesystem for VnodeFs {
     }
 
     fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, name))
-            .and_then(|p| self.entry(&p));
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let r = self.child(req, parent, name).and_then(|p| self.entry(&p));
+        answer_entry(reply, r)
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -470,8 +490,7 @@ impl Filesystem for VnodeFs {
 
     fn getattr(&self, req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
+            .path_for(req, ino)
             .and_then(|p| self.call(|c| c.getattr(&p)));
         match r {
             Ok(a) => reply.attr(&TTL, &self.file_attr(ino.0, &a)),
@@ -498,8 +517,7 @@ impl Filesystem for VnodeFs {
         reply: ReplyAttr,
     ) {
         let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
+            .path_for(req, ino)
             .and_then(|p| self.do_setattr(&p, (mode, uid, gid, size), (atime, mtime)));
         match r {
             Ok(a) => reply.attr(&TTL, &self.file_attr(ino.0, &a)),
@@ -509,8 +527,7 @@ impl Filesystem for VnodeFs {
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
+            .path_for(req, ino)
             .and_then(|p| self.call(|c| c.readlink(&p)));
         match r {
             Ok(t) => reply.data(t.as_bytes()),
@@ -532,17 +549,11 @@ impl Filesystem for VnodeFs {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EPERM);
         }
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, name))
-            .and_then(|p| {
-                self.call(|c| c.create(&p, mode & !umask & 0o7777))?;
-                self.entry(&p)
-            });
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let r = self.child(req, parent, name).and_then(|p| {
+            self.call(|c| c.create(&p, mode & !umask & 0o7777))?;
+            self.entry(&p)
+        });
+        answer_entry(reply, r)
     }
 
     fn mkdir(
@@ -554,36 +565,22 @@ impl Filesystem for VnodeFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, name))
-            .and_then(|p| {
-                self.call(|c| c.mkdir(&p, mode & !umask & 0o7777))?;
-                self.entry(&p)
-            });
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let r = self.child(req, parent, name).and_then(|p| {
+            self.call(|c| c.mkdir(&p, mode & !umask & 0o7777))?;
+            self.entry(&p)
+        });
+        answer_entry(reply, r)
     }
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, name))
-            .and_then(|p| {
-                if self.hide_if_open(&p)?.is_some() {
-                    return Ok(());
-                }
-                self.call(|c| c.unlink(&p))?;
-                let mut n = lock(&self.nodes);
-                if let Some(ino) = n.by_path.remove(&p) {
-                    if let Some(x) = n.by_ino.get_mut(&ino) {
-                        x.path = format!("\0gone{ino}");
-                    }
-                }
-                Ok(())
-            });
+        let r = self.child(req, parent, name).and_then(|p| {
+            if self.hide_if_open(&p)?.is_some() {
+                return Ok(());
+            }
+            self.call(|c| c.unlink(&p))?;
+            lock(&self.nodes).gone(&p);
+            Ok(())
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -591,19 +588,11 @@ impl Filesystem for VnodeFs {
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, name))
-            .and_then(|p| {
-                self.call(|c| c.rmdir(&p))?;
-                let mut n = lock(&self.nodes);
-                if let Some(ino) = n.by_path.remove(&p) {
-                    if let Some(x) = n.by_ino.get_mut(&ino) {
-                        x.path = format!("\0gone{ino}");
-                    }
-                }
-                Ok(())
-            });
+        let r = self.child(req, parent, name).and_then(|p| {
+            self.call(|c| c.rmdir(&p))?;
+            lock(&self.nodes).gone(&p);
+            Ok(())
+        });
         match r {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
@@ -618,18 +607,12 @@ impl Filesystem for VnodeFs {
         target: &std::path::Path,
         reply: ReplyEntry,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, link_name))
-            .and_then(|p| {
-                let target = target.to_str().ok_or(Errno::EINVAL)?;
-                self.call(|c| c.symlink(target, &p))?;
-                self.entry(&p)
-            });
-        match r {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(e) => reply.error(e),
-        }
+        let r = self.child(req, parent, link_name).and_then(|p| {
+            let target = target.to_str().ok_or(Errno::EINVAL)?;
+            self.call(|c| c.symlink(target, &p))?;
+            self.entry(&p)
+        });
+        answer_entry(reply, r)
     }
 
     fn rename(
@@ -668,8 +651,7 @@ impl Filesystem for VnodeFs {
 
     fn open(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
+            .path_for(req, ino)
             .and_then(|p| self.call(|c| c.getattr(&p)));
         match r {
             Ok(a) => {
@@ -710,23 +692,20 @@ impl Filesystem for VnodeFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
-            .and_then(|p| {
-                let want = size as usize;
-                let mut data = self.call(|c| c.read(&p, offset, want))?;
-                // Larger than one call: the rest in more calls.
-                while data.len() < want {
-                    let more =
-                        self.call(|c| c.read(&p, offset + data.len() as u64, want - data.len()))?;
-                    if more.is_empty() {
-                        break;
-                    }
-                    data.extend(more);
+        let r = self.path_for(req, ino).and_then(|p| {
+            let want = size as usize;
+            let mut data = self.call(|c| c.read(&p, offset, want))?;
+            // Larger than one call: the rest in more calls.
+            while data.len() < want {
+                let more =
+                    self.call(|c| c.read(&p, offset + data.len() as u64, want - data.len()))?;
+                if more.is_empty() {
+                    break;
                 }
-                Ok(data)
-            });
+                data.extend(more);
+            }
+            Ok(data)
+        });
         match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
@@ -746,8 +725,7 @@ impl Filesystem for VnodeFs {
         reply: ReplyWrite,
     ) {
         let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
+            .path_for(req, ino)
             .and_then(|p| self.call(|c| c.write(&p, offset, data)));
         match r {
             Ok(()) => reply.written(data.len() as u32),
@@ -792,10 +770,12 @@ impl Filesystem for VnodeFs {
                 tracing::warn!(path = %p, error = ?e, "cannot remove a hidden file");
             }
             let mut n = lock(&self.nodes);
-            n.by_path.remove(&p);
+            n.gone(&p);
             if let Some(x) = n.by_ino.get_mut(&ino.0) {
                 x.hidden = false;
-                x.path = format!("\0gone{}", ino.0);
+                if x.path == p {
+                    x.path = format!("\0gone{}", ino.0);
+                }
             }
         }
         lock(&self.nodes).release_if_unused(ino.0);
@@ -853,7 +833,7 @@ impl Filesystem for VnodeFs {
     }
 
     fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.allowed(req).and_then(|()| self.path(ino)) {
+        match self.path_for(req, ino) {
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::empty()),
             Err(e) => reply.error(e),
         }
@@ -867,13 +847,10 @@ impl Filesystem for VnodeFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| self.path(ino))
-            .and_then(|p| {
-                let entries = self.call(|c| c.readdir(&p))?;
-                Ok((p, entries))
-            });
+        let r = self.path_for(req, ino).and_then(|p| {
+            let entries = self.call(|c| c.readdir(&p))?;
+            Ok((p, entries))
+        });
         let (dir, entries) = match r {
             Ok(x) => x,
             Err(e) => return reply.error(e),
@@ -933,22 +910,19 @@ impl Filesystem for VnodeFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        let r = self
-            .allowed(req)
-            .and_then(|()| join(&self.path(parent)?, name))
-            .and_then(|p| {
-                match self.call(|c| c.create(&p, mode & !umask & 0o7777)) {
-                    Ok(()) => {}
-                    // O_CREAT without O_EXCL opens what is there.
-                    Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
-                        if flags & libc::O_TRUNC != 0 {
-                            self.call(|c| c.truncate(&p, 0))?;
-                        }
+        let r = self.child(req, parent, name).and_then(|p| {
+            match self.call(|c| c.create(&p, mode & !umask & 0o7777)) {
+                Ok(()) => {}
+                // O_CREAT without O_EXCL opens what is there.
+                Err(e) if e == Errno::EEXIST && flags & libc::O_EXCL == 0 => {
+                    if flags & libc::O_TRUNC != 0 {
+                        self.call(|c| c.truncate(&p, 0))?;
                     }
-                    Err(e) => return Err(e),
                 }
-                self.entry(&p)
-            });
+                Err(e) => return Err(e),
+            }
+            self.entry(&p)
+        });
         match r {
             Ok(attr) => {
                 self.opened(attr.ino.0);

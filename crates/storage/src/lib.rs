@@ -186,20 +186,11 @@ fn serve_connection<S: Stream>(
 ) {
     let peer = stream.peer();
     let mut conn = FramedConn::new(stream);
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    lego_transport::run_connection(&peer, || {
         let who = conn.server_handshake(0, HELLO_TIMEOUT, cred)?;
         conn.be_patient(None)?;
         request_loop(&mut conn, root, trees, &who.identity)
-    }))
-    .unwrap_or_else(|_| {
-        Err(ConnError::Unexpected(
-            "a request handler failed (a bug; see the panic above)".into(),
-        ))
     });
-    match result {
-        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
-        Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
-    }
 }
 
 fn request_loop<S: Stream>(
@@ -218,16 +209,6 @@ fn request_loop<S: Stream>(
             }
             Message::FsCall {
                 vnode,
-                op: FsOp::RemoveTree,
-                ..
-            } => match remove_tree(root, trees, vnode) {
-                Ok(()) => 0,
-                Err(e) => e
-                    .raw_os_error()
-                    .unwrap_or(libc_errno(rustix::io::Errno::IO)),
-            },
-            Message::FsCall {
-                vnode,
                 op,
                 path,
                 to,
@@ -237,9 +218,13 @@ fn request_loop<S: Stream>(
                 data,
             } => {
                 out.clear();
-                let r = tree_of(root, trees, vnode).and_then(|t| {
-                    wire::apply(&t, op, (path, to), (offset, len, mode), data, &mut out)
-                });
+                let r = match op {
+                    // The daemon's (it needs the trees, not one tree).
+                    FsOp::RemoveTree => remove_tree(root, trees, vnode),
+                    _ => tree_of(root, trees, vnode).and_then(|t| {
+                        wire::apply(&t, op, (path, to), (offset, len, mode), data, &mut out)
+                    }),
+                };
                 match r {
                     Ok(()) => 0,
                     Err(e) => {

@@ -64,7 +64,7 @@ pub(crate) fn apply(
         FsOp::Fsync => t.fsync(path)?,
         FsOp::Chmod => t.chmod(path, mode)?,
         FsOp::Utimens => t.utimens(path, Time::from_wire(offset), Time::from_wire(len))?,
-        // Served by the daemon (it needs the trees, not one tree).
+        // Served by the daemon (`remove_tree`), never here.
         FsOp::RemoveTree => return Err(io::Error::from_raw_os_error(22)),
         FsOp::Statfs => {
             let s = t.statfs()?;

@@ -125,7 +125,7 @@ pub fn serve(listener: UnixListener, allow: Arc<dyn Fn(&str) -> bool + Send + Sy
 fn answer(s: UnixStream, allow: &dyn Fn(&str) -> bool) {
     let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
     let mut line = String::new();
-    let mut r = BufReader::new((&s).take_limited());
+    let mut r = BufReader::new(io::Read::take(&s, MAX_REQUEST as u64));
     if r.read_line(&mut line).is_err() {
         return;
     }
@@ -169,15 +169,6 @@ fn refuse(mut s: &UnixStream, why: &str) {
     msg.truncate(end);
     let _ = s.write_all(msg.as_bytes());
 }
-
-/// Reading a request reads at most [`MAX_REQUEST`] bytes.
-trait TakeLimited: Sized + io::Read {
-    fn take_limited(self) -> io::Take<Self> {
-        self.take(MAX_REQUEST as u64)
-    }
-}
-
-impl<R: io::Read> TakeLimited for R {}
 
 #[cfg(test)]
 mod tests {

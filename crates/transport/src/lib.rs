@@ -750,6 +750,22 @@ fn accept_loop<L: Listener>(
     }
 }
 
+/// Runs one connection's `handler` and logs how it ended (with `peer`).
+/// A panic in it (a bug) ends the connection like an error, so the caller
+/// goes on to free what the connection held.
+pub fn run_connection(peer: &str, handler: impl FnOnce() -> Result<(), ConnError>) {
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).unwrap_or_else(|_| {
+            Err(ConnError::Unexpected(
+                "a request handler failed (a bug; see the panic above)".into(),
+            ))
+        });
+    match result {
+        Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
+        Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
+    }
+}
+
 /// One request to the global manager at `addr`; its `Error` replies and
 /// connection failures become one message naming the manager.
 pub fn ask_manager(
