@@ -225,6 +225,11 @@ enum VnodeCommand {
     },
     /// Delete a vNode, and its files from its storage daemon.
     Delete { name: String },
+    /// Let two vNodes' programs reach each other's vIP (on a processor
+    /// host that runs both).
+    Connect { a: String, b: String },
+    /// Undo `connect`: new connections between the two fail.
+    Disconnect { a: String, b: String },
 }
 
 /// `lego vnode`: make, list and delete vNodes at the manager.
@@ -248,6 +253,11 @@ pub fn vnode(args: VnodeArgs) -> ExitCode {
         },
         VnodeCommand::List { .. } => Request::Vnodes,
         VnodeCommand::Delete { name } => Request::DeleteVnode { name: name.clone() },
+        VnodeCommand::Connect { a, b } | VnodeCommand::Disconnect { a, b } => Request::LinkVnodes {
+            a: a.clone(),
+            b: b.clone(),
+            linked: matches!(args.command, VnodeCommand::Connect { .. }),
+        },
     };
     let reply = match lego_transport::ask_manager(manager, &req, &cred) {
         Ok(r) => r,
@@ -255,17 +265,18 @@ pub fn vnode(args: VnodeArgs) -> ExitCode {
     };
     let show = |v: &lego_protocol::control::VnodeInfo| {
         println!(
-            "{:<20} {:>6} {:<15} {:>7} {:>10}",
+            "{:<20} {:>6} {:<15} {:>7} {:>10}  {}",
             printable(&v.name, 20),
             v.vid,
             v.vip,
             v.storage,
-            human(v.storage_quota)
+            human(v.storage_quota),
+            printable(&v.peers.join(","), 60)
         )
     };
     let header = || {
         println!(
-            "{:<20} {:>6} {:<15} {:>7} {:>10}",
+            "{:<20} {:>6} {:<15} {:>7} {:>10}  PEERS",
             "NAME", "VID", "VIP", "STORAGE", "QUOTA"
         )
     };

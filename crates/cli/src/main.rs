@@ -96,7 +96,7 @@ struct VnodeHostArgs {
     #[arg(long)]
     job_dir: Option<std::path::PathBuf>,
     #[arg(long)]
-    netns: Option<std::path::PathBuf>,
+    netns: std::path::PathBuf,
     #[arg(long)]
     env_file: std::path::PathBuf,
     #[arg(required = true, last = true)]

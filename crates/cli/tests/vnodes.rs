@@ -552,60 +552,94 @@ fn a_vnode_past_its_storage_quota_gets_enospc_and_room_comes_back() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Listens on the vNode's vIP, says so, answers one connection.
+/// Listens on the vNode's vIP, says so, answers two connections with the
+/// caller's address.
 const LISTENER: &str = r#"
 import os, socket
 s = socket.socket()
 s.bind((os.environ["LEGO_VNODE_IP"], 7777))
 s.listen()
 print("listening", flush=True)
-c, _ = s.accept()
-c.sendall(b"hello from the same vNode\n")
-c.close()
+for _ in range(2):
+    c, (peer, _) = s.accept()
+    c.sendall(b"hello " + peer.encode() + b"\n")
+    c.close()
 "#;
 
+/// Connects to argv[1]:argv[2]: what it was told, or the error number.
+const CONNECT: &str = "import socket, sys\n\
+try:\n    print(socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).recv(100).decode(), end='')\n\
+except OSError as e:\n    print('refused', e.errno)";
+
 #[test]
-fn runs_of_one_vnode_on_one_host_share_its_vip() {
+fn vnodes_on_one_host_reach_each_other_only_when_connected() {
     let (mut h, manager, dir) = vnode_cluster();
     start_processor(&mut h, 1, &manager);
     create_vnode(&h, &manager, "svc");
     create_vnode(&h, &manager, "other");
     let (server, mut lines) = python_in_vnode(&h, &manager, "svc", LISTENER);
     assert_eq!(lines.next().unwrap().unwrap(), "listening");
-    let connect = "import os, socket, sys\n\
-                   vip = sys.argv[1]\n\
-                   try:\n    print(socket.create_connection((vip, 7777), timeout=3).recv(100).decode(), end='')\n\
-                   except OSError as e:\n    print('refused', type(e).__name__)";
-    let out = lego_on(&h, &manager, &["vnode", "list", "--json"]);
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let vip = list
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == "svc")
-        .map(|v| v["vip"].as_str().unwrap().to_string())
-        .unwrap();
-    // Another vNode does not reach it; another run of the same one does.
-    let other = in_vnode(
-        &h,
-        &manager,
-        "other",
-        &format!("python3 -c \"{connect}\" {vip}"),
-        b"",
-    );
+    let vip_of = |name: &str| {
+        let out = lego_on(&h, &manager, &["vnode", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        list.as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["vip"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    let (vip, other_vip) = (vip_of("svc"), vip_of("other"));
+    let connect = |from: &str, addr: &str, port: &str| {
+        let out = in_vnode(
+            &h,
+            &manager,
+            from,
+            &format!("python3 -c \"{CONNECT}\" {addr} {port}"),
+            b"",
+        );
+        ok(&out, from)
+    };
+    // Not connected: unreachable at once (ENETUNREACH), not a timeout.
+    assert_eq!(connect("other", &vip, "7777"), "refused 101\n");
+    // Another run of the same vNode shares its vIP and reaches it.
+    assert_eq!(connect("svc", &vip, "7777"), format!("hello {vip}\n"));
+    // Connected at the manager, the other reaches it, from its own vIP.
+    let out = lego_on(&h, &manager, &["vnode", "connect", "svc", "other"]);
+    ok(&out, "vnode connect");
+    let listed = lego_on(&h, &manager, &["vnode", "list"]);
     assert!(
-        ok(&other, "other").starts_with("refused"),
+        ok(&listed, "vnode list")
+            .lines()
+            .any(|l| l.starts_with("other") && l.ends_with("svc")),
         "{}",
-        text(&other.stdout)
+        text(&listed.stdout)
     );
-    let same = in_vnode(
-        &h,
-        &manager,
-        "svc",
-        &format!("python3 -c \"{connect}\" {vip}"),
-        b"",
+    assert_eq!(
+        connect("other", &vip, "7777"),
+        format!("hello {other_vip}\n")
     );
-    assert_eq!(ok(&same, "same"), "hello from the same vNode\n");
+    let end = server.wait_with_output().unwrap();
+    assert!(end.status.success(), "{}", text(&end.stderr));
+    // Disconnected: unreachable again; and no vNode reaches the processor
+    // host's own address (its daemon listens there).
+    let out = lego_on(&h, &manager, &["vnode", "disconnect", "other", "svc"]);
+    ok(&out, "vnode disconnect");
+    let (server, mut lines) = python_in_vnode(&h, &manager, "svc", LISTENER);
+    assert_eq!(lines.next().unwrap().unwrap(), "listening");
+    assert_eq!(connect("other", &vip, "7777"), "refused 101\n");
+    let proc_host = h.ip(3).to_string();
+    assert_eq!(
+        connect("svc", &proc_host, &PORT.to_string()),
+        "refused 101\n"
+    );
+    for bad in [["svc", "svc"], ["svc", "nope"]] {
+        let out = lego_on(&h, &manager, &["vnode", "connect", bad[0], bad[1]]);
+        assert!(!out.status.success(), "{bad:?}");
+    }
+    for _ in 0..2 {
+        assert_eq!(connect("svc", &vip, "7777"), format!("hello {vip}\n"));
+    }
     let end = server.wait_with_output().unwrap();
     assert!(end.status.success(), "{}", text(&end.stderr));
     let _ = std::fs::remove_dir_all(&dir);

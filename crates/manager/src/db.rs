@@ -119,6 +119,7 @@ impl Db {
                     storage: 0,
                     storage_quota: 0,
                     owner: String::new(),
+                    peers: Default::default(),
                 });
                 match retired.as_ref().or_else(|| cluster.vnodes.get(name)) {
                     Some(v) => {

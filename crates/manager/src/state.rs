@@ -115,6 +115,9 @@ pub struct Vnode {
     pub storage_quota: u64,
     #[serde(default)]
     pub owner: String,
+    /// The vNodes it is connected to (each lists the other).
+    #[serde(default)]
+    pub peers: BTreeSet<String>,
 }
 
 /// The record, among the vNodes, that keeps the highest vID ever given
@@ -294,14 +297,21 @@ impl Cluster {
                 Some(v) => {
                     let info = self.vnode_info(&name, &v);
                     self.retired_vid = self.retired_vid.max(v.vid);
+                    for peer in &v.peers {
+                        if let Some(p) = self.vnodes.get_mut(peer) {
+                            p.peers.remove(&name);
+                            ch.vnodes.insert(peer.clone());
+                        }
+                    }
                     ch.vnodes.insert(name);
                     ch.vnodes.insert(RETIRED_VIDS.to_string());
-                    Reply::Vnode(info)
+                    Reply::Vnode(Box::new(info))
                 }
                 None => Reply::Error {
                     message: format!("no vNode {name}"),
                 },
             },
+            Request::LinkVnodes { a, b, linked } => self.link_vnodes(&a, &b, linked, &mut ch),
             Request::Vnodes => Reply::Vnodes {
                 vnodes: self
                     .vnodes
@@ -354,6 +364,40 @@ impl Cluster {
                 .unwrap_or_default(),
             storage_quota: v.storage_quota,
             owner: v.owner.clone(),
+            peers: v.peers.iter().cloned().collect(),
+        }
+    }
+
+    /// Connects vNodes `a` and `b` (`linked`: their programs may reach
+    /// each other's vIP) or disconnects them.
+    fn link_vnodes(&mut self, a: &str, b: &str, linked: bool, ch: &mut Changes) -> Reply {
+        for name in [a, b] {
+            if !self.vnodes.contains_key(name) {
+                return Reply::Error {
+                    message: format!("no vNode {}", short_program(name)),
+                };
+            }
+        }
+        if a == b {
+            return Reply::Error {
+                message: format!("a vNode reaches its own vIP: {a} needs no connecting to itself"),
+            };
+        }
+        for (this, other) in [(a, b), (b, a)] {
+            if let Some(v) = self.vnodes.get_mut(this) {
+                if linked {
+                    v.peers.insert(other.to_string());
+                } else {
+                    v.peers.remove(other);
+                }
+            }
+            ch.vnodes.insert(this.to_string());
+        }
+        Reply::Vnodes {
+            vnodes: [a, b]
+                .iter()
+                .filter_map(|n| Some(self.vnode_info(n, self.vnodes.get(*n)?)))
+                .collect(),
         }
     }
 
@@ -429,11 +473,12 @@ impl Cluster {
             storage,
             storage_quota: quota,
             owner,
+            peers: BTreeSet::new(),
         };
         let info = self.vnode_info(&name, &v);
         self.vnodes.insert(name.clone(), v);
         ch.vnodes.insert(name);
-        Reply::Vnode(info)
+        Reply::Vnode(Box::new(info))
     }
 
     /// Memory daemon `id` failed or left: every unit with a replica there
@@ -1688,6 +1733,52 @@ mod tests {
             c.apply(3, Request::DeleteVnode { name: "web".into() }).0,
             Reply::Error { .. }
         ));
+    }
+
+    #[test]
+    fn connected_vnodes_list_each_other_until_disconnected_or_deleted() {
+        let mut c = Cluster::new(1000);
+        register(&mut c, 0, Kind::Storage, "s1:1", 100 * MIB);
+        for name in ["a", "b", "c"] {
+            assert!(matches!(vnode(&mut c, name, MIB), Reply::Vnode(_)));
+        }
+        let link = |c: &mut Cluster, a: &str, b: &str, linked| {
+            c.apply(
+                2,
+                Request::LinkVnodes {
+                    a: a.into(),
+                    b: b.into(),
+                    linked,
+                },
+            )
+        };
+        let peers =
+            |c: &Cluster, n: &str| -> Vec<String> { c.vnodes[n].peers.iter().cloned().collect() };
+        let (r, ch) = link(&mut c, "a", "b", true);
+        assert!(
+            matches!(r, Reply::Vnodes { ref vnodes } if vnodes.len() == 2 && vnodes[0].peers == ["b"])
+        );
+        assert_eq!(ch.vnodes.len(), 2, "both records are stored");
+        link(&mut c, "a", "c", true);
+        assert_eq!(
+            (peers(&c, "a"), peers(&c, "b")),
+            (vec!["b".to_string(), "c".into()], vec!["a".into()])
+        );
+        for (a, b, why) in [("a", "a", "itself"), ("a", "zz", "no vNode zz")] {
+            assert!(
+                matches!(link(&mut c, a, b, true).0, Reply::Error { message } if message.contains(why)),
+                "{a} {b}"
+            );
+        }
+        link(&mut c, "b", "a", false);
+        assert_eq!(
+            (peers(&c, "a"), peers(&c, "b")),
+            (vec!["c".to_string()], vec![])
+        );
+        // A deleted vNode is no one's peer (a new one of its name is not).
+        let (_, ch) = c.apply(3, Request::DeleteVnode { name: "c".into() });
+        assert!(ch.vnodes.contains("a"));
+        assert!(peers(&c, "a").is_empty());
     }
 
     #[test]

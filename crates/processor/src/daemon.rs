@@ -69,8 +69,8 @@ struct Host {
     lego_exe: PathBuf,
     cred: Credential,
     running: Mutex<Vec<ProcessInfo>>,
-    /// The network namespace of each vNode with programs here (crate::vnode).
-    vnode_nets: crate::vnode::Networks,
+    /// The network namespace of each vNode with programs here (crate::vnet).
+    vnode_nets: crate::vnet::Networks,
 }
 
 impl Host {
@@ -125,6 +125,7 @@ impl ProcessorDaemon {
                 }
             })
         };
+        watch_vnode_links(host.clone(), stop.clone());
         {
             let host = host.clone();
             // Not joined: the process ends with the programs it runs.
@@ -166,6 +167,35 @@ impl ProcessorDaemon {
         }
         end_programs(&self.host);
         self.membership.leave();
+    }
+}
+
+/// How often a processor daemon with vNode programs asks the manager which
+/// vNodes are connected (`lego vnode connect` takes effect this soon).
+const VNODE_LINKS_EVERY: Duration = Duration::from_secs(1);
+
+/// Keeps the links between the vNodes with programs here as the manager
+/// has them, until `stop`.
+fn watch_vnode_links(host: Arc<Host>, stop: Arc<AtomicBool>) {
+    let spawned = std::thread::Builder::new()
+        .name("lego-vnode-links".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                std::thread::sleep(VNODE_LINKS_EVERY);
+                if !host.vnode_nets.any() {
+                    continue;
+                }
+                match lego_transport::ask_manager(&host.manager, &Request::Vnodes, &host.cred) {
+                    Ok(Reply::Vnodes { vnodes }) => host.vnode_nets.update(&vnodes),
+                    Ok(other) => {
+                        tracing::warn!(reply = ?other, "the manager did not list the vNodes")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "cannot ask the manager for the vNodes"),
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot watch the vNodes' links");
     }
 }
 
@@ -447,12 +477,15 @@ fn run_program(
     // system and starts the wrapper there as the user (crate::vnode). It
     // runs with a fixed environment; the program's comes in a file only
     // this daemon's user can reach.
-    let mut vnode_vid = None;
     let mut net_hold = None;
     let mut env_file = None;
     if let Some(name) = &job.vnode {
         let v = match crate::vnode::look_up(&host.manager, name, &host.cred) {
-            Ok(v) => v,
+            Ok((v, all)) => {
+                // Links made since the last look take effect now.
+                host.vnode_nets.update(&all);
+                v
+            }
             Err(message) => return refuse(message),
         };
         if let Identity::User(who) = &job.identity {
@@ -462,8 +495,14 @@ fn run_program(
                 ));
             }
         }
-        vnode_vid = Some(v.vid);
-        let spec = crate::vnode::Spec::new(&v, user.map(|u| (u.uid, u.gid)));
+        // Held from before the run starts, so the namespace it is told
+        // to join stays open until it has.
+        let (hold, netns) = match host.vnode_nets.hold(&v) {
+            Ok(h) => h,
+            Err(e) => return refuse(format!("vNode '{name}': {e}")),
+        };
+        net_hold = Some(hold);
+        let spec = crate::vnode::Spec::new(&v, user.map(|u| (u.uid, u.gid)), netns.into());
         let file = match crate::vnode::EnvFile::new(&program_env, *listed_as) {
             Ok(f) => f,
             Err(message) => return refuse(message),
@@ -473,12 +512,6 @@ fn run_program(
             .arg("--env-file")
             .arg(file.path());
         env_file = Some(file);
-        // Held from before the run starts, so the namespace it is told
-        // to join stays open until it has.
-        if let Some((hold, path)) = host.vnode_nets.hold_existing(v.vid) {
-            cmd.arg("--netns").arg(path);
-            net_hold = Some(hold);
-        }
         cmd.args(["--manager", &host.manager, "--job-dir"])
             .arg(&key.dir)
             .arg("--")
@@ -522,7 +555,7 @@ fn run_program(
     };
     let pid = child.id();
     // The vNode's network namespace, kept while it has programs here.
-    let _net = net_hold.or_else(|| vnode_vid.and_then(|vid| host.vnode_nets.hold_new(vid, pid)));
+    let _net = net_hold;
     let _env_file = env_file;
     if let Some(p) = host.running().iter_mut().find(|p| p.pid == *listed_as) {
         p.pid = pid;

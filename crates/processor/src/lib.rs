@@ -10,6 +10,8 @@
 //!   exit status.
 //! - [`vnode`]: running a program in a vNode (`lego vnode-host`): its
 //!   namespaces, its file system, the broker of its connections.
+//! - [`vnet`]: the vNodes' network namespaces on one processor host, and
+//!   the router that lets connected vNodes (only) reach each other's vIP.
 //! - [`watchdog`] (over [`hang`], its pure core): the watch `lego run`
 //!   keeps over the program it launched, which stops a program whose
 //!   every thread waits on a page fault nobody can serve.
@@ -23,6 +25,7 @@
 pub mod daemon;
 pub mod hang;
 pub mod remote;
+pub mod vnet;
 pub mod vnode;
 pub mod watchdog;
 

@@ -2,16 +2,16 @@
 //! NAME looks the vNode up at the global manager and starts
 //! `lego vnode-host` (this module's [`host`]) as itself; that process
 //!
-//! 1. enters a mount namespace and a network namespace of its own (the
-//!    host's mounts stay as they are, and nothing mounted here shows on
-//!    the host);
-//! 2. brings up loopback there and gives it the vNode's vIP;
-//! 3. mounts private, empty `/tmp`, `/var/tmp` and `/dev/shm` (so no
+//! 1. joins the vNode's network namespace on this host, which the daemon
+//!    holds and links to its other vNodes' ([`crate::vnet`]: the vIP on
+//!    `eth0`), and enters a mount namespace of its own (the host's mounts
+//!    stay as they are, and nothing mounted here shows on the host);
+//! 2. mounts private, empty `/tmp`, `/var/tmp` and `/dev/shm` (so no
 //!    socket or file there is shared with another vNode);
-//! 4. mounts the vNode's file system (FUSE, [`lego_storage::fuse`]) at
+//! 3. mounts the vNode's file system (FUSE, [`lego_storage::fuse`]) at
 //!    [`VNODE_ROOT`], served from the storage daemon that holds the
 //!    vNode's tree, and usable only from this mount namespace;
-//! 5. starts the program's `lego run --local` there, as the program's
+//! 4. starts the program's `lego run --local` there, as the program's
 //!    user, in [`VNODE_ROOT`] with `LEGO_VNODE_ROOT`, `LEGO_VNODE` (its
 //!    name) and `LEGO_VNODE_IP` set, in a PID namespace of its own (whose
 //!    init, [`init`], mounts its /proc), forwards signals to it, and ends
@@ -90,15 +90,19 @@ impl Drop for EnvFile {
 /// program gets `EIO` (`LEGO_STORAGE_TIMEOUT_MS`).
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// vNode `name` as the manager at `manager` knows it.
-pub fn look_up(manager: &str, name: &str, cred: &Credential) -> Result<VnodeInfo, String> {
+/// vNode `name` as the manager at `manager` knows it, and every vNode.
+pub fn look_up(
+    manager: &str,
+    name: &str,
+    cred: &Credential,
+) -> Result<(VnodeInfo, Vec<VnodeInfo>), String> {
     let mut c = ControlClient::connect(manager, "lego-processor", Duration::from_secs(5), cred)
         .map_err(|e| format!("cannot reach the global manager at {manager}: {e}"))?;
     match c.call(&Request::Vnodes) {
-        Ok(Reply::Vnodes { vnodes }) => vnodes
-            .into_iter()
-            .find(|v| v.name == name)
-            .ok_or_else(|| format!("no vNode '{name}' (lego vnode create makes one)")),
+        Ok(Reply::Vnodes { vnodes }) => match vnodes.iter().find(|v| v.name == name) {
+            Some(v) => Ok((v.clone(), vnodes)),
+            None => Err(format!("no vNode '{name}' (lego vnode create makes one)")),
+        },
         Ok(Reply::Error { message }) => Err(message),
         Ok(other) => Err(format!("the manager answered {other:?}")),
         Err(e) => Err(format!("the global manager at {manager}: {e}")),
@@ -115,13 +119,12 @@ pub struct Spec {
     /// The program's user (none: this process's).
     pub user: Option<(u32, u32)>,
     pub timeout: Duration,
-    /// The vNode's network namespace on this host, to join (none: make
-    /// it).
-    pub netns: Option<std::path::PathBuf>,
+    /// The vNode's network namespace on this host, to join.
+    pub netns: std::path::PathBuf,
 }
 
 impl Spec {
-    pub fn new(v: &VnodeInfo, user: Option<(u32, u32)>) -> Self {
+    pub fn new(v: &VnodeInfo, user: Option<(u32, u32)>, netns: std::path::PathBuf) -> Self {
         let timeout = std::env::var("LEGO_STORAGE_TIMEOUT_MS")
             .ok()
             .and_then(|t| t.parse().ok())
@@ -133,7 +136,7 @@ impl Spec {
             storage: v.storage_addr.clone(),
             user,
             timeout,
-            netns: None,
+            netns,
         }
     }
 
@@ -150,6 +153,8 @@ impl Spec {
             self.storage.clone(),
             "--timeout-ms".into(),
             self.timeout.as_millis().to_string(),
+            "--netns".into(),
+            self.netns.to_string_lossy().into_owned(),
         ];
         if let Some((uid, gid)) = self.user {
             a.extend([
@@ -163,96 +168,20 @@ impl Spec {
     }
 }
 
-/// Each vNode's network namespace held open here, and how many runs hold
-/// it.
-type Held =
-    std::sync::Arc<std::sync::Mutex<std::collections::HashMap<u64, (std::fs::File, usize)>>>;
-
-/// The network namespace of each vNode with programs on this host, held
-/// open by the processor daemon: a vNode's later runs here join it (they
-/// reach each other by the vIP); it goes when the vNode's last run here
-/// ends. Nothing of it is left on the host.
-#[derive(Default)]
-pub struct Networks {
-    held: Held,
-}
-
-/// A run's hold on its vNode's network namespace (released on drop).
-pub struct NetworkHold {
-    held: Held,
-    vid: u64,
-}
-
-impl Networks {
-    /// Holds vNode `vid`'s namespace here if it has one, with the path
-    /// (`/proc/<daemon>/fd/<n>`) a new run opens to join it; the hold
-    /// keeps that descriptor open until the run ends.
-    pub fn hold_existing(&self, vid: u64) -> Option<(NetworkHold, String)> {
-        use std::os::fd::AsRawFd;
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let (f, n) = held.get_mut(&vid)?;
-        *n += 1;
-        let path = format!("/proc/{}/fd/{}", std::process::id(), f.as_raw_fd());
-        Some((
-            NetworkHold {
-                held: self.held.clone(),
-                vid,
-            },
-            path,
-        ))
-    }
-
-    /// Holds the namespace the new run `pid` (its `lego vnode-host`)
-    /// made for vNode `vid`, once it has left this daemon's, while the
-    /// run lasts (another first run's, if one was quicker).
-    pub fn hold_new(&self, vid: u64, pid: u32) -> Option<NetworkHold> {
-        let own = std::fs::read_link("/proc/self/ns/net").ok()?;
-        let theirs = format!("/proc/{pid}/ns/net");
-        let started = std::time::Instant::now();
-        let file = loop {
-            match std::fs::read_link(&theirs) {
-                Ok(ns) if ns != own => break std::fs::File::open(&theirs).ok()?,
-                Ok(_) if started.elapsed() < Duration::from_secs(5) => {
-                    std::thread::sleep(Duration::from_millis(2))
-                }
-                _ => return None,
-            }
-        };
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        held.entry(vid).or_insert((file, 0)).1 += 1;
-        Some(NetworkHold {
-            held: self.held.clone(),
-            vid,
-        })
-    }
-}
-
-impl Drop for NetworkHold {
-    fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((_, n)) = held.get_mut(&self.vid) {
-            *n -= 1;
-            if *n == 0 {
-                held.remove(&self.vid);
-            }
-        }
-    }
-}
-
-/// Moves this thread into the network namespace at `join` (the vNode's on
-/// this host), or into a new one. Returns whether it is new (loopback and
-/// the vIP still to be set up).
-fn join_vnode_network(join: Option<&std::path::Path>) -> std::io::Result<bool> {
-    if let Some(path) = join {
-        // Gone meanwhile (its last run ended): a new one.
-        if let Ok(f) = std::fs::File::open(path) {
-            if lego_sys::ns::enter_network(&f).is_ok() {
-                return Ok(false);
-            }
-        }
-    }
-    lego_sys::ns::enter_new_network()?;
-    Ok(true)
+/// Moves this thread into the vNode's network namespace at `path` (held
+/// by the processor daemon, [`crate::vnet`]).
+fn join_vnode_network(path: &std::path::Path) -> Result<(), String> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        format!(
+            "cannot open the vNode's network namespace {}: {e}",
+            path.display()
+        )
+    })?;
+    lego_sys::ns::enter_network(&f).map_err(|e| {
+        format!(
+            "cannot enter the vNode's network namespace (this needs root, or CAP_SYS_ADMIN): {e}"
+        )
+    })
 }
 
 /// Where the connection broker listens, inside the vNode's mount
@@ -323,25 +252,8 @@ pub fn host(
     let needs_root = |e: std::io::Error| {
         format!("cannot make the vNode's namespaces (this needs root, or CAP_SYS_ADMIN): {e}")
     };
-    let fresh = join_vnode_network(spec.netns.as_deref()).map_err(needs_root)?;
+    join_vnode_network(&spec.netns)?;
     lego_sys::ns::enter_own_mounts().map_err(needs_root)?;
-    let ip = |args: &[&str]| -> Result<(), String> {
-        let out = Command::new("ip")
-            .env_clear()
-            .env("PATH", SAFE_PATH)
-            .args(args)
-            .output()
-            .map_err(|e| format!("cannot run ip (iproute2): {e}"))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "ip {}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
-    };
     // The job's own directory (its credential, its statistics) stays
     // where it is under the private /tmp.
     let job = match job_dir {
@@ -352,12 +264,6 @@ pub fn host(
         }
         None => None,
     };
-    if fresh {
-        ip(&["link", "set", "lo", "up"])?;
-        if !spec.vip.is_empty() {
-            ip(&["addr", "add", &format!("{}/32", spec.vip), "dev", "lo"])?;
-        }
-    }
     for dir in ["/tmp", "/var/tmp", "/dev/shm", "/run/lego"] {
         if std::path::Path::new(dir).is_dir() {
             lego_sys::ns::mount_tmpfs(dir)
@@ -525,11 +431,13 @@ mod tests {
             storage_addr: "10.0.0.2:7500".into(),
             storage_quota: 1 << 30,
             owner: String::new(),
+            peers: vec![],
         };
-        let s = Spec::new(&v, Some((1000, 1000)));
+        let s = Spec::new(&v, Some((1000, 1000)), "/proc/1/fd/3".into());
         let a = s.to_args();
         assert_eq!(a[..4], ["--name", "web", "--vid", "3"]);
         assert!(a.ends_with(&["--uid".into(), "1000".into(), "--gid".into(), "1000".into()]));
         assert!(a.contains(&"10.0.0.2:7500".to_string()));
+        assert!(a.windows(2).any(|w| w == ["--netns", "/proc/1/fd/3"]));
     }
 }

@@ -205,6 +205,9 @@ pub enum Request {
     },
     /// Forget vNode `name`; answered with its record (`Vnode`).
     DeleteVnode { name: String },
+    /// Let vNodes `a` and `b` reach each other's vIP (`linked`), or no
+    /// longer; answered with both records (`Vnodes`).
+    LinkVnodes { a: String, b: String, linked: bool },
     /// Every vNode.
     Vnodes,
     /// To a processor daemon: run `argv` (in `cwd`, with `env`) with an
@@ -247,6 +250,7 @@ impl Request {
             Request::Status => "see the cluster",
             Request::CreateVnode { .. } => "create a vNode",
             Request::DeleteVnode { .. } => "delete a vNode",
+            Request::LinkVnodes { .. } => "connect vNodes",
             Request::Vnodes => "list the vNodes",
             Request::Launch { .. } => "launch a program",
             Request::Signal { .. } => "signal a program",
@@ -276,7 +280,7 @@ pub enum Reply {
         addr: String,
     },
     Status(ClusterStatus),
-    Vnode(VnodeInfo),
+    Vnode(Box<VnodeInfo>),
     Vnodes {
         vnodes: Vec<VnodeInfo>,
     },
@@ -325,6 +329,10 @@ pub struct VnodeInfo {
     /// operators only).
     #[serde(default)]
     pub owner: String,
+    /// The vNodes whose programs may reach its vIP, and it theirs
+    /// (`lego vnode connect`).
+    #[serde(default)]
+    pub peers: Vec<String>,
 }
 
 /// Where one replica of a unit lives.
