@@ -144,7 +144,7 @@ fn vnodes(manager: &str) -> serde_json::Value {
 }
 
 #[test]
-fn vnodes_are_placed_on_storage_daemons_and_survive_a_manager_restart() {
+fn vnodes_and_their_links_are_placed_and_survive_a_manager_restart() {
     let state = storage_dir("mgr-state");
     let dir = storage_dir("gsm");
     let manager_args = |state: &std::path::Path| {
@@ -187,8 +187,11 @@ fn vnodes_are_placed_on_storage_daemons_and_survive_a_manager_restart() {
         "{}",
         text(&again.stderr)
     );
+    let out = vnode_cmd(&m.addr, &["connect", "web", "db"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let before = vnodes(&m.addr);
     assert_eq!(before.as_array().unwrap().len(), 2);
+    assert_eq!(before[0]["peers"], serde_json::json!(["web"]));
     assert_eq!(before[1]["vip"], "10.77.0.1");
     assert_eq!(before[1]["storage_addr"], s.addr.as_str());
     // kill -9 of the manager, started again on its state: the same vNodes.
@@ -222,7 +225,9 @@ fn vnodes_are_placed_on_storage_daemons_and_survive_a_manager_restart() {
         "{}",
         text(&out.stderr)
     );
-    assert_eq!(vnodes(&m2.addr).as_array().unwrap().len(), 1);
+    let after = vnodes(&m2.addr);
+    assert_eq!(after.as_array().unwrap().len(), 1);
+    assert_eq!(after[0]["peers"], serde_json::json!([]), "no peer deleted");
     assert!(!tree(0).exists(), "db's files are gone");
     assert!(tree(1).join("f").is_file(), "web's stay");
     let mut late = Client::connect(&s.addr, vid(0), &cluster_cred()).unwrap();

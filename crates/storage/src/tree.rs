@@ -14,6 +14,7 @@
 //! is durable once the directory holding it is synced (`fsync` of that
 //! directory's path).
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -98,8 +99,44 @@ pub struct Tree {
     /// Most bytes it may take (`--storage-quota`); 0: no limit.
     quota: std::sync::atomic::AtomicU64,
     /// Held across each change's look before, change and look after, so
-    /// two changes at once are not counted twice.
-    changing: std::sync::Mutex<()>,
+    /// two changes at once are not counted twice; a write holds it only
+    /// to look before and after (see [`Writes`]).
+    changing: std::sync::Mutex<Writes>,
+}
+
+/// The writes under way in a tree, which copy their data with the lock
+/// released (so several go at once), and what each file they write has
+/// counted so far.
+#[derive(Default)]
+struct Writes {
+    /// By inode: bytes on disk counted for it, and writes under way.
+    files: HashMap<u64, Writing>,
+    /// Room promised to the writes under way.
+    reserved: u64,
+}
+
+struct Writing {
+    counted: u64,
+    writers: u32,
+    /// Room its writes under way were promised and have not yet been
+    /// counted as taking (part of [`Writes::reserved`]).
+    reserved: u64,
+    /// Removed meanwhile (what it took was counted freed then).
+    removed: bool,
+}
+
+impl Writes {
+    /// Bytes counted for inode `ino`, which takes `now` on disk, when it
+    /// is removed or replaced: what a write under way counted, if one is.
+    fn forget(&mut self, ino: u64, now: u64) -> u64 {
+        match self.files.get_mut(&ino) {
+            Some(w) => {
+                w.removed = true;
+                w.counted
+            }
+            None => now,
+        }
+    }
 }
 
 /// Bytes `st` takes on disk.
@@ -182,7 +219,7 @@ impl Tree {
             root,
             used: std::sync::atomic::AtomicU64::new(disk_usage(dir)),
             quota: std::sync::atomic::AtomicU64::new(0),
-            changing: std::sync::Mutex::new(()),
+            changing: std::sync::Mutex::new(Writes::default()),
         })
     }
 
@@ -197,14 +234,15 @@ impl Tree {
         self.used.load(Ordering::Relaxed)
     }
 
-    fn changing(&self) -> std::sync::MutexGuard<'_, ()> {
+    fn changing(&self) -> std::sync::MutexGuard<'_, Writes> {
         self.changing.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Fails with `ENOSPC` if `more` bytes do not fit the quota.
-    fn room_for(&self, more: u64) -> io::Result<()> {
+    /// Fails with `ENOSPC` if `more` bytes do not fit the quota (with the
+    /// room the writes under way, `w`, may take).
+    fn room_for(&self, w: &Writes, more: u64) -> io::Result<()> {
         let quota = self.quota.load(Ordering::Relaxed);
-        if quota != 0 && self.used().saturating_add(more) > quota {
+        if quota != 0 && self.used().saturating_add(w.reserved).saturating_add(more) > quota {
             return Err(io::Error::from_raw_os_error(libc_enospc()));
         }
         Ok(())
@@ -226,13 +264,13 @@ impl Tree {
 
     /// Bytes on disk that removing the name `name` in `dir` frees (none
     /// if another hard link keeps the file).
-    fn freed_by_removing(dir: &OwnedFd, name: &str) -> u64 {
+    fn freed_by_removing(w: &mut Writes, dir: &OwnedFd, name: &str) -> u64 {
         match fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(st)
                 if st.st_nlink <= 1
                     || fs::FileType::from_raw_mode(st.st_mode) == fs::FileType::Directory =>
             {
-                on_disk(&st)
+                w.forget(st.st_ino, on_disk(&st))
             }
             _ => 0,
         }
@@ -309,8 +347,8 @@ impl Tree {
     /// Makes directory `path` with exactly `mode`'s permission bits.
     pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        let _changing = self.changing();
-        self.room_for(4096)?;
+        let changing = self.changing();
+        self.room_for(&changing, 4096)?;
         fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)?;
         if let Ok(st) = fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
             self.count(0, on_disk(&st));
@@ -321,8 +359,8 @@ impl Tree {
     /// Removes file or symlink `path`.
     pub fn unlink(&self, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        let _changing = self.changing();
-        let freed = Self::freed_by_removing(&dir, name);
+        let mut changing = self.changing();
+        let freed = Self::freed_by_removing(&mut changing, &dir, name);
         fs::unlinkat(&dir, name, AtFlags::empty()).map_err(errno)?;
         self.count(freed, 0);
         Ok(())
@@ -331,8 +369,8 @@ impl Tree {
     /// Removes empty directory `path`.
     pub fn rmdir(&self, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        let _changing = self.changing();
-        let freed = Self::freed_by_removing(&dir, name);
+        let mut changing = self.changing();
+        let freed = Self::freed_by_removing(&mut changing, &dir, name);
         fs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(errno)?;
         self.count(freed, 0);
         Ok(())
@@ -342,9 +380,9 @@ impl Tree {
         let (from_dir, from_name) = self.parent(from)?;
         let (to_dir, to_name) = self.parent(to)?;
         // A file replaced by the rename frees its blocks.
-        let _changing = self.changing();
+        let mut changing = self.changing();
         let freed = match fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(_) => Self::freed_by_removing(&to_dir, to_name),
+            Ok(_) => Self::freed_by_removing(&mut changing, &to_dir, to_name),
             Err(_) => 0,
         };
         fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(errno)?;
@@ -419,11 +457,15 @@ impl Tree {
 
     pub fn truncate(&self, path: &str, size: u64) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
-        let _changing = self.changing();
+        let mut changing = self.changing();
         let before = fs::fstat(&fd).map_err(errno)?;
         fs::ftruncate(&fd, size).map_err(errno)?;
-        let after = fs::fstat(&fd).map_err(errno)?;
-        self.count(on_disk(&before), on_disk(&after));
+        let after = on_disk(&fs::fstat(&fd).map_err(errno)?);
+        // Against what a write under way counted, if one is.
+        match changing.files.get_mut(&before.st_ino) {
+            Some(w) => self.count(std::mem::replace(&mut w.counted, after), after),
+            None => self.count(on_disk(&before), after),
+        }
         Ok(())
     }
 
@@ -451,21 +493,8 @@ impl Tree {
     /// room than the tree's quota leaves.
     pub fn write(&self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
         let fd = self.file(path, OFlags::WRONLY)?;
-        let end = offset
-            .checked_add(data.len() as u64)
-            .ok_or_else(|| invalid("offset and length overflow"))?;
-        let _changing = self.changing();
-        let before = fs::fstat(&fd).map_err(errno)?;
-        // Overwriting a file with no holes takes no room; anything else
-        // may take as much as it writes.
-        let size = before.st_size as u64;
-        let dense = on_disk(&before) >= size;
-        let need = if end <= size && dense {
-            0
-        } else {
-            (data.len() as u64).div_ceil(4096) * 4096
-        };
-        self.room_for(need)?;
+        let ino = self.begin_write(&fd, offset, data.len())?;
+        // The copy, with the lock released.
         let mut done = 0;
         let written = loop {
             if done == data.len() {
@@ -476,10 +505,64 @@ impl Tree {
                 Err(e) => break Err(errno(e)),
             }
         };
-        if let Ok(after) = fs::fstat(&fd) {
-            self.count(on_disk(&before), on_disk(&after));
-        }
+        self.end_write(&fd, ino);
         written
+    }
+
+    /// Before a write of `len` bytes at `offset` to `fd`: the room it may
+    /// take promised (or `ENOSPC`), the file's count taken as the baseline
+    /// if no other write to it is under way. Returns the file's inode.
+    fn begin_write(&self, fd: &OwnedFd, offset: u64, len: usize) -> io::Result<u64> {
+        let end = offset
+            .checked_add(len as u64)
+            .ok_or_else(|| invalid("offset and length overflow"))?;
+        let mut changing = self.changing();
+        let before = fs::fstat(fd).map_err(errno)?;
+        // Overwriting a file with no holes takes no room; anything else
+        // may take as much as it writes.
+        let size = before.st_size as u64;
+        let dense = on_disk(&before) >= size;
+        let need = if end <= size && dense {
+            0
+        } else {
+            (len as u64).div_ceil(4096) * 4096
+        };
+        self.room_for(&changing, need)?;
+        changing.reserved += need;
+        let w = changing.files.entry(before.st_ino).or_insert(Writing {
+            counted: on_disk(&before),
+            writers: 0,
+            reserved: 0,
+            removed: false,
+        });
+        w.writers += 1;
+        w.reserved += need;
+        Ok(before.st_ino)
+    }
+
+    /// After a write to `fd` (inode `ino`): what the file takes now
+    /// against what was counted for it (by the baseline or the last write
+    /// to end); growth counted is no longer promised, and the last write
+    /// to the file under way gives back what is left of the promise.
+    fn end_write(&self, fd: &OwnedFd, ino: u64) {
+        let mut changing = self.changing();
+        let now = fs::fstat(fd).map(|st| on_disk(&st));
+        let mut released = 0;
+        if let Some(w) = changing.files.get_mut(&ino) {
+            if let (Ok(now), false) = (now, w.removed) {
+                let was = std::mem::replace(&mut w.counted, now);
+                self.count(was, now);
+                let grown = now.saturating_sub(was).min(w.reserved);
+                w.reserved -= grown;
+                released = grown;
+            }
+            w.writers -= 1;
+            if w.writers == 0 {
+                released += w.reserved;
+                changing.files.remove(&ino);
+            }
+        }
+        changing.reserved = changing.reserved.saturating_sub(released);
     }
 
     /// Makes file (or directory) `path` durable: its data, and the entry
@@ -559,6 +642,91 @@ mod tests {
         // Counted again from the disk when opened.
         let again = Tree::open(&dir.join("v1")).unwrap();
         assert_eq!(again.used(), left);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Four writers write `mib` MiB of `file` at once, 1 MiB each, while
+    /// `meanwhile` runs; how many writes were refused.
+    fn four_writers(t: &Tree, file: &str, mib: u64, meanwhile: impl FnOnce() + Send) -> u32 {
+        let refused = std::sync::atomic::AtomicU32::new(0);
+        std::thread::scope(|s| {
+            for k in 0..4u64 {
+                let refused = &refused;
+                s.spawn(move || {
+                    for i in (k..mib).step_by(4) {
+                        if t.write(file, i << 20, &vec![k as u8 + 1; 1 << 20]).is_err() {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+            s.spawn(meanwhile);
+        });
+        refused.into_inner()
+    }
+
+    #[test]
+    fn writes_at_once_to_one_file_are_counted_once_and_within_the_quota() {
+        let dir = tmp("concurrent");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.create("f", 0o644).unwrap();
+        t.create("g", 0o644).unwrap();
+        // One file's 64 MiB, while another file is written, truncated
+        // and removed.
+        let refused = four_writers(&t, "f", 64, || {
+            for i in 0..16u64 {
+                t.write("g", i << 20, &vec![9u8; 1 << 20]).unwrap();
+                if i == 7 {
+                    t.truncate("g", 1 << 20).unwrap();
+                }
+            }
+            t.unlink("g").unwrap();
+        });
+        assert_eq!(refused, 0);
+        let counted = t.used();
+        assert!(t.changing().files.is_empty(), "no write left under way");
+        assert_eq!(t.changing().reserved, 0);
+        // The count is the disk's.
+        assert_eq!(counted, Tree::open(&dir.join("v1")).unwrap().used());
+        assert!(counted >= 64 << 20, "{counted}");
+        // With a quota, writers at once never take it past the quota.
+        let u = Tree::open(&dir.join("v2")).unwrap();
+        u.set_quota(8 << 20);
+        u.create("h", 0o644).unwrap();
+        assert!(four_writers(&u, "h", 16, || {}) >= 8);
+        assert!(u.used() <= 8 << 20, "{}", u.used());
+        // And a file that just fits is written whole by writers at once
+        // (one's growth, seen by another, is not promised twice).
+        let v = Tree::open(&dir.join("v3")).unwrap();
+        v.set_quota((16 << 20) + (64 << 10));
+        v.create("i", 0o644).unwrap();
+        assert_eq!(four_writers(&v, "i", 16, || {}), 0);
+        assert_eq!(v.getattr("i").unwrap().size, 16 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn growth_one_write_counts_for_another_is_no_longer_promised() {
+        let dir = tmp("interleaved");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.create("f", 0o644).unwrap();
+        t.set_quota(t.used() + (2 << 20));
+        let fd = t.file("f", OFlags::WRONLY).unwrap();
+        // Two 1 MiB writes begin (2 MiB promised); both copy; the first
+        // to end counts both.
+        let a = t.begin_write(&fd, 0, 1 << 20).unwrap();
+        let b = t.begin_write(&fd, 1 << 20, 1 << 20).unwrap();
+        assert_eq!(t.changing().reserved, 2 << 20);
+        rustix::io::pwrite(&fd, &vec![1u8; 2 << 20], 0).unwrap();
+        t.end_write(&fd, a);
+        let counted = t.used();
+        // Nothing is promised twice: what b took is counted, not still
+        // promised, so the tree is at (not past) its quota.
+        assert!(t.changing().reserved < 4096, "{}", t.changing().reserved);
+        t.end_write(&fd, b);
+        assert_eq!(t.used(), counted);
+        assert_eq!(t.changing().reserved, 0);
+        assert!(t.changing().files.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 
