@@ -72,6 +72,7 @@ fn request(rng: &mut Rng) -> Request {
                     pid: rng.next() as u32,
                     program: rng.text(2 * MAX_PROGRAM_BYTES as u64),
                     excache_bytes: rng.value(),
+                    counters: None,
                 })
                 .collect(),
         },

@@ -1539,6 +1539,7 @@ mod tests {
             pid: 1,
             program: "x".into(),
             excache_bytes: mib * MIB,
+            counters: None,
         };
         c.apply(
             1,

@@ -413,6 +413,7 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
             pid: slot,
             program: control::short_program(&job.argv.join(" ")),
             excache_bytes,
+            counters: None,
         });
     }
     let mut listed_as = slot;

@@ -115,6 +115,47 @@ pub struct ProcessInfo {
     pub pid: u32,
     pub program: String,
     pub excache_bytes: u64,
+    /// Its runtime's counters, as of the last second (none: not known
+    /// yet).
+    #[serde(default)]
+    pub counters: Option<ProgramCounters>,
+}
+
+/// A running program's counters, summed over its processes (from the
+/// statistics page its runtimes share; `lego_metrics::program`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProgramCounters {
+    /// Processes whose runtime attached.
+    pub processes: u64,
+    /// Misses served with a page from a memory daemon, zero-filled
+    /// locally, and from the compressed tier.
+    pub remote_misses: u64,
+    pub zero_fills: u64,
+    pub tier_hits: u64,
+    /// Pages fetched, and zero-filled, ahead of a miss.
+    pub prefetched: u64,
+    pub prefilled: u64,
+    pub evictions: u64,
+    pub writebacks: u64,
+    /// Victims dropped without a writeback (all zeros, or unchanged).
+    pub clean_drops: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Largest local memory of any one process (resident pages and its
+    /// compressed tier), and the compressed tier now.
+    pub peak_resident_bytes: u64,
+    pub tier_bytes: u64,
+    /// Anonymous memory at each process's peak: in the disaggregated
+    /// region, and outside it.
+    pub disaggregated_bytes: u64,
+    pub local_bytes: u64,
+    /// Miss service times: counts per bucket of `lego_metrics`'s latency
+    /// bounds (the last: above them), and their sum.
+    pub miss_latency: Vec<u64>,
+    pub miss_latency_sum_us: u64,
+    /// The 99th percentile miss latency, in µs (0: no miss yet).
+    pub miss_p99_us: u64,
 }
 
 /// Requests to the global manager.
