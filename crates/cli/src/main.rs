@@ -125,7 +125,34 @@ struct MemoryArgs {
     #[arg(long, value_name = "NAME", env = "LEGO_ZONE", requires = "manager")]
     zone: Option<String>,
     #[command(flatten)]
+    metrics: MetricsArg,
+    #[command(flatten)]
     key: keys::KeyArg,
+}
+
+/// `--metrics ADDR`, for every daemon and `lego run`.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct MetricsArg {
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, or a
+    /// PORT on 127.0.0.1). Off unless given.
+    #[arg(long, value_name = "ADDR", env = "LEGO_METRICS")]
+    pub metrics: Option<String>,
+}
+
+impl MetricsArg {
+    /// Starts serving `scrape` if asked to, saying where (as `who`).
+    pub fn serve(
+        &self,
+        who: &str,
+        scrape: lego_metrics::http::ScrapeFn,
+    ) -> Result<Option<lego_metrics::MetricsServer>, String> {
+        let Some(addr) = &self.metrics else {
+            return Ok(None);
+        };
+        let server = lego_metrics::serve(addr, scrape)?;
+        eprintln!("{who}: metrics at http://{}/metrics", server.addr());
+        Ok(Some(server))
+    }
 }
 
 #[derive(clap::Args)]
@@ -191,6 +218,10 @@ fn main() -> ExitCode {
             if let Err(e) = stop_on_signals(d.stopper()) {
                 return fail("lego memory", e);
             }
+            let _metrics = match args.metrics.serve("lego memory", d.scraper()) {
+                Ok(m) => m,
+                Err(e) => return fail("lego memory", e),
+            };
             if let Some(m) = &args.manager {
                 let zone = args.zone.as_deref().unwrap_or("");
                 if let Err(e) = d.join(m, args.advertise.as_deref(), zone) {

@@ -33,6 +33,7 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct MemoryDaemon {
     addr: String,
     store: Arc<Mutex<Store>>,
+    counters: Arc<Counters>,
     cred: Arc<Credential>,
     stop: Arc<AtomicBool>,
     accept: Option<JoinHandle<()>>,
@@ -65,17 +66,19 @@ impl MemoryDaemon {
         let listener = Tcp.listen(listen)?;
         let addr = Listener::local_addr(&listener);
         let store = Arc::new(Mutex::new(Store::new(capacity_bytes)));
+        let counters = Arc::new(Counters::default());
         let stop = Arc::new(AtomicBool::new(false));
         let cred = Arc::new(cred);
         let accept = {
-            let (store, cred) = (store.clone(), cred.clone());
+            let (store, cred, counters) = (store.clone(), cred.clone(), counters.clone());
             lego_transport::serve_connections(listener, "lego-memory", stop.clone(), move |s| {
-                serve_connection(s, store.clone(), &cred)
+                serve_connection(s, store.clone(), &cred, &counters)
             })
         };
         Ok(Self {
             addr,
             store,
+            counters,
             cred,
             stop,
             accept: Some(accept),
@@ -90,6 +93,19 @@ impl MemoryDaemon {
 
     pub fn stats(&self) -> DaemonStats {
         lock(&self.store).stats()
+    }
+
+    /// Its metrics now (`lego memory --metrics`), each sample labelled
+    /// with the daemon's address.
+    pub fn scrape(&self) -> lego_metrics::Scrape {
+        scrape(&self.store, &self.counters, &self.addr)
+    }
+
+    /// What builds its metrics at each scrape (for
+    /// [`lego_metrics::serve`]).
+    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
+        let (store, counters, addr) = (self.store.clone(), self.counters.clone(), self.addr.clone());
+        Arc::new(move || scrape(&store, &counters, &addr))
     }
 
     /// Joins the cluster of the global manager at `manager`, as a memory
@@ -177,17 +193,134 @@ impl MemoryDaemon {
     }
 }
 
-fn serve_connection<S: Stream>(stream: S, store: Arc<Mutex<Store>>, cred: &Credential) {
+/// Requests a memory daemon times, by kind (the `op` label of
+/// `lego_memory_request_seconds`).
+pub const OPS: [&str; 5] = ["read", "write", "copy", "layout", "space"];
+
+/// What a memory daemon counts for its metrics (relaxed atomics: a few
+/// adds per request).
+#[derive(Default)]
+pub struct Counters {
+    pub pages_read: lego_metrics::Counter,
+    pub pages_written: lego_metrics::Counter,
+    /// Request service time, from the frame read to the answer sent, by
+    /// [`OPS`].
+    pub requests: [lego_metrics::Histogram; OPS.len()],
+    /// Connections accepted, refused at the handshake, and closed for a
+    /// malformed, forged or unexpected frame.
+    pub connections: lego_metrics::Counter,
+    pub refused: lego_metrics::Counter,
+    pub bad_frames: lego_metrics::Counter,
+}
+
+/// Which of [`OPS`] a request is.
+fn op_of(m: &Message<'_>) -> usize {
+    match m {
+        Message::ReadPages { .. } => 0,
+        Message::WritePages { .. } => 1,
+        Message::CopyRange { .. } | Message::FillPages { .. } | Message::BeginFill { .. } => 2,
+        Message::OpenSpace { .. } | Message::AttachSpace { .. } | Message::ForkSpace { .. } => 4,
+        _ => 3,
+    }
+}
+
+fn scrape(store: &Mutex<Store>, c: &Counters, addr: &str) -> lego_metrics::Scrape {
+    use lego_metrics::labels;
+    let s = lock(store).stats();
+    let mut m = lego_metrics::Scrape::new();
+    let me = labels(&[("daemon", addr)]);
+    m.gauge(
+        "lego_memory_capacity_bytes",
+        "Memory this daemon may hold.",
+        me.clone(),
+        s.capacity_bytes as f64,
+    );
+    m.gauge(
+        "lego_memory_used_bytes",
+        "Memory its address spaces' pages take.",
+        me.clone(),
+        s.used_bytes as f64,
+    );
+    m.gauge(
+        "lego_memory_spaces",
+        "Address spaces it holds.",
+        me.clone(),
+        s.spaces as f64,
+    );
+    m.gauge(
+        "lego_memory_connections",
+        "Connections open now.",
+        me.clone(),
+        s.connections as f64,
+    );
+    m.counter(
+        "lego_memory_connections_accepted",
+        "Connections accepted.",
+        me.clone(),
+        c.connections.get(),
+    );
+    m.counter(
+        "lego_memory_connections_refused",
+        "Connections that failed the handshake (a wrong credential, version or claim).",
+        me.clone(),
+        c.refused.get(),
+    );
+    m.counter(
+        "lego_memory_bad_frames",
+        "Connections closed for a malformed, forged or unexpected frame.",
+        me.clone(),
+        c.bad_frames.get(),
+    );
+    m.counter(
+        "lego_memory_pages_read",
+        "Pages read by runtimes (misses and prefetches).",
+        me.clone(),
+        c.pages_read.get(),
+    );
+    m.counter(
+        "lego_memory_pages_written",
+        "Pages written back by runtimes.",
+        me.clone(),
+        c.pages_written.get(),
+    );
+    for (op, h) in OPS.iter().zip(&c.requests) {
+        m.histogram(
+            "lego_memory_request_seconds",
+            "Request service time, from the request read to its answer sent.",
+            labels(&[("daemon", addr), ("op", op)]),
+            &h.snapshot(),
+        );
+    }
+    m
+}
+
+fn serve_connection<S: Stream>(
+    stream: S,
+    store: Arc<Mutex<Store>>,
+    cred: &Credential,
+    counters: &Counters,
+) {
     let peer = stream.peer();
     lock(&store).connections += 1;
+    counters.connections.inc();
     let mut conn = FramedConn::new(stream);
     let mut space: Option<SpaceId> = None;
+    let mut handshaken = false;
     // A bug in a handler must not leak the connection's space: caught
     // here, the space is released below like on any other end.
-    lego_transport::run_connection(&peer, || {
-        handshake(&mut conn, &store, cred)
-            .and_then(|_| request_loop(&mut conn, &store, &mut space, cred))
+    let ended = lego_transport::run_connection(&peer, || {
+        handshake(&mut conn, &store, cred)?;
+        handshaken = true;
+        request_loop(&mut conn, &store, &mut space, (cred, counters))
     });
+    match ended {
+        Ok(()) | Err(ConnError::Closed) => {}
+        Err(_) if !handshaken => counters.refused.inc(),
+        Err(ConnError::Decode(_) | ConnError::Forged | ConnError::Unexpected(_)) => {
+            counters.bad_frames.inc()
+        }
+        Err(_) => {}
+    }
     let mut s = lock(&store);
     s.connections -= 1;
     if let Some(id) = space {
@@ -307,12 +440,19 @@ fn request_loop<S: Stream>(
     conn: &mut FramedConn<S>,
     store: &Mutex<Store>,
     space: &mut Option<SpaceId>,
-    cred: &Credential,
+    (cred, counters): (&Credential, &Counters),
 ) -> Result<(), ConnError> {
     let mut pages = Vec::new();
     loop {
         let f = conn.recv()?;
+        let started = std::time::Instant::now();
         let id = f.request_id;
+        let op = op_of(&f.message);
+        match &f.message {
+            Message::ReadPages { addrs } => counters.pages_read.add(addrs.len() as u64),
+            Message::WritePages { addrs, .. } => counters.pages_written.add(addrs.len() as u64),
+            _ => {}
+        }
         let result = match f.message {
             // Network I/O of its own: never under the store's lock.
             Message::CopyRange {
@@ -350,6 +490,7 @@ fn request_loop<S: Stream>(
                 },
             )?,
         }
+        counters.requests[op].observe(started.elapsed());
     }
 }
 

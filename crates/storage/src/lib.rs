@@ -186,7 +186,8 @@ fn serve_connection<S: Stream>(
 ) {
     let peer = stream.peer();
     let mut conn = FramedConn::new(stream);
-    lego_transport::run_connection(&peer, || {
+    // Logged there; nothing else to do with how it ended.
+    let _ = lego_transport::run_connection(&peer, || {
         let who = conn.server_handshake(0, HELLO_TIMEOUT, cred)?;
         conn.be_patient(None)?;
         request_loop(&mut conn, root, trees, &who.identity)

@@ -752,18 +752,22 @@ fn accept_loop<L: Listener>(
 
 /// Runs one connection's `handler` and logs how it ended (with `peer`).
 /// A panic in it (a bug) ends the connection like an error, so the caller
-/// goes on to free what the connection held.
-pub fn run_connection(peer: &str, handler: impl FnOnce() -> Result<(), ConnError>) {
+/// goes on to free what the connection held. Returns how it ended.
+pub fn run_connection(
+    peer: &str,
+    handler: impl FnOnce() -> Result<(), ConnError>,
+) -> Result<(), ConnError> {
     let result =
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(handler)).unwrap_or_else(|_| {
             Err(ConnError::Unexpected(
                 "a request handler failed (a bug; see the panic above)".into(),
             ))
         });
-    match result {
+    match &result {
         Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
         Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
     }
+    result
 }
 
 /// One request to the global manager at `addr`; its `Error` replies and
