@@ -33,6 +33,8 @@ pub struct ManagerArgs {
     #[arg(long, value_name = "NET", default_value = "10.77.0.0/16", value_parser = parse_net, env = "LEGO_VNODE_NET")]
     vnode_net: (u32, u8),
     #[command(flatten)]
+    metrics: crate::MetricsArg,
+    #[command(flatten)]
     key: crate::keys::KeyArg,
 }
 
@@ -82,6 +84,10 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
     );
     match lego_manager::Manager::start_with(&args.listen, &args.state, options, cred) {
         Ok(m) => {
+            let _metrics = match args.metrics.serve("lego manager", m.scraper()) {
+                Ok(s) => s,
+                Err(e) => return fail("lego manager", e),
+            };
             eprintln!(
                 "lego manager: serving on {} with state in {}, {} replica(s) per unit",
                 m.addr(),

@@ -62,6 +62,13 @@ pub struct RunArgs {
     /// Also write the run's statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     stats: Option<PathBuf>,
+    /// Keep the program's counters in FILE (JSON), rewritten each second
+    /// while it runs (what a processor daemon reads for its metrics and
+    /// heartbeats).
+    #[arg(long, value_name = "FILE", hide = true)]
+    live_stats: Option<PathBuf>,
+    #[command(flatten)]
+    metrics: crate::MetricsArg,
     /// Do not print the summary (errors are still printed).
     #[arg(long, short)]
     quiet: bool,
@@ -70,6 +77,56 @@ pub struct RunArgs {
     /// The program and its arguments.
     #[arg(required = true, value_name = "PROGRAM")]
     command: Vec<OsString>,
+}
+
+/// The program's counters, written to a file each second while it runs
+/// and once more as it ends (on drop): replaced whole each time (a reader
+/// never sees half of one).
+struct LiveStats {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LiveStats {
+    fn start(file: PathBuf, shared: &'static SharedStats) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let write = move || {
+            let c = lego_metrics::program::counters(shared);
+            let tmp = file.with_extension("tmp");
+            let json = serde_json::to_vec(&c).unwrap_or_default();
+            if std::fs::write(&tmp, json)
+                .and_then(|()| std::fs::rename(&tmp, &file))
+                .is_err()
+            {
+                let _ = std::fs::remove_file(&tmp);
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name("lego-live-stats".into())
+            .spawn(move || loop {
+                write();
+                let t = Instant::now();
+                while t.elapsed() < Duration::from_secs(1) {
+                    if stopping.load(Relaxed) {
+                        write();
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+            .ok();
+        Self { stop, thread }
+    }
+}
+
+impl Drop for LiveStats {
+    fn drop(&mut self) {
+        self.stop.store(true, Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// Prints `lego: MSG` and returns lego's failure status.
@@ -309,6 +366,29 @@ pub fn run(args: RunArgs) -> ExitCode {
         Err(e) => return fail(format!("cannot start {}: {e}", path.display())),
     };
     lego_sys::process::forward_signals_to(child.id() as i32);
+    let program_labels = lego_metrics::labels(&[
+        ("pid", &child.id().to_string()),
+        ("program", &prog.to_string_lossy()),
+    ]);
+    let _metrics = match args.metrics.serve(
+        "lego",
+        std::sync::Arc::new(move || {
+            let mut m = lego_metrics::Scrape::new();
+            lego_metrics::program::add(
+                &mut m,
+                &program_labels,
+                &lego_metrics::program::counters(shared),
+            );
+            m
+        }),
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = child.kill();
+            return fail(e);
+        }
+    };
+    let live = args.live_stats.clone().map(|f| LiveStats::start(f, shared));
     // A program whose pager cannot serve its faults would wait forever.
     let watchdog = lego_processor::Watchdog::start(child.id())
         .map_err(|e| eprintln!("lego: the program runs without a watchdog against hangs: {e}"))
@@ -321,6 +401,7 @@ pub fn run(args: RunArgs) -> ExitCode {
         }
     };
     let elapsed = start.elapsed();
+    drop(live);
     let hung = watchdog.and_then(lego_processor::Watchdog::finish);
     if let Some(h) = &hung {
         eprintln!("lego: {h}");

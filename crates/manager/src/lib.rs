@@ -51,6 +51,21 @@ struct Inner {
     cluster: Mutex<Cluster>,
     db: Db,
     epoch: Instant,
+    counters: Counters,
+}
+
+/// What the manager counts for its metrics.
+#[derive(Default)]
+struct Counters {
+    /// Time to answer a placement (memory, process), its store included.
+    place_memory: lego_metrics::Histogram,
+    place_process: lego_metrics::Histogram,
+    /// Components marked failed (no heartbeat within the timeout).
+    failures: lego_metrics::Counter,
+    /// Drains begun.
+    drains: lego_metrics::Counter,
+    /// Requests refused to a peer not allowed to make them.
+    refused: lego_metrics::Counter,
 }
 
 impl Inner {
@@ -64,10 +79,25 @@ impl Inner {
 
     /// Applies a request and stores what changed before answering.
     fn apply(&self, req: Request) -> Reply {
+        let started = Instant::now();
+        let timed = match &req {
+            Request::PlaceMemory { .. } => Some(&self.counters.place_memory),
+            Request::PlaceProcess { .. } => Some(&self.counters.place_process),
+            _ => None,
+        };
+        let drain = matches!(req, Request::Drain { .. });
         let now = self.now();
         let mut c = self.lock();
         let (reply, changes) = c.apply(now, req);
-        match self.db.save(&c, &changes) {
+        let saved = self.db.save(&c, &changes);
+        drop(c);
+        if let Some(h) = timed {
+            h.observe(started.elapsed());
+        }
+        if drain && !matches!(reply, Reply::Error { .. }) {
+            self.counters.drains.inc();
+        }
+        match saved {
             Ok(()) => reply,
             Err(e) => {
                 tracing::error!(error = %e, "cannot store a change");
@@ -127,6 +157,7 @@ impl Manager {
             cluster: Mutex::new(cluster),
             db,
             epoch: Instant::now(),
+            counters: Counters::default(),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let accept = {
@@ -149,6 +180,7 @@ impl Manager {
                         let changes = c.tick(now);
                         for id in &changes.components {
                             tracing::warn!(id, addr = %c.components[id].addr, "component failed: no heartbeat within the timeout");
+                            inner.counters.failures.inc();
                         }
                         if !changes.placed.is_empty() {
                             tracing::warn!(units = changes.placed.len(), "units lost a replica: degraded until their programs restore them");
@@ -178,6 +210,12 @@ impl Manager {
         self.inner.lock().status(self.inner.now())
     }
 
+    /// What builds its metrics at each scrape (`lego manager --metrics`).
+    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
+        let inner = self.inner.clone();
+        Arc::new(move || scrape(&inner))
+    }
+
     /// Serves until the process ends.
     pub fn wait(mut self) {
         for t in self.threads.drain(..) {
@@ -193,6 +231,97 @@ impl Manager {
             let _ = t.join();
         }
     }
+}
+
+fn scrape(inner: &Inner) -> lego_metrics::Scrape {
+    use lego_metrics::labels;
+    use lego_protocol::control::{Kind, State};
+    let (status, units, vnodes) = {
+        let c = inner.lock();
+        (c.status(inner.now()), c.placements.len(), c.vnodes.len())
+    };
+    let mut m = lego_metrics::Scrape::new();
+    for kind in [Kind::Memory, Kind::Processor, Kind::Storage] {
+        for state in [State::Alive, State::Draining, State::Failed, State::Left] {
+            let n = status
+                .components
+                .iter()
+                .filter(|c| c.kind == kind && c.state == state)
+                .count();
+            m.gauge(
+                "lego_manager_components",
+                "Components known to the manager, by kind and state.",
+                labels(&[("kind", &kind.to_string()), ("state", &state.to_string())]),
+                n as f64,
+            );
+        }
+    }
+    for (kind, what) in [(Kind::Memory, "memory"), (Kind::Processor, "processor")] {
+        let (cap, used) = status
+            .components
+            .iter()
+            .filter(|c| c.kind == kind && matches!(c.state, State::Alive | State::Draining))
+            .fold((0, 0), |(c, u), x| (c + x.capacity_bytes, u + x.used_bytes));
+        m.gauge(
+            "lego_manager_capacity_bytes",
+            "Capacity of the live components (memory: page memory; processor: ExCache budget).",
+            labels(&[("kind", what)]),
+            cap as f64,
+        );
+        m.gauge(
+            "lego_manager_used_bytes",
+            "What the live components use of it.",
+            labels(&[("kind", what)]),
+            used as f64,
+        );
+    }
+    m.gauge(
+        "lego_manager_units",
+        "Placed units of memory (16 MiB of an address space, each with its replicas).",
+        vec![],
+        units as f64,
+    );
+    m.gauge(
+        "lego_manager_degraded_units",
+        "Units that lost a replica and are not whole again yet.",
+        vec![],
+        status.degraded_units as f64,
+    );
+    m.gauge(
+        "lego_manager_programs",
+        "Programs the processor daemons run.",
+        vec![],
+        status.processes.len() as f64,
+    );
+    m.gauge("lego_manager_vnodes", "vNodes.", vec![], vnodes as f64);
+    let c = &inner.counters;
+    for (what, h) in [("memory", &c.place_memory), ("process", &c.place_process)] {
+        m.histogram(
+            "lego_manager_placement_seconds",
+            "Time to answer a placement, its store to disk included.",
+            labels(&[("what", what)]),
+            &h.snapshot(),
+        );
+    }
+    m.counter(
+        "lego_manager_failures",
+        "Components marked failed (no heartbeat within the timeout).",
+        vec![],
+        c.failures.get(),
+    );
+    m.counter(
+        "lego_manager_drains",
+        "Drains begun.",
+        vec![],
+        c.drains.get(),
+    );
+    m.counter(
+        "lego_manager_refused_requests",
+        "Requests refused to a peer not allowed to make them.",
+        vec![],
+        c.refused.get(),
+    );
+    m
 }
 
 fn serve_connection<S: Stream>(stream: S, inner: Arc<Inner>, cred: &Credential) {
@@ -251,7 +380,10 @@ fn request_loop<S: Stream>(
                         }
                         (_, reply) => reply,
                     },
-                    Err(message) => Reply::Error { message },
+                    Err(message) => {
+                        inner.counters.refused.inc();
+                        Reply::Error { message }
+                    }
                 },
                 Err(message) => Reply::Error { message },
             },

@@ -104,7 +104,8 @@ impl MemoryDaemon {
     /// What builds its metrics at each scrape (for
     /// [`lego_metrics::serve`]).
     pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
-        let (store, counters, addr) = (self.store.clone(), self.counters.clone(), self.addr.clone());
+        let (store, counters, addr) =
+            (self.store.clone(), self.counters.clone(), self.addr.clone());
         Arc::new(move || scrape(&store, &counters, &addr))
     }
 
