@@ -47,6 +47,23 @@ fn parse_net(s: &str) -> Result<(u32, u8), String> {
     if !(8..=30).contains(&prefix) {
         return Err(bad());
     }
+    // Not loopback, link-local (the vNode router's 169.254.0.1),
+    // "this network", multicast or reserved: vIPs must route like hosts'.
+    let first = u32::from(addr) & (u32::MAX << (32 - u32::from(prefix)));
+    let last = first | !(u32::MAX << (32 - u32::from(prefix)));
+    for (net, len, what) in [
+        (0x0000_0000u32, 8u32, "0.0.0.0/8"),
+        (0x7f00_0000, 8, "loopback 127.0.0.0/8"),
+        (0xa9fe_0000, 16, "link-local 169.254.0.0/16"),
+        (0xe000_0000, 3, "multicast and reserved 224.0.0.0/3"),
+    ] {
+        let (lo, hi) = (net, net | !(u32::MAX << (32 - len)));
+        if first <= hi && lo <= last {
+            return Err(format!(
+                "'{s}' overlaps {what}: vIPs cannot come from there"
+            ));
+        }
+    }
     Ok((u32::from(addr), prefix))
 }
 
@@ -257,7 +274,10 @@ pub fn vnode(args: VnodeArgs) -> ExitCode {
             storage_quota: *storage_quota,
             owner: owner.clone(),
         },
-        VnodeCommand::List { .. } => Request::Vnodes,
+        VnodeCommand::List { .. } => Request::Vnodes {
+            names: vec![],
+            vids: vec![],
+        },
         VnodeCommand::Delete { name } => Request::DeleteVnode { name: name.clone() },
         VnodeCommand::Connect { a, b } | VnodeCommand::Disconnect { a, b } => Request::LinkVnodes {
             a: a.clone(),
@@ -460,5 +480,22 @@ mod tests {
         assert!(parse_duration("soon").is_err());
         assert!(parse_duration("5h").is_err());
         assert!(parse_duration("0s").is_err());
+    }
+
+    #[test]
+    fn vnode_nets() {
+        assert_eq!(parse_net("10.77.0.0/16").unwrap(), (0x0a4d_0000, 16));
+        for bad in [
+            "169.254.0.0/16",
+            "169.0.0.0/8",
+            "127.1.0.0/16",
+            "0.1.0.0/16",
+            "239.0.0.0/8",
+            "10.0.0.0/31",
+            "10.0.0.0",
+            "x/8",
+        ] {
+            assert!(parse_net(bad).is_err(), "{bad}");
+        }
     }
 }

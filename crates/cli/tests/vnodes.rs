@@ -577,7 +577,10 @@ fn vnodes_on_one_host_reach_each_other_only_when_connected() {
     start_processor(&mut h, 1, &manager);
     create_vnode(&h, &manager, "svc");
     create_vnode(&h, &manager, "other");
-    let (server, mut lines) = python_in_vnode(&h, &manager, "svc", LISTENER);
+    // Three connections answered: a run of svc, a run of other that began
+    // before the two were connected, and one after.
+    let listener = LISTENER.replace("range(2)", "range(3)");
+    let (server, mut lines) = python_in_vnode(&h, &manager, "svc", &listener);
     assert_eq!(lines.next().unwrap().unwrap(), "listening");
     let vip_of = |name: &str| {
         let out = lego_on(&h, &manager, &["vnode", "list", "--json"]);
@@ -604,9 +607,26 @@ fn vnodes_on_one_host_reach_each_other_only_when_connected() {
     assert_eq!(connect("other", &vip, "7777"), "refused 101\n");
     // Another run of the same vNode shares its vIP and reaches it.
     assert_eq!(connect("svc", &vip, "7777"), format!("hello {vip}\n"));
-    // Connected at the manager, the other reaches it, from its own vIP.
+    // Connected at the manager, the other reaches it, from its own vIP:
+    // a run already going (within a second or so) and a new one.
+    let waiting = format!(
+        "import socket, time\n\
+         for _ in range(150):\n    \
+             try:\n        \
+                 print(socket.create_connection(('{vip}', 7777), timeout=1).recv(100).decode(), end='', flush=True)\n        \
+                 break\n    \
+             except OSError:\n        \
+                 time.sleep(0.1)\n"
+    );
+    let (waiter, mut waited) = python_in_vnode(&h, &manager, "other", &waiting);
+    std::thread::sleep(std::time::Duration::from_millis(500));
     let out = lego_on(&h, &manager, &["vnode", "connect", "svc", "other"]);
     ok(&out, "vnode connect");
+    assert_eq!(
+        waited.next().unwrap().unwrap(),
+        format!("hello {other_vip}")
+    );
+    assert!(waiter.wait_with_output().unwrap().status.success());
     let listed = lego_on(&h, &manager, &["vnode", "list"]);
     assert!(
         ok(&listed, "vnode list")

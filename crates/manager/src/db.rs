@@ -115,7 +115,7 @@ impl Db {
             for name in &changes.vnodes {
                 let retired = (name == crate::state::RETIRED_VIDS).then(|| crate::state::Vnode {
                     vid: cluster.retired_vid,
-                    vip: 0,
+                    vip: cluster.last_vip,
                     storage: 0,
                     storage_quota: 0,
                     owner: String::new(),
@@ -244,7 +244,10 @@ mod tests {
             },
         );
         match r {
-            Reply::Vnode(v) => assert_eq!(v.vid, 3, "not tmp's 2"),
+            Reply::Vnode(v) => {
+                assert_eq!(v.vid, 3, "not tmp's 2");
+                assert_eq!(v.vip, "10.77.0.3", "not tmp's vIP: the last given is kept");
+            }
             other => panic!("{other:?}"),
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -132,6 +132,12 @@ pub const DEFAULT_VNODE_NET: (u32, u8) = (0x0a4d_0000, 16); // 10.77.0.0/16
 /// Most vNodes a manager keeps (the list must fit one frame).
 pub const MAX_VNODES: usize = 4096;
 
+/// Most vNodes one vNode is connected to.
+pub const MAX_PEERS: usize = 32;
+
+/// Most names and vIDs one `Vnodes` request may ask for.
+pub const MAX_VNODE_FILTER: usize = 1024;
+
 /// A vNode's name: 1 to 64 of `a-z`, `0-9`, `-` and `_`.
 fn valid_vnode_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
@@ -158,6 +164,11 @@ pub struct Cluster {
     pub vnodes: BTreeMap<String, Vnode>,
     /// The highest vID of a deleted vNode (see [`RETIRED_VIDS`]).
     pub retired_vid: u64,
+    /// The vIP given last: the next vNode's is the next free one after it
+    /// (so a deleted vNode's vIP, which its programs may still hold on
+    /// some host, is the last to be given again). Stored with
+    /// [`RETIRED_VIDS`].
+    pub last_vip: u32,
     /// The network vIPs come from: (address, prefix length).
     pub vnode_net: (u32, u8),
 }
@@ -174,6 +185,7 @@ impl Cluster {
             vnodes: BTreeMap::new(),
             vnode_net: DEFAULT_VNODE_NET,
             retired_vid: 0,
+            last_vip: 0,
         }
     }
 
@@ -202,6 +214,7 @@ impl Cluster {
         for (name, v) in vnodes {
             if name == RETIRED_VIDS {
                 c.retired_vid = v.vid;
+                c.last_vip = v.vip;
             } else {
                 c.vnodes.insert(name, v);
             }
@@ -312,10 +325,22 @@ impl Cluster {
                 },
             },
             Request::LinkVnodes { a, b, linked } => self.link_vnodes(&a, &b, linked, &mut ch),
-            Request::Vnodes => Reply::Vnodes {
+            Request::Vnodes { names, vids } if names.len() + vids.len() > MAX_VNODE_FILTER => {
+                Reply::Error {
+                    message: format!(
+                        "ask for at most {MAX_VNODE_FILTER} vNodes at once, or for all"
+                    ),
+                }
+            }
+            Request::Vnodes { names, vids } => Reply::Vnodes {
                 vnodes: self
                     .vnodes
                     .iter()
+                    .filter(|(name, v)| {
+                        (names.is_empty() && vids.is_empty())
+                            || names.contains(name)
+                            || vids.contains(&v.vid)
+                    })
                     .map(|(name, v)| self.vnode_info(name, v))
                     .collect(),
             },
@@ -382,6 +407,18 @@ impl Cluster {
             return Reply::Error {
                 message: format!("a vNode reaches its own vIP: {a} needs no connecting to itself"),
             };
+        }
+        if linked {
+            for name in [a, b] {
+                let v = &self.vnodes[name];
+                if v.peers.len() >= MAX_PEERS && !v.peers.contains(if name == a { b } else { a }) {
+                    return Reply::Error {
+                        message: format!(
+                            "vNode {name} is connected to its most vNodes ({MAX_PEERS})"
+                        ),
+                    };
+                }
+            }
         }
         for (this, other) in [(a, b), (b, a)] {
             if let Some(v) = self.vnodes.get_mut(this) {
@@ -453,8 +490,10 @@ impl Cluster {
         let hosts = (1u64 << (32 - u32::from(prefix.clamp(8, 30)))) - 2;
         let base = net & (u32::MAX << (32 - u32::from(prefix.clamp(8, 30))));
         let taken: BTreeSet<u32> = self.vnodes.values().map(|v| v.vip).collect();
+        // After the one given last, round the range.
+        let after = u64::from(self.last_vip.wrapping_sub(base)).min(hosts);
         let Some(vip) = (1..=hosts)
-            .map(|k| base + k as u32)
+            .map(|k| base + ((after + k - 1) % hosts + 1) as u32)
             .find(|ip| !taken.contains(ip))
         else {
             return error(format!("no vIP left in {}/{prefix}", ipv4(base)));
@@ -477,7 +516,9 @@ impl Cluster {
         };
         let info = self.vnode_info(&name, &v);
         self.vnodes.insert(name.clone(), v);
+        self.last_vip = vip;
         ch.vnodes.insert(name);
+        ch.vnodes.insert(RETIRED_VIDS.to_string());
         Reply::Vnode(Box::new(info))
     }
 
@@ -1723,7 +1764,16 @@ mod tests {
         );
         let again = info(vnode(&mut c, "api", 10 * MIB));
         assert_eq!((again.vid, again.vip.as_str()), (3, "10.1.2.1"));
-        match c.apply(3, Request::Vnodes).0 {
+        match c
+            .apply(
+                3,
+                Request::Vnodes {
+                    names: vec![],
+                    vids: vec![],
+                },
+            )
+            .0
+        {
             Reply::Vnodes { vnodes } => {
                 let names: Vec<&str> = vnodes.iter().map(|v| v.name.as_str()).collect();
                 assert_eq!(names, ["api", "db"]);
@@ -1780,6 +1830,34 @@ mod tests {
         let (_, ch) = c.apply(3, Request::DeleteVnode { name: "c".into() });
         assert!(ch.vnodes.contains("a"));
         assert!(peers(&c, "a").is_empty());
+        // Its vIP is the last given again; the next one goes on.
+        let Reply::Vnode(d) = vnode(&mut c, "d", MIB) else {
+            panic!()
+        };
+        assert_eq!(d.vip, "10.77.0.4", "not c's 10.77.0.3");
+        // Asked for by name or vID, only those.
+        let only = |c: &mut Cluster, names: Vec<String>, vids: Vec<u64>| match c
+            .apply(4, Request::Vnodes { names, vids })
+            .0
+        {
+            Reply::Vnodes { vnodes } => vnodes.into_iter().map(|v| v.name).collect::<Vec<_>>(),
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(only(&mut c, vec!["b".into()], vec![d.vid]), ["b", "d"]);
+        assert_eq!(only(&mut c, vec![], vec![]).len(), 3);
+        // At most MAX_PEERS peers each.
+        for k in 0..MAX_PEERS {
+            let name = format!("p{k}");
+            vnode(&mut c, &name, 0);
+            assert!(matches!(
+                link(&mut c, "a", &name, true).0,
+                Reply::Vnodes { .. }
+            ));
+        }
+        vnode(&mut c, "last", 0);
+        assert!(
+            matches!(link(&mut c, "last", "a", true).0, Reply::Error { message } if message.contains("most"))
+        );
     }
 
     #[test]

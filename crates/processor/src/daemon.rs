@@ -71,6 +71,9 @@ struct Host {
     running: Mutex<Vec<ProcessInfo>>,
     /// The network namespace of each vNode with programs here (crate::vnet).
     vnode_nets: crate::vnet::Networks,
+    /// Held from asking the manager who is connected to applying it, so
+    /// an older answer never undoes a newer one.
+    vnode_links: Mutex<()>,
 }
 
 impl Host {
@@ -109,6 +112,7 @@ impl ProcessorDaemon {
             cred: config.cred,
             running: Mutex::new(Vec::new()),
             vnode_nets: Default::default(),
+            vnode_links: Mutex::new(()),
         });
         let stop = Arc::new(AtomicBool::new(false));
         let membership = {
@@ -182,14 +186,13 @@ fn watch_vnode_links(host: Arc<Host>, stop: Arc<AtomicBool>) {
         .spawn(move || {
             while !stop.load(Ordering::SeqCst) {
                 std::thread::sleep(VNODE_LINKS_EVERY);
-                if !host.vnode_nets.any() {
+                let names = host.vnode_nets.names();
+                if names.is_empty() {
                     continue;
                 }
-                match lego_transport::ask_manager(&host.manager, &Request::Vnodes, &host.cred) {
-                    Ok(Reply::Vnodes { vnodes }) => host.vnode_nets.update(&vnodes),
-                    Ok(other) => {
-                        tracing::warn!(reply = ?other, "the manager did not list the vNodes")
-                    }
+                let _links = host.vnode_links.lock().unwrap_or_else(|p| p.into_inner());
+                match crate::vnode::records(&host.manager, names, &host.cred) {
+                    Ok(vnodes) => host.vnode_nets.update(&vnodes),
                     Err(e) => tracing::debug!(error = %e, "cannot ask the manager for the vNodes"),
                 }
             }
@@ -481,12 +484,11 @@ fn run_program(
     let mut net_hold = None;
     let mut env_file = None;
     if let Some(name) = &job.vnode {
-        let v = match crate::vnode::look_up(&host.manager, name, &host.cred) {
-            Ok((v, all)) => {
-                // Links made since the last look take effect now.
-                host.vnode_nets.update(&all);
-                v
-            }
+        // Asked and applied under one lock: see `vnode_links`.
+        let links = host.vnode_links.lock().unwrap_or_else(|p| p.into_inner());
+        let also = host.vnode_nets.names();
+        let (v, vnodes) = match crate::vnode::look_up(&host.manager, name, also, &host.cred) {
+            Ok(found) => found,
             Err(message) => return refuse(message),
         };
         if let Identity::User(who) = &job.identity {
@@ -498,10 +500,11 @@ fn run_program(
         }
         // Held from before the run starts, so the namespace it is told
         // to join stays open until it has.
-        let (hold, netns) = match host.vnode_nets.hold(&v) {
+        let (hold, netns) = match host.vnode_nets.hold(&v, &vnodes) {
             Ok(h) => h,
             Err(e) => return refuse(format!("vNode '{name}': {e}")),
         };
+        drop(links);
         net_hold = Some(hold);
         let spec = crate::vnode::Spec::new(&v, user.map(|u| (u.uid, u.gid)), netns.into());
         let file = match crate::vnode::EnvFile::new(&program_env, *listed_as) {

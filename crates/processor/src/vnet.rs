@@ -12,11 +12,13 @@
 //! ```
 //!
 //! The router forwards a packet only by a rule that names the interface
-//! it came in on (its vNode, which no program can forge) and the vIP it is
-//! for; there is one such rule each way for every two vNodes connected
-//! at the manager (`lego vnode connect`) that both have programs here.
-//! Everything else finds no route: a program connecting to a vNode it is
-//! not connected to fails at once ("Network is unreachable"). The host's
+//! it came in on (its vNode, which no program can forge), its source (the
+//! vNode's vIP) and the vIP it is for; there is one such rule each way
+//! for every two vNodes connected at the manager (`lego vnode connect`)
+//! that both have programs here. Everything else finds no route: the
+//! router answers "Network is unreachable" (ICMP, which the kernel
+//! rate-limits: a burst of retries may wait out its timeout instead). The
+//! host's
 //! own namespace has no interface in the router's, so no vNode reaches
 //! the host or the network beyond it; the cluster's daemons it reaches
 //! only through its broker ([`crate::vnode`]).
@@ -43,21 +45,29 @@ const TABLE: &str = "100";
 /// The preference of the rules that let one vNode reach another.
 const PAIR_PREF: &str = "1000";
 
+/// How long one `ip -batch` may take before it is killed.
+const IP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// One vNode's namespace held here.
 struct Held {
     ns: File,
     runs: usize,
     name: String,
     vip: String,
-    peers: Vec<String>,
+    /// The vIDs of the vNodes it is connected to, by the manager's last
+    /// word (none once it is deleted there: its runs here are orphans).
+    peers: Vec<u64>,
 }
+
+/// One pair rule: from a vNode's link and vIP, to another's vIP.
+type Rule = (u64, String, String);
 
 #[derive(Default)]
 struct Inner {
     router: Option<File>,
     held: HashMap<u64, Held>,
-    /// The pair rules in force: (from vID, to vIP).
-    rules: BTreeSet<(u64, String)>,
+    /// The pair rules in force.
+    rules: BTreeSet<Rule>,
 }
 
 /// The network namespaces of the vNodes with programs on this host.
@@ -113,7 +123,7 @@ fn ip_in(ns: Option<&File>, commands: &[String]) -> Result<Option<File>, String>
 }
 
 fn run_ip(commands: &[String]) -> Result<(), String> {
-    use std::io::Write;
+    use std::io::{Read, Write};
     let mut child = Command::new("ip")
         .args(["-batch", "-"])
         .env_clear()
@@ -128,18 +138,58 @@ fn run_ip(commands: &[String]) -> Result<(), String> {
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(script.as_bytes());
     }
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("ip (iproute2) failed: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip: {} (running: {})",
-            String::from_utf8_lossy(&out.stderr).trim(),
-            commands.join("; ")
-        ))
+    let started = std::time::Instant::now();
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(s)) => break s,
+            Ok(None) if started.elapsed() < IP_TIMEOUT => {
+                std::thread::sleep(std::time::Duration::from_millis(2))
+            }
+            Ok(None) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!(
+                    "ip did not finish within {IP_TIMEOUT:?} (running: {})",
+                    commands.join("; ")
+                ));
+            }
+            Err(e) => return Err(format!("ip (iproute2) failed: {e}")),
+        }
+    };
+    if status.success() {
+        return Ok(());
     }
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    Err(format!(
+        "ip: {} (running: {})",
+        err.trim(),
+        commands.join("; ")
+    ))
+}
+
+/// Each held vNode's peers by `vnodes` (the manager's records of it and
+/// of the vNodes it may be connected to): by vID, so a vNode deleted and
+/// made again under its name is another one.
+fn take_peers(held: &mut HashMap<u64, Held>, vnodes: &[VnodeInfo]) -> bool {
+    let mut changed = false;
+    for (vid, h) in held.iter_mut() {
+        let peers: Vec<u64> = match vnodes.iter().find(|v| v.vid == *vid) {
+            Some(v) => vnodes
+                .iter()
+                .filter(|o| v.peers.contains(&o.name))
+                .map(|o| o.vid)
+                .collect(),
+            None => Vec::new(),
+        };
+        if peers != h.peers {
+            h.peers = peers;
+            changed = true;
+        }
+    }
+    changed
 }
 
 impl Networks {
@@ -150,14 +200,29 @@ impl Networks {
     /// Holds vNode `v`'s namespace on this host (made, with its link to
     /// the router, if it has none here yet), and answers the path a run
     /// opens to join it; the hold keeps it open until the run ends.
-    pub fn hold(&self, v: &VnodeInfo) -> Result<(NetworkHold, String), String> {
+    /// `vnodes`: the manager's records of `v` and of the vNodes held here
+    /// (who is connected to whom now).
+    pub fn hold(
+        &self,
+        v: &VnodeInfo,
+        vnodes: &[VnodeInfo],
+    ) -> Result<(NetworkHold, String), String> {
         let mut inner = self.lock();
+        if let Some((old, _)) = inner
+            .held
+            .iter()
+            .find(|(&vid, h)| vid != v.vid && h.vip == v.vip)
+        {
+            return Err(format!(
+                "its vIP {} is still taken on this host by the programs of a deleted vNode (vID {old}); it can run here once they end",
+                v.vip
+            ));
+        }
         if inner.router.is_none() {
             inner.router = Some(make_router()?);
         }
         if let Some(h) = inner.held.get_mut(&v.vid) {
             h.runs += 1;
-            h.peers = v.peers.clone();
         } else {
             let router = inner.router.as_ref().expect("made above");
             let ns = make_vnode_network(v, router)?;
@@ -168,10 +233,11 @@ impl Networks {
                     runs: 1,
                     name: v.name.clone(),
                     vip: v.vip.clone(),
-                    peers: v.peers.clone(),
+                    peers: Vec::new(),
                 },
             );
         }
+        take_peers(&mut inner.held, vnodes);
         apply_rules(&mut inner);
         let path = path_of(&inner.held[&v.vid].ns);
         Ok((
@@ -183,29 +249,17 @@ impl Networks {
         ))
     }
 
-    /// Whether any vNode has programs here.
-    pub fn any(&self) -> bool {
-        !self.lock().held.is_empty()
+    /// The names of the vNodes with programs here (what to ask the
+    /// manager about).
+    pub fn names(&self) -> Vec<String> {
+        self.lock().held.values().map(|h| h.name.clone()).collect()
     }
 
-    /// Takes the manager's vNode records (`vnodes`): which vNodes here
-    /// may reach each other now.
+    /// Takes the manager's records of the vNodes held here (`vnodes`):
+    /// which of them may reach each other now.
     pub fn update(&self, vnodes: &[VnodeInfo]) {
         let mut inner = self.lock();
-        let mut changed = false;
-        for h in inner.held.values_mut() {
-            // One deleted meanwhile reaches no one.
-            let peers = vnodes
-                .iter()
-                .find(|v| v.name == h.name && v.vip == h.vip)
-                .map(|v| v.peers.clone())
-                .unwrap_or_default();
-            if peers != h.peers {
-                h.peers = peers;
-                changed = true;
-            }
-        }
-        if changed {
+        if take_peers(&mut inner.held, vnodes) {
             apply_rules(&mut inner);
         }
     }
@@ -294,15 +348,14 @@ fn make_vnode_network(v: &VnodeInfo, router: &File) -> Result<File, String> {
 }
 
 /// The pair rules `held` calls for: one from each vNode to each connected
-/// vNode that has programs here.
-fn wanted_rules(held: &HashMap<u64, Held>) -> BTreeSet<(u64, String)> {
+/// vNode that has programs here, both ways only once both say so.
+fn wanted_rules(held: &HashMap<u64, Held>) -> BTreeSet<Rule> {
     let mut want = BTreeSet::new();
     for (&vid, h) in held {
         for peer in &h.peers {
-            for other in held.values().filter(|o| &o.name == peer) {
-                // Only both ways: a pair one side has not taken yet waits.
-                if other.peers.contains(&h.name) {
-                    want.insert((vid, other.vip.clone()));
+            if let Some(other) = held.get(peer) {
+                if other.peers.contains(&vid) {
+                    want.insert((vid, h.vip.clone(), other.vip.clone()));
                 }
             }
         }
@@ -316,9 +369,9 @@ fn apply_rules(inner: &mut Inner) {
     let Some(router) = &inner.router else {
         return;
     };
-    let rule = |op: &str, (vid, vip): &(u64, String)| {
+    let rule = |op: &str, (vid, from, to): &Rule| {
         format!(
-            "rule {op} pref {PAIR_PREF} iif {} to {vip}/32 lookup {TABLE}",
+            "rule {op} pref {PAIR_PREF} iif {} from {from}/32 to {to}/32 lookup {TABLE}",
             link_of(*vid)
         )
     };
@@ -350,36 +403,69 @@ fn apply_rules(inner: &mut Inner) {
 mod tests {
     use super::*;
 
-    fn held(name: &str, vip: &str, peers: &[&str]) -> Held {
+    fn held(name: &str, vip: &str) -> Held {
         Held {
             ns: File::open("/dev/null").unwrap(),
             runs: 1,
             name: name.into(),
             vip: vip.into(),
+            peers: vec![],
+        }
+    }
+
+    fn record(name: &str, vid: u64, peers: &[&str]) -> VnodeInfo {
+        VnodeInfo {
+            name: name.into(),
+            vid,
+            vip: format!("10.0.0.{vid}"),
+            storage: 1,
+            storage_addr: String::new(),
+            storage_quota: 0,
+            owner: String::new(),
             peers: peers.iter().map(|p| p.to_string()).collect(),
         }
+    }
+
+    /// The rules, as "vID:from>to".
+    fn rules(h: &HashMap<u64, Held>) -> Vec<String> {
+        wanted_rules(h)
+            .into_iter()
+            .map(|(vid, from, to)| format!("{vid}:{from}>{to}"))
+            .collect()
     }
 
     #[test]
     fn rules_go_both_ways_between_connected_vnodes_held_here() {
         let mut h = HashMap::new();
-        h.insert(1, held("a", "10.0.0.1", &["b", "c", "gone"]));
-        h.insert(2, held("b", "10.0.0.2", &["a"]));
+        for (vid, name) in [(1, "a"), (2, "b"), (3, "c"), (4, "d")] {
+            h.insert(vid, held(name, &format!("10.0.0.{vid}")));
+        }
         // c has not been told of a yet (an older record): nothing yet.
-        h.insert(3, held("c", "10.0.0.3", &[]));
-        h.insert(4, held("d", "10.0.0.4", &[]));
-        let want: Vec<_> = wanted_rules(&h).into_iter().collect();
-        assert_eq!(
-            want,
-            [(1, "10.0.0.2".to_string()), (2, "10.0.0.1".to_string())]
-        );
-        h.get_mut(&3).unwrap().peers = vec!["a".into()];
-        assert_eq!(wanted_rules(&h).len(), 4);
-        h.remove(&2);
-        let want: Vec<_> = wanted_rules(&h).into_iter().collect();
-        assert_eq!(
-            want,
-            [(1, "10.0.0.3".to_string()), (3, "10.0.0.1".to_string())]
-        );
+        let mut list = vec![
+            record("a", 1, &["b", "c", "gone"]),
+            record("b", 2, &["a"]),
+            record("c", 3, &[]),
+            record("d", 4, &[]),
+        ];
+        assert!(take_peers(&mut h, &list));
+        assert_eq!(rules(&h), ["1:10.0.0.1>10.0.0.2", "2:10.0.0.2>10.0.0.1"]);
+        list[2].peers = vec!["a".into()];
+        take_peers(&mut h, &list);
+        assert_eq!(rules(&h).len(), 4);
+        // b: connected to a only; a to b and c: b does not reach c.
+        assert!(!rules(&h)
+            .iter()
+            .any(|r| r.starts_with("2:") && r.ends_with(">10.0.0.3")));
+        // Deleted at the manager (no record), b's runs here are orphans.
+        list.remove(1);
+        assert!(take_peers(&mut h, &list));
+        assert_eq!(rules(&h), ["1:10.0.0.1>10.0.0.3", "3:10.0.0.3>10.0.0.1"]);
+        // A new "b" (another vID) connected to a is not the orphan.
+        h.insert(5, held("b", "10.0.0.5"));
+        list[0].peers.push("b".into());
+        list.push(record("b", 5, &["a"]));
+        take_peers(&mut h, &list);
+        assert!(rules(&h).contains(&"5:10.0.0.5>10.0.0.1".to_string()));
+        assert!(!rules(&h).iter().any(|r| r.contains("10.0.0.2")));
     }
 }

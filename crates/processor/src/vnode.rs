@@ -90,22 +90,39 @@ impl Drop for EnvFile {
 /// program gets `EIO` (`LEGO_STORAGE_TIMEOUT_MS`).
 pub const STORAGE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// vNode `name` as the manager at `manager` knows it, and every vNode.
-pub fn look_up(
+/// The manager's records of the vNodes named `names` (those that exist).
+pub fn records(
     manager: &str,
-    name: &str,
+    names: Vec<String>,
     cred: &Credential,
-) -> Result<(VnodeInfo, Vec<VnodeInfo>), String> {
+) -> Result<Vec<VnodeInfo>, String> {
     let mut c = ControlClient::connect(manager, "lego-processor", Duration::from_secs(5), cred)
         .map_err(|e| format!("cannot reach the global manager at {manager}: {e}"))?;
-    match c.call(&Request::Vnodes) {
-        Ok(Reply::Vnodes { vnodes }) => match vnodes.iter().find(|v| v.name == name) {
-            Some(v) => Ok((v.clone(), vnodes)),
-            None => Err(format!("no vNode '{name}' (lego vnode create makes one)")),
-        },
+    match c.call(&Request::Vnodes {
+        names,
+        vids: vec![],
+    }) {
+        Ok(Reply::Vnodes { vnodes }) => Ok(vnodes),
         Ok(Reply::Error { message }) => Err(message),
         Ok(other) => Err(format!("the manager answered {other:?}")),
         Err(e) => Err(format!("the global manager at {manager}: {e}")),
+    }
+}
+
+/// vNode `name` as the manager at `manager` knows it, and the records of
+/// `also` (the vNodes with programs on this host) with it.
+pub fn look_up(
+    manager: &str,
+    name: &str,
+    also: Vec<String>,
+    cred: &Credential,
+) -> Result<(VnodeInfo, Vec<VnodeInfo>), String> {
+    let mut names = also;
+    names.push(name.to_string());
+    let vnodes = records(manager, names, cred)?;
+    match vnodes.iter().find(|v| v.name == name) {
+        Some(v) => Ok((v.clone(), vnodes)),
+        None => Err(format!("no vNode '{name}' (lego vnode create makes one)")),
     }
 }
 

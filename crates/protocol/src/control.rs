@@ -249,8 +249,14 @@ pub enum Request {
     /// Let vNodes `a` and `b` reach each other's vIP (`linked`), or no
     /// longer; answered with both records (`Vnodes`).
     LinkVnodes { a: String, b: String, linked: bool },
-    /// Every vNode.
-    Vnodes,
+    /// The vNodes named in `names` or with a vID in `vids`; every vNode
+    /// when both are empty.
+    Vnodes {
+        #[serde(default)]
+        names: Vec<String>,
+        #[serde(default)]
+        vids: Vec<u64>,
+    },
     /// To a processor daemon: run `argv` (in `cwd`, with `env`) with an
     /// ExCache of `excache_bytes`. Answered with `Launched`, then the
     /// program's output as `Stdio` frames, then `Exited`; the client sends
@@ -292,7 +298,7 @@ impl Request {
             Request::CreateVnode { .. } => "create a vNode",
             Request::DeleteVnode { .. } => "delete a vNode",
             Request::LinkVnodes { .. } => "connect vNodes",
-            Request::Vnodes => "list the vNodes",
+            Request::Vnodes { .. } => "list the vNodes",
             Request::Launch { .. } => "launch a program",
             Request::Signal { .. } => "signal a program",
         }

@@ -73,7 +73,10 @@ impl Trees {
             &cred,
         )
         .ok()?;
-        match c.call(&Request::Vnodes) {
+        match c.call(&Request::Vnodes {
+            names: vec![],
+            vids: vec![vnode],
+        }) {
             Ok(Reply::Vnodes { vnodes }) => vnodes
                 .into_iter()
                 .find(|v| v.vid == vnode)

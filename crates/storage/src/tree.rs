@@ -334,25 +334,42 @@ impl Tree {
     /// not count).
     pub fn create(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        let fd = fs::openat(
-            &dir,
-            name,
-            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::from_raw_mode(mode & 0o777),
-        )
-        .map_err(errno)?;
+        let fd = self.adding(&dir, name, || {
+            fs::openat(
+                &dir,
+                name,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+                Mode::from_raw_mode(mode & 0o777),
+            )
+            .map_err(errno)
+        })?;
         fs::fchmod(&fd, Mode::from_raw_mode(mode & KEPT_MODE)).map_err(errno)
+    }
+
+    /// Makes `name` in `dir` with `make`, if the quota leaves room for it
+    /// and for `dir` to grow by a block, and counts both.
+    fn adding<T>(
+        &self,
+        dir: &OwnedFd,
+        name: &str,
+        make: impl FnOnce() -> io::Result<T>,
+    ) -> io::Result<T> {
+        let changing = self.changing();
+        self.room_for(&changing, 2 * 4096)?;
+        let before = fs::fstat(dir).map(|st| on_disk(&st)).unwrap_or(0);
+        let made = make()?;
+        let after = fs::fstat(dir).map(|st| on_disk(&st)).unwrap_or(before);
+        let new = fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW).map_or(0, |st| on_disk(&st));
+        self.count(before, after.saturating_add(new));
+        Ok(made)
     }
 
     /// Makes directory `path` with exactly `mode`'s permission bits.
     pub fn mkdir(&self, path: &str, mode: u32) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        let changing = self.changing();
-        self.room_for(&changing, 4096)?;
-        fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)?;
-        if let Ok(st) = fs::statat(&dir, name, AtFlags::SYMLINK_NOFOLLOW) {
-            self.count(0, on_disk(&st));
-        }
+        self.adding(&dir, name, || {
+            fs::mkdirat(&dir, name, Mode::from_raw_mode(mode & 0o777)).map_err(errno)
+        })?;
         self.chmod(path, mode)
     }
 
@@ -381,12 +398,19 @@ impl Tree {
         let (to_dir, to_name) = self.parent(to)?;
         // A file replaced by the rename frees its blocks.
         let mut changing = self.changing();
+        // The entry may grow its new directory by a block: counted, not
+        // refused (a rename must free room at the quota, as an unlink of
+        // an open file does through one).
+        let dir_before = fs::fstat(&to_dir).map(|st| on_disk(&st)).unwrap_or(0);
         let freed = match fs::statat(&to_dir, to_name, AtFlags::SYMLINK_NOFOLLOW) {
             Ok(_) => Self::freed_by_removing(&mut changing, &to_dir, to_name),
             Err(_) => 0,
         };
         fs::renameat(&from_dir, from_name, &to_dir, to_name).map_err(errno)?;
-        self.count(freed, 0);
+        let dir_after = fs::fstat(&to_dir)
+            .map(|st| on_disk(&st))
+            .unwrap_or(dir_before);
+        self.count(freed.saturating_add(dir_before), dir_after);
         Ok(())
     }
 
@@ -394,7 +418,9 @@ impl Tree {
     /// followed by the tree).
     pub fn symlink(&self, target: &str, path: &str) -> io::Result<()> {
         let (dir, name) = self.parent(path)?;
-        fs::symlinkat(target, &dir, name).map_err(errno)
+        self.adding(&dir, name, || {
+            fs::symlinkat(target, &dir, name).map_err(errno)
+        })
     }
 
     pub fn readlink(&self, path: &str) -> io::Result<String> {
@@ -461,9 +487,17 @@ impl Tree {
         let before = fs::fstat(&fd).map_err(errno)?;
         fs::ftruncate(&fd, size).map_err(errno)?;
         let after = on_disk(&fs::fstat(&fd).map_err(errno)?);
-        // Against what a write under way counted, if one is.
+        // Against what a write under way counted, if one is. Blocks freed
+        // under such a write stay promised to it: an overwrite promised
+        // nothing, counting on them, and may take them again.
         match changing.files.get_mut(&before.st_ino) {
-            Some(w) => self.count(std::mem::replace(&mut w.counted, after), after),
+            Some(w) => {
+                let was = std::mem::replace(&mut w.counted, after);
+                self.count(was, after);
+                let freed = was.saturating_sub(after);
+                w.reserved += freed;
+                changing.reserved += freed;
+            }
             None => self.count(on_disk(&before), after),
         }
         Ok(())
@@ -702,6 +736,54 @@ mod tests {
         v.create("i", 0o644).unwrap();
         assert_eq!(four_writers(&v, "i", 16, || {}), 0);
         assert_eq!(v.getattr("i").unwrap().size, 16 << 20);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn blocks_a_truncate_frees_under_an_overwrite_stay_promised_to_it() {
+        let dir = tmp("truncrace");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        t.create("f", 0o644).unwrap();
+        t.create("g", 0o644).unwrap();
+        t.write("f", 0, &vec![1u8; 1 << 20]).unwrap();
+        t.set_quota(t.used() + (64 << 10));
+        let fd = t.file("f", OFlags::WRONLY).unwrap();
+        // An overwrite promises nothing; a truncate frees its blocks
+        // meanwhile; another file may not take them.
+        let w = t.begin_write(&fd, 0, 1 << 20).unwrap();
+        t.truncate("f", 0).unwrap();
+        let e = t.write("g", 0, &vec![2u8; 1 << 20]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc_enospc()));
+        rustix::io::pwrite(&fd, &vec![3u8; 1 << 20], 0).unwrap();
+        t.end_write(&fd, w);
+        assert!(t.used() <= t.quota.load(Ordering::Relaxed), "{}", t.used());
+        assert_eq!(t.changing().reserved, 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn symlinks_and_directories_are_counted_both_ways() {
+        let dir = tmp("entries");
+        let t = Tree::open(&dir.join("v1")).unwrap();
+        let long = "x".repeat(3000);
+        t.mkdir("d", 0o755).unwrap();
+        for round in 0..3 {
+            for k in 0..200 {
+                t.symlink(&long, &format!("d/l{k}")).unwrap();
+            }
+            for k in 0..200 {
+                t.unlink(&format!("d/l{k}")).unwrap();
+            }
+            // What is counted is what the disk holds, every round.
+            let disk = Tree::open(&dir.join("v1")).unwrap().used();
+            assert_eq!(t.used(), disk, "round {round}");
+        }
+        t.rmdir("d").unwrap();
+        assert_eq!(t.used(), Tree::open(&dir.join("v1")).unwrap().used());
+        // A long symlink needs room.
+        t.set_quota(t.used() + 4096);
+        let e = t.symlink(&long, "l").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc_enospc()));
         let _ = std::fs::remove_dir_all(&dir);
     }
 
