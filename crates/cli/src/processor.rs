@@ -23,6 +23,8 @@ pub struct ProcessorArgs {
     #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
     advertise: Option<String>,
     #[command(flatten)]
+    metrics: crate::MetricsArg,
+    #[command(flatten)]
     key: crate::keys::KeyArg,
 }
 
@@ -55,6 +57,10 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
     if let Err(e) = crate::stop_on_signals(d.stopper()) {
         return fail("lego processor", e);
     }
+    let _metrics = match args.metrics.serve("lego processor", d.scraper()) {
+        Ok(m) => m,
+        Err(e) => return fail("lego processor", e),
+    };
     eprintln!(
         "lego processor: serving on {} with {} of ExCache",
         d.addr(),

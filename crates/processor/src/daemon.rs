@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use lego_protocol::control::{self, human_bytes, Kind, ProcessInfo, Reply, Request};
+use lego_protocol::control::{
+    self, human_bytes, Kind, ProcessInfo, ProgramCounters, Reply, Request,
+};
 use lego_protocol::{Message, MAX_STDIO_BYTES};
 use lego_transport::auth::{Credential, Identity};
 use lego_transport::{
@@ -69,6 +71,9 @@ struct Host {
     lego_exe: PathBuf,
     cred: Credential,
     running: Mutex<Vec<ProcessInfo>>,
+    /// Where each running program's counters are (by pid): the file its
+    /// `lego run --local` rewrites each second.
+    live: Mutex<std::collections::HashMap<u32, PathBuf>>,
     /// The network namespace of each vNode with programs here (crate::vnet).
     vnode_nets: crate::vnet::Networks,
     /// Held from asking the manager who is connected to applying it, so
@@ -81,6 +86,81 @@ impl Host {
         // A panic in one connection thread must not take the others down.
         self.running.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn live(&self) -> MutexGuard<'_, std::collections::HashMap<u32, PathBuf>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The programs running, with their counters as their files last
+    /// had them.
+    fn running_with_counters(&self) -> Vec<ProcessInfo> {
+        let files: Vec<(u32, PathBuf)> = self.live().iter().map(|(&p, f)| (p, f.clone())).collect();
+        let read: Vec<(u32, ProgramCounters)> = files
+            .into_iter()
+            .filter_map(|(pid, f)| Some((pid, read_counters(&f)?)))
+            .collect();
+        let mut running = self.running();
+        for (pid, c) in read {
+            if let Some(p) = running.iter_mut().find(|p| p.pid == pid) {
+                p.counters = Some(c);
+            }
+        }
+        running.clone()
+    }
+}
+
+/// The most a counters file is read (it is about a kilobyte).
+const MAX_COUNTERS_BYTES: u64 = 64 << 10;
+
+/// A program's counters file; `None` if missing or not counters (the
+/// program's user can write it: it says only what that user's program
+/// did, and nothing in it is trusted beyond that).
+fn read_counters(path: &std::path::Path) -> Option<ProgramCounters> {
+    let mut text = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .take(MAX_COUNTERS_BYTES)
+        .read_to_end(&mut text)
+        .ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// The processor daemon's metrics: its budget and programs, and each
+/// program's counters (labelled with its pid and name).
+fn scrape(host: &Host, addr: &str) -> lego_metrics::Scrape {
+    use lego_metrics::labels;
+    let running = host.running_with_counters();
+    let me = labels(&[("daemon", addr)]);
+    let mut m = lego_metrics::Scrape::new();
+    m.gauge(
+        "lego_processor_programs",
+        "Programs this processor daemon runs.",
+        me.clone(),
+        running.len() as f64,
+    );
+    m.gauge(
+        "lego_processor_excache_budget_bytes",
+        "The ExCache budget its programs share.",
+        me.clone(),
+        host.budget as f64,
+    );
+    m.gauge(
+        "lego_processor_excache_used_bytes",
+        "ExCache given to the programs it runs.",
+        me,
+        running.iter().map(|p| p.excache_bytes).sum::<u64>() as f64,
+    );
+    for p in &running {
+        if let Some(c) = &p.counters {
+            let l = labels(&[
+                ("daemon", addr),
+                ("pid", &p.pid.to_string()),
+                ("program", &p.program),
+            ]);
+            lego_metrics::program::add(&mut m, &l, c);
+        }
+    }
+    m
 }
 
 /// Placeholder ids for programs not started yet, above any pid.
@@ -111,6 +191,7 @@ impl ProcessorDaemon {
             lego_exe: config.lego_exe,
             cred: config.cred,
             running: Mutex::new(Vec::new()),
+            live: Mutex::new(Default::default()),
             vnode_nets: Default::default(),
             vnode_links: Mutex::new(()),
         });
@@ -118,7 +199,7 @@ impl ProcessorDaemon {
         let membership = {
             let host = host.clone();
             member.keep_alive(stop.clone(), move || {
-                let running = host.running().clone();
+                let running = host.running_with_counters();
                 Request::Heartbeat {
                     id: 0,
                     key: String::new(),
@@ -156,6 +237,13 @@ impl ProcessorDaemon {
     /// The address it listens on.
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// What builds its metrics at each scrape (`lego processor
+    /// --metrics`).
+    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
+        let (host, addr) = (self.host.clone(), self.addr.clone());
+        Arc::new(move || scrape(&host, &addr))
     }
 
     /// Setting this flag stops the daemon (see [`ProcessorDaemon::wait`]).
@@ -533,6 +621,9 @@ fn run_program(
     if let Some(f) = &stats_file {
         cmd.arg("--stats").arg(f);
     }
+    // Its counters while it runs, for heartbeats and metrics.
+    let live_file = key.dir.join("live.json");
+    cmd.arg("--live-stats").arg(&live_file);
     cmd.arg("--excache")
         .arg(excache_bytes.to_string())
         .arg("--")
@@ -565,6 +656,14 @@ fn run_program(
         p.pid = pid;
         *listed_as = pid;
     }
+    host.live().insert(pid, live_file);
+    struct Unlisted<'a>(&'a Host, u32);
+    impl Drop for Unlisted<'_> {
+        fn drop(&mut self) {
+            self.0.live().remove(&self.1);
+        }
+    }
+    let _unlisted = Unlisted(host, pid);
     send_reply(writer, id, &Reply::Launched { pid })?;
     let outputs = [
         (

@@ -1,0 +1,244 @@
+//! Prometheus metrics (issue 17): a manager, a memory daemon and a
+//! processor daemon serve /metrics; a real HTTP client (Python's urllib)
+//! scrapes them while a program runs under lego, and Python's
+//! prometheus_client parses what they answer as OpenMetrics text.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::*;
+
+/// `lego ARGS --metrics 127.0.0.1:0`: the daemon (killed on drop, also
+/// on failure), where it serves, and where its metrics are.
+fn start(args: &[&str]) -> (Daemon, String, String) {
+    let mut child = lego_cmd()
+        .args(args)
+        .args(["--metrics", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (mut addr, mut metrics) = (None, None);
+    while addr.is_none() || metrics.is_none() {
+        let line = lines
+            .next()
+            .expect("the daemon says where it serves")
+            .unwrap();
+        if let Some((_, rest)) = line.split_once(": serving on ") {
+            addr = Some(rest.split(' ').next().unwrap().to_string());
+        }
+        if let Some((_, rest)) = line.split_once(": metrics at http://") {
+            metrics = Some(rest.trim_end_matches("/metrics").to_string());
+        }
+    }
+    std::thread::spawn(move || lines.for_each(drop));
+    let addr = addr.unwrap();
+    (
+        Daemon {
+            child,
+            addr: addr.clone(),
+        },
+        addr,
+        metrics.unwrap(),
+    )
+}
+
+/// Fetches http://ADDR/metrics with urllib and parses it with
+/// prometheus_client's OpenMetrics parser: every sample as
+/// `name{k=v,...}` and its value, a JSON pair per line (a parse error
+/// fails the script).
+const SCRAPE: &str = r#"
+import json, sys, urllib.request
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+with urllib.request.urlopen("http://" + sys.argv[1] + "/metrics", timeout=10) as r:
+    assert r.status == 200, r.status
+    assert r.headers["Content-Type"].startswith("application/openmetrics-text"), r.headers["Content-Type"]
+    text = r.read().decode()
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        labels = ",".join("%s=%s" % kv for kv in sorted(s.labels.items()))
+        print(json.dumps(["%s{%s}" % (s.name, labels), float(s.value)]))
+"#;
+
+/// The samples at `addr`, by `name{labels}`.
+fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
+    let out = std::process::Command::new("/usr/bin/python3")
+        .args(["-c", SCRAPE, addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scraping {addr}: {}",
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<(String, f64)>(l).unwrap())
+        .collect()
+}
+
+/// The sum of the samples named `name` whose labels contain `with`.
+fn sum(samples: &std::collections::BTreeMap<String, f64>, name: &str, with: &str) -> f64 {
+    samples
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && k.contains(with))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Touches 64 MiB of random bytes (which the compressed tier cannot keep)
+/// page by page, round after round, for about `secs` seconds: with a
+/// 16 MiB ExCache, every round fetches them from the memory daemon and
+/// writes them back.
+const TOUCHER: &str = r#"
+import os, sys, time
+buf = bytearray(os.urandom(64 << 20))
+print("started", flush=True)
+end = time.time() + float(sys.argv[1])
+k = 0
+while time.time() < end:
+    for i in range(0, len(buf), 4096):
+        buf[i] = (buf[i] + 1) & 255
+    k += 1
+print("rounds", k, flush=True)
+"#;
+
+#[test]
+fn daemons_serve_metrics_that_parse_and_rise_while_a_program_runs() {
+    let state = tmp().join(format!("metrics-mgr-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&state);
+    let (mgr, manager, mgr_metrics) = start(&[
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        state.to_str().unwrap(),
+        "--replicas",
+        "1",
+    ]);
+    let (mem, _, mem_metrics) = start(&[
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+        "--capacity",
+        "1G",
+        "--manager",
+        &manager,
+    ]);
+    let (proc, _, proc_metrics) = start(&[
+        "processor",
+        "--listen",
+        "127.0.0.1:0",
+        "--manager",
+        &manager,
+        "--excache",
+        "256M",
+    ]);
+    let mut run = lego_cmd()
+        .args(["run", "-q", "--excache", "16M", "--manager", &manager, "--"])
+        .args(["/usr/bin/python3", "-c", TOUCHER, "8"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap()).lines();
+    assert_eq!(out.next().unwrap().unwrap(), "started");
+    // Two scrapes of each, a second and a half apart, while it runs.
+    std::thread::sleep(Duration::from_millis(1500));
+    let first = [scrape(&proc_metrics), scrape(&mem_metrics)];
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = [scrape(&proc_metrics), scrape(&mem_metrics)];
+    let m = scrape(&mgr_metrics);
+    for (name, with) in [
+        ("lego_program_misses_total", "kind=remote"),
+        ("lego_program_network_bytes_total", "direction=in"),
+        ("lego_program_network_bytes_total", "direction=out"),
+        ("lego_program_miss_seconds_count", "program="),
+    ] {
+        let (a, b) = (sum(&first[0], name, with), sum(&second[0], name, with));
+        assert!(a > 0.0 && b > a, "{name}{{{with}}}: {a} then {b}");
+    }
+    for name in [
+        "lego_memory_pages_read_total",
+        "lego_memory_pages_written_total",
+        "lego_memory_request_seconds_count",
+    ] {
+        let (a, b) = (sum(&first[1], name, ""), sum(&second[1], name, ""));
+        assert!(a > 0.0 && b > a, "{name}: {a} then {b}");
+    }
+    assert!(
+        sum(
+            &second[0],
+            "lego_program_misses_total",
+            "program=/usr/bin/python3"
+        ) > 0.0
+    );
+    assert_eq!(sum(&second[0], "lego_processor_programs", ""), 1.0);
+    assert_eq!(sum(&second[1], "lego_memory_spaces", ""), 1.0);
+    assert_eq!(
+        sum(&m, "lego_manager_components", "kind=memory,state=alive"),
+        1.0
+    );
+    assert_eq!(
+        sum(&m, "lego_manager_components", "kind=processor,state=alive"),
+        1.0
+    );
+    assert_eq!(sum(&m, "lego_manager_programs", ""), 1.0);
+    assert!(sum(&m, "lego_manager_placement_seconds_count", "what=memory") > 0.0);
+    assert!(sum(&m, "lego_manager_units", "") > 0.0);
+    // The manager has the program's counters too (from the heartbeats):
+    // what `lego top` shows.
+    let status = lego_cmd()
+        .args(["status", "--json", "--manager", &manager])
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let counters = &status["processes"][0]["counters"];
+    assert!(
+        counters["remote_misses"].as_u64().unwrap_or(0) > 0,
+        "{status}"
+    );
+    let end = run.wait_with_output().unwrap();
+    assert!(end.status.success(), "{}", text(&end.stderr));
+    drop((proc, mem, mgr));
+    let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn lego_run_serves_its_programs_metrics_and_a_busy_port_is_a_clear_error() {
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let out = lego_cmd()
+        .args(["run", "--metrics", &port, "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        text(&out.stderr).contains("cannot serve metrics on 127.0.0.1:"),
+        "{}",
+        text(&out.stderr)
+    );
+    let mut run = lego_cmd()
+        .args(["run", "-q", "--excache", "32M", "--metrics", "127.0.0.1:0"])
+        .args(["--", "/usr/bin/python3", "-c", TOUCHER, "4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(run.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = err.next().unwrap().unwrap();
+        if let Some(a) = line.strip_prefix("lego: metrics at http://") {
+            break a.trim_end_matches("/metrics").to_string();
+        }
+    };
+    let mut out = BufReader::new(run.stdout.take().unwrap()).lines();
+    assert_eq!(out.next().unwrap().unwrap(), "started");
+    std::thread::sleep(Duration::from_millis(1000));
+    let samples = scrape(&addr);
+    assert!(sum(&samples, "lego_program_misses_total", "kind=remote") > 0.0);
+    assert!(run.wait().unwrap().success());
+}
