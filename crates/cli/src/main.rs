@@ -10,6 +10,7 @@ mod keys;
 mod processor;
 mod run;
 mod size;
+mod top;
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -48,6 +49,9 @@ enum Command {
     Storage(StorageArgs),
     /// Show the cluster (with --manager) or one memory daemon (with --memory).
     Status(StatusArgs),
+    /// A live view of the cluster or of one memory daemon, refreshed each
+    /// second (like htop).
+    Top(top::TopArgs),
     /// Move everything off a memory daemon while its programs run, then let it leave.
     Drain(cluster::DrainArgs),
     /// Make, list and delete vNodes (programs run in one with
@@ -268,6 +272,7 @@ fn main() -> ExitCode {
                 (None, None) => fail("lego status", "give --manager or --memory"),
             }
         }
+        Command::Top(args) => top::top(args),
         Command::Drain(args) => cluster::drain(args),
         Command::Vnode(args) => {
             lego_sys::process::end_quietly_on_closed_pipe();

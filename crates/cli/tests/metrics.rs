@@ -242,3 +242,134 @@ fn lego_run_serves_its_programs_metrics_and_a_busy_port_is_a_clear_error() {
     assert!(sum(&samples, "lego_program_misses_total", "kind=remote") > 0.0);
     assert!(run.wait().unwrap().success());
 }
+
+/// tmux on a socket of the test's own, removed on drop (also on failure).
+struct Tmux(String);
+
+impl Tmux {
+    fn new() -> Self {
+        let t = Tmux(format!("lego-top-{}-{}", std::process::id(), unique()));
+        t.run(&[
+            "new-session",
+            "-d",
+            "-s",
+            "t",
+            "-x",
+            "160",
+            "-y",
+            "40",
+            "sh",
+        ]);
+        t
+    }
+
+    fn run(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("tmux")
+            .args(["-L", &self.0])
+            .args(args)
+            .output()
+            .expect("tmux (apt-get install tmux)");
+        assert!(out.status.success(), "tmux {args:?}: {}", text(&out.stderr));
+        text(&out.stdout)
+    }
+
+    fn screen(&self) -> String {
+        self.run(&["capture-pane", "-t", "t", "-p"])
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("tmux")
+            .args(["-L", &self.0, "kill-server"])
+            .output();
+    }
+}
+
+#[test]
+fn lego_top_shows_the_daemons_and_the_running_program_and_q_quits() {
+    let state = tmp().join(format!("top-mgr-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&state);
+    let (_mgr, manager, _) = start(&[
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        state.to_str().unwrap(),
+        "--replicas",
+        "1",
+    ]);
+    let (_mem, mem_addr, _) = start(&[
+        "memory",
+        "--listen",
+        "127.0.0.1:0",
+        "--capacity",
+        "1G",
+        "--manager",
+        &manager,
+    ]);
+    let (_proc, proc_addr, _) = start(&[
+        "processor",
+        "--listen",
+        "127.0.0.1:0",
+        "--manager",
+        &manager,
+        "--excache",
+        "256M",
+    ]);
+    let mut run = lego_cmd()
+        .args(["run", "-q", "--excache", "16M", "--manager", &manager, "--"])
+        .args(["/usr/bin/python3", "-c", TOUCHER, "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(run.stdout.take().unwrap()).lines();
+    assert_eq!(out.next().unwrap().unwrap(), "started");
+    let tmux = Tmux::new();
+    let command = format!(
+        "LEGO_KEY={} {} top --manager {manager}; echo EXITED $?",
+        key().display(),
+        lego().display()
+    );
+    tmux.run(&["send-keys", "-t", "t", &command, "Enter"]);
+    // The live view: both daemons, and the program with a miss rate
+    // (after two refreshes).
+    let mut screen = String::new();
+    let shown = wait_until(Duration::from_secs(15), || {
+        screen = tmux.screen();
+        let program = screen
+            .lines()
+            .find(|l| l.contains("/usr/bin/python3"))
+            .unwrap_or_default()
+            .to_string();
+        screen.contains(&mem_addr)
+            && screen.contains(&proc_addr)
+            && screen.contains("alive")
+            && program.contains("16.0 MiB")
+            && program.contains(&format!("{mem_addr}×"))
+            && program.contains(" µs")
+    });
+    assert!(shown, "{screen}");
+    assert!(screen.contains("programs by miss rate"), "{screen}");
+    // s orders by the next key; q quits and gives the terminal back.
+    tmux.run(&["send-keys", "-t", "t", "s"]);
+    let sorted = wait_until(Duration::from_secs(5), || {
+        screen = tmux.screen();
+        screen.contains("programs by p99 miss latency")
+    });
+    assert!(sorted, "{screen}");
+    tmux.run(&["send-keys", "-t", "t", "q"]);
+    let quit = wait_until(Duration::from_secs(5), || {
+        screen = tmux.screen();
+        screen.contains("EXITED 0")
+    });
+    assert!(quit, "{screen}");
+    assert!(
+        !screen.contains("programs by") && !screen.contains("┌"),
+        "the view is gone from the restored screen: {screen}"
+    );
+    drop(tmux);
+    assert!(run.wait().unwrap().success());
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -71,6 +71,7 @@ pub fn counters(s: &SharedStats) -> ProgramCounters {
         miss_latency: latency,
         miss_latency_sum_us: sum_us as u64,
         miss_p99_us: lego_sys::stats::quantile(&raw, 0.99).map_or(0, |q| q as u64),
+        spaces: s.spaces(),
     }
 }
 

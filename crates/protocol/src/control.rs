@@ -156,6 +156,9 @@ pub struct ProgramCounters {
     pub miss_latency_sum_us: u64,
     /// The 99th percentile miss latency, in µs (0: no miss yet).
     pub miss_p99_us: u64,
+    /// The address spaces holding its processes' memory (where its
+    /// memory lives: `ClusterStatus::spaces`).
+    pub spaces: Vec<u64>,
 }
 
 /// Requests to the global manager.

@@ -298,6 +298,7 @@ fn start(mut p: Parts, origin: Origin) -> Result<(), DaemonError> {
     }));
     if let Some(s) = rt.stats {
         s.processes.fetch_add(1, Relaxed);
+        s.record_space(rt.pid, space.0);
     }
     process::spawn_thread(heap::mark_runtime_thread, move || rt.pager_loop())
         .unwrap_or_else(|e| die(&format!("runtime: cannot start the pager thread: {e}")));

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::last_error;
 
-const MAGIC: u64 = 0x4c45_474f_5354_4132; // "LEGOSTA2"
+const MAGIC: u64 = 0x4c45_474f_5354_4133; // "LEGOSTA3"
 /// Histogram buckets: 1 µs wide below 1024 µs, 1024 µs wide above.
 pub const HIST_BUCKETS: usize = 2048;
 /// Processes whose coverage is recorded separately.
@@ -25,6 +25,8 @@ pub struct CoverageSlot {
     pub disaggregated_bytes: AtomicU64,
     /// Bytes of anonymous memory outside it (stacks, libraries' data, ...).
     pub local_bytes: AtomicU64,
+    /// The address space (on the memory daemons) that holds its memory.
+    pub space: AtomicU64,
 }
 
 /// The shared page. All fields are monotonic counters or maxima.
@@ -105,23 +107,42 @@ impl SharedStats {
         quantile(&counts, q)
     }
 
+    /// Process `pid`'s slot (claimed if it has none); `None` once every
+    /// slot is taken.
+    fn slot(&self, pid: u32) -> Option<&CoverageSlot> {
+        let pid = pid as u64;
+        self.coverage.iter().find(|slot| {
+            let cur = slot.pid.load(Relaxed);
+            cur == pid || (cur == 0 && slot.pid.compare_exchange(0, pid, Relaxed, Relaxed).is_ok())
+        })
+    }
+
     /// Records a process's coverage sample; kept only if its footprint is
     /// the largest seen for that process.
     pub fn record_coverage(&self, pid: u32, disaggregated: u64, local: u64) {
-        let pid = pid as u64;
-        for slot in &self.coverage {
-            let cur = slot.pid.load(Relaxed);
-            if cur == pid
-                || (cur == 0 && slot.pid.compare_exchange(0, pid, Relaxed, Relaxed).is_ok())
-            {
-                let old = slot.disaggregated_bytes.load(Relaxed) + slot.local_bytes.load(Relaxed);
-                if disaggregated + local >= old {
-                    slot.disaggregated_bytes.store(disaggregated, Relaxed);
-                    slot.local_bytes.store(local, Relaxed);
-                }
-                return;
+        if let Some(slot) = self.slot(pid) {
+            let old = slot.disaggregated_bytes.load(Relaxed) + slot.local_bytes.load(Relaxed);
+            if disaggregated + local >= old {
+                slot.disaggregated_bytes.store(disaggregated, Relaxed);
+                slot.local_bytes.store(local, Relaxed);
             }
         }
+    }
+
+    /// Records which address space holds process `pid`'s memory.
+    pub fn record_space(&self, pid: u32, space: u64) {
+        if let Some(slot) = self.slot(pid) {
+            slot.space.store(space, Relaxed);
+        }
+    }
+
+    /// The address spaces of the program's processes (as recorded).
+    pub fn spaces(&self) -> Vec<u64> {
+        self.coverage
+            .iter()
+            .map(|s| s.space.load(Relaxed))
+            .filter(|&s| s != 0)
+            .collect()
     }
 
     /// Summed over processes: (disaggregated, local) bytes at each one's peak.
@@ -226,5 +247,8 @@ mod tests {
         other.record_coverage(10, 50, 5);
         other.record_coverage(11, 7, 3);
         assert_eq!(s.coverage_totals(), (107, 13));
+        other.record_space(11, 42);
+        s.record_space(12, 43);
+        assert_eq!(s.spaces(), [42, 43]);
     }
 }
