@@ -404,14 +404,25 @@ fn init_logging() {
     init_logging_at("info");
 }
 
-/// Logging filtered by `LEGO_LOG`, else at `default`.
+/// Logging filtered by `LEGO_LOG`, else at `default`, to stderr: text, or
+/// one JSON object a line with `LEGO_LOG_FORMAT=json` (for log shippers).
+/// Each line names its thread, which names the component (`lego-memory-conn`,
+/// `lego-manager-tick`, ...).
 fn init_logging_at(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("LEGO_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let format = std::env::var("LEGO_LOG_FORMAT").unwrap_or_default();
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_thread_names(true)
+        .with_writer(std::io::stderr);
+    match format.as_str() {
+        "json" => builder.json().with_current_span(false).init(),
+        "" | "text" => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        other => {
+            builder.with_ansi(std::io::stderr().is_terminal()).init();
+            eprintln!("lego: LEGO_LOG_FORMAT={other:?} is not json or text: logging as text");
+        }
+    }
 }

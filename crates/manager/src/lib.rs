@@ -331,7 +331,7 @@ fn serve_connection<S: Stream>(stream: S, inner: Arc<Inner>, cred: &Credential) 
         .server_handshake(0, HELLO_TIMEOUT, cred)
         .and_then(|who| {
             conn.be_patient(Some(IDLE_TIMEOUT))?;
-            request_loop(&mut conn, &inner, &who.identity)
+            request_loop(&mut conn, &inner, (&who.identity, &peer))
         });
     match result {
         Ok(()) | Err(ConnError::Closed) => tracing::debug!(%peer, "connection closed"),
@@ -363,7 +363,7 @@ fn authorize(who: &Identity, req: &Request) -> Result<(), String> {
 fn request_loop<S: Stream>(
     conn: &mut FramedConn<S>,
     inner: &Inner,
-    who: &Identity,
+    (who, peer): (&Identity, &str),
 ) -> Result<(), ConnError> {
     loop {
         let f = conn.recv()?;
@@ -382,10 +382,14 @@ fn request_loop<S: Stream>(
                     },
                     Err(message) => {
                         inner.counters.refused.inc();
+                        tracing::warn!(%peer, %who, reason = %message, "request refused");
                         Reply::Error { message }
                     }
                 },
-                Err(message) => Reply::Error { message },
+                Err(message) => {
+                    tracing::warn!(%peer, reason = %message, "malformed request");
+                    Reply::Error { message }
+                }
             },
             other => Reply::Error {
                 message: format!(

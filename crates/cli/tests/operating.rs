@@ -1,4 +1,5 @@
-//! Prometheus metrics (issue 17): a manager, a memory daemon and a
+//! Operating lego (issue 17): Prometheus metrics, `lego top` and logs. A
+//! manager, a memory daemon and a
 //! processor daemon serve /metrics; a real HTTP client (Python's urllib)
 //! scrapes them while a program runs under lego, and Python's
 //! prometheus_client parses what they answer as OpenMetrics text.
@@ -372,4 +373,67 @@ fn lego_top_shows_the_daemons_and_the_running_program_and_q_quits() {
     drop(tmux);
     assert!(run.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&state);
+}
+
+#[test]
+fn failures_a_peer_causes_are_one_json_line_with_the_component_peer_and_reason() {
+    let mut child = lego_cmd()
+        .args(["memory", "--listen", "127.0.0.1:0", "--capacity", "64M"])
+        .env("LEGO_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some((_, rest)) = line.split_once(": serving on ") {
+            break rest.split(' ').next().unwrap().to_string();
+        }
+    };
+    let _daemon = Daemon {
+        child,
+        addr: addr.clone(),
+    };
+    // Garbage, then a peer with another cluster's credential.
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    std::io::Write::write_all(&mut s, &[0xff; 64]).unwrap();
+    drop(s);
+    let other = tmp().join(format!("other-key-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_file(&other);
+    let made = lego_cmd()
+        .args(["keygen", "--out"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let refused = lego_cmd()
+        .args(["status", "--memory", &addr])
+        .env("LEGO_KEY", &other)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let mut warned = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line}"));
+        if v["level"] == "WARN" {
+            assert_eq!(v["threadName"], "lego-memory-conn", "{line}");
+            assert!(
+                v["fields"]["peer"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("127.0.0.1:"),
+                "{line}"
+            );
+            assert!(!v["fields"]["error"].as_str().unwrap().is_empty(), "{line}");
+            warned.push(v["fields"]["error"].as_str().unwrap().to_string());
+        }
+        if warned.len() == 2 {
+            break;
+        }
+    }
+    assert!(warned[0].contains("malformed frame"), "{warned:?}");
+    assert!(warned[1].contains("authentication"), "{warned:?}");
+    let _ = std::fs::remove_file(&other);
 }
