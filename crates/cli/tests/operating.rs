@@ -190,6 +190,36 @@ fn daemons_serve_metrics_that_parse_and_rise_while_a_program_runs() {
     assert_eq!(sum(&m, "lego_manager_programs", ""), 1.0);
     assert!(sum(&m, "lego_manager_placement_seconds_count", "what=memory") > 0.0);
     assert!(sum(&m, "lego_manager_units", "") > 0.0);
+    // Every metric the Grafana dashboard shows is one the daemons serve.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../packaging/grafana-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let served: Vec<&String> = second[0]
+        .keys()
+        .chain(second[1].keys())
+        .chain(m.keys())
+        .collect();
+    let mut shown = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("lego_") {
+                    shown += 1;
+                    assert!(
+                        served.iter().any(|k| k.starts_with(&format!("{word}{{"))),
+                        "the dashboard's {word} is not served"
+                    );
+                }
+            }
+        }
+    }
+    assert!(shown > 20, "{shown}");
     // The manager has the program's counters too (from the heartbeats):
     // what `lego top` shows.
     let status = lego_cmd()
