@@ -176,6 +176,8 @@ struct StorageArgs {
     #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
     advertise: Option<String>,
     #[command(flatten)]
+    metrics: MetricsArg,
+    #[command(flatten)]
     key: keys::KeyArg,
 }
 
@@ -333,6 +335,10 @@ fn storage(args: StorageArgs) -> ExitCode {
     if let Err(e) = stop_on_signals(d.stopper()) {
         return fail("lego storage", e);
     }
+    let _metrics = match args.metrics.serve("lego storage", d.scraper()) {
+        Ok(m) => m,
+        Err(e) => return fail("lego storage", e),
+    };
     if let Some(m) = &args.manager {
         if let Err(e) = d.join(m, args.advertise.as_deref()) {
             return fail("lego storage", e);

@@ -107,52 +107,102 @@ while time.time() < end:
 print("rounds", k, flush=True)
 "#;
 
+/// A manager, a memory daemon and a processor daemon on loopback, each
+/// serving metrics (killed, and the manager's state removed, on drop).
+struct Cluster {
+    _daemons: [Daemon; 3],
+    state: std::path::PathBuf,
+    manager: String,
+    /// (address, metrics address) of the manager, the memory daemon and
+    /// the processor daemon.
+    at: [(String, String); 3],
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let state = tmp().join(format!("operating-mgr-{}-{}", std::process::id(), unique()));
+        let _ = std::fs::remove_dir_all(&state);
+        let (mgr, manager, mgr_metrics) = start(&[
+            "manager",
+            "--listen",
+            "127.0.0.1:0",
+            "--state",
+            state.to_str().unwrap(),
+            "--replicas",
+            "1",
+        ]);
+        let (mem, mem_addr, mem_metrics) = start(&[
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "1G",
+            "--manager",
+            &manager,
+        ]);
+        let (proc, proc_addr, proc_metrics) = start(&[
+            "processor",
+            "--listen",
+            "127.0.0.1:0",
+            "--manager",
+            &manager,
+            "--excache",
+            "256M",
+        ]);
+        Cluster {
+            _daemons: [mgr, mem, proc],
+            state,
+            at: [
+                (manager.clone(), mgr_metrics),
+                (mem_addr, mem_metrics),
+                (proc_addr, proc_metrics),
+            ],
+            manager,
+        }
+    }
+
+    /// `lego run` of the toucher for `secs` on a processor daemon, once it
+    /// has started.
+    fn run_toucher(&self, secs: &str) -> std::process::Child {
+        let mut run = lego_cmd()
+            .args([
+                "run",
+                "-q",
+                "--excache",
+                "16M",
+                "--manager",
+                &self.manager,
+                "--",
+            ])
+            .args(["/usr/bin/python3", "-c", TOUCHER, secs])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(run.stdout.take().unwrap()).lines();
+        assert_eq!(out.next().unwrap().unwrap(), "started");
+        run
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
 #[test]
 fn daemons_serve_metrics_that_parse_and_rise_while_a_program_runs() {
-    let state = tmp().join(format!("metrics-mgr-{}-{}", std::process::id(), unique()));
-    let _ = std::fs::remove_dir_all(&state);
-    let (mgr, manager, mgr_metrics) = start(&[
-        "manager",
-        "--listen",
-        "127.0.0.1:0",
-        "--state",
-        state.to_str().unwrap(),
-        "--replicas",
-        "1",
-    ]);
-    let (mem, _, mem_metrics) = start(&[
-        "memory",
-        "--listen",
-        "127.0.0.1:0",
-        "--capacity",
-        "1G",
-        "--manager",
-        &manager,
-    ]);
-    let (proc, _, proc_metrics) = start(&[
-        "processor",
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        &manager,
-        "--excache",
-        "256M",
-    ]);
-    let mut run = lego_cmd()
-        .args(["run", "-q", "--excache", "16M", "--manager", &manager, "--"])
-        .args(["/usr/bin/python3", "-c", TOUCHER, "8"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(run.stdout.take().unwrap()).lines();
-    assert_eq!(out.next().unwrap().unwrap(), "started");
+    let cluster = Cluster::start();
+    let manager = &cluster.manager;
+    let [(_, mgr_metrics), (_, mem_metrics), (_, proc_metrics)] = &cluster.at;
+    let run = cluster.run_toucher("8");
     // Two scrapes of each, a second and a half apart, while it runs.
     std::thread::sleep(Duration::from_millis(1500));
-    let first = [scrape(&proc_metrics), scrape(&mem_metrics)];
+    let first = [scrape(proc_metrics), scrape(mem_metrics)];
     std::thread::sleep(Duration::from_millis(1500));
-    let second = [scrape(&proc_metrics), scrape(&mem_metrics)];
-    let m = scrape(&mgr_metrics);
+    let second = [scrape(proc_metrics), scrape(mem_metrics)];
+    let m = scrape(mgr_metrics);
     for (name, with) in [
         ("lego_program_misses_total", "kind=remote"),
         ("lego_program_network_bytes_total", "direction=in"),
@@ -223,7 +273,7 @@ fn daemons_serve_metrics_that_parse_and_rise_while_a_program_runs() {
     // The manager has the program's counters too (from the heartbeats):
     // what `lego top` shows.
     let status = lego_cmd()
-        .args(["status", "--json", "--manager", &manager])
+        .args(["status", "--json", "--manager", manager])
         .output()
         .unwrap();
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
@@ -234,8 +284,6 @@ fn daemons_serve_metrics_that_parse_and_rise_while_a_program_runs() {
     );
     let end = run.wait_with_output().unwrap();
     assert!(end.status.success(), "{}", text(&end.stderr));
-    drop((proc, mem, mgr));
-    let _ = std::fs::remove_dir_all(&state);
 }
 
 #[test]
@@ -319,44 +367,10 @@ impl Drop for Tmux {
 
 #[test]
 fn lego_top_shows_the_daemons_and_the_running_program_and_q_quits() {
-    let state = tmp().join(format!("top-mgr-{}-{}", std::process::id(), unique()));
-    let _ = std::fs::remove_dir_all(&state);
-    let (_mgr, manager, _) = start(&[
-        "manager",
-        "--listen",
-        "127.0.0.1:0",
-        "--state",
-        state.to_str().unwrap(),
-        "--replicas",
-        "1",
-    ]);
-    let (_mem, mem_addr, _) = start(&[
-        "memory",
-        "--listen",
-        "127.0.0.1:0",
-        "--capacity",
-        "1G",
-        "--manager",
-        &manager,
-    ]);
-    let (_proc, proc_addr, _) = start(&[
-        "processor",
-        "--listen",
-        "127.0.0.1:0",
-        "--manager",
-        &manager,
-        "--excache",
-        "256M",
-    ]);
-    let mut run = lego_cmd()
-        .args(["run", "-q", "--excache", "16M", "--manager", &manager, "--"])
-        .args(["/usr/bin/python3", "-c", TOUCHER, "10"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut out = BufReader::new(run.stdout.take().unwrap()).lines();
-    assert_eq!(out.next().unwrap().unwrap(), "started");
+    let cluster = Cluster::start();
+    let manager = &cluster.manager;
+    let [_, (mem_addr, _), (proc_addr, _)] = &cluster.at;
+    let run = cluster.run_toucher("10");
     let tmux = Tmux::new();
     let command = format!(
         "LEGO_KEY={} {} top --manager {manager}; echo EXITED $?",
@@ -374,8 +388,8 @@ fn lego_top_shows_the_daemons_and_the_running_program_and_q_quits() {
             .find(|l| l.contains("/usr/bin/python3"))
             .unwrap_or_default()
             .to_string();
-        screen.contains(&mem_addr)
-            && screen.contains(&proc_addr)
+        screen.contains(mem_addr.as_str())
+            && screen.contains(proc_addr.as_str())
             && screen.contains("alive")
             && program.contains("16.0 MiB")
             && program.contains(&format!("{mem_addr}×"))
@@ -401,8 +415,7 @@ fn lego_top_shows_the_daemons_and_the_running_program_and_q_quits() {
         "the view is gone from the restored screen: {screen}"
     );
     drop(tmux);
-    assert!(run.wait().unwrap().success());
-    let _ = std::fs::remove_dir_all(&state);
+    assert!(run.wait_with_output().unwrap().status.success());
 }
 
 #[test]
@@ -466,4 +479,33 @@ fn failures_a_peer_causes_are_one_json_line_with_the_component_peer_and_reason()
     assert!(warned[0].contains("malformed frame"), "{warned:?}");
     assert!(warned[1].contains("authentication"), "{warned:?}");
     let _ = std::fs::remove_file(&other);
+}
+
+#[test]
+fn a_storage_daemon_serves_metrics_of_its_file_operations() {
+    let dir = tmp().join(format!("metrics-store-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let (daemon, addr, metrics) = start(&[
+        "storage",
+        "--listen",
+        "127.0.0.1:0",
+        "--dir",
+        dir.to_str().unwrap(),
+    ]);
+    let cred = lego_transport::auth::Credential::load(key()).unwrap();
+    let mut c = lego_storage::Client::connect(&addr, 5, &cred).unwrap();
+    c.create("f", 0o644).unwrap();
+    c.write("f", 0, &vec![7u8; 300_000]).unwrap();
+    c.fsync("f").unwrap();
+    assert_eq!(c.read("f", 0, 1 << 20).unwrap().len(), 300_000);
+    assert!(c.getattr("missing").is_err());
+    let m = scrape(&metrics);
+    assert_eq!(sum(&m, "lego_storage_written_bytes_total", ""), 300_000.0);
+    assert_eq!(sum(&m, "lego_storage_read_bytes_total", ""), 300_000.0);
+    assert_eq!(sum(&m, "lego_storage_errors_total", ""), 1.0);
+    assert!(sum(&m, "lego_storage_request_seconds_count", "op=fsync") >= 1.0);
+    assert!(sum(&m, "lego_storage_vnode_used_bytes", "vid=5") >= 300_000.0);
+    assert!(sum(&m, "lego_storage_free_bytes", "") > 0.0);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&dir);
 }

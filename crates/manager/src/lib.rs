@@ -275,25 +275,27 @@ fn scrape(inner: &Inner) -> lego_metrics::Scrape {
             used as f64,
         );
     }
-    m.gauge(
-        "lego_manager_units",
-        "Placed units of memory (16 MiB of an address space, each with its replicas).",
-        vec![],
-        units as f64,
+    m.gauges(
+        &vec![],
+        &[
+            (
+                "lego_manager_units",
+                "Placed units of memory (16 MiB of an address space, each with its replicas).",
+                units as f64,
+            ),
+            (
+                "lego_manager_degraded_units",
+                "Units that lost a replica and are not whole again yet.",
+                status.degraded_units as f64,
+            ),
+            (
+                "lego_manager_programs",
+                "Programs the processor daemons run.",
+                status.processes.len() as f64,
+            ),
+            ("lego_manager_vnodes", "vNodes.", vnodes as f64),
+        ],
     );
-    m.gauge(
-        "lego_manager_degraded_units",
-        "Units that lost a replica and are not whole again yet.",
-        vec![],
-        status.degraded_units as f64,
-    );
-    m.gauge(
-        "lego_manager_programs",
-        "Programs the processor daemons run.",
-        vec![],
-        status.processes.len() as f64,
-    );
-    m.gauge("lego_manager_vnodes", "vNodes.", vec![], vnodes as f64);
     let c = &inner.counters;
     for (what, h) in [("memory", &c.place_memory), ("process", &c.place_process)] {
         m.histogram(
@@ -303,23 +305,21 @@ fn scrape(inner: &Inner) -> lego_metrics::Scrape {
             &h.snapshot(),
         );
     }
-    m.counter(
-        "lego_manager_failures",
-        "Components marked failed (no heartbeat within the timeout).",
-        vec![],
-        c.failures.get(),
-    );
-    m.counter(
-        "lego_manager_drains",
-        "Drains begun.",
-        vec![],
-        c.drains.get(),
-    );
-    m.counter(
-        "lego_manager_refused_requests",
-        "Requests refused to a peer not allowed to make them.",
-        vec![],
-        c.refused.get(),
+    m.counters(
+        &vec![],
+        &[
+            (
+                "lego_manager_failures",
+                "Components marked failed (no heartbeat within the timeout).",
+                c.failures.get(),
+            ),
+            ("lego_manager_drains", "Drains begun.", c.drains.get()),
+            (
+                "lego_manager_refused_requests",
+                "Requests refused to a peer not allowed to make them.",
+                c.refused.get(),
+            ),
+        ],
     );
     m
 }

@@ -230,59 +230,60 @@ fn scrape(store: &Mutex<Store>, c: &Counters, addr: &str) -> lego_metrics::Scrap
     let s = lock(store).stats();
     let mut m = lego_metrics::Scrape::new();
     let me = labels(&[("daemon", addr)]);
-    m.gauge(
-        "lego_memory_capacity_bytes",
-        "Memory this daemon may hold.",
-        me.clone(),
-        s.capacity_bytes as f64,
+    m.gauges(
+        &me,
+        &[
+            (
+                "lego_memory_capacity_bytes",
+                "Memory this daemon may hold.",
+                s.capacity_bytes as f64,
+            ),
+            (
+                "lego_memory_used_bytes",
+                "Memory its address spaces' pages take.",
+                s.used_bytes as f64,
+            ),
+            (
+                "lego_memory_spaces",
+                "Address spaces it holds.",
+                s.spaces as f64,
+            ),
+            (
+                "lego_memory_connections",
+                "Connections open now.",
+                s.connections as f64,
+            ),
+        ],
     );
-    m.gauge(
-        "lego_memory_used_bytes",
-        "Memory its address spaces' pages take.",
-        me.clone(),
-        s.used_bytes as f64,
-    );
-    m.gauge(
-        "lego_memory_spaces",
-        "Address spaces it holds.",
-        me.clone(),
-        s.spaces as f64,
-    );
-    m.gauge(
-        "lego_memory_connections",
-        "Connections open now.",
-        me.clone(),
-        s.connections as f64,
-    );
-    m.counter(
-        "lego_memory_connections_accepted",
-        "Connections accepted.",
-        me.clone(),
-        c.connections.get(),
-    );
-    m.counter(
-        "lego_memory_connections_refused",
-        "Connections that failed the handshake (a wrong credential, version or claim).",
-        me.clone(),
-        c.refused.get(),
-    );
-    m.counter(
-        "lego_memory_bad_frames",
-        "Connections closed for a malformed, forged or unexpected frame.",
-        me.clone(),
-        c.bad_frames.get(),
-    );
-    m.counter(
-        "lego_memory_pages_read",
-        "Pages read by runtimes (misses and prefetches).",
-        me.clone(),
-        c.pages_read.get(),
-    );
-    m.counter(
-        "lego_memory_pages_written",
-        "Pages written back by runtimes.",
-        me.clone(),
-        c.pages_written.get(),
+    m.counters(
+        &me,
+        &[
+            (
+                "lego_memory_connections_accepted",
+                "Connections accepted.",
+                c.connections.get(),
+            ),
+            (
+                "lego_memory_connections_refused",
+                "Connections that failed the handshake (a wrong credential, version or claim).",
+                c.refused.get(),
+            ),
+            (
+                "lego_memory_bad_frames",
+                "Connections closed for a malformed, forged or unexpected frame.",
+                c.bad_frames.get(),
+            ),
+            (
+                "lego_memory_pages_read",
+                "Pages read by runtimes (misses and prefetches).",
+                c.pages_read.get(),
+            ),
+            (
+                "lego_memory_pages_written",
+                "Pages written back by runtimes.",
+                c.pages_written.get(),
+            ),
+        ],
     );
     for (op, h) in OPS.iter().zip(&c.requests) {
         m.histogram(

@@ -97,6 +97,20 @@ impl Scrape {
         self.add(name, help, MetricType::Gauge, labels, Value::Gauge(v));
     }
 
+    /// Several gauges with the same labels: (name, help, value).
+    pub fn gauges(&mut self, labels: &Labels, items: &[(&str, &str, f64)]) {
+        for (name, help, v) in items {
+            self.gauge(name, help, labels.clone(), *v);
+        }
+    }
+
+    /// Several counters with the same labels: (name, help, value).
+    pub fn counters(&mut self, labels: &Labels, items: &[(&str, &str, u64)]) {
+        for (name, help, v) in items {
+            self.counter(name, help, labels.clone(), *v);
+        }
+    }
+
     /// A histogram sample from `h` (seconds).
     pub fn histogram(&mut self, name: &str, help: &str, labels: Labels, h: &HistogramSnapshot) {
         let v = Value::Histogram(h.sum_seconds, h.count, h.buckets.clone());

@@ -132,23 +132,25 @@ fn scrape(host: &Host, addr: &str) -> lego_metrics::Scrape {
     let running = host.running_with_counters();
     let me = labels(&[("daemon", addr)]);
     let mut m = lego_metrics::Scrape::new();
-    m.gauge(
-        "lego_processor_programs",
-        "Programs this processor daemon runs.",
-        me.clone(),
-        running.len() as f64,
-    );
-    m.gauge(
-        "lego_processor_excache_budget_bytes",
-        "The ExCache budget its programs share.",
-        me.clone(),
-        host.budget as f64,
-    );
-    m.gauge(
-        "lego_processor_excache_used_bytes",
-        "ExCache given to the programs it runs.",
-        me,
-        running.iter().map(|p| p.excache_bytes).sum::<u64>() as f64,
+    m.gauges(
+        &me,
+        &[
+            (
+                "lego_processor_programs",
+                "Programs this processor daemon runs.",
+                running.len() as f64,
+            ),
+            (
+                "lego_processor_excache_budget_bytes",
+                "The ExCache budget its programs share.",
+                host.budget as f64,
+            ),
+            (
+                "lego_processor_excache_used_bytes",
+                "ExCache given to the programs it runs.",
+                running.iter().map(|p| p.excache_bytes).sum::<u64>() as f64,
+            ),
+        ],
     );
     for p in &running {
         if let Some(c) = &p.counters {

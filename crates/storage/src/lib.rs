@@ -55,6 +55,29 @@ struct Trees {
     /// Open trees whose quota the manager did not give yet, and when it
     /// was last asked (asked again every few seconds).
     unknown_quota: Mutex<HashMap<u64, std::time::Instant>>,
+    counters: Counters,
+}
+
+/// File operations a storage daemon times, by kind (the `op` label).
+const OPS: [&str; 4] = ["read", "write", "fsync", "meta"];
+
+fn op_of(op: FsOp) -> usize {
+    match op {
+        FsOp::Read => 0,
+        FsOp::Write => 1,
+        FsOp::Fsync => 2,
+        _ => 3,
+    }
+}
+
+/// What a storage daemon counts for its metrics.
+#[derive(Default)]
+struct Counters {
+    requests: [lego_metrics::Histogram; OPS.len()],
+    bytes_read: lego_metrics::Counter,
+    bytes_written: lego_metrics::Counter,
+    /// Requests answered with an errno (ENOENT, ENOSPC, EACCES, ...).
+    errors: lego_metrics::Counter,
 }
 
 impl Trees {
@@ -124,6 +147,12 @@ impl StorageDaemon {
 
     pub fn addr(&self) -> &str {
         &self.addr
+    }
+
+    /// What builds its metrics at each scrape (`lego storage --metrics`).
+    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
+        let (trees, addr, dir) = (self.trees.clone(), self.addr.clone(), self.dir.clone());
+        Arc::new(move || scrape(&trees, &addr, &dir))
     }
 
     /// Free space of the storage directory's file system.
@@ -197,6 +226,67 @@ fn serve_connection<S: Stream>(
     });
 }
 
+fn scrape(trees: &Trees, addr: &str, dir: &std::path::Path) -> lego_metrics::Scrape {
+    use lego_metrics::labels;
+    let mut m = lego_metrics::Scrape::new();
+    let me = labels(&[("daemon", addr)]);
+    m.gauge(
+        "lego_storage_free_bytes",
+        "Free space of the storage directory's file system.",
+        me.clone(),
+        StorageDaemon::free_bytes(dir) as f64,
+    );
+    let open: Vec<(u64, Arc<Tree>)> = lock(&trees.open)
+        .iter()
+        .map(|(&v, t)| (v, t.clone()))
+        .collect();
+    for (vid, t) in open {
+        let l = labels(&[("daemon", addr), ("vid", &vid.to_string())]);
+        m.gauge(
+            "lego_storage_vnode_used_bytes",
+            "Bytes a vNode's files take on disk.",
+            l.clone(),
+            t.used() as f64,
+        );
+        m.gauge(
+            "lego_storage_vnode_quota_bytes",
+            "A vNode's storage quota (0: none known).",
+            l,
+            t.quota() as f64,
+        );
+    }
+    let c = &trees.counters;
+    for (op, h) in OPS.iter().zip(&c.requests) {
+        m.histogram(
+            "lego_storage_request_seconds",
+            "File operation service time, from the request read to its answer sent.",
+            labels(&[("daemon", addr), ("op", op)]),
+            &h.snapshot(),
+        );
+    }
+    m.counters(
+        &me,
+        &[
+            (
+                "lego_storage_read_bytes",
+                "File bytes read.",
+                c.bytes_read.get(),
+            ),
+            (
+                "lego_storage_written_bytes",
+                "File bytes written.",
+                c.bytes_written.get(),
+            ),
+            (
+                "lego_storage_errors",
+                "File operations answered with an error (ENOENT, ENOSPC, EACCES, ...).",
+                c.errors.get(),
+            ),
+        ],
+    );
+    m
+}
+
 fn request_loop<S: Stream>(
     conn: &mut FramedConn<S>,
     root: &std::path::Path,
@@ -206,7 +296,12 @@ fn request_loop<S: Stream>(
     let mut out = Vec::new();
     loop {
         let f = conn.recv()?;
+        let started = std::time::Instant::now();
         let id = f.request_id;
+        let timed = match &f.message {
+            Message::FsCall { op, data, .. } => Some((op_of(*op), data.len() as u64)),
+            _ => None,
+        };
         let errno = match f.message {
             Message::FsCall { .. } if *who != Identity::Cluster => {
                 libc_errno(rustix::io::Errno::ACCESS)
@@ -257,6 +352,16 @@ fn request_loop<S: Stream>(
                 data: &out,
             },
         )?;
+        if let Some((op, sent)) = timed {
+            let c = &trees.counters;
+            c.requests[op].observe(started.elapsed());
+            match (errno, op) {
+                (0, 0) => c.bytes_read.add(out.len() as u64),
+                (0, 1) => c.bytes_written.add(sent),
+                (0, _) => {}
+                _ => c.errors.inc(),
+            }
+        }
     }
 }
 

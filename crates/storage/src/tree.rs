@@ -229,6 +229,11 @@ impl Tree {
         self.quota.store(bytes, Ordering::Relaxed);
     }
 
+    /// Its quota (0: none).
+    pub fn quota(&self) -> u64 {
+        self.quota.load(Ordering::Relaxed)
+    }
+
     /// Bytes the tree takes on disk.
     pub fn used(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
