@@ -116,12 +116,19 @@ const MAX_COUNTERS_BYTES: u64 = 64 << 10;
 /// program's user can write it: it says only what that user's program
 /// did, and nothing in it is trusted beyond that).
 fn read_counters(path: &std::path::Path) -> Option<ProgramCounters> {
-    let mut text = Vec::new();
-    std::fs::File::open(path)
-        .ok()?
-        .take(MAX_COUNTERS_BYTES)
-        .read_to_end(&mut text)
+    use std::os::unix::fs::OpenOptionsExt;
+    // Only a regular file, never through a symlink, never waiting (a FIFO
+    // put there would hold up the heartbeats).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
         .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut text = Vec::new();
+    f.take(MAX_COUNTERS_BYTES).read_to_end(&mut text).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
@@ -797,5 +804,33 @@ fn pump_in(
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_regular_counters_file_is_read() {
+        let dir = std::env::temp_dir().join(format!("lego-live-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("live.json");
+        std::fs::write(&good, r#"{"remote_misses": 7}"#).unwrap();
+        assert_eq!(read_counters(&good).unwrap().remote_misses, 7);
+        let link = dir.join("link.json");
+        std::os::unix::fs::symlink(&good, &link).unwrap();
+        assert!(read_counters(&link).is_none(), "not through a symlink");
+        let fifo = dir.join("fifo.json");
+        let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+        assert!(made.success());
+        assert!(
+            read_counters(&fifo).is_none(),
+            "a FIFO neither blocks nor counts"
+        );
+        std::fs::write(dir.join("junk.json"), b"\xff not json").unwrap();
+        assert!(read_counters(&dir.join("junk.json")).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
