@@ -247,7 +247,14 @@ pub fn run(args: RunArgs) -> ExitCode {
             Err(e) => return fail(e),
         };
         match lego_processor::remote::processors_alive(m, &cred) {
-            Ok(true) => return run_on_processor(m, &args, cred),
+            Ok(true) => {
+                if let Some(addr) = &args.metrics.metrics {
+                    eprintln!(
+                        "lego: --metrics {addr} is for programs run on this host: this one runs on a processor daemon, whose --metrics serves it"
+                    );
+                }
+                return run_on_processor(m, &args, cred);
+            }
             Ok(false) if args.vnode.is_some() => {
                 return fail(format!(
                     "no processor daemon is alive in the cluster of {m}: programs run in vNodes on processor daemons"
@@ -368,7 +375,10 @@ pub fn run(args: RunArgs) -> ExitCode {
     lego_sys::process::forward_signals_to(child.id() as i32);
     let program_labels = lego_metrics::labels(&[
         ("pid", &child.id().to_string()),
-        ("program", &prog.to_string_lossy()),
+        (
+            "program",
+            &lego_metrics::program::label_of(&prog.to_string_lossy()),
+        ),
     ]);
     let _metrics = match args.metrics.serve(
         "lego",

@@ -197,7 +197,13 @@ impl View {
                     ProgramRow {
                         processor: r.processor,
                         pid: p.pid,
-                        program: p.program.clone(),
+                        // Its name is the user's: no terminal controls
+                        // from it.
+                        program: p
+                            .program
+                            .chars()
+                            .map(|c| if c.is_control() { ' ' } else { c })
+                            .collect(),
                         excache: p.excache_bytes,
                         resident: c.peak_resident_bytes,
                         miss_rate,
@@ -475,13 +481,20 @@ fn interactive(source: &Source, cred: &Credential, first: Snapshot, args: &TopAr
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
     let mut terminal = match ratatui::try_init() {
         Ok(t) => t,
-        Err(e) => return fail("lego top", format!("cannot use this terminal: {e}")),
+        Err(e) => {
+            // Raw mode may be on already.
+            ratatui::restore();
+            return fail("lego top", format!("cannot use this terminal: {e}"));
+        }
     };
     let mut order = Order::MissRate;
     let mut prev: Option<(Snapshot, Instant)> = None;
     let mut cur = (first, Instant::now());
     let mut error: Option<String> = None;
     let mut shown = 0u64;
+    // When to ask again (apart from when the last answer came, which the
+    // rates are measured from).
+    let mut next = cur.1 + args.interval;
     let result = loop {
         let view = View::build(prev.as_ref().map(|(s, t)| (s, cur.1 - *t)), &cur.0, order);
         if let Err(e) = terminal.draw(|f| draw(f, &view, error.as_deref())) {
@@ -492,7 +505,6 @@ fn interactive(source: &Source, cred: &Credential, first: Snapshot, args: &TopAr
             break Ok(());
         }
         // Keys until the next refresh.
-        let next = cur.1 + args.interval;
         let mut quit = false;
         let mut redraw = false;
         while let Some(left) = next.checked_duration_since(Instant::now()) {
@@ -525,16 +537,14 @@ fn interactive(source: &Source, cred: &Credential, first: Snapshot, args: &TopAr
         if redraw {
             continue;
         }
+        next = Instant::now() + args.interval;
         match source.take(cred) {
             Ok(s) => {
                 error = None;
                 prev = Some(std::mem::replace(&mut cur, (s, Instant::now())));
             }
             // Shown, and tried again at the next refresh.
-            Err(e) => {
-                error = Some(e);
-                cur.1 = Instant::now();
-            }
+            Err(e) => error = Some(e),
         }
     };
     ratatui::restore();
@@ -704,5 +714,13 @@ mod tests {
         assert_eq!(&lines[header + 1][col..col + 3], "200", "{text}");
         assert!(lines[header + 1].ends_with("m1:7×5 m2:7×1"), "{text}");
         assert_eq!(bar(0, 0, 4), "[    ]   -");
+        // A program name cannot move the cursor of a terminal showing it.
+        let mut evil = snapshot(1, 0);
+        evil.status.processes[0].process.program = "x\u{1b}[2Jy".into();
+        let text = View::build(None, &evil, Order::Pid).plain();
+        assert!(
+            !text.contains('\u{1b}') && text.contains("x [2Jy"),
+            "{text}"
+        );
     }
 }

@@ -399,6 +399,14 @@ fn request_loop<S: Stream>(
             },
         };
         let mut json = control::to_json(&reply);
+        // A cluster with many programs: its status without their counters.
+        if let (true, Reply::Status(mut s)) = (json.len() > lego_protocol::MAX_CONTROL_BYTES, reply)
+        {
+            s.processes
+                .iter_mut()
+                .for_each(|p| p.process.counters = None);
+            json = control::to_json(&Reply::Status(s));
+        }
         if json.len() > lego_protocol::MAX_CONTROL_BYTES {
             json = control::to_json(&Reply::Error {
                 message: format!(

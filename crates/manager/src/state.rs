@@ -781,6 +781,7 @@ impl Cluster {
             .take(MAX_PROCESSES)
             .map(|p| ProcessInfo {
                 program: short_program(&p.program),
+                counters: p.counters.filter(|c| c.is_sane()),
                 ..p
             })
             .collect();

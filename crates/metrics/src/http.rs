@@ -83,20 +83,23 @@ pub fn serve(addr: &str, scrape: ScrapeFn) -> Result<MetricsServer, String> {
                 if stopping.load(Ordering::SeqCst) {
                     break;
                 }
-                let Ok(conn) = conn else { continue };
-                if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
-                    busy.fetch_sub(1, Ordering::SeqCst);
+                let Ok(conn) = conn else {
+                    // Out of descriptors, say: not a busy loop meanwhile.
+                    std::thread::sleep(Duration::from_millis(50));
                     continue;
-                }
-                let (busy, scrape) = (busy.clone(), scrape.clone());
+                };
+                let Some(slot) = Slot::take(&busy) else {
+                    continue;
+                };
+                let scrape = scrape.clone();
                 let spawned = std::thread::Builder::new()
                     .name("lego-metrics-conn".into())
                     .spawn(move || {
+                        let _slot = slot;
                         let peer = conn.peer_addr().ok();
                         if let Err(e) = answer(conn, &scrape) {
                             tracing::debug!(?peer, error = %e, "metrics request not answered");
                         }
-                        busy.fetch_sub(1, Ordering::SeqCst);
                     });
                 if spawned.is_err() {
                     tracing::warn!("cannot start a metrics connection thread");
@@ -105,6 +108,26 @@ pub fn serve(addr: &str, scrape: ScrapeFn) -> Result<MetricsServer, String> {
         })
         .map_err(|e| format!("cannot start the metrics server: {e}"))?;
     Ok(MetricsServer { addr: local, stop })
+}
+
+/// One of the [`MAX_CONNECTIONS`] served at once, given back on drop
+/// (also if the thread could not start, or a scrape panicked).
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(busy: &Arc<AtomicUsize>) -> Option<Slot> {
+        if busy.fetch_add(1, Ordering::SeqCst) >= MAX_CONNECTIONS {
+            busy.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(Slot(busy.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Reads one request's head (up to the blank line).

@@ -32,7 +32,10 @@ fn bucket_mid_us(idx: usize) -> f64 {
     }
 }
 
-/// The page's counters now.
+/// The page's counters now. Each of the page's histogram buckets is
+/// counted under the first bound at or above its upper edge: exact below
+/// 1 ms (1 µs buckets), and above it up to one 1024 µs bucket high (a
+/// 2.2 ms miss is counted under 5 ms, not 2.5 ms).
 pub fn counters(s: &SharedStats) -> ProgramCounters {
     let mut latency = vec![0u64; LATENCY_BOUNDS.len() + 1];
     let mut sum_us = 0.0;
@@ -73,6 +76,13 @@ pub fn counters(s: &SharedStats) -> ProgramCounters {
         miss_p99_us: lego_sys::stats::quantile(&raw, 0.99).map_or(0, |q| q as u64),
         spaces: s.spaces(),
     }
+}
+
+/// The `program` label of a command line: its program's file name only
+/// (its arguments may be private, and every run's would be a series).
+pub fn label_of(command: &str) -> String {
+    let first = command.split_whitespace().next().unwrap_or_default();
+    first.rsplit('/').next().unwrap_or(first).to_string()
 }
 
 /// Adds program `c`'s families, each sample labelled `labels` (which
@@ -128,11 +138,11 @@ pub fn add(scrape: &mut Scrape, labels: &Labels, c: &ProgramCounters) {
             v,
         );
     }
-    scrape.gauge(
-        "lego_program_processes",
-        "Processes of the program whose runtime attached (ever).",
+    scrape.counter(
+        "lego_program_processes_started",
+        "Processes of the program whose runtime attached.",
         labels.clone(),
-        c.processes as f64,
+        c.processes,
     );
     scrape.gauge(
         "lego_program_peak_resident_bytes",
@@ -181,6 +191,13 @@ pub fn add(scrape: &mut Scrape, labels: &Labels, c: &ProgramCounters) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_program_is_labelled_by_its_file_name_only() {
+        assert_eq!(label_of("/usr/bin/python3 -c secret"), "python3");
+        assert_eq!(label_of("sort"), "sort");
+        assert_eq!(label_of(""), "");
+    }
 
     #[test]
     fn the_page_counters_become_families() {

@@ -110,7 +110,7 @@ impl Host {
 }
 
 /// The most a counters file is read (it is about a kilobyte).
-const MAX_COUNTERS_BYTES: u64 = 64 << 10;
+const MAX_COUNTERS_BYTES: u64 = 8 << 10;
 
 /// A program's counters file; `None` if missing or not counters (the
 /// program's user can write it: it says only what that user's program
@@ -129,7 +129,9 @@ fn read_counters(path: &std::path::Path) -> Option<ProgramCounters> {
     }
     let mut text = Vec::new();
     f.take(MAX_COUNTERS_BYTES).read_to_end(&mut text).ok()?;
-    serde_json::from_slice(&text).ok()
+    serde_json::from_slice::<ProgramCounters>(&text)
+        .ok()
+        .filter(ProgramCounters::is_sane)
 }
 
 /// The processor daemon's metrics: its budget and programs, and each
@@ -164,7 +166,7 @@ fn scrape(host: &Host, addr: &str) -> lego_metrics::Scrape {
             let l = labels(&[
                 ("daemon", addr),
                 ("pid", &p.pid.to_string()),
-                ("program", &p.program),
+                ("program", &lego_metrics::program::label_of(&p.program)),
             ]);
             lego_metrics::program::add(&mut m, &l, c);
         }
@@ -209,14 +211,22 @@ impl ProcessorDaemon {
             let host = host.clone();
             member.keep_alive(stop.clone(), move || {
                 let running = host.running_with_counters();
-                Request::Heartbeat {
+                let mut beat = Request::Heartbeat {
                     id: 0,
                     key: String::new(),
                     used_bytes: running.iter().map(|p| p.excache_bytes).sum(),
                     load: running.len() as u32,
                     spaces: vec![],
                     processes: running,
+                };
+                // Many programs: the heartbeat without their counters
+                // rather than none that fits.
+                if control::to_json(&beat).len() > lego_protocol::MAX_CONTROL_BYTES / 2 {
+                    if let Request::Heartbeat { processes, .. } = &mut beat {
+                        processes.iter_mut().for_each(|p| p.counters = None);
+                    }
                 }
+                beat
             })
         };
         watch_vnode_links(host.clone(), stop.clone());
@@ -831,6 +841,12 @@ mod tests {
         );
         std::fs::write(dir.join("junk.json"), b"\xff not json").unwrap();
         assert!(read_counters(&dir.join("junk.json")).is_none());
+        let long = format!(r#"{{"spaces": [{}]}}"#, vec!["1"; 65].join(","));
+        std::fs::write(dir.join("long.json"), long).unwrap();
+        assert!(
+            read_counters(&dir.join("long.json")).is_none(),
+            "too long a list"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

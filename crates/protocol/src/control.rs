@@ -121,6 +121,10 @@ pub struct ProcessInfo {
     pub counters: Option<ProgramCounters>,
 }
 
+/// Most latency buckets and address spaces a program's counters may list
+/// (a processor daemon and the manager drop counters with more).
+pub const MAX_COUNTER_ENTRIES: usize = 64;
+
 /// A running program's counters, summed over its processes (from the
 /// statistics page its runtimes share; `lego_metrics::program`).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,6 +163,14 @@ pub struct ProgramCounters {
     /// The address spaces holding its processes' memory (where its
     /// memory lives: `ClusterStatus::spaces`).
     pub spaces: Vec<u64>,
+}
+
+impl ProgramCounters {
+    /// Whether its lists are within [`MAX_COUNTER_ENTRIES`] (they come from
+    /// a file the program's user can write).
+    pub fn is_sane(&self) -> bool {
+        self.miss_latency.len() <= MAX_COUNTER_ENTRIES && self.spaces.len() <= MAX_COUNTER_ENTRIES
+    }
 }
 
 /// Requests to the global manager.
