@@ -503,3 +503,70 @@ fn a_storage_daemon_serves_metrics_of_its_file_operations() {
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_request_the_manager_refuses_is_one_json_line_with_the_peer_and_reason() {
+    let state = tmp().join(format!("refusing-mgr-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&state);
+    let mut child = lego_cmd()
+        .args(["manager", "--listen", "127.0.0.1:0", "--state"])
+        .arg(&state)
+        .env("LEGO_LOG_FORMAT", "json")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let addr = loop {
+        let line = lines.next().unwrap().unwrap();
+        if let Some((_, rest)) = line.split_once(": serving on ") {
+            break rest.split(' ').next().unwrap().to_string();
+        }
+    };
+    let _daemon = Daemon {
+        child,
+        addr: addr.clone(),
+    };
+    let alice = tmp().join(format!("alice-key-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_file(&alice);
+    let made = lego_cmd()
+        .args(["keygen", "--user", "alice", "--from"])
+        .arg(key())
+        .arg("--out")
+        .arg(&alice)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", text(&made.stderr));
+    let out = lego_cmd()
+        .args(["vnode", "create", "web", "--manager", &addr])
+        .env("LEGO_KEY", &alice)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let line = lines
+        .map(|l| l.unwrap())
+        .find(|l| l.contains("request refused"))
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["level"], "WARN", "{line}");
+    assert_eq!(v["threadName"], "lego-manager-conn", "{line}");
+    assert!(
+        v["fields"]["peer"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{line}"
+    );
+    assert!(
+        v["fields"]["who"].as_str().unwrap().contains("alice"),
+        "{line}"
+    );
+    assert!(
+        v["fields"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("may not create a vNode"),
+        "{line}"
+    );
+    let _ = std::fs::remove_file(&alice);
+    let _ = std::fs::remove_dir_all(&state);
+}

@@ -516,6 +516,7 @@ fn serve(stream: TcpStream, host: &Host) -> Result<(), ConnError> {
                 human_bytes(excache_bytes)
             );
             drop(running);
+            tracing::warn!(peer = ?conn.stream().peer_addr().ok(), who = %job.identity, reason = %message, "launch refused");
             return send_reply(&writer, id, &Reply::Error { message });
         }
         // Listed under a placeholder id until the program's pid is known.
@@ -564,7 +565,14 @@ fn run_program(
     listed_as: &mut u32,
 ) -> Result<(), ConnError> {
     let Job { argv, cwd, env, .. } = job;
-    let refuse = |message: String| send_reply(writer, id, &Reply::Error { message });
+    let peer = conn
+        .stream()
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let refuse = |message: String| {
+        tracing::warn!(%peer, who = %job.identity, reason = %message, "launch refused");
+        send_reply(writer, id, &Reply::Error { message })
+    };
     let user = match run_as(&job.identity) {
         Ok(u) => u,
         Err(message) => return refuse(message),

@@ -293,6 +293,7 @@ fn request_loop<S: Stream>(
     who: &Identity,
 ) -> Result<(), ConnError> {
     let mut out = Vec::new();
+    let mut refused = false;
     loop {
         let f = conn.recv()?;
         let started = std::time::Instant::now();
@@ -303,6 +304,10 @@ fn request_loop<S: Stream>(
         };
         let errno = match f.message {
             Message::FsCall { .. } if *who != Identity::Cluster => {
+                // Once a connection: a user's every call is refused alike.
+                if !std::mem::replace(&mut refused, true) {
+                    tracing::warn!(peer = %conn.stream().peer(), %who, "file operations refused: only the cluster's components may make them");
+                }
                 libc_errno(rustix::io::Errno::ACCESS)
             }
             Message::FsCall {
