@@ -5,8 +5,8 @@
 //!
 //! The logic is [`state::Cluster`], a pure state machine; this module wraps
 //! it in a TCP server, one thread per connection, and stores every change in
-//! the embedded database ([`db`]) before answering, so a manager killed and
-//! restarted finds the same cluster. Components re-register on their own
+//! its store ([`store::Store`]: the embedded database, [`db`]) before
+//! answering, so a manager killed and restarted finds the same cluster. Components re-register on their own
 //! when their connection breaks; programs keep running meanwhile (they ask
 //! the manager only to place new memory).
 
@@ -16,6 +16,7 @@ pub mod db;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod state;
+pub mod store;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -49,7 +50,7 @@ pub enum ManagerError {
 
 struct Inner {
     cluster: Mutex<Cluster>,
-    db: Db,
+    db: Box<dyn store::Store>,
     epoch: Instant,
     counters: Counters,
 }
@@ -145,6 +146,16 @@ impl Manager {
         cred: Credential,
     ) -> Result<Self, ManagerError> {
         let db = Db::open(state_dir)?;
+        Self::start_on(listen, Box::new(db), (timeout, replicas, vnode_net), cred)
+    }
+
+    /// [`Manager::start_with`], its state in `db` (any [`store::Store`]).
+    pub fn start_on(
+        listen: &str,
+        db: Box<dyn store::Store>,
+        (timeout, replicas, vnode_net): (Duration, usize, (u32, u8)),
+        cred: Credential,
+    ) -> Result<Self, ManagerError> {
         let timeout_ms = timeout.as_millis().max(1) as u64;
         let cluster = db
             .load(timeout_ms, 0)

@@ -1,0 +1,28 @@
+//! Where the manager keeps the cluster's state. Every change the state
+//! machine ([`crate::state::Cluster`]) makes is stored before the manager
+//! answers it, and a manager that starts (again) rebuilds the cluster from
+//! the store. The embedded redb database ([`crate::db::Db`]) is the one
+//! store so far; the trait is what another (a consensus store shared by
+//! several managers) would implement.
+
+use crate::state::{Changes, Cluster};
+
+pub trait Store: Send + Sync {
+    /// The stored cluster, rebuilt at time `now` (every live component
+    /// gets a full `timeout_ms` to heartbeat again).
+    fn load(&self, timeout_ms: u64, now: u64) -> Result<Cluster, String>;
+
+    /// Stores what `changes` names of `cluster`. An error means the change
+    /// is not durable: the request is answered with it, not acknowledged.
+    fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String>;
+}
+
+impl Store for crate::db::Db {
+    fn load(&self, timeout_ms: u64, now: u64) -> Result<Cluster, String> {
+        crate::db::Db::load(self, timeout_ms, now)
+    }
+
+    fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
+        crate::db::Db::save(self, cluster, changes)
+    }
+}
