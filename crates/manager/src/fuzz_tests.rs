@@ -72,7 +72,14 @@ fn request(rng: &mut Rng) -> Request {
                     pid: rng.next() as u32,
                     program: rng.text(2 * MAX_PROGRAM_BYTES as u64),
                     excache_bytes: rng.value(),
-                    counters: None,
+                    // Counters as a user's file may have them: lists of
+                    // any length up to past the limit.
+                    counters: (rng.below(2) == 0).then(|| control::ProgramCounters {
+                        remote_misses: rng.value(),
+                        miss_latency: (0..rng.below(80)).map(|_| rng.value()).collect(),
+                        spaces: (0..rng.below(80)).map(|_| rng.value()).collect(),
+                        ..Default::default()
+                    }),
                 })
                 .collect(),
         },
@@ -115,6 +122,11 @@ fn run(seed: u64) {
         let json = control::to_json(&reply);
         assert!(json.len() <= MAX_CONTROL_BYTES, "{} bytes", json.len());
         assert!(c.components.len() <= MAX_COMPONENTS);
+        assert!(c
+            .components
+            .values()
+            .flat_map(|x| &x.processes)
+            .all(|p| p.counters.as_ref().is_none_or(|k| k.is_sane())));
         if let Reply::Registered { id, .. } = reply {
             assert!(id > 0, "component id 0");
         }

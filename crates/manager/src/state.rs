@@ -1154,6 +1154,7 @@ fn unknown(id: u64) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use lego_protocol::control::{ProgramCounters, MAX_COUNTER_ENTRIES};
 
     const MIB: u64 = 1 << 20;
 
@@ -1570,6 +1571,37 @@ mod tests {
         let (_, ch) = hb(&mut c, 700, vec![6]);
         assert_eq!(ch.unplaced.into_iter().collect::<Vec<_>>(), [(5, 0)]);
         assert_eq!(c.placements.len(), 1);
+    }
+
+    #[test]
+    fn a_programs_counters_are_kept_only_within_their_limits() {
+        let mut c = Cluster::new(1000);
+        let p = register(&mut c, 0, Kind::Processor, "p:1", 256 * MIB);
+        let with = |spaces: usize| ProcessInfo {
+            pid: 7,
+            program: "x".into(),
+            excache_bytes: MIB,
+            counters: Some(ProgramCounters {
+                remote_misses: 3,
+                spaces: vec![1; spaces],
+                ..Default::default()
+            }),
+        };
+        for (spaces, kept) in [(4, true), (MAX_COUNTER_ENTRIES + 1, false)] {
+            c.apply(
+                1,
+                Request::Heartbeat {
+                    id: p,
+                    key: key_of(&c, p),
+                    used_bytes: 0,
+                    load: 1,
+                    spaces: vec![],
+                    processes: vec![with(spaces)],
+                },
+            );
+            let stored = &c.components[&p].processes[0];
+            assert_eq!(stored.counters.is_some(), kept, "{spaces} spaces");
+        }
     }
 
     #[test]
