@@ -224,7 +224,10 @@ fn main() -> ExitCode {
             if let Err(e) = stop_on_signals(d.stopper()) {
                 return fail("lego memory", e);
             }
-            let _metrics = match args.metrics.serve("lego memory", d.scraper()) {
+            let _metrics = match args
+                .metrics
+                .serve("lego memory", d.scraper(args.advertise.as_deref()))
+            {
                 Ok(m) => m,
                 Err(e) => return fail("lego memory", e),
             };
@@ -335,7 +338,10 @@ fn storage(args: StorageArgs) -> ExitCode {
     if let Err(e) = stop_on_signals(d.stopper()) {
         return fail("lego storage", e);
     }
-    let _metrics = match args.metrics.serve("lego storage", d.scraper()) {
+    let _metrics = match args
+        .metrics
+        .serve("lego storage", d.scraper(args.advertise.as_deref()))
+    {
         Ok(m) => m,
         Err(e) => return fail("lego storage", e),
     };

@@ -46,7 +46,7 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
         listen: args.listen,
         manager: args.manager,
         excache_bytes: args.excache,
-        advertise: args.advertise,
+        advertise: args.advertise.clone(),
         lego_exe,
         cred,
     };
@@ -57,7 +57,10 @@ pub fn processor(args: ProcessorArgs) -> ExitCode {
     if let Err(e) = crate::stop_on_signals(d.stopper()) {
         return fail("lego processor", e);
     }
-    let _metrics = match args.metrics.serve("lego processor", d.scraper()) {
+    let _metrics = match args
+        .metrics
+        .serve("lego processor", d.scraper(args.advertise.as_deref()))
+    {
         Ok(m) => m,
         Err(e) => return fail("lego processor", e),
     };

@@ -102,10 +102,11 @@ impl MemoryDaemon {
     }
 
     /// What builds its metrics at each scrape (for
-    /// [`lego_metrics::serve`]).
-    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
-        let (store, counters, addr) =
-            (self.store.clone(), self.counters.clone(), self.addr.clone());
+    /// [`lego_metrics::serve`]), labelled `daemon` with `name` (the
+    /// address peers reach it at; default: where it listens).
+    pub fn scraper(&self, name: Option<&str>) -> lego_metrics::http::ScrapeFn {
+        let (store, counters) = (self.store.clone(), self.counters.clone());
+        let addr = name.unwrap_or(&self.addr).to_string();
         Arc::new(move || scrape(&store, &counters, &addr))
     }
 

@@ -260,8 +260,11 @@ impl ProcessorDaemon {
 
     /// What builds its metrics at each scrape (`lego processor
     /// --metrics`).
-    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
-        let (host, addr) = (self.host.clone(), self.addr.clone());
+    /// Labelled `daemon` with `name` (the address clients reach it at;
+    /// default: where it listens).
+    pub fn scraper(&self, name: Option<&str>) -> lego_metrics::http::ScrapeFn {
+        let host = self.host.clone();
+        let addr = name.unwrap_or(&self.addr).to_string();
         Arc::new(move || scrape(&host, &addr))
     }
 

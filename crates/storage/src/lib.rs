@@ -150,8 +150,11 @@ impl StorageDaemon {
     }
 
     /// What builds its metrics at each scrape (`lego storage --metrics`).
-    pub fn scraper(&self) -> lego_metrics::http::ScrapeFn {
-        let (trees, addr, dir) = (self.trees.clone(), self.addr.clone(), self.dir.clone());
+    /// Labelled `daemon` with `name` (the address peers reach it at;
+    /// default: where it listens).
+    pub fn scraper(&self, name: Option<&str>) -> lego_metrics::http::ScrapeFn {
+        let (trees, dir) = (self.trees.clone(), self.dir.clone());
+        let addr = name.unwrap_or(&self.addr).to_string();
         Arc::new(move || scrape(&trees, &addr, &dir))
     }
 
