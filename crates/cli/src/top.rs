@@ -448,7 +448,7 @@ pub fn top(args: TopArgs) -> ExitCode {
         Err(e) => return fail("lego top", e),
     };
     if std::io::stdout().is_terminal() {
-        interactive(&source, &cred, first, &args)
+        interactive(source, cred, first, &args)
     } else {
         lego_sys::process::end_quietly_on_closed_pipe();
         printed(&source, &cred, first, &args)
@@ -477,7 +477,10 @@ fn printed(source: &Source, cred: &Credential, first: Snapshot, args: &TopArgs) 
 }
 
 /// On a terminal: the full-screen view until `q`.
-fn interactive(source: &Source, cred: &Credential, first: Snapshot, args: &TopArgs) -> ExitCode {
+/// On a terminal: the full-screen view until `q`. The manager is asked on
+/// a thread of its own, so keys are answered at once even while it is
+/// slow to answer.
+fn interactive(source: Source, cred: Credential, first: Snapshot, args: &TopArgs) -> ExitCode {
     use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
     let mut terminal = match ratatui::try_init() {
         Ok(t) => t,
@@ -487,64 +490,69 @@ fn interactive(source: &Source, cred: &Credential, first: Snapshot, args: &TopAr
             return fail("lego top", format!("cannot use this terminal: {e}"));
         }
     };
+    let (tx, rx) = std::sync::mpsc::channel::<(Result<Snapshot, String>, Instant)>();
+    let interval = args.interval;
+    // Ends at its next send once this view is gone.
+    let _asker = std::thread::Builder::new()
+        .name("lego-top-ask".into())
+        .spawn(move || loop {
+            std::thread::sleep(interval);
+            if tx.send((source.take(&cred), Instant::now())).is_err() {
+                return;
+            }
+        });
     let mut order = Order::MissRate;
     let mut prev: Option<(Snapshot, Instant)> = None;
     let mut cur = (first, Instant::now());
     let mut error: Option<String> = None;
-    let mut shown = 0u64;
-    // When to ask again (apart from when the last answer came, which the
-    // rates are measured from).
-    let mut next = cur.1 + args.interval;
+    // Snapshots shown (the first included).
+    let mut shown = 1u64;
+    let mut redraw = true;
     let result = loop {
-        let view = View::build(prev.as_ref().map(|(s, t)| (s, cur.1 - *t)), &cur.0, order);
-        if let Err(e) = terminal.draw(|f| draw(f, &view, error.as_deref())) {
-            break Err(format!("cannot draw: {e}"));
+        if redraw {
+            let view = View::build(prev.as_ref().map(|(s, t)| (s, cur.1 - *t)), &cur.0, order);
+            if let Err(e) = terminal.draw(|f| draw(f, &view, error.as_deref())) {
+                break Err(format!("cannot draw: {e}"));
+            }
+            redraw = false;
         }
-        shown += 1;
         if args.iterations.is_some_and(|n| shown >= n) {
             break Ok(());
         }
-        // Keys until the next refresh.
-        let mut quit = false;
-        let mut redraw = false;
-        while let Some(left) = next.checked_duration_since(Instant::now()) {
-            match event::poll(left) {
-                Ok(true) => match event::read() {
-                    Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => match k.code {
-                        KeyCode::Char('q') | KeyCode::Esc => quit = true,
-                        KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
-                            quit = true
-                        }
-                        KeyCode::Char('s') => {
-                            order = order.next();
-                            redraw = true;
-                        }
-                        _ => {}
-                    },
-                    Ok(Event::Resize(..)) => redraw = true,
+        match rx.try_recv() {
+            Ok((Ok(s), at)) => {
+                error = None;
+                prev = Some(std::mem::replace(&mut cur, (s, at)));
+                shown += 1;
+                redraw = true;
+                continue;
+            }
+            // Shown, and asked again at the next refresh.
+            Ok((Err(e), _)) => {
+                error = Some(e);
+                redraw = true;
+                continue;
+            }
+            Err(_) => {}
+        }
+        match event::poll(Duration::from_millis(50)) {
+            Ok(true) => match event::read() {
+                Ok(Event::Key(k)) if k.kind == KeyEventKind::Press => match k.code {
+                    KeyCode::Char('q') | KeyCode::Esc => break Ok(()),
+                    KeyCode::Char('c') if k.modifiers.contains(KeyModifiers::CONTROL) => {
+                        break Ok(())
+                    }
+                    KeyCode::Char('s') => {
+                        order = order.next();
+                        redraw = true;
+                    }
                     _ => {}
                 },
-                Ok(false) => break,
-                Err(_) => break,
-            }
-            if quit || redraw {
-                break;
-            }
-        }
-        if quit {
-            break Ok(());
-        }
-        if redraw {
-            continue;
-        }
-        next = Instant::now() + args.interval;
-        match source.take(cred) {
-            Ok(s) => {
-                error = None;
-                prev = Some(std::mem::replace(&mut cur, (s, Instant::now())));
-            }
-            // Shown, and tried again at the next refresh.
-            Err(e) => error = Some(e),
+                Ok(Event::Resize(..)) => redraw = true,
+                _ => {}
+            },
+            Ok(false) => {}
+            Err(e) => break Err(format!("cannot read the terminal: {e}")),
         }
     };
     ratatui::restore();
