@@ -64,6 +64,31 @@ for family in text_string_to_metric_families(text):
         print(json.dumps(["%s{%s}" % (s.name, labels), float(s.value)]))
 "#;
 
+/// The metric names the Grafana dashboard's queries use, of those
+/// `which` picks.
+fn dashboard_metrics(which: impl Fn(&str) -> bool) -> Vec<String> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../../packaging/grafana-dashboard.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let mut names = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"].as_str().unwrap();
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if word.starts_with("lego_") && which(word) {
+                    names.push(word.to_string());
+                }
+            }
+        }
+    }
+    names
+}
+
 /// The samples at `addr`, by `name{labels}`.
 fn scrape(addr: &str) -> std::collections::BTreeMap<String, f64> {
     let out = std::process::Command::new("/usr/bin/python3")
@@ -234,36 +259,21 @@ fn daemons_serve_metrics_that_parse_and_rise_while_a_program_runs() {
     assert_eq!(sum(&m, "lego_manager_programs", ""), 1.0);
     assert!(sum(&m, "lego_manager_placement_seconds_count", "what=memory") > 0.0);
     assert!(sum(&m, "lego_manager_units", "") > 0.0);
-    // Every metric the Grafana dashboard shows is one the daemons serve.
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("../../packaging/grafana-dashboard.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    // Every metric the Grafana dashboard shows of these daemons is one
+    // they serve (the storage daemon's: below).
     let served: Vec<&String> = second[0]
         .keys()
         .chain(second[1].keys())
         .chain(m.keys())
         .collect();
-    let mut shown = 0;
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().into_iter().flatten() {
-            let expr = target["expr"].as_str().unwrap();
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("lego_") {
-                    shown += 1;
-                    assert!(
-                        served.iter().any(|k| k.starts_with(&format!("{word}{{"))),
-                        "the dashboard's {word} is not served"
-                    );
-                }
-            }
-        }
+    let shown = dashboard_metrics(|name| !name.starts_with("lego_storage_"));
+    assert!(shown.len() > 20, "{shown:?}");
+    for name in shown {
+        assert!(
+            served.iter().any(|k| k.starts_with(&format!("{name}{{"))),
+            "the dashboard's {name} is not served"
+        );
     }
-    assert!(shown > 20, "{shown}");
     // The manager has the program's counters too (from the heartbeats):
     // what `lego top` shows.
     let status = lego_cmd()
@@ -500,6 +510,14 @@ fn a_storage_daemon_serves_metrics_of_its_file_operations() {
     assert!(sum(&m, "lego_storage_request_seconds_count", "op=fsync") >= 1.0);
     assert!(sum(&m, "lego_storage_vnode_used_bytes", "vid=5") >= 300_000.0);
     assert!(sum(&m, "lego_storage_free_bytes", "") > 0.0);
+    let shown = dashboard_metrics(|name| name.starts_with("lego_storage_"));
+    assert!(shown.len() >= 5, "{shown:?}");
+    for name in shown {
+        assert!(
+            m.keys().any(|k| k.starts_with(&format!("{name}{{"))),
+            "the dashboard's {name} is not served"
+        );
+    }
     drop(daemon);
     let _ = std::fs::remove_dir_all(&dir);
 }
