@@ -18,8 +18,19 @@ pub struct ManagerArgs {
     listen: String,
     /// Directory of the manager's state database; a restarted manager finds
     /// the cluster there.
-    #[arg(long, value_name = "DIR", env = "LEGO_STATE")]
-    state: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "LEGO_STATE",
+        required_unless_present = "store",
+        conflicts_with = "store"
+    )]
+    state: Option<PathBuf>,
+    /// Keep the state in etcd instead, etcd://HOST:PORT[,HOST:PORT...]:
+    /// several managers may share it, one leads, the others stand by and
+    /// take over when its lease ends.
+    #[arg(long, value_name = "URL", env = "LEGO_STORE")]
+    store: Option<String>,
     /// A component that sends no heartbeat for this long is marked failed
     /// and gets no new placements, e.g. 3s or 500ms.
     #[arg(long, value_name = "TIME", default_value = "3s", value_parser = parse_duration, env = "LEGO_HEARTBEAT_TIMEOUT")]
@@ -99,16 +110,33 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
         usize::from(args.replicas),
         args.vnode_net,
     );
-    match lego_manager::Manager::start_with(&args.listen, &args.state, options, cred) {
+    let started = match (&args.state, &args.store) {
+        (Some(dir), _) => lego_manager::Manager::start_with(&args.listen, dir, options, cred),
+        (None, Some(url)) => {
+            // Leads once no other manager does (a standby waits here).
+            match lego_manager::etcd::EtcdStore::lead(url, "/lego/", &args.listen) {
+                Ok(store) => {
+                    lego_manager::Manager::start_on(&args.listen, Box::new(store), options, cred)
+                }
+                Err(e) => return fail("lego manager", e),
+            }
+        }
+        (None, None) => return fail("lego manager", "give --state DIR or --store etcd://..."),
+    };
+    let where_ = match (&args.state, &args.store) {
+        (Some(dir), _) => format!("state in {}", dir.display()),
+        (None, Some(url)) => format!("state in {url}, leading"),
+        (None, None) => String::new(),
+    };
+    match started {
         Ok(m) => {
             let _metrics = match args.metrics.serve("lego manager", m.scraper()) {
                 Ok(s) => s,
                 Err(e) => return fail("lego manager", e),
             };
             eprintln!(
-                "lego manager: serving on {} with state in {}, {} replica(s) per unit",
+                "lego manager: serving on {} with {where_}, {} replica(s) per unit",
                 m.addr(),
-                args.state.display(),
                 args.replicas
             );
             m.wait();

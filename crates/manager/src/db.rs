@@ -25,6 +25,23 @@ pub struct Db {
     db: Database,
 }
 
+/// The record stored for vNode `name` (none: it is deleted): its own, or,
+/// for [`crate::state::RETIRED_VIDS`], the highest retired vID and the
+/// last vIP given.
+pub fn vnode_record(cluster: &Cluster, name: &str) -> Option<crate::state::Vnode> {
+    if name == crate::state::RETIRED_VIDS {
+        return Some(crate::state::Vnode {
+            vid: cluster.retired_vid,
+            vip: cluster.last_vip,
+            storage: 0,
+            storage_quota: 0,
+            owner: String::new(),
+            peers: Default::default(),
+        });
+    }
+    cluster.vnodes.get(name).cloned()
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("state database {path}: {message}")]
 pub struct DbError {
@@ -113,17 +130,9 @@ impl Db {
             }
             let mut vnodes = tx.open_table(VNODES).map_err(|e| e.to_string())?;
             for name in &changes.vnodes {
-                let retired = (name == crate::state::RETIRED_VIDS).then(|| crate::state::Vnode {
-                    vid: cluster.retired_vid,
-                    vip: cluster.last_vip,
-                    storage: 0,
-                    storage_quota: 0,
-                    owner: String::new(),
-                    peers: Default::default(),
-                });
-                match retired.as_ref().or_else(|| cluster.vnodes.get(name)) {
+                match vnode_record(cluster, name) {
                     Some(v) => {
-                        let json = serde_json::to_string(v).map_err(|e| e.to_string())?;
+                        let json = serde_json::to_string(&v).map_err(|e| e.to_string())?;
                         vnodes
                             .insert(name.as_str(), json.as_str())
                             .map_err(|e| e.to_string())?;

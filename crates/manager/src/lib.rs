@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod db;
+pub mod etcd;
 #[cfg(test)]
 mod fuzz_tests;
 pub mod state;

@@ -1,0 +1,211 @@
+//! The manager's state in etcd (issue 18, first part): a real etcd
+//! (Debian's etcd-server) on loopback, managers sharing it with one
+//! leading; a standby takes over when the leader is killed, with the same
+//! cluster; a leader frozen past its lease writes nothing when it wakes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// One etcd member on loopback ports of its own (killed, its data
+/// removed, on drop).
+struct Etcd {
+    child: Child,
+    dir: std::path::PathBuf,
+    client: String,
+}
+
+impl Etcd {
+    fn start() -> Etcd {
+        let dir = tmp().join(format!("etcd-{}-{}", std::process::id(), unique()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let port = |l: std::net::TcpListener| l.local_addr().unwrap().port();
+        let (client, peer) = (
+            port(std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
+            port(std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
+        );
+        let client = format!("127.0.0.1:{client}");
+        let peer = format!("http://127.0.0.1:{peer}");
+        let child = Command::new("etcd")
+            .args(["--name", "e1", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("e1={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        let up = wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(&client).is_ok()
+        });
+        assert!(up, "etcd did not start");
+        Etcd { child, dir, client }
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `lego manager --store etcd://...` on a free port; its stderr lines come
+/// on the channel.
+fn manager(etcd: &Etcd) -> (Daemon, mpsc::Receiver<String>) {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listen.local_addr().unwrap().to_string();
+    drop(listen);
+    let mut child = lego_cmd()
+        .args(["manager", "--listen", &addr, "--heartbeat-timeout", "5s"])
+        .args(["--store", &format!("etcd://{}", etcd.client)])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    (Daemon { child, addr }, rx)
+}
+
+/// Waits up to `limit` for a line containing `what`.
+fn said(rx: &mpsc::Receiver<String>, what: &str, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(what) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn status(addr: &str) -> serde_json::Value {
+    let out = lego_cmd()
+        .args(["status", "--json", "--manager", addr])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn components(s: &serde_json::Value) -> Vec<(u64, String, String)> {
+    s["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap(),
+                c["addr"].as_str().unwrap().to_string(),
+                c["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing() {
+    let etcd = Etcd::start();
+    let (mut a, a_says) = manager(&etcd);
+    assert!(
+        said(&a_says, "serving on", Duration::from_secs(10)),
+        "a never led"
+    );
+    let (mut b, b_says) = manager(&etcd);
+    assert!(
+        said(&b_says, "standby; manager", Duration::from_secs(10)),
+        "b is no standby"
+    );
+    let mem = Daemon::start_with(
+        &[
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "256M",
+            "--manager",
+            &a.addr,
+        ],
+        &[],
+    );
+    let before = components(&status(&a.addr));
+    assert_eq!(before.len(), 1, "{before:?}");
+    assert_eq!(before[0].1, mem.addr);
+    // The leader killed: the standby leads within the lease (2 s) and a
+    // little, with the same cluster.
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    let killed = Instant::now();
+    assert!(
+        said(&b_says, "serving on", Duration::from_secs(10)),
+        "b never led"
+    );
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(4), "took over after {took:?}");
+    assert_eq!(components(&status(&b.addr)), before);
+    // Split brain: b frozen past its lease, c leads; b woken and asked to
+    // drain writes nothing, and stops.
+    let pid = b.child.id();
+    let stop = |sig: &str| {
+        assert!(Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    stop("-STOP");
+    let (c, c_says) = manager(&etcd);
+    assert!(
+        said(&c_says, "serving on", Duration::from_secs(10)),
+        "c never led"
+    );
+    stop("-CONT");
+    let drain = lego_cmd()
+        .args([
+            "drain",
+            &before[0].0.to_string(),
+            "--no-wait",
+            "--manager",
+            &b.addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!drain.status.success(), "{}", text(&drain.stdout));
+    let ended = wait_until(Duration::from_secs(5), || {
+        matches!(b.child.try_wait(), Ok(Some(_)))
+    });
+    assert!(ended, "the deposed leader goes on");
+    assert_eq!(b.child.wait().unwrap().code(), Some(3));
+    assert!(said(
+        &b_says,
+        "no longer the leader",
+        Duration::from_secs(1)
+    ));
+    assert_eq!(
+        components(&status(&c.addr)),
+        before,
+        "b's drain did not land"
+    );
+    drop((mem, c));
+}

@@ -1,0 +1,317 @@
+//! The manager's state in etcd (`lego manager --store
+//! etcd://HOST:PORT,...`), through etcd's v3 JSON gateway (plain HTTP: no
+//! async runtime in the manager), and the leadership that lets several
+//! managers share it.
+//!
+//! **Leadership.** A manager takes a lease (`LEASE_TTL_S`) and creates the
+//! key `<prefix>leader` under it, in a transaction that succeeds only if
+//! the key does not exist. One that finds it taken is a standby: it waits,
+//! asking again every half second, until the leader's lease ends (the
+//! leader left, or stopped renewing it), then leads. The leader renews its
+//! lease three times a lease; one it cannot renew within the lease, it has
+//! lost: the process ends at once (systemd starts it again as a standby).
+//!
+//! **Fencing.** Every write is a transaction conditioned on the leader key
+//! still having the create revision this manager made it with: a manager
+//! that lost its lease (frozen, cut off) and comes back finds the
+//! condition false and writes nothing, then ends.
+//!
+//! **Records.** The same JSON records as the embedded store (`db.rs`),
+//! under `<prefix>components/<id>`, `<prefix>vnodes/<name>` and
+//! `<prefix>replicas/<space>/<unit>`; one change is one transaction (in
+//! pieces of at most [`MAX_TXN_OPS`] operations, etcd's default limit).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use serde_json::{json, Value};
+
+use crate::state::{Changes, Cluster, Component, Vnode};
+
+/// Seconds a leader's lease lasts without renewal: a standby leads this
+/// long (at most) after the leader stopped.
+pub const LEASE_TTL_S: i64 = 2;
+
+/// Most operations etcd takes in one transaction (its `--max-txn-ops`
+/// default).
+pub const MAX_TXN_OPS: usize = 128;
+
+/// How long one request to an etcd member may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An etcd cluster's JSON gateway, asked at its members in turn.
+pub struct Etcd {
+    endpoints: Vec<String>,
+    agent: ureq::Agent,
+}
+
+fn b64(s: &str) -> String {
+    B64.encode(s.as_bytes())
+}
+
+fn unb64(v: &Value) -> Result<String, String> {
+    let bytes = B64
+        .decode(v.as_str().unwrap_or_default())
+        .map_err(|e| format!("etcd sent bad base64: {e}"))?;
+    String::from_utf8(bytes).map_err(|e| format!("etcd sent a key that is not UTF-8: {e}"))
+}
+
+/// An etcd integer (the gateway sends 64-bit ones as strings).
+fn int(v: &Value) -> i64 {
+    match v {
+        Value::String(s) => s.parse().unwrap_or(0),
+        Value::Number(n) => n.as_i64().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+impl Etcd {
+    /// `etcd://HOST:PORT,HOST:PORT,...`
+    pub fn new(spec: &str) -> Result<Self, String> {
+        let list = spec
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("--store {spec:?}: give etcd://HOST:PORT[,HOST:PORT...]"))?;
+        let endpoints: Vec<String> = list
+            .split(',')
+            .filter(|e| !e.is_empty())
+            .map(|e| format!("http://{e}"))
+            .collect();
+        if endpoints.is_empty() {
+            return Err(format!("--store {spec:?}: no etcd member named"));
+        }
+        let agent = ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build();
+        Ok(Self { endpoints, agent })
+    }
+
+    /// POSTs `body` to `path` (`/v3/kv/range`, ...) at the first member
+    /// that answers.
+    fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
+        let mut last = String::new();
+        for e in &self.endpoints {
+            match self.agent.post(&format!("{e}{path}")).send_json(body) {
+                Ok(r) => {
+                    return r
+                        .into_json::<Value>()
+                        .map_err(|err| format!("etcd at {e}: {err}"))
+                }
+                // An answer: this member refuses (no quorum, a limit).
+                Err(ureq::Error::Status(code, r)) => {
+                    let text = r.into_string().unwrap_or_default();
+                    return Err(format!("etcd at {e}: {code} {}", text.trim()));
+                }
+                Err(err) => last = format!("etcd at {e}: {err}"),
+            }
+        }
+        Err(last)
+    }
+
+    fn range_prefix(&self, prefix: &str) -> Result<Vec<(String, String, i64)>, String> {
+        // The range end of a prefix: its last byte plus one.
+        let mut end = prefix.as_bytes().to_vec();
+        if let Some(last) = end.last_mut() {
+            *last += 1;
+        }
+        let r = self.call(
+            "/v3/kv/range",
+            &json!({"key": b64(prefix), "range_end": B64.encode(&end)}),
+        )?;
+        let mut out = Vec::new();
+        for kv in r["kvs"].as_array().into_iter().flatten() {
+            let value = match kv.get("value") {
+                Some(v) => unb64(v)?,
+                None => String::new(),
+            };
+            out.push((unb64(&kv["key"])?, value, int(&kv["create_revision"])));
+        }
+        Ok(out)
+    }
+}
+
+/// The manager's state in etcd, written only while this manager leads.
+pub struct EtcdStore {
+    etcd: Arc<Etcd>,
+    prefix: String,
+    /// The create revision of the leader key this manager made.
+    leading: i64,
+    lost: Arc<AtomicBool>,
+}
+
+impl EtcdStore {
+    /// Leads the managers sharing `prefix` in the etcd cluster `spec`
+    /// (waiting as a standby while another leads), as `name` (its
+    /// address, for `lego status`).
+    pub fn lead(spec: &str, prefix: &str, name: &str) -> Result<Self, String> {
+        let etcd = Arc::new(Etcd::new(spec)?);
+        let leader_key = format!("{prefix}leader");
+        let mut waited = false;
+        let (lease, leading) = loop {
+            let grant = etcd.call("/v3/lease/grant", &json!({"TTL": LEASE_TTL_S}))?;
+            let lease = int(&grant["ID"]);
+            if lease == 0 {
+                return Err(format!("etcd granted no lease: {grant}"));
+            }
+            let txn = json!({
+                "compare": [{"target": "CREATE", "key": b64(&leader_key), "create_revision": "0"}],
+                "success": [{"request_put": {"key": b64(&leader_key), "value": b64(name), "lease": lease.to_string()}}],
+                "failure": [{"request_range": {"key": b64(&leader_key)}}],
+            });
+            let r = etcd.call("/v3/kv/txn", &txn)?;
+            if r["succeeded"].as_bool().unwrap_or(false) {
+                // Our key's create revision: the txn's revision.
+                break (lease, int(&r["header"]["revision"]));
+            }
+            let _ = etcd.call("/v3/lease/revoke", &json!({"ID": lease.to_string()}));
+            if !waited {
+                let who = r["responses"][0]["response_range"]["kvs"][0]
+                    .get("value")
+                    .map(unb64)
+                    .and_then(Result::ok)
+                    .unwrap_or_default();
+                tracing::info!(leader = %who, "standby: another manager leads; taking over when its lease ends");
+                eprintln!("lego manager: standby; manager {who} leads");
+                waited = true;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        };
+        let lost = Arc::new(AtomicBool::new(false));
+        keep_leading(etcd.clone(), lease, lost.clone());
+        Ok(Self {
+            etcd,
+            prefix: prefix.to_string(),
+            leading,
+            lost,
+        })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    /// Commits `ops` only while the leader key is still ours.
+    fn fenced(&self, ops: &[Value]) -> Result<(), String> {
+        let leader = self.key("leader");
+        for chunk in ops.chunks(MAX_TXN_OPS) {
+            let txn = json!({
+                "compare": [{"target": "CREATE", "key": b64(&leader), "create_revision": self.leading.to_string()}],
+                "success": chunk,
+                "failure": [],
+            });
+            let r = self.etcd.call("/v3/kv/txn", &txn)?;
+            if !r["succeeded"].as_bool().unwrap_or(false) {
+                self.lost.store(true, Ordering::SeqCst);
+                deposed("another manager leads now: nothing of this one's is written");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A leader that lost its leadership stops at once: whatever it would do
+/// next, another manager does.
+fn deposed(why: &str) -> ! {
+    tracing::error!(reason = why, "no longer the leading manager: stopping");
+    eprintln!("lego manager: no longer the leader ({why}); stopping");
+    std::process::exit(3)
+}
+
+/// Renews `lease` three times a lease; one not renewed in time is lost.
+fn keep_leading(etcd: Arc<Etcd>, lease: i64, lost: Arc<AtomicBool>) {
+    let period = Duration::from_millis((LEASE_TTL_S * 1000 / 3) as u64);
+    let spawned = std::thread::Builder::new()
+        .name("lego-manager-lease".into())
+        .spawn(move || {
+            let mut renewed = Instant::now();
+            loop {
+                std::thread::sleep(period);
+                if lost.load(Ordering::SeqCst) {
+                    return;
+                }
+                match etcd.call("/v3/lease/keepalive", &json!({"ID": lease.to_string()})) {
+                    Ok(r) if int(&r["result"]["TTL"]) > 0 => renewed = Instant::now(),
+                    Ok(_) => deposed("its lease ended"),
+                    Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease"),
+                }
+                if renewed.elapsed() >= Duration::from_secs(LEASE_TTL_S as u64) {
+                    deposed("its lease could not be renewed in time");
+                }
+            }
+        });
+    if spawned.is_err() {
+        deposed("cannot start the thread that renews its lease");
+    }
+}
+
+fn put(key: &str, value: &str) -> Value {
+    json!({"request_put": {"key": b64(key), "value": b64(value)}})
+}
+
+fn delete(key: &str) -> Value {
+    json!({"request_delete_range": {"key": b64(key)}})
+}
+
+impl crate::store::Store for EtcdStore {
+    fn load(&self, timeout_ms: u64, now: u64) -> Result<Cluster, String> {
+        let mut components = Vec::new();
+        let mut placements = std::collections::BTreeMap::new();
+        let mut vnodes = Vec::new();
+        for (key, value, _) in self.etcd.range_prefix(&self.prefix)? {
+            let rest = &key[self.prefix.len()..];
+            if let Some(id) = rest.strip_prefix("components/") {
+                let id: u64 = id.parse().map_err(|_| format!("bad key {key}"))?;
+                let c: Component =
+                    serde_json::from_str(&value).map_err(|e| format!("component {id}: {e}"))?;
+                components.push((id, c));
+            } else if let Some(name) = rest.strip_prefix("vnodes/") {
+                let v: Vnode =
+                    serde_json::from_str(&value).map_err(|e| format!("vNode {name}: {e}"))?;
+                vnodes.push((name.to_string(), v));
+            } else if let Some(unit) = rest.strip_prefix("replicas/") {
+                let (space, unit) = unit
+                    .split_once('/')
+                    .and_then(|(s, u)| Some((s.parse().ok()?, u.parse().ok()?)))
+                    .ok_or_else(|| format!("bad key {key}"))?;
+                let ids: Vec<u64> =
+                    serde_json::from_str(&value).map_err(|e| format!("replicas of {key}: {e}"))?;
+                placements.insert((space, unit), ids);
+            }
+        }
+        Ok(Cluster::restore(
+            timeout_ms, now, components, placements, vnodes,
+        ))
+    }
+
+    fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut ops = Vec::new();
+        for id in &changes.components {
+            let key = self.key(&format!("components/{id}"));
+            ops.push(match cluster.components.get(id) {
+                Some(c) => put(&key, &serde_json::to_string(c).map_err(|e| e.to_string())?),
+                None => delete(&key),
+            });
+        }
+        for name in &changes.vnodes {
+            let key = self.key(&format!("vnodes/{name}"));
+            ops.push(match crate::db::vnode_record(cluster, name) {
+                Some(v) => put(&key, &serde_json::to_string(&v).map_err(|e| e.to_string())?),
+                None => delete(&key),
+            });
+        }
+        for (space, unit) in changes.placed.iter().chain(&changes.unplaced) {
+            let key = self.key(&format!("replicas/{space}/{unit}"));
+            ops.push(match cluster.placements.get(&(*space, *unit)) {
+                Some(p) => put(
+                    &key,
+                    &serde_json::to_string(&p.replicas).map_err(|e| e.to_string())?,
+                ),
+                None => delete(&key),
+            });
+        }
+        self.fenced(&ops)
+    }
+}
