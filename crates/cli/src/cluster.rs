@@ -185,6 +185,9 @@ pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {
         "replicas per unit: {}; degraded units: {}",
         s.replicas, s.degraded_units
     );
+    if !s.manager.is_empty() {
+        println!("leading manager: {}; state: {}", s.manager, s.store);
+    }
     for r in &s.recoveries {
         let ago = r.ago_ms as f64 / 1000.0;
         match r.took_ms {

@@ -391,7 +391,7 @@ impl Source {
             Source::Manager(m) => match lego_transport::ask_manager(m, &Request::Status, cred)? {
                 Reply::Status(status) => Ok(Snapshot {
                     source: format!("manager {m}"),
-                    status,
+                    status: *status,
                     connections: None,
                 }),
                 other => Err(format!("global manager {m}: unexpected answer {other:?}")),

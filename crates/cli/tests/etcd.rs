@@ -137,6 +137,8 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         said(&b_says, "standby; manager", Duration::from_secs(10)),
         "b is no standby"
     );
+    // The memory daemon knows both managers: it follows the leader.
+    let both = format!("{},{}", a.addr, b.addr);
     let mem = Daemon::start_with(
         &[
             "memory",
@@ -145,7 +147,7 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
             "--capacity",
             "256M",
             "--manager",
-            &a.addr,
+            &both,
         ],
         &[],
     );
@@ -164,6 +166,19 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(4), "took over after {took:?}");
     assert_eq!(components(&status(&b.addr)), before);
+    // Past the heartbeat timeout (5 s) the memory daemon is alive at the
+    // new leader: its heartbeats went there. A client given both
+    // managers finds it too.
+    std::thread::sleep(Duration::from_secs(6));
+    let now = status(&both);
+    assert_eq!(components(&now), before);
+    // It says which manager leads and how the store is.
+    assert_eq!(now["manager"], b.addr.as_str(), "{now}");
+    let store = now["store"].as_str().unwrap();
+    assert!(
+        store.starts_with("etcd ") && store.contains(&format!("{} up", etcd.client)),
+        "{store}"
+    );
     // Split brain: b frozen past its lease, c leads; b woken and asked to
     // drain writes nothing, and stops.
     let pid = b.child.id();

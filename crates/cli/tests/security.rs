@@ -95,7 +95,7 @@ impl Cluster {
         .call(&Request::Status)
         .unwrap()
         {
-            Reply::Status(s) => s,
+            Reply::Status(s) => *s,
             other => panic!("{other:?}"),
         }
     }

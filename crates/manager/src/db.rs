@@ -23,6 +23,7 @@ pub const DB_FILE: &str = "manager.redb";
 
 pub struct Db {
     db: Database,
+    path: std::path::PathBuf,
 }
 
 /// The record stored for vNode `name` (none: it is deleted): its own, or,
@@ -67,7 +68,12 @@ impl Db {
         tx.open_table(REPLICAS).map_err(|e| err(e.to_string()))?;
         tx.open_table(VNODES).map_err(|e| err(e.to_string()))?;
         tx.commit().map_err(|e| err(e.to_string()))?;
-        Ok(Self { db })
+        Ok(Self { db, path })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// The stored cluster, rebuilt at time `now`.

@@ -283,6 +283,27 @@ impl crate::store::Store for EtcdStore {
         ))
     }
 
+    fn health(&self) -> String {
+        let members: Vec<String> = self
+            .etcd
+            .endpoints
+            .iter()
+            .map(|e| {
+                let at = e.trim_start_matches("http://");
+                match self
+                    .etcd
+                    .agent
+                    .post(&format!("{e}/v3/maintenance/status"))
+                    .send_json(json!({}))
+                {
+                    Ok(_) => format!("{at} up"),
+                    Err(err) => format!("{at} DOWN ({err})"),
+                }
+            })
+            .collect();
+        format!("etcd {}; leading", members.join(", "))
+    }
+
     fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
         if changes.is_empty() {
             return Ok(());

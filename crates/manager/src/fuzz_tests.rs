@@ -131,7 +131,7 @@ fn run(seed: u64) {
             assert!(id > 0, "component id 0");
         }
     }
-    let status = control::to_json(&Reply::Status(c.status(now)));
+    let status = control::to_json(&Reply::Status(Box::new(c.status(now))));
     assert!(status.len() <= MAX_CONTROL_BYTES);
 }
 

@@ -52,6 +52,8 @@ pub enum ManagerError {
 struct Inner {
     cluster: Mutex<Cluster>,
     db: Box<dyn store::Store>,
+    /// Its own address, for `lego status`.
+    addr: String,
     epoch: Instant,
     counters: Counters,
 }
@@ -168,6 +170,7 @@ impl Manager {
         let inner = Arc::new(Inner {
             cluster: Mutex::new(cluster),
             db,
+            addr: addr.clone(),
             epoch: Instant::now(),
             counters: Counters::default(),
         });
@@ -409,6 +412,17 @@ fn request_loop<S: Stream>(
                     other.name()
                 ),
             },
+        };
+        let reply = match reply {
+            Reply::Status(mut s) => {
+                s.manager = inner.addr.clone();
+                // Where the state is: operators' business.
+                if *who == Identity::Cluster {
+                    s.store = inner.db.health();
+                }
+                Reply::Status(s)
+            }
+            other => other,
         };
         let mut json = control::to_json(&reply);
         // A cluster with many programs: its status without their counters.

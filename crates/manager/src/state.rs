@@ -298,7 +298,7 @@ impl Cluster {
                 program: _,
                 excache_bytes,
             } => self.place_process(excache_bytes),
-            Request::Status => Reply::Status(self.status(now)),
+            Request::Status => Reply::Status(Box::new(self.status(now))),
             Request::CreateVnode {
                 name,
                 storage_quota,
@@ -1130,6 +1130,9 @@ impl Cluster {
             replicas: self.replicas as u64,
             degraded_units,
             recoveries,
+            // The server's to say (crate::lib).
+            manager: String::new(),
+            store: String::new(),
         }
     }
 }

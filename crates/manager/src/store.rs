@@ -15,6 +15,9 @@ pub trait Store: Send + Sync {
     /// Stores what `changes` names of `cluster`. An error means the change
     /// is not durable: the request is answered with it, not acknowledged.
     fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String>;
+
+    /// Where the state is and how the store is, for `lego status`.
+    fn health(&self) -> String;
 }
 
 impl Store for crate::db::Db {
@@ -24,5 +27,9 @@ impl Store for crate::db::Db {
 
     fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
         crate::db::Db::save(self, cluster, changes)
+    }
+
+    fn health(&self) -> String {
+        format!("redb {}", self.path().display())
     }
 }

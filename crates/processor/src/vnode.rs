@@ -216,7 +216,7 @@ struct Cluster {
 
 impl Cluster {
     fn allows(&self, addr: &str) -> bool {
-        if addr == self.manager {
+        if self.manager.split(',').any(|m| m.trim() == addr) {
             return true;
         }
         let mut k = self.known.lock().unwrap_or_else(|p| p.into_inner());

@@ -341,7 +341,7 @@ pub enum Reply {
         id: u64,
         addr: String,
     },
-    Status(ClusterStatus),
+    Status(Box<ClusterStatus>),
     Vnode(Box<VnodeInfo>),
     Vnodes {
         vnodes: Vec<VnodeInfo>,
@@ -473,6 +473,12 @@ pub struct ClusterStatus {
     /// The latest failures of memory daemons, newest last.
     #[serde(default)]
     pub recoveries: Vec<RecoveryInfo>,
+    /// The manager that answered (the leader: standbys do not serve).
+    #[serde(default)]
+    pub manager: String,
+    /// Where its state is kept, and how that store is.
+    #[serde(default)]
+    pub store: String,
 }
 
 /// Encodes a control message as the JSON a `Control` frame carries.

@@ -568,8 +568,27 @@ pub struct ControlClient {
 
 impl ControlClient {
     /// Connects and shakes hands; every later answer must come within
-    /// `timeout`.
+    /// `timeout`. `addr` may list several managers, `A,B,C`: the first that
+    /// answers is the one that leads (standbys do not listen), so a
+    /// client that connects again after its manager failed follows the
+    /// leader.
     pub fn connect(
+        addr: &str,
+        name: &str,
+        timeout: Duration,
+        cred: &Credential,
+    ) -> Result<Self, ConnError> {
+        let mut last = None;
+        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+            match Self::connect_one(one, name, timeout, cred) {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| ConnError::Unexpected(format!("no address in {addr:?}"))))
+    }
+
+    fn connect_one(
         addr: &str,
         name: &str,
         timeout: Duration,
