@@ -1,7 +1,8 @@
 //! The manager's state in etcd (issue 18, first part): a real etcd
 //! (Debian's etcd-server) on loopback, managers sharing it with one
 //! leading; a standby takes over when the leader is killed, with the same
-//! cluster; a leader frozen past its lease writes nothing when it wakes.
+//! cluster; a leader frozen past its lease writes nothing when it wakes,
+//! stands by, and leads again when the other goes.
 
 mod common;
 
@@ -18,6 +19,7 @@ struct Etcd {
     child: Child,
     dir: std::path::PathBuf,
     client: String,
+    peer: String,
 }
 
 impl Etcd {
@@ -31,16 +33,26 @@ impl Etcd {
         );
         let client = format!("127.0.0.1:{client}");
         let peer = format!("http://127.0.0.1:{peer}");
+        let child = Self::spawn(&dir, &client, &peer);
+        Etcd {
+            child,
+            dir,
+            client,
+            peer,
+        }
+    }
+
+    fn spawn(dir: &std::path::Path, client: &str, peer: &str) -> Child {
         let child = Command::new("etcd")
             .args(["--name", "e1", "--data-dir"])
-            .arg(&dir)
+            .arg(dir)
             .args(["--listen-client-urls", &format!("http://{client}")])
             .args(["--advertise-client-urls", &format!("http://{client}")])
             .args([
                 "--listen-peer-urls",
-                &peer,
+                peer,
                 "--initial-advertise-peer-urls",
-                &peer,
+                peer,
             ])
             .args(["--initial-cluster", &format!("e1={peer}")])
             .stdout(Stdio::null())
@@ -48,10 +60,21 @@ impl Etcd {
             .spawn()
             .expect("etcd (apt-get install etcd-server)");
         let up = wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&client).is_ok()
+            std::net::TcpStream::connect(client).is_ok()
         });
         assert!(up, "etcd did not start");
-        Etcd { child, dir, client }
+        child
+    }
+
+    /// Killed (-9): no quorum, nothing answers.
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Started again on its data.
+    fn restart(&mut self) {
+        self.child = Self::spawn(&self.dir, &self.client, &self.peer);
     }
 }
 
@@ -180,22 +203,22 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         "{store}"
     );
     // Split brain: b frozen past its lease, c leads; b woken and asked to
-    // drain writes nothing, and stops.
+    // drain writes nothing, and starts again as a standby.
     let pid = b.child.id();
-    let stop = |sig: &str| {
+    let signal = |sig: &str| {
         assert!(Command::new("kill")
             .args([sig, &pid.to_string()])
             .status()
             .unwrap()
             .success())
     };
-    stop("-STOP");
-    let (c, c_says) = manager(&etcd);
+    signal("-STOP");
+    let (mut c, c_says) = manager(&etcd);
     assert!(
         said(&c_says, "serving on", Duration::from_secs(10)),
         "c never led"
     );
-    stop("-CONT");
+    signal("-CONT");
     let drain = lego_cmd()
         .args([
             "drain",
@@ -207,20 +230,85 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         .output()
         .unwrap();
     assert!(!drain.status.success(), "{}", text(&drain.stdout));
-    let ended = wait_until(Duration::from_secs(5), || {
-        matches!(b.child.try_wait(), Ok(Some(_)))
-    });
-    assert!(ended, "the deposed leader goes on");
-    assert_eq!(b.child.wait().unwrap().code(), Some(3));
-    assert!(said(
-        &b_says,
-        "no longer the leader",
-        Duration::from_secs(1)
-    ));
+    assert!(
+        said(&b_says, "no longer the leader", Duration::from_secs(5)),
+        "the deposed leader goes on"
+    );
+    assert!(
+        said(&b_says, "standby; manager", Duration::from_secs(5)),
+        "the deposed leader is no standby"
+    );
     assert_eq!(
         components(&status(&c.addr)),
         before,
         "b's drain did not land"
     );
-    drop((mem, c));
+    // And when c goes, b (the same process) leads again, with the same
+    // cluster.
+    c.child.kill().unwrap();
+    c.child.wait().unwrap();
+    assert!(
+        said(&b_says, "serving on", Duration::from_secs(10)),
+        "b never led again"
+    );
+    assert!(matches!(b.child.try_wait(), Ok(None)));
+    assert_eq!(components(&status(&b.addr)), before);
+    drop(mem);
+}
+
+#[test]
+fn without_etcd_the_leader_stops_acting_and_leads_again_when_it_returns() {
+    let mut etcd = Etcd::start();
+    let (a, a_says) = manager(&etcd);
+    assert!(
+        said(&a_says, "serving on", Duration::from_secs(10)),
+        "a never led"
+    );
+    let mem = Daemon::start_with(
+        &[
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "256M",
+            "--manager",
+            &a.addr,
+        ],
+        &[],
+    );
+    let before = components(&status(&a.addr));
+    assert_eq!(before.len(), 1, "{before:?}");
+    etcd.kill();
+    // A change while etcd is gone is refused with the store's error (or,
+    // once the leader stood down, finds no manager).
+    let drain = lego_cmd()
+        .args([
+            "drain",
+            &before[0].0.to_string(),
+            "--no-wait",
+            "--manager",
+            &a.addr,
+        ])
+        .output()
+        .unwrap();
+    assert!(!drain.status.success());
+    let said_why = text(&drain.stderr);
+    assert!(
+        said_why.contains("etcd") || said_why.contains("global manager"),
+        "{said_why}"
+    );
+    assert!(
+        said(&a_says, "no longer the leader", Duration::from_secs(5)),
+        "the leader goes on without etcd"
+    );
+    assert!(said(&a_says, "waiting for etcd", Duration::from_secs(5)));
+    // etcd back: the same manager leads again, with the same cluster, and
+    // nothing of the refused drain.
+    etcd.restart();
+    assert!(
+        said(&a_says, "serving on", Duration::from_secs(15)),
+        "a never led again"
+    );
+    assert_eq!(components(&status(&a.addr)), before);
+    drop(mem);
 }

@@ -7,9 +7,12 @@
 //! key `<prefix>leader` under it, in a transaction that succeeds only if
 //! the key does not exist. One that finds it taken is a standby: it waits,
 //! asking again every half second, until the leader's lease ends (the
-//! leader left, or stopped renewing it), then leads. The leader renews its
-//! lease three times a lease; one it cannot renew within the lease, it has
-//! lost: the process ends at once (systemd starts it again as a standby).
+//! leader left, or stopped renewing it), then leads; one that cannot reach
+//! etcd (or etcd has no quorum) waits for it. The leader renews its lease
+//! three times a lease; one it cannot renew within the lease, it has lost:
+//! it stops acting at once and starts again as a standby (the process
+//! executes itself anew), so it leads again, with the state as etcd has
+//! it, once etcd answers and no other manager leads.
 //!
 //! **Fencing.** Every write is a transaction conditioned on the leader key
 //! still having the create revision this manager made it with: a manager
@@ -147,8 +150,27 @@ impl EtcdStore {
         let etcd = Arc::new(Etcd::new(spec)?);
         let leader_key = format!("{prefix}leader");
         let mut waited = false;
+        let mut unreachable_since: Option<Instant> = None;
         let (lease, leading) = loop {
-            let grant = etcd.call("/v3/lease/grant", &json!({"TTL": LEASE_TTL_S}))?;
+            // etcd down or without quorum: wait for it (and say so, now
+            // and then), leading once it answers.
+            let grant = match etcd.call("/v3/lease/grant", &json!({"TTL": LEASE_TTL_S})) {
+                Ok(g) => {
+                    unreachable_since = None;
+                    g
+                }
+                Err(e) => {
+                    let since = *unreachable_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() < Duration::from_millis(600)
+                        || since.elapsed().as_secs().is_multiple_of(10)
+                    {
+                        tracing::warn!(error = %e, "waiting for etcd to lead or stand by");
+                        eprintln!("lego manager: waiting for etcd: {e}");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+            };
             let lease = int(&grant["ID"]);
             if lease == 0 {
                 return Err(format!("etcd granted no lease: {grant}"));
@@ -158,7 +180,9 @@ impl EtcdStore {
                 "success": [{"request_put": {"key": b64(&leader_key), "value": b64(name), "lease": lease.to_string()}}],
                 "failure": [{"request_range": {"key": b64(&leader_key)}}],
             });
-            let r = etcd.call("/v3/kv/txn", &txn)?;
+            let Ok(r) = etcd.call("/v3/kv/txn", &txn) else {
+                continue;
+            };
             if r["succeeded"].as_bool().unwrap_or(false) {
                 // Our key's create revision: the txn's revision.
                 break (lease, int(&r["header"]["revision"]));
@@ -209,11 +233,23 @@ impl EtcdStore {
     }
 }
 
-/// A leader that lost its leadership stops at once: whatever it would do
-/// next, another manager does.
+/// A leader that lost its leadership stops acting at once (whatever it
+/// would do next, another manager does) and starts again as a standby:
+/// the process executes itself anew, with the same arguments, so nothing
+/// of its state survives. If it cannot, it ends (status 3).
 fn deposed(why: &str) -> ! {
-    tracing::error!(reason = why, "no longer the leading manager: stopping");
-    eprintln!("lego manager: no longer the leader ({why}); stopping");
+    tracing::error!(
+        reason = why,
+        "no longer the leading manager: starting again as a standby"
+    );
+    eprintln!("lego manager: no longer the leader ({why}); starting again as a standby");
+    if let Ok(exe) = std::env::current_exe() {
+        use std::os::unix::process::CommandExt;
+        let err = std::process::Command::new(exe)
+            .args(std::env::args_os().skip(1))
+            .exec();
+        eprintln!("lego manager: cannot start again: {err}");
+    }
     std::process::exit(3)
 }
 
