@@ -387,7 +387,7 @@ pub fn vnode(args: VnodeArgs) -> ExitCode {
 
 /// `text` for a terminal: control characters blanked, at most `most`
 /// characters (an ellipsis if cut).
-fn printable(text: &str, most: usize) -> String {
+pub(crate) fn printable(text: &str, most: usize) -> String {
     let mut s: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })

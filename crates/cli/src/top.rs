@@ -199,11 +199,10 @@ impl View {
                         pid: p.pid,
                         // Its name is the user's: no terminal controls
                         // from it.
-                        program: p
-                            .program
-                            .chars()
-                            .map(|c| if c.is_control() { ' ' } else { c })
-                            .collect(),
+                        program: crate::cluster::printable(
+                            &p.program,
+                            lego_protocol::control::MAX_PROGRAM_BYTES,
+                        ),
                         excache: p.excache_bytes,
                         resident: c.peak_resident_bytes,
                         miss_rate,

@@ -123,6 +123,22 @@ fn said(rx: &mpsc::Receiver<String>, what: &str, limit: Duration) -> bool {
     false
 }
 
+/// A memory daemon joined to the manager(s) at `manager`.
+fn memory_daemon(manager: &str) -> Daemon {
+    Daemon::start_with(
+        &[
+            "memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--capacity",
+            "256M",
+            "--manager",
+            manager,
+        ],
+        &[],
+    )
+}
+
 fn status(addr: &str) -> serde_json::Value {
     let out = lego_cmd()
         .args(["status", "--json", "--manager", addr])
@@ -162,18 +178,7 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
     );
     // The memory daemon knows both managers: it follows the leader.
     let both = format!("{},{}", a.addr, b.addr);
-    let mem = Daemon::start_with(
-        &[
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--capacity",
-            "256M",
-            "--manager",
-            &both,
-        ],
-        &[],
-    );
+    let mem = memory_daemon(&both);
     let before = components(&status(&a.addr));
     assert_eq!(before.len(), 1, "{before:?}");
     assert_eq!(before[0].1, mem.addr);
@@ -264,18 +269,7 @@ fn without_etcd_the_leader_stops_acting_and_leads_again_when_it_returns() {
         said(&a_says, "serving on", Duration::from_secs(10)),
         "a never led"
     );
-    let mem = Daemon::start_with(
-        &[
-            "memory",
-            "--listen",
-            "127.0.0.1:0",
-            "--capacity",
-            "256M",
-            "--manager",
-            &a.addr,
-        ],
-        &[],
-    );
+    let mem = memory_daemon(&a.addr);
     let before = components(&status(&a.addr));
     assert_eq!(before.len(), 1, "{before:?}");
     etcd.kill();

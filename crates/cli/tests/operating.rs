@@ -422,10 +422,17 @@ fn lego_top_shows_the_daemons_and_the_running_program_and_q_quits() {
     assert!(run.wait_with_output().unwrap().status.success());
 }
 
-#[test]
-fn failures_a_peer_causes_are_one_json_line_with_the_component_peer_and_reason() {
+/// `lego ARGS` logging JSON, once it serves: the daemon (killed on drop),
+/// its address, and its log lines from then on.
+fn json_logging(
+    args: &[&str],
+) -> (
+    Daemon,
+    String,
+    std::io::Lines<BufReader<std::process::ChildStderr>>,
+) {
     let mut child = lego_cmd()
-        .args(["memory", "--listen", "127.0.0.1:0", "--capacity", "64M"])
+        .args(args)
         .env("LEGO_LOG_FORMAT", "json")
         .stderr(Stdio::piped())
         .spawn()
@@ -437,10 +444,17 @@ fn failures_a_peer_causes_are_one_json_line_with_the_component_peer_and_reason()
             break rest.split(' ').next().unwrap().to_string();
         }
     };
-    let _daemon = Daemon {
+    let daemon = Daemon {
         child,
         addr: addr.clone(),
     };
+    (daemon, addr, lines)
+}
+
+#[test]
+fn failures_a_peer_causes_are_one_json_line_with_the_component_peer_and_reason() {
+    let (_daemon, addr, mut lines) =
+        json_logging(&["memory", "--listen", "127.0.0.1:0", "--capacity", "64M"]);
     // Garbage, then a peer with another cluster's credential.
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     std::io::Write::write_all(&mut s, &[0xff; 64]).unwrap();
@@ -526,24 +540,13 @@ fn a_storage_daemon_serves_metrics_of_its_file_operations() {
 fn a_request_the_manager_refuses_is_one_json_line_with_the_peer_and_reason() {
     let state = tmp().join(format!("refusing-mgr-{}-{}", std::process::id(), unique()));
     let _ = std::fs::remove_dir_all(&state);
-    let mut child = lego_cmd()
-        .args(["manager", "--listen", "127.0.0.1:0", "--state"])
-        .arg(&state)
-        .env("LEGO_LOG_FORMAT", "json")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let addr = loop {
-        let line = lines.next().unwrap().unwrap();
-        if let Some((_, rest)) = line.split_once(": serving on ") {
-            break rest.split(' ').next().unwrap().to_string();
-        }
-    };
-    let _daemon = Daemon {
-        child,
-        addr: addr.clone(),
-    };
+    let (_daemon, addr, lines) = json_logging(&[
+        "manager",
+        "--listen",
+        "127.0.0.1:0",
+        "--state",
+        state.to_str().unwrap(),
+    ]);
     let alice = tmp().join(format!("alice-key-{}-{}", std::process::id(), unique()));
     let _ = std::fs::remove_file(&alice);
     let made = lego_cmd()

@@ -24,7 +24,6 @@
 //! `<prefix>replicas/<space>/<unit>`; one change is one transaction (in
 //! pieces of at most [`MAX_TXN_OPS`] operations, etcd's default limit).
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,11 +110,12 @@ impl Etcd {
         Err(last)
     }
 
-    fn range_prefix(&self, prefix: &str) -> Result<Vec<(String, String, i64)>, String> {
-        // The range end of a prefix: its last byte plus one.
+    fn range_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
+        // The range end of a prefix: its last byte plus one (the
+        // prefixes used end in '/').
         let mut end = prefix.as_bytes().to_vec();
         if let Some(last) = end.last_mut() {
-            *last += 1;
+            *last = last.wrapping_add(1);
         }
         let r = self.call(
             "/v3/kv/range",
@@ -127,7 +127,7 @@ impl Etcd {
                 Some(v) => unb64(v)?,
                 None => String::new(),
             };
-            out.push((unb64(&kv["key"])?, value, int(&kv["create_revision"])));
+            out.push((unb64(&kv["key"])?, value));
         }
         Ok(out)
     }
@@ -139,7 +139,6 @@ pub struct EtcdStore {
     prefix: String,
     /// The create revision of the leader key this manager made.
     leading: i64,
-    lost: Arc<AtomicBool>,
 }
 
 impl EtcdStore {
@@ -200,13 +199,11 @@ impl EtcdStore {
             }
             std::thread::sleep(Duration::from_millis(500));
         };
-        let lost = Arc::new(AtomicBool::new(false));
-        keep_leading(etcd.clone(), lease, lost.clone());
+        keep_leading(etcd.clone(), lease);
         Ok(Self {
             etcd,
             prefix: prefix.to_string(),
             leading,
-            lost,
         })
     }
 
@@ -225,7 +222,6 @@ impl EtcdStore {
             });
             let r = self.etcd.call("/v3/kv/txn", &txn)?;
             if !r["succeeded"].as_bool().unwrap_or(false) {
-                self.lost.store(true, Ordering::SeqCst);
                 deposed("another manager leads now: nothing of this one's is written");
             }
         }
@@ -254,7 +250,7 @@ fn deposed(why: &str) -> ! {
 }
 
 /// Renews `lease` three times a lease; one not renewed in time is lost.
-fn keep_leading(etcd: Arc<Etcd>, lease: i64, lost: Arc<AtomicBool>) {
+fn keep_leading(etcd: Arc<Etcd>, lease: i64) {
     let period = Duration::from_millis((LEASE_TTL_S * 1000 / 3) as u64);
     let spawned = std::thread::Builder::new()
         .name("lego-manager-lease".into())
@@ -262,9 +258,6 @@ fn keep_leading(etcd: Arc<Etcd>, lease: i64, lost: Arc<AtomicBool>) {
             let mut renewed = Instant::now();
             loop {
                 std::thread::sleep(period);
-                if lost.load(Ordering::SeqCst) {
-                    return;
-                }
                 match etcd.call("/v3/lease/keepalive", &json!({"ID": lease.to_string()})) {
                     Ok(r) if int(&r["result"]["TTL"]) > 0 => renewed = Instant::now(),
                     Ok(_) => deposed("its lease ended"),
@@ -293,8 +286,10 @@ impl crate::store::Store for EtcdStore {
         let mut components = Vec::new();
         let mut placements = std::collections::BTreeMap::new();
         let mut vnodes = Vec::new();
-        for (key, value, _) in self.etcd.range_prefix(&self.prefix)? {
-            let rest = &key[self.prefix.len()..];
+        for (key, value) in self.etcd.range_prefix(&self.prefix)? {
+            let Some(rest) = key.strip_prefix(&self.prefix) else {
+                continue;
+            };
             if let Some(id) = rest.strip_prefix("components/") {
                 let id: u64 = id.parse().map_err(|_| format!("bad key {key}"))?;
                 let c: Component =

@@ -112,23 +112,29 @@ impl Host {
 /// The most a counters file is read (it is about a kilobyte).
 const MAX_COUNTERS_BYTES: u64 = 8 << 10;
 
-/// A program's counters file; `None` if missing or not counters (the
-/// program's user can write it: it says only what that user's program
-/// did, and nothing in it is trusted beyond that).
-fn read_counters(path: &std::path::Path) -> Option<ProgramCounters> {
+/// At most `most` bytes of `path`, a file in a program's own directory,
+/// which the program's user can write: never through a symbolic link,
+/// nothing but a regular file, opened without blocking (a FIFO put there
+/// would hold this daemon up; it may be root).
+fn read_users_file(path: &std::path::Path, most: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::OpenOptionsExt;
-    // Only a regular file, never through a symlink, never waiting (a FIFO
-    // put there would hold up the heartbeats).
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .ok()?;
-    if !f.metadata().ok()?.is_file() {
-        return None;
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
     }
-    let mut text = Vec::new();
-    f.take(MAX_COUNTERS_BYTES).read_to_end(&mut text).ok()?;
+    let mut bytes = Vec::new();
+    f.take(most).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// A program's counters file; `None` if missing or not counters (it says
+/// only what that user's program did, and nothing in it is trusted
+/// beyond that).
+fn read_counters(path: &std::path::Path) -> Option<ProgramCounters> {
+    let text = read_users_file(path, MAX_COUNTERS_BYTES).ok()?;
     serde_json::from_slice::<ProgramCounters>(&text)
         .ok()
         .filter(ProgramCounters::is_sane)
@@ -736,23 +742,8 @@ fn run_program(
         status
     });
     let stats = stats_file.and_then(|f| {
-        // The directory is the user's: no symbolic link, nothing but a
-        // regular file, opened without blocking (this daemon may be root).
-        let read = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&f)
-        }
-        .and_then(|file| {
-            if !file.metadata()?.is_file() {
-                return Err(std::io::Error::other("not a regular file"));
-            }
-            let mut text = String::new();
-            file.take(MAX_STATS_BYTES).read_to_string(&mut text)?;
-            Ok(text)
-        });
+        let read = read_users_file(&f, MAX_STATS_BYTES)
+            .and_then(|b| String::from_utf8(b).map_err(std::io::Error::other));
         let _ = std::fs::remove_file(&f);
         read.map_err(|e| tracing::warn!(error = %e, "no statistics from the run"))
             .ok()

@@ -500,8 +500,8 @@ impl Tree {
                 let was = std::mem::replace(&mut w.counted, after);
                 self.count(was, after);
                 let freed = was.saturating_sub(after);
-                w.reserved += freed;
-                changing.reserved += freed;
+                w.reserved = w.reserved.saturating_add(freed);
+                changing.reserved = changing.reserved.saturating_add(freed);
             }
             None => self.count(on_disk(&before), after),
         }
@@ -567,7 +567,7 @@ impl Tree {
             (len as u64).div_ceil(4096) * 4096
         };
         self.room_for(&changing, need)?;
-        changing.reserved += need;
+        changing.reserved = changing.reserved.saturating_add(need);
         let w = changing.files.entry(before.st_ino).or_insert(Writing {
             counted: on_disk(&before),
             writers: 0,
@@ -575,7 +575,7 @@ impl Tree {
             removed: false,
         });
         w.writers += 1;
-        w.reserved += need;
+        w.reserved = w.reserved.saturating_add(need);
         Ok(before.st_ino)
     }
 
