@@ -43,6 +43,11 @@ pub struct ManagerArgs {
     /// The network vNodes' virtual IP addresses come from, ADDRESS/PREFIX.
     #[arg(long, value_name = "NET", default_value = "10.77.0.0/16", value_parser = parse_net, env = "LEGO_VNODE_NET")]
     vnode_net: (u32, u8),
+    /// The address clients and components reach this manager at, where
+    /// it differs from --listen (0.0.0.0, NAT): it names the leader to
+    /// those that ask a standby, and in `lego status`.
+    #[arg(long, value_name = "ADDR", env = "LEGO_ADVERTISE")]
+    advertise: Option<String>,
     #[command(flatten)]
     metrics: crate::MetricsArg,
     #[command(flatten)]
@@ -110,17 +115,32 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
         usize::from(args.replicas),
         args.vnode_net,
     );
-    let started = match (&args.state, &args.store) {
-        (Some(dir), _) => lego_manager::Manager::start_with(&args.listen, dir, options, cred),
-        (None, Some(url)) => {
-            // Leads once no other manager does (a standby waits here).
-            match lego_manager::etcd::EtcdStore::lead(url, "/lego/", &args.listen) {
-                Ok(store) => {
-                    lego_manager::Manager::start_on(&args.listen, Box::new(store), options, cred)
-                }
-                Err(e) => return fail("lego manager", e),
+    use lego_transport::Transport;
+    let listener = match lego_transport::Tcp.listen(&args.listen) {
+        Ok(l) => l,
+        Err(e) => return fail("lego manager", e),
+    };
+    let name = match (&args.advertise, listener.local_addr()) {
+        (Some(a), _) => a.clone(),
+        (None, Ok(a)) => {
+            if a.ip().is_unspecified() && args.store.is_some() {
+                eprintln!(
+                    "lego manager: listening on {a} without --advertise: a standby cannot tell \
+                     clients where this manager is (they try the other managers they were given)"
+                );
             }
+            a.to_string()
         }
+        (None, Err(e)) => return fail("lego manager", e),
+    };
+    let started = match (&args.state, &args.store) {
+        (Some(dir), _) => lego_manager::db::Db::open(dir)
+            .map_err(|e| e.to_string())
+            .and_then(|db| {
+                lego_manager::Manager::serve_on(listener, &name, Box::new(db), options, cred)
+                    .map_err(|e| e.to_string())
+            }),
+        (None, Some(url)) => lead_on_etcd(listener, &name, url, options, cred),
         (None, None) => return fail("lego manager", "give --state DIR or --store etcd://..."),
     };
     let where_ = match (&args.state, &args.store) {
@@ -144,6 +164,26 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
         }
         Err(e) => fail("lego manager", e),
     }
+}
+
+/// Stands by on `listener` (answering with the leader's address) until
+/// this manager leads the managers sharing the etcd cluster `url`, then
+/// serves on it.
+fn lead_on_etcd(
+    listener: std::net::TcpListener,
+    name: &str,
+    url: &str,
+    options: (Duration, usize, (u32, u8)),
+    cred: Credential,
+) -> Result<lego_manager::Manager, String> {
+    let standby = lego_manager::standby::Standby::serve(&listener, cred.clone())
+        .map_err(|e| format!("cannot answer as a standby: {e}"))?;
+    let store = lego_manager::etcd::EtcdStore::lead(url, "/lego/", name, &|leader, why| {
+        standby.set(leader, why)
+    })?;
+    standby.stop();
+    lego_manager::Manager::serve_on(listener, name, Box::new(store), options, cred)
+        .map_err(|e| e.to_string())
 }
 
 pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {

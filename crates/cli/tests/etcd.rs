@@ -86,14 +86,23 @@ impl Drop for Etcd {
     }
 }
 
+/// A free loopback address.
+fn free_addr() -> String {
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listen.local_addr().unwrap().to_string()
+}
+
 /// `lego manager --store etcd://...` on a free port; its stderr lines come
 /// on the channel.
 fn manager(etcd: &Etcd) -> (Daemon, mpsc::Receiver<String>) {
-    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listen.local_addr().unwrap().to_string();
-    drop(listen);
+    manager_at(etcd, &free_addr())
+}
+
+/// As [`manager`], on `addr`.
+fn manager_at(etcd: &Etcd, addr: &str) -> (Daemon, mpsc::Receiver<String>) {
+    let addr = addr.to_string();
     let mut child = lego_cmd()
-        .args(["manager", "--listen", &addr, "--heartbeat-timeout", "5s"])
+        .args(["manager", "--listen", &addr, "--heartbeat-timeout", "8s"])
         .args(["--store", &format!("etcd://{}", etcd.client)])
         .stderr(Stdio::piped())
         .spawn()
@@ -176,9 +185,11 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         said(&b_says, "standby; manager", Duration::from_secs(10)),
         "b is no standby"
     );
-    // The memory daemon knows both managers: it follows the leader.
+    // The memory daemon knows both managers, and the one started later:
+    // it follows the leader.
+    let c_addr = free_addr();
     let both = format!("{},{}", a.addr, b.addr);
-    let mem = memory_daemon(&both);
+    let mem = memory_daemon(&format!("{both},{c_addr}"));
     let before = components(&status(&a.addr));
     assert_eq!(before.len(), 1, "{before:?}");
     assert_eq!(before[0].1, mem.addr);
@@ -194,10 +205,10 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(4), "took over after {took:?}");
     assert_eq!(components(&status(&b.addr)), before);
-    // Past the heartbeat timeout (5 s) the memory daemon is alive at the
+    // Past the heartbeat timeout (8 s) the memory daemon is alive at the
     // new leader: its heartbeats went there. A client given both
     // managers finds it too.
-    std::thread::sleep(Duration::from_secs(6));
+    std::thread::sleep(Duration::from_secs(9));
     let now = status(&both);
     assert_eq!(components(&now), before);
     // It says which manager leads and how the store is.
@@ -207,8 +218,11 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         store.starts_with("etcd ") && store.contains(&format!("{} up", etcd.client)),
         "{store}"
     );
-    // Split brain: b frozen past its lease, c leads; b woken and asked to
-    // drain writes nothing, and starts again as a standby.
+    // Split brain: b frozen past its lease and past the heartbeat timeout
+    // (its clock says the memory daemon went silent), c leads. A drain
+    // reaches b while it is frozen (it waits in b's backlog). Woken, b
+    // writes none of it (neither the drain nor the failure), stands down
+    // and starts again as a standby.
     let pid = b.child.id();
     let signal = |sig: &str| {
         assert!(Command::new("kill")
@@ -218,12 +232,12 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
             .success())
     };
     signal("-STOP");
-    let (mut c, c_says) = manager(&etcd);
+    let (mut c, c_says) = manager_at(&etcd, &c_addr);
     assert!(
         said(&c_says, "serving on", Duration::from_secs(10)),
         "c never led"
     );
-    signal("-CONT");
+    std::thread::sleep(Duration::from_secs(9));
     let drain = lego_cmd()
         .args([
             "drain",
@@ -232,8 +246,13 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
             "--manager",
             &b.addr,
         ])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    signal("-CONT");
+    let drain = drain.wait_with_output().unwrap();
     assert!(!drain.status.success(), "{}", text(&drain.stdout));
     assert!(
         said(&b_says, "no longer the leader", Duration::from_secs(5)),
@@ -246,8 +265,10 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
     assert_eq!(
         components(&status(&c.addr)),
         before,
-        "b's drain did not land"
+        "b's drain or failure landed"
     );
+    // Asked now, the standby b sends a client on to c.
+    assert_eq!(status(&b.addr)["manager"], c.addr.as_str());
     // And when c goes, b (the same process) leads again, with the same
     // cluster.
     c.child.kill().unwrap();

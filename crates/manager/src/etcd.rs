@@ -6,9 +6,10 @@
 //! **Leadership.** A manager takes a lease (`LEASE_TTL_S`) and creates the
 //! key `<prefix>leader` under it, in a transaction that succeeds only if
 //! the key does not exist. One that finds it taken is a standby: it waits,
-//! asking again every half second, until the leader's lease ends (the
-//! leader left, or stopped renewing it), then leads; one that cannot reach
-//! etcd (or etcd has no quorum) waits for it. The leader renews its lease
+//! reading the key every [`STANDBY_POLL`], until the leader's lease ends
+//! (the leader left, or stopped renewing it), then leads; one that cannot
+//! reach etcd (or etcd has no quorum) waits for it. Meanwhile it answers
+//! clients with the leader's address ([`crate::standby`]). The leader renews its lease
 //! three times a lease; one it cannot renew within the lease, it has lost:
 //! it stops acting at once and starts again as a standby (the process
 //! executes itself anew), so it leads again, with the state as etcd has
@@ -40,6 +41,9 @@ pub const LEASE_TTL_S: i64 = 2;
 /// Most operations etcd takes in one transaction (its `--max-txn-ops`
 /// default).
 pub const MAX_TXN_OPS: usize = 128;
+
+/// How often a standby asks who leads.
+const STANDBY_POLL: Duration = Duration::from_millis(100);
 
 /// How long one request to an etcd member may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -139,36 +143,84 @@ pub struct EtcdStore {
     prefix: String,
     /// The create revision of the leader key this manager made.
     leading: i64,
+    /// What it does when it finds it no longer leads ([`deposed`]).
+    deposed: fn(&str) -> !,
 }
 
 impl EtcdStore {
     /// Leads the managers sharing `prefix` in the etcd cluster `spec`
-    /// (waiting as a standby while another leads), as `name` (its
-    /// address, for `lego status`).
-    pub fn lead(spec: &str, prefix: &str, name: &str) -> Result<Self, String> {
+    /// (waiting as a standby while another leads), as `name` (the address
+    /// clients reach it at). While it waits it tells `standing_by` who
+    /// leads (empty: none) and why it does not, each time that changes.
+    pub fn lead(
+        spec: &str,
+        prefix: &str,
+        name: &str,
+        standing_by: &dyn Fn(&str, &str),
+    ) -> Result<Self, String> {
+        Self::lead_with(spec, prefix, name, standing_by, deposed)
+    }
+
+    /// [`EtcdStore::lead`], calling `deposed` when it finds it no longer
+    /// leads.
+    fn lead_with(
+        spec: &str,
+        prefix: &str,
+        name: &str,
+        standing_by: &dyn Fn(&str, &str),
+        deposed: fn(&str) -> !,
+    ) -> Result<Self, String> {
         let etcd = Arc::new(Etcd::new(spec)?);
         let leader_key = format!("{prefix}leader");
-        let mut waited = false;
+        let mut told = (String::from("?"), String::new());
+        let mut tell = |leader: &str, why: String| {
+            if told.0 != leader || told.1 != why {
+                standing_by(leader, &why);
+                told = (leader.to_string(), why);
+                true
+            } else {
+                false
+            }
+        };
         let mut unreachable_since: Option<Instant> = None;
         let (lease, leading) = loop {
-            // etcd down or without quorum: wait for it (and say so, now
-            // and then), leading once it answers.
-            let grant = match etcd.call("/v3/lease/grant", &json!({"TTL": LEASE_TTL_S})) {
-                Ok(g) => {
-                    unreachable_since = None;
-                    g
-                }
+            // Who leads now (a read, cheap enough to ask often: a standby
+            // leads within STANDBY_POLL of the leader's lease ending).
+            let asked = etcd
+                .call("/v3/kv/range", &json!({"key": b64(&leader_key)}))
+                .and_then(|r| match r["kvs"][0].get("value") {
+                    Some(v) => unb64(v).map(Some),
+                    None => Ok(None),
+                });
+            match asked {
                 Err(e) => {
+                    // etcd down or without quorum: wait for it (and say
+                    // so, now and then), leading once it answers.
                     let since = *unreachable_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() < Duration::from_millis(600)
-                        || since.elapsed().as_secs().is_multiple_of(10)
-                    {
+                    let fresh = tell("", format!("waiting for etcd: {e}"));
+                    if fresh || since.elapsed().as_secs().is_multiple_of(10) {
                         tracing::warn!(error = %e, "waiting for etcd to lead or stand by");
                         eprintln!("lego manager: waiting for etcd: {e}");
                     }
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
+                Ok(Some(who)) => {
+                    unreachable_since = None;
+                    if tell(&who, format!("standby; manager {who} leads")) {
+                        tracing::info!(leader = %who, "standby: another manager leads; taking over when its lease ends");
+                        eprintln!("lego manager: standby; manager {who} leads");
+                    }
+                    std::thread::sleep(STANDBY_POLL);
+                    continue;
+                }
+                Ok(None) => unreachable_since = None,
+            }
+            // None leads: take a lease and the key, unless another was
+            // quicker.
+            let Ok(grant) = etcd.call("/v3/lease/grant", &json!({"TTL": LEASE_TTL_S})) else {
+                std::thread::sleep(STANDBY_POLL);
+                continue;
             };
             let lease = int(&grant["ID"]);
             if lease == 0 {
@@ -177,33 +229,24 @@ impl EtcdStore {
             let txn = json!({
                 "compare": [{"target": "CREATE", "key": b64(&leader_key), "create_revision": "0"}],
                 "success": [{"request_put": {"key": b64(&leader_key), "value": b64(name), "lease": lease.to_string()}}],
-                "failure": [{"request_range": {"key": b64(&leader_key)}}],
+                "failure": [],
             });
-            let Ok(r) = etcd.call("/v3/kv/txn", &txn) else {
-                continue;
-            };
-            if r["succeeded"].as_bool().unwrap_or(false) {
+            match etcd.call("/v3/kv/txn", &txn) {
                 // Our key's create revision: the txn's revision.
-                break (lease, int(&r["header"]["revision"]));
+                Ok(r) if r["succeeded"].as_bool().unwrap_or(false) => {
+                    break (lease, int(&r["header"]["revision"]))
+                }
+                _ => {
+                    let _ = etcd.call("/v3/lease/revoke", &json!({"ID": lease.to_string()}));
+                }
             }
-            let _ = etcd.call("/v3/lease/revoke", &json!({"ID": lease.to_string()}));
-            if !waited {
-                let who = r["responses"][0]["response_range"]["kvs"][0]
-                    .get("value")
-                    .map(unb64)
-                    .and_then(Result::ok)
-                    .unwrap_or_default();
-                tracing::info!(leader = %who, "standby: another manager leads; taking over when its lease ends");
-                eprintln!("lego manager: standby; manager {who} leads");
-                waited = true;
-            }
-            std::thread::sleep(Duration::from_millis(500));
         };
-        keep_leading(etcd.clone(), lease);
+        keep_leading(etcd.clone(), lease, deposed);
         Ok(Self {
             etcd,
             prefix: prefix.to_string(),
             leading,
+            deposed,
         })
     }
 
@@ -222,7 +265,7 @@ impl EtcdStore {
             });
             let r = self.etcd.call("/v3/kv/txn", &txn)?;
             if !r["succeeded"].as_bool().unwrap_or(false) {
-                deposed("another manager leads now: nothing of this one's is written");
+                (self.deposed)("another manager leads now: nothing of this one's is written");
             }
         }
         Ok(())
@@ -250,7 +293,7 @@ fn deposed(why: &str) -> ! {
 }
 
 /// Renews `lease` three times a lease; one not renewed in time is lost.
-fn keep_leading(etcd: Arc<Etcd>, lease: i64) {
+fn keep_leading(etcd: Arc<Etcd>, lease: i64, deposed: fn(&str) -> !) {
     let period = Duration::from_millis((LEASE_TTL_S * 1000 / 3) as u64);
     let spawned = std::thread::Builder::new()
         .name("lego-manager-lease".into())
@@ -365,5 +408,111 @@ impl crate::store::Store for EtcdStore {
             });
         }
         self.fenced(&ops)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+    use std::process::{Child, Command, Stdio};
+
+    /// One etcd member (Debian's etcd-server) on free loopback ports.
+    struct Member(Child, std::path::PathBuf);
+
+    impl Drop for Member {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+            let _ = std::fs::remove_dir_all(&self.1);
+        }
+    }
+
+    fn free() -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    }
+
+    fn etcd() -> (Member, String) {
+        let dir = std::env::temp_dir().join(format!("lego-etcd-unit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (client, peer) = (free(), format!("http://{}", free()));
+        let child = Command::new("etcd")
+            .args(["--name", "e1", "--data-dir"])
+            .arg(&dir)
+            .args(["--listen-client-urls", &format!("http://{client}")])
+            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args([
+                "--listen-peer-urls",
+                &peer,
+                "--initial-advertise-peer-urls",
+                &peer,
+            ])
+            .args(["--initial-cluster", &format!("e1={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("etcd (apt-get install etcd-server)");
+        let member = Member(child, dir);
+        let up = (0..200).any(|_| {
+            std::thread::sleep(Duration::from_millis(50));
+            std::net::TcpStream::connect(&client).is_ok()
+        });
+        assert!(up, "etcd did not start");
+        (member, format!("etcd://{client}"))
+    }
+
+    fn panics(why: &str) -> ! {
+        panic!("deposed: {why}")
+    }
+
+    #[test]
+    fn a_manager_whose_key_another_holds_writes_nothing() {
+        let (_member, spec) = etcd();
+        let quiet = |_: &str, _: &str| {};
+        let one = EtcdStore::lead_with(&spec, "/t/", "one", &quiet, panics).unwrap();
+        // Its key gone (as when its lease ends while it is frozen), a
+        // second manager leads.
+        let etcd = Etcd::new(&spec).unwrap();
+        etcd.call("/v3/kv/deleterange", &json!({"key": b64("/t/leader")}))
+            .unwrap();
+        let told = std::sync::Mutex::new(Vec::new());
+        let two = EtcdStore::lead_with(
+            &spec,
+            "/t/",
+            "two",
+            &|who, why| told.lock().unwrap().push(format!("{who} {why}")),
+            panics,
+        )
+        .unwrap();
+        assert!(told.lock().unwrap().is_empty(), "two stood by: {told:?}");
+        // The first one's change is refused (it finds itself deposed) and
+        // lands nowhere; the second one's does.
+        let register = crate::tests::register_memory;
+        let mut c = one.load(1000, 0).unwrap();
+        let (_, changes) = c.apply(0, register(9));
+        assert!(!changes.is_empty());
+        let refused = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _ = one.save(&c, &changes);
+        }));
+        assert!(refused.is_err(), "a deposed manager wrote");
+        assert!(two.load(1000, 0).unwrap().components.is_empty());
+        let mut c = two.load(1000, 0).unwrap();
+        let (_, changes) = c.apply(0, register(10));
+        two.save(&c, &changes).unwrap();
+        let stored = two.load(1000, 0).unwrap();
+        assert_eq!(stored.components.len(), 1);
+        assert!(stored.components.values().all(|c| c.addr == "127.0.0.1:10"));
+        // A third finds the key taken and says who leads.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spec3 = spec.clone();
+        std::thread::spawn(move || {
+            let tell = move |who: &str, why: &str| {
+                let _ = tx.send(format!("{who}|{why}"));
+            };
+            let _ = EtcdStore::lead_with(&spec3, "/t/", "three", &tell, panics);
+        });
+        let first = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(first, "two|standby; manager two leads");
     }
 }

@@ -16,6 +16,7 @@ pub mod db;
 pub mod etcd;
 #[cfg(test)]
 mod fuzz_tests;
+pub mod standby;
 pub mod state;
 pub mod store;
 
@@ -52,6 +53,11 @@ pub enum ManagerError {
 struct Inner {
     cluster: Mutex<Cluster>,
     db: Box<dyn store::Store>,
+    /// A change the store refused is in `cluster` all the same: rebuild
+    /// it from the store before acting again.
+    stale: AtomicBool,
+    /// What rebuilding takes: heartbeat timeout, replicas, vNode network.
+    options: (u64, usize, (u32, u8)),
     /// Its own address, for `lego status`.
     addr: String,
     epoch: Instant,
@@ -81,6 +87,35 @@ impl Inner {
         self.cluster.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The cluster, rebuilt from the store first if a change was refused
+    /// since (and the store's error if it cannot be).
+    fn current(&self) -> Result<MutexGuard<'_, Cluster>, String> {
+        let mut c = self.lock();
+        if self.stale.load(Ordering::SeqCst) {
+            let (timeout_ms, replicas, vnode_net) = self.options;
+            let loaded = self.db.load(timeout_ms, self.now()).map_err(|e| {
+                format!(
+                    "the manager cannot read its state back after a change it could not store: {e}"
+                )
+            })?;
+            *c = loaded.with_replicas(replicas).with_vnode_net(vnode_net);
+            self.stale.store(false, Ordering::SeqCst);
+            tracing::info!("state read back from the store after a refused change");
+        }
+        Ok(c)
+    }
+
+    /// Stores `changes` of `c`; if the store refuses, the cluster in memory
+    /// is marked stale (it holds a change that is not stored).
+    fn save(&self, c: &Cluster, changes: &state::Changes) -> Result<(), String> {
+        let saved = self.db.save(c, changes);
+        if let Err(e) = &saved {
+            tracing::error!(error = %e, "cannot store a change: not made");
+            self.stale.store(true, Ordering::SeqCst);
+        }
+        saved
+    }
+
     /// Applies a request and stores what changed before answering.
     fn apply(&self, req: Request) -> Reply {
         let started = Instant::now();
@@ -90,10 +125,12 @@ impl Inner {
             _ => None,
         };
         let drain = matches!(req, Request::Drain { .. });
-        let now = self.now();
-        let mut c = self.lock();
-        let (reply, changes) = c.apply(now, req);
-        let saved = self.db.save(&c, &changes);
+        let mut c = match self.current() {
+            Ok(c) => c,
+            Err(message) => return Reply::Error { message },
+        };
+        let (reply, changes) = c.apply(self.now(), req);
+        let saved = self.save(&c, &changes);
         drop(c);
         if let Some(h) = timed {
             h.observe(started.elapsed());
@@ -103,12 +140,9 @@ impl Inner {
         }
         match saved {
             Ok(()) => reply,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot store a change");
-                Reply::Error {
-                    message: format!("the manager cannot store the change: {e}"),
-                }
-            }
+            Err(e) => Reply::Error {
+                message: format!("the manager cannot store the change: {e}"),
+            },
         }
     }
 }
@@ -149,12 +183,23 @@ impl Manager {
         cred: Credential,
     ) -> Result<Self, ManagerError> {
         let db = Db::open(state_dir)?;
-        Self::start_on(listen, Box::new(db), (timeout, replicas, vnode_net), cred)
+        let listener = Tcp.listen(listen)?;
+        let addr = Listener::local_addr(&listener);
+        Self::serve_on(
+            listener,
+            &addr,
+            Box::new(db),
+            (timeout, replicas, vnode_net),
+            cred,
+        )
     }
 
-    /// [`Manager::start_with`], its state in `db` (any [`store::Store`]).
-    pub fn start_on(
-        listen: &str,
+    /// Serves on `listener` (bound already: by a standby, see [`standby`]),
+    /// its state in `db` (any [`store::Store`]); `addr` is the address it
+    /// tells clients it has.
+    pub fn serve_on(
+        listener: std::net::TcpListener,
+        addr: &str,
         db: Box<dyn store::Store>,
         (timeout, replicas, vnode_net): (Duration, usize, (u32, u8)),
         cred: Credential,
@@ -165,11 +210,12 @@ impl Manager {
             .map_err(ManagerError::Load)?
             .with_replicas(replicas)
             .with_vnode_net(vnode_net);
-        let listener = Tcp.listen(listen)?;
-        let addr = Listener::local_addr(&listener);
+        let addr = addr.to_string();
         let inner = Arc::new(Inner {
             cluster: Mutex::new(cluster),
             db,
+            stale: AtomicBool::new(false),
+            options: (timeout_ms, replicas, vnode_net),
             addr: addr.clone(),
             epoch: Instant::now(),
             counters: Counters::default(),
@@ -190,9 +236,10 @@ impl Manager {
                 .spawn(move || {
                     while !stop.load(Ordering::SeqCst) {
                         std::thread::sleep(period);
-                        let now = inner.now();
-                        let mut c = inner.lock();
-                        let changes = c.tick(now);
+                        let Ok(mut c) = inner.current() else {
+                            continue;
+                        };
+                        let changes = c.tick(inner.now());
                         for id in &changes.components {
                             tracing::warn!(id, addr = %c.components[id].addr, "component failed: no heartbeat within the timeout");
                             inner.counters.failures.inc();
@@ -200,9 +247,7 @@ impl Manager {
                         if !changes.placed.is_empty() {
                             tracing::warn!(units = changes.placed.len(), "units lost a replica: degraded until their programs restore them");
                         }
-                        if let Err(e) = inner.db.save(&c, &changes) {
-                            tracing::error!(error = %e, "cannot store a change");
-                        }
+                        let _ = inner.save(&c, &changes);
                     }
                 })
                 .expect("spawn ticker thread")
@@ -534,6 +579,90 @@ mod tests {
             })
             .unwrap();
         assert!(matches!(e, Reply::Error { .. }));
+        m.shutdown();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A memory daemon of 64 MiB at 127.0.0.1:`port` registering.
+    pub(crate) fn register_memory(port: u16) -> Request {
+        Request::Register {
+            kind: Kind::Memory,
+            addr: format!("127.0.0.1:{port}"),
+            capacity_bytes: 64 << 20,
+            id: None,
+            key: String::new(),
+            zone: String::new(),
+        }
+    }
+
+    /// The embedded store, refusing every write while `refuse` is set.
+    struct Refusing {
+        db: Db,
+        refuse: Arc<AtomicBool>,
+    }
+
+    impl store::Store for Refusing {
+        fn load(&self, timeout_ms: u64, now: u64) -> Result<Cluster, String> {
+            if self.refuse.load(Ordering::SeqCst) {
+                return Err("the store is away".into());
+            }
+            self.db.load(timeout_ms, now)
+        }
+        fn save(&self, c: &Cluster, changes: &state::Changes) -> Result<(), String> {
+            if self.refuse.load(Ordering::SeqCst) && !changes.is_empty() {
+                return Err("the store is away".into());
+            }
+            self.db.save(c, changes)
+        }
+        fn health(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    #[test]
+    fn a_change_the_store_refused_is_not_made() {
+        let dir = tmp("refused");
+        let cred = Credential::generate().unwrap();
+        let refuse = Arc::new(AtomicBool::new(false));
+        let store = Refusing {
+            db: Db::open(&dir).unwrap(),
+            refuse: refuse.clone(),
+        };
+        let listener = Tcp.listen("127.0.0.1:0").unwrap();
+        let addr = Listener::local_addr(&listener);
+        let m = Manager::serve_on(
+            listener,
+            &addr,
+            Box::new(store),
+            (Duration::from_secs(5), 1, state::DEFAULT_VNODE_NET),
+            cred.clone(),
+        )
+        .unwrap();
+        let mut c = ControlClient::connect(&addr, "t", Duration::from_secs(5), &cred).unwrap();
+        let register = register_memory;
+        assert!(matches!(
+            c.call(&register(9)).unwrap(),
+            Reply::Registered { .. }
+        ));
+        // Refused: the answer says so, and while the store stays away
+        // nothing is served from the copy that holds the change.
+        refuse.store(true, Ordering::SeqCst);
+        match c.call(&register(10)).unwrap() {
+            Reply::Error { message } => assert!(message.contains("cannot store"), "{message}"),
+            other => panic!("{other:?}"),
+        }
+        match c.call(&Request::Status).unwrap() {
+            Reply::Error { message } => {
+                assert!(message.contains("read its state back"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // The store back: the cluster is what it holds, one component.
+        refuse.store(false, Ordering::SeqCst);
+        match c.call(&Request::Status).unwrap() {
+            Reply::Status(s) => assert_eq!(s.components.len(), 1, "{s:?}"),
+            other => panic!("{other:?}"),
+        }
         m.shutdown();
         std::fs::remove_dir_all(&dir).unwrap();
     }

@@ -1,9 +1,14 @@
 //! Where the manager keeps the cluster's state. Every change the state
 //! machine ([`crate::state::Cluster`]) makes is stored before the manager
 //! answers it, and a manager that starts (again) rebuilds the cluster from
-//! the store. The embedded redb database ([`crate::db::Db`]) is the one
-//! store so far; the trait is what another (a consensus store shared by
-//! several managers) would implement.
+//! the store: the embedded redb database ([`crate::db::Db`], the default)
+//! or etcd ([`crate::etcd::EtcdStore`], shared by several managers, one
+//! leading).
+//!
+//! A change the store refused is not made: the manager's cluster in
+//! memory then holds it all the same, so the manager no longer trusts that
+//! copy and rebuilds it from the store before it serves another request
+//! (see `Inner::apply` in the crate root).
 
 use crate::state::{Changes, Cluster};
 

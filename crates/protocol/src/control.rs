@@ -373,6 +373,14 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// From a manager that does not lead (it stands by for the one in
+    /// `leader`, empty when none leads now): nothing was done; ask the
+    /// leader. `message` says why in words (another leads, or the store
+    /// is unreachable).
+    Standby {
+        leader: String,
+        message: String,
+    },
 }
 
 /// A vNode, as the manager keeps it.

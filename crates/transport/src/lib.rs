@@ -564,12 +564,23 @@ pub struct ControlClient {
     conn: FramedConn<TcpStream>,
     next_id: u64,
     addr: String,
+    /// Every manager it was given (`A,B,C`), what it connected with, for
+    /// following the leader.
+    list: Vec<String>,
+    name: String,
+    timeout: Duration,
+    cred: Credential,
 }
+
+/// Most managers a client follows for one request (a standby pointing at
+/// another, which points on...).
+const MAX_REDIRECTS: usize = 8;
 
 impl ControlClient {
     /// Connects and shakes hands; every later answer must come within
-    /// `timeout`. `addr` may list several managers, `A,B,C`: the first that
-    /// answers is the one that leads (standbys do not listen), so a
+    /// `timeout`. `addr` may list several managers, `A,B,C`: it connects to
+    /// the first that answers; if that one is a standby, its answer names
+    /// the leader and [`ControlClient::call`] asks the leader instead, so a
     /// client that connects again after its manager failed follows the
     /// leader.
     pub fn connect(
@@ -578,10 +589,26 @@ impl ControlClient {
         timeout: Duration,
         cred: &Credential,
     ) -> Result<Self, ConnError> {
+        let list: Vec<String> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_string)
+            .collect();
         let mut last = None;
-        for one in addr.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+        for one in &list {
             match Self::connect_one(one, name, timeout, cred) {
-                Ok(c) => return Ok(c),
+                Ok(conn) => {
+                    return Ok(Self {
+                        conn,
+                        next_id: 1,
+                        addr: one.clone(),
+                        list,
+                        name: name.to_string(),
+                        timeout,
+                        cred: cred.clone(),
+                    })
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -593,26 +620,24 @@ impl ControlClient {
         name: &str,
         timeout: Duration,
         cred: &Credential,
-    ) -> Result<Self, ConnError> {
+    ) -> Result<FramedConn<TcpStream>, ConnError> {
         let s = Tcp.connect(addr, timeout)?;
         s.set_read_timeout(Some(timeout))?;
         let mut conn = FramedConn::new(s);
         conn.client_handshake(Role::Client, name, cred)?;
-        Ok(Self {
-            conn,
-            next_id: 1,
-            addr: addr.to_string(),
-        })
+        Ok(conn)
     }
 
+    /// The address of the manager it talks to now.
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
-    /// Sends a request and waits for its reply.
+    /// Sends a request and waits for its reply. A standby's answer is
+    /// never returned: the request goes to the leader it names, or to the
+    /// other managers given; when none leads, the standbys' reasons are
+    /// the error.
     pub fn call(&mut self, req: &control::Request) -> Result<control::Reply, ConnError> {
-        let id = self.next_id;
-        self.next_id += 1;
         let json = control::to_json(req);
         if json.len() > lego_protocol::MAX_CONTROL_BYTES {
             return Err(ConnError::Unexpected(format!(
@@ -621,11 +646,53 @@ impl ControlClient {
                 lego_protocol::MAX_CONTROL_BYTES
             )));
         }
-        match self
-            .conn
-            .call(id, &Message::Control { json: &json })?
-            .message
-        {
+        let mut asked = Vec::new();
+        let mut said = Vec::new();
+        loop {
+            let (leader, message) = match self.call_once(&json)? {
+                control::Reply::Standby { leader, message } => (leader, message),
+                reply => return Ok(reply),
+            };
+            said.push(format!("{}: {message}", self.addr));
+            asked.push(self.addr.clone());
+            // The leader it names, else the next manager not yet asked.
+            let next: Vec<String> = std::iter::once(leader)
+                .filter(|l| !l.is_empty())
+                .chain(self.list.iter().cloned())
+                .filter(|a| !asked.contains(a))
+                .collect();
+            let mut moved = false;
+            for a in next
+                .into_iter()
+                .take(MAX_REDIRECTS - asked.len().min(MAX_REDIRECTS))
+            {
+                match Self::connect_one(&a, &self.name, self.timeout, &self.cred) {
+                    Ok(conn) => {
+                        self.conn = conn;
+                        self.next_id = 1;
+                        self.addr = a;
+                        moved = true;
+                        break;
+                    }
+                    Err(e) => {
+                        said.push(format!("{a}: {e}"));
+                        asked.push(a);
+                    }
+                }
+            }
+            if !moved {
+                return Err(ConnError::Unexpected(format!(
+                    "no manager leads now ({})",
+                    said.join("; ")
+                )));
+            }
+        }
+    }
+
+    fn call_once(&mut self, json: &str) -> Result<control::Reply, ConnError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        match self.conn.call(id, &Message::Control { json })?.message {
             Message::Control { json } => control::from_json(json).map_err(ConnError::Unexpected),
             Message::Error { message, .. } => Err(ConnError::Unexpected(message.to_string())),
             other => Err(ConnError::Unexpected(format!(
