@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -107,29 +106,8 @@ fn manager_at(etcd: &Etcd, addr: &str) -> (Daemon, mpsc::Receiver<String>) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = stderr_lines(&mut child);
     (Daemon { child, addr }, rx)
-}
-
-/// Waits up to `limit` for a line containing `what`.
-fn said(rx: &mpsc::Receiver<String>, what: &str, limit: Duration) -> bool {
-    let end = Instant::now() + limit;
-    while let Some(left) = end.checked_duration_since(Instant::now()) {
-        match rx.recv_timeout(left) {
-            Ok(l) if l.contains(what) => return true,
-            Ok(_) => {}
-            Err(_) => return false,
-        }
-    }
-    false
 }
 
 /// A memory daemon joined to the manager(s) at `manager`.
@@ -155,21 +133,6 @@ fn status(addr: &str) -> serde_json::Value {
         .unwrap();
     assert!(out.status.success(), "{}", text(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-fn components(s: &serde_json::Value) -> Vec<(u64, String, String)> {
-    s["components"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| {
-            (
-                c["id"].as_u64().unwrap(),
-                c["addr"].as_str().unwrap().to_string(),
-                c["state"].as_str().unwrap().to_string(),
-            )
-        })
-        .collect()
 }
 
 #[test]

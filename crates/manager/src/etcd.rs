@@ -9,16 +9,17 @@
 //! reading the key every [`STANDBY_POLL`], until the leader's lease ends
 //! (the leader left, or stopped renewing it), then leads; one that cannot
 //! reach etcd (or etcd has no quorum) waits for it. Meanwhile it answers
-//! clients with the leader's address ([`crate::standby`]). The leader renews its lease
-//! three times a lease; one it cannot renew within the lease, it has lost:
-//! it stops acting at once and starts again as a standby (the process
-//! executes itself anew), so it leads again, with the state as etcd has
-//! it, once etcd answers and no other manager leads.
+//! clients with the leader's address ([`crate::standby`]). The leader
+//! renews its lease four times a lease; one it cannot renew within the
+//! lease, it has lost: it stops acting at once and starts again as a
+//! standby (the process executes itself anew), so it leads again, with
+//! the state as etcd has it, once etcd answers and no other manager
+//! leads.
 //!
 //! **Fencing.** Every write is a transaction conditioned on the leader key
 //! still having the create revision this manager made it with: a manager
 //! that lost its lease (frozen, cut off) and comes back finds the
-//! condition false and writes nothing, then ends.
+//! condition false and writes nothing, then stands by.
 //!
 //! **Records.** The same JSON records as the embedded store (`db.rs`),
 //! under `<prefix>components/<id>`, `<prefix>vnodes/<name>` and
@@ -95,7 +96,7 @@ impl Etcd {
     /// POSTs `body` to `path` (`/v3/kv/range`, ...) at the first member
     /// that answers.
     fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
-        let mut last = String::new();
+        let mut errors = Vec::new();
         for e in &self.endpoints {
             match self.agent.post(&format!("{e}{path}")).send_json(body) {
                 Ok(r) => {
@@ -108,10 +109,10 @@ impl Etcd {
                     let text = r.into_string().unwrap_or_default();
                     return Err(format!("etcd at {e}: {code} {}", text.trim()));
                 }
-                Err(err) => last = format!("etcd at {e}: {err}"),
+                Err(err) => errors.push(format!("{}: {err}", e.trim_start_matches("http://"))),
             }
         }
-        Err(last)
+        Err(format!("no etcd member answers ({})", errors.join("; ")))
     }
 
     fn range_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
@@ -292,9 +293,10 @@ fn deposed(why: &str) -> ! {
     std::process::exit(3)
 }
 
-/// Renews `lease` three times a lease; one not renewed in time is lost.
+/// Renews `lease` four times a lease (the later its last renewal, the
+/// later a standby leads once it stops); one not renewed in time is lost.
 fn keep_leading(etcd: Arc<Etcd>, lease: i64, deposed: fn(&str) -> !) {
-    let period = Duration::from_millis((LEASE_TTL_S * 1000 / 3) as u64);
+    let period = Duration::from_millis((LEASE_TTL_S * 1000 / 4) as u64);
     let spawned = std::thread::Builder::new()
         .name("lego-manager-lease".into())
         .spawn(move || {

@@ -481,7 +481,8 @@ pub struct ClusterStatus {
     /// The latest failures of memory daemons, newest last.
     #[serde(default)]
     pub recoveries: Vec<RecoveryInfo>,
-    /// The manager that answered (the leader: standbys do not serve).
+    /// The manager that answered (the leader: standbys send clients on to
+    /// it).
     #[serde(default)]
     pub manager: String,
     /// Where its state is kept, and how that store is.

@@ -254,3 +254,47 @@ pub fn signal_reaches_the_program(name: &str, signum: i32) {
     );
     assert_eq!(c.wait().unwrap().signal(), Some(signum));
 }
+
+/// The lines `child` writes on its standard error (piped), as they come.
+pub fn stderr_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let lines = BufReader::new(child.stderr.take().expect("stderr piped")).lines();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Waits up to `limit` for a line containing `what`.
+pub fn said(rx: &std::sync::mpsc::Receiver<String>, what: &str, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains(what) => return true,
+            Ok(_) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+/// The components in a `lego status --json`: (id, address, kind, state).
+pub fn components(s: &serde_json::Value) -> Vec<(u64, String, String, String)> {
+    s["components"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["id"].as_u64().unwrap(),
+                c["addr"].as_str().unwrap().to_string(),
+                c["kind"].as_str().unwrap().to_string(),
+                c["state"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
