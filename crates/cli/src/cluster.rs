@@ -169,6 +169,7 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
 /// Stands by on `listener` (answering with the leader's address) until
 /// this manager leads the managers sharing the etcd cluster `url`, then
 /// serves on it.
+#[cfg(feature = "etcd")]
 fn lead_on_etcd(
     listener: std::net::TcpListener,
     name: &str,
@@ -184,6 +185,21 @@ fn lead_on_etcd(
     standby.stop();
     lego_manager::Manager::serve_on(listener, name, Box::new(store), options, cred)
         .map_err(|e| e.to_string())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn lead_on_etcd(
+    _: std::net::TcpListener,
+    _: &str,
+    _: &str,
+    _: (Duration, usize, (u32, u8)),
+    _: Credential,
+) -> Result<lego_manager::Manager, String> {
+    Err(
+        "this lego was built without etcd: build it with `cargo build --release \
+         --features lego/etcd` (its gRPC client needs protoc: apt install protobuf-compiler)"
+            .into(),
+    )
 }
 
 pub fn status(manager: &str, json: bool, cred: &Credential) -> ExitCode {

@@ -3,6 +3,10 @@
 //! leading; a standby takes over when the leader is killed, with the same
 //! cluster; a leader frozen past its lease writes nothing when it wakes,
 //! stands by, and leads again when the other goes.
+//!
+//! Built with the `etcd` feature (`scripts/test` builds with it).
+
+#![cfg(feature = "etcd")]
 
 mod common;
 

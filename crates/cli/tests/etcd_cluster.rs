@@ -7,6 +7,10 @@
 //!
 //! Needs root (network namespaces); every namespace and etcd data
 //! directory is removed when a test ends, also when it fails.
+//!
+//! Built with the `etcd` feature (`scripts/test` builds with it).
+
+#![cfg(feature = "etcd")]
 
 mod common;
 
@@ -312,11 +316,13 @@ fn without_etcd_quorum_changes_are_refused_programs_run_on_and_work_resumes_afte
         said(a_says, "no longer the leader", Duration::from_secs(5)),
         "the leader goes on without quorum"
     );
+    assert!(said(a_says, "waiting for etcd", Duration::from_secs(5)));
     // ... and a change is refused, saying why.
     let mem = before.iter().find(|m| m.2 == "memory").unwrap().0;
     let drain = c.lego(&["drain", &mem.to_string(), "--no-wait"]);
     assert!(!drain.status.success());
     let why = text(&drain.stderr);
+    eprintln!("the drain was refused: {why}");
     assert!(
         why.contains("no manager leads") && why.contains("waiting for etcd"),
         "{why}"

@@ -1,13 +1,14 @@
 //! The manager's state in etcd (`lego manager --store
-//! etcd://HOST:PORT,...`), through etcd's v3 JSON gateway (plain HTTP: no
-//! async runtime in the manager), and the leadership that lets several
-//! managers share it.
+//! etcd://HOST:PORT,...`), through the `etcd-client` crate (etcd's v3 gRPC
+//! API; its async calls run on a small runtime of this module's own, so
+//! the rest of the manager stays plain threads), and the leadership that
+//! lets several managers share it.
 //!
 //! **Leadership.** A manager takes a lease (`LEASE_TTL_S`) and creates the
 //! key `<prefix>leader` under it, in a transaction that succeeds only if
-//! the key does not exist. One that finds it taken is a standby: it waits,
-//! reading the key every [`STANDBY_POLL`], until the leader's lease ends
-//! (the leader left, or stopped renewing it), then leads; one that cannot
+//! the key does not exist. One that finds it taken is a standby: it
+//! watches the key until the leader's lease ends (the leader left, or
+//! stopped renewing it) and etcd deletes it, then leads; one that cannot
 //! reach etcd (or etcd has no quorum) waits for it. Meanwhile it answers
 //! clients with the leader's address ([`crate::standby`]). The leader
 //! renews its lease four times a lease; one it cannot renew within the
@@ -26,12 +27,14 @@
 //! `<prefix>replicas/<space>/<unit>`; one change is one transaction (in
 //! pieces of at most [`MAX_TXN_OPS`] operations, etcd's default limit).
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::engine::general_purpose::STANDARD as B64;
-use base64::Engine;
-use serde_json::{json, Value};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, TxnOp, WatchOptions,
+};
 
 use crate::state::{Changes, Cluster, Component, Vnode};
 
@@ -43,36 +46,46 @@ pub const LEASE_TTL_S: i64 = 2;
 /// default).
 pub const MAX_TXN_OPS: usize = 128;
 
-/// How often a standby asks who leads.
-const STANDBY_POLL: Duration = Duration::from_millis(100);
+/// How long a standby watches the leader key before it reads it again (a
+/// watch that broke or missed the deletion costs at most this).
+const STANDBY_RECHECK: Duration = Duration::from_secs(1);
 
-/// How long one request to an etcd member may take.
-const CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often a manager waiting for etcd says so (besides when the reason
+/// changes).
+const SAY_AGAIN: Duration = Duration::from_secs(10);
 
-/// An etcd cluster's JSON gateway, asked at its members in turn.
-pub struct Etcd {
-    endpoints: Vec<String>,
-    agent: ureq::Agent,
-}
+/// How long one request to etcd may take, all members tried ...
+const CALL_TIMEOUT: Duration = Duration::from_millis(2500);
+/// ... and one member.
+const MEMBER_TIMEOUT: Duration = Duration::from_secs(1);
 
-fn b64(s: &str) -> String {
-    B64.encode(s.as_bytes())
-}
-
-fn unb64(v: &Value) -> Result<String, String> {
-    let bytes = B64
-        .decode(v.as_str().unwrap_or_default())
-        .map_err(|e| format!("etcd sent bad base64: {e}"))?;
-    String::from_utf8(bytes).map_err(|e| format!("etcd sent a key that is not UTF-8: {e}"))
-}
-
-/// An etcd integer (the gateway sends 64-bit ones as strings).
-fn int(v: &Value) -> i64 {
-    match v {
-        Value::String(s) => s.parse().unwrap_or(0),
-        Value::Number(n) => n.as_i64().unwrap_or(0),
-        _ => 0,
+/// What went wrong with a call, in words: gRPC's message and, if there is
+/// one, the cause under it (a refused connection, ...).
+fn describe(e: &etcd_client::Error) -> String {
+    let etcd_client::Error::GRpcStatus(status) = e else {
+        return e.to_string();
+    };
+    let mut cause: &dyn std::error::Error = status;
+    while let Some(under) = cause.source() {
+        cause = under;
     }
+    let root = cause.to_string();
+    if std::ptr::addr_eq(cause, status as &dyn std::error::Error) || root == status.message() {
+        status.message().to_string()
+    } else {
+        format!("{}: {root}", status.message())
+    }
+}
+
+/// An etcd cluster: a client for each member, asked in turn from the one
+/// that answered last (a member down, cut off or without quorum costs a
+/// refusal or [`MEMBER_TIMEOUT`], not the call).
+pub struct Etcd {
+    members: Vec<(String, Client)>,
+    /// The member that answered last.
+    preferred: std::sync::atomic::AtomicUsize,
+    /// Where the clients' calls run (one worker thread).
+    rt: tokio::runtime::Runtime,
 }
 
 impl Etcd {
@@ -81,60 +94,148 @@ impl Etcd {
         let list = spec
             .strip_prefix("etcd://")
             .ok_or_else(|| format!("--store {spec:?}: give etcd://HOST:PORT[,HOST:PORT...]"))?;
-        let endpoints: Vec<String> = list
-            .split(',')
-            .filter(|e| !e.is_empty())
-            .map(|e| format!("http://{e}"))
-            .collect();
+        let endpoints: Vec<&str> = list.split(',').filter(|e| !e.is_empty()).collect();
         if endpoints.is_empty() {
             return Err(format!("--store {spec:?}: no etcd member named"));
         }
-        let agent = ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build();
-        Ok(Self { endpoints, agent })
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("lego-etcd")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("cannot start etcd's client runtime: {e}"))?;
+        // Connecting is lazy: a member down now is tried when asked.
+        let members = endpoints
+            .iter()
+            .map(|e| {
+                let options = ConnectOptions::new()
+                    .with_connect_timeout(MEMBER_TIMEOUT)
+                    .with_timeout(MEMBER_TIMEOUT)
+                    // A member without quorum refuses at once.
+                    .with_require_leader(true)
+                    .with_keep_alive(Duration::from_secs(1), MEMBER_TIMEOUT);
+                rt.block_on(Client::connect([e], Some(options)))
+                    .map(|c| (e.to_string(), c))
+                    .map_err(|err| format!("--store {spec:?}: {e}: {}", describe(&err)))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            members,
+            preferred: std::sync::atomic::AtomicUsize::new(0),
+            rt,
+        })
     }
 
-    /// POSTs `body` to `path` (`/v3/kv/range`, ...) at the first member
-    /// that answers.
-    fn call(&self, path: &str, body: &Value) -> Result<Value, String> {
+    /// Runs `fut` within `limit`.
+    fn run<T>(
+        &self,
+        limit: Duration,
+        fut: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, String> {
+        self.rt
+            .block_on(async { tokio::time::timeout(limit, fut).await })
+            .map_err(|_| format!("no answer within {limit:?}"))?
+            .map_err(|e| describe(&e))
+    }
+
+    /// Runs one call (given a member's client) at the members in turn,
+    /// within [`CALL_TIMEOUT`] in all; the errors of all if none answers.
+    fn call<T, F>(&self, f: impl Fn(Client) -> F) -> Result<T, String>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        use std::sync::atomic::Ordering;
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        let first = self.preferred.load(Ordering::Relaxed);
         let mut errors = Vec::new();
-        for e in &self.endpoints {
-            match self.agent.post(&format!("{e}{path}")).send_json(body) {
-                Ok(r) => {
-                    return r
-                        .into_json::<Value>()
-                        .map_err(|err| format!("etcd at {e}: {err}"))
+        for k in 0..self.members.len() {
+            let i = (first + k) % self.members.len();
+            let (at, client) = &self.members[i];
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                errors.push(format!("{at}: not asked (out of time)"));
+                continue;
+            }
+            match self.run(left.min(MEMBER_TIMEOUT), f(client.clone())) {
+                Ok(v) => {
+                    self.preferred.store(i, Ordering::Relaxed);
+                    return Ok(v);
                 }
-                // An answer: this member refuses (no quorum, a limit).
-                Err(ureq::Error::Status(code, r)) => {
-                    let text = r.into_string().unwrap_or_default();
-                    return Err(format!("etcd at {e}: {code} {}", text.trim()));
-                }
-                Err(err) => errors.push(format!("{}: {err}", e.trim_start_matches("http://"))),
+                Err(e) => errors.push(format!("{at}: {e}")),
             }
         }
         Err(format!("no etcd member answers ({})", errors.join("; ")))
     }
 
+    /// The keys under `prefix` and their values.
     fn range_prefix(&self, prefix: &str) -> Result<Vec<(String, String)>, String> {
-        // The range end of a prefix: its last byte plus one (the
-        // prefixes used end in '/').
-        let mut end = prefix.as_bytes().to_vec();
-        if let Some(last) = end.last_mut() {
-            *last = last.wrapping_add(1);
-        }
-        let r = self.call(
-            "/v3/kv/range",
-            &json!({"key": b64(prefix), "range_end": B64.encode(&end)}),
-        )?;
-        let mut out = Vec::new();
-        for kv in r["kvs"].as_array().into_iter().flatten() {
-            let value = match kv.get("value") {
-                Some(v) => unb64(v)?,
-                None => String::new(),
+        let r = self.call(|mut c| async move {
+            c.get(prefix, Some(GetOptions::new().with_prefix())).await
+        })?;
+        r.kvs()
+            .iter()
+            .map(|kv| {
+                let key = kv
+                    .key_str()
+                    .map_err(|e| format!("etcd sent a bad key: {e}"))?;
+                let value = kv
+                    .value_str()
+                    .map_err(|e| format!("etcd sent a bad value under {key}: {e}"))?;
+                Ok((key.to_string(), value.to_string()))
+            })
+            .collect()
+    }
+
+    /// The value of `key` (None: absent) and the store's revision.
+    fn get(&self, key: &str) -> Result<(Option<String>, i64), String> {
+        let r = self.call(|mut c| async move { c.get(key, None).await })?;
+        let revision = r.header().map_or(0, |h| h.revision());
+        let value = match r.kvs().first() {
+            Some(kv) => Some(kv.value_str().map_err(|e| e.to_string())?.to_string()),
+            None => None,
+        };
+        Ok((value, revision))
+    }
+
+    /// Waits up to `limit` for `key` to be deleted after `revision`;
+    /// whether it was.
+    fn deleted_since(&self, key: &str, revision: i64, limit: Duration) -> bool {
+        let preferred = self.preferred.load(std::sync::atomic::Ordering::Relaxed);
+        let mut client = self.members[preferred].1.clone();
+        let key = key.to_string();
+        self.rt.block_on(async move {
+            let watch = async {
+                let options = WatchOptions::new().with_start_revision(revision + 1);
+                let mut stream = client.watch(key, Some(options)).await?;
+                while let Some(r) = stream.message().await? {
+                    if r.events()
+                        .iter()
+                        .any(|e| e.event_type() == EventType::Delete)
+                    {
+                        return Ok(true);
+                    }
+                    if r.canceled() {
+                        return Ok(false);
+                    }
+                }
+                Ok::<bool, etcd_client::Error>(false)
             };
-            out.push((unb64(&kv["key"])?, value));
-        }
-        Ok(out)
+            matches!(tokio::time::timeout(limit, watch).await, Ok(Ok(true)))
+        })
+    }
+
+    /// Each member up or down, asked on its own.
+    fn members(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|(at, client)| {
+                let mut c = client.clone();
+                match self.run(MEMBER_TIMEOUT, async move { c.status().await }) {
+                    Ok(_) => format!("{at} up"),
+                    Err(e) => format!("{at} DOWN ({e})"),
+                }
+            })
+            .collect()
     }
 }
 
@@ -183,62 +284,64 @@ impl EtcdStore {
                 false
             }
         };
-        let mut unreachable_since: Option<Instant> = None;
+        // When it last said it waits for etcd.
+        let mut said_at: Option<Instant> = None;
         let (lease, leading) = loop {
-            // Who leads now (a read, cheap enough to ask often: a standby
-            // leads within STANDBY_POLL of the leader's lease ending).
-            let asked = etcd
-                .call("/v3/kv/range", &json!({"key": b64(&leader_key)}))
-                .and_then(|r| match r["kvs"][0].get("value") {
-                    Some(v) => unb64(v).map(Some),
-                    None => Ok(None),
-                });
-            match asked {
+            match etcd.get(&leader_key) {
                 Err(e) => {
                     // etcd down or without quorum: wait for it (and say
                     // so, now and then), leading once it answers.
-                    let since = *unreachable_since.get_or_insert_with(Instant::now);
                     let fresh = tell("", format!("waiting for etcd: {e}"));
-                    if fresh || since.elapsed().as_secs().is_multiple_of(10) {
+                    if fresh || said_at.is_none_or(|t| t.elapsed() >= SAY_AGAIN) {
+                        said_at = Some(Instant::now());
                         tracing::warn!(error = %e, "waiting for etcd to lead or stand by");
                         eprintln!("lego manager: waiting for etcd: {e}");
                     }
                     std::thread::sleep(Duration::from_millis(500));
                     continue;
                 }
-                Ok(Some(who)) => {
-                    unreachable_since = None;
+                Ok((Some(who), revision)) => {
                     if tell(&who, format!("standby; manager {who} leads")) {
                         tracing::info!(leader = %who, "standby: another manager leads; taking over when its lease ends");
                         eprintln!("lego manager: standby; manager {who} leads");
                     }
-                    std::thread::sleep(STANDBY_POLL);
+                    // Until etcd deletes the key (the lease ended), or a
+                    // while: then read it again.
+                    if !etcd.deleted_since(&leader_key, revision, STANDBY_RECHECK) {
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                     continue;
                 }
-                Ok(None) => unreachable_since = None,
+                Ok((None, _)) => {}
             }
             // None leads: take a lease and the key, unless another was
             // quicker.
-            let Ok(grant) = etcd.call("/v3/lease/grant", &json!({"TTL": LEASE_TTL_S})) else {
-                std::thread::sleep(STANDBY_POLL);
+            let Ok(grant) =
+                etcd.call(|mut c| async move { c.lease_grant(LEASE_TTL_S, None).await })
+            else {
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             };
-            let lease = int(&grant["ID"]);
-            if lease == 0 {
-                return Err(format!("etcd granted no lease: {grant}"));
-            }
-            let txn = json!({
-                "compare": [{"target": "CREATE", "key": b64(&leader_key), "create_revision": "0"}],
-                "success": [{"request_put": {"key": b64(&leader_key), "value": b64(name), "lease": lease.to_string()}}],
-                "failure": [],
-            });
-            match etcd.call("/v3/kv/txn", &txn) {
+            let lease = grant.id();
+            let txn = etcd_client::Txn::new()
+                .when([Compare::create_revision(
+                    leader_key.as_str(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(
+                    leader_key.as_str(),
+                    name,
+                    Some(etcd_client::PutOptions::new().with_lease(lease)),
+                )]);
+            match etcd.call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            }) {
                 // Our key's create revision: the txn's revision.
-                Ok(r) if r["succeeded"].as_bool().unwrap_or(false) => {
-                    break (lease, int(&r["header"]["revision"]))
-                }
+                Ok(r) if r.succeeded() => break (lease, r.header().map_or(0, |h| h.revision())),
                 _ => {
-                    let _ = etcd.call("/v3/lease/revoke", &json!({"ID": lease.to_string()}));
+                    let _ = etcd.call(|mut c| async move { c.lease_revoke(lease).await });
                 }
             }
         };
@@ -256,16 +359,21 @@ impl EtcdStore {
     }
 
     /// Commits `ops` only while the leader key is still ours.
-    fn fenced(&self, ops: &[Value]) -> Result<(), String> {
+    fn fenced(&self, ops: Vec<TxnOp>) -> Result<(), String> {
         let leader = self.key("leader");
         for chunk in ops.chunks(MAX_TXN_OPS) {
-            let txn = json!({
-                "compare": [{"target": "CREATE", "key": b64(&leader), "create_revision": self.leading.to_string()}],
-                "success": chunk,
-                "failure": [],
-            });
-            let r = self.etcd.call("/v3/kv/txn", &txn)?;
-            if !r["succeeded"].as_bool().unwrap_or(false) {
+            let txn = etcd_client::Txn::new()
+                .when([Compare::create_revision(
+                    leader.as_str(),
+                    CompareOp::Equal,
+                    self.leading,
+                )])
+                .and_then(chunk.to_vec());
+            let r = self.etcd.call(|mut c| {
+                let txn = txn.clone();
+                async move { c.txn(txn).await }
+            })?;
+            if !r.succeeded() {
                 (self.deposed)("another manager leads now: nothing of this one's is written");
             }
         }
@@ -301,12 +409,35 @@ fn keep_leading(etcd: Arc<Etcd>, lease: i64, deposed: fn(&str) -> !) {
         .name("lego-manager-lease".into())
         .spawn(move || {
             let mut renewed = Instant::now();
+            // etcd renews a lease on a stream; a broken one is opened anew
+            // (at a member that answers).
+            let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
             loop {
                 std::thread::sleep(period);
-                match etcd.call("/v3/lease/keepalive", &json!({"ID": lease.to_string()})) {
-                    Ok(r) if int(&r["result"]["TTL"]) > 0 => renewed = Instant::now(),
-                    Ok(_) => deposed("its lease ended"),
-                    Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease"),
+                if stream.is_none() {
+                    match etcd.call(|mut c| async move { c.lease_keep_alive(lease).await }) {
+                        Ok(s) => stream = Some(s),
+                        Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease"),
+                    }
+                }
+                if let Some((keeper, responses)) = stream.as_mut() {
+                    let renewal = async {
+                        keeper.keep_alive().await?;
+                        match responses.message().await? {
+                            Some(r) => Ok(r.ttl()),
+                            None => Err(etcd_client::Error::LeaseKeepAliveError(
+                                "the member closed the stream".into(),
+                            )),
+                        }
+                    };
+                    match etcd.run(MEMBER_TIMEOUT, renewal) {
+                        Ok(ttl) if ttl <= 0 => deposed("its lease ended"),
+                        Ok(_) => renewed = Instant::now(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot renew the leader's lease");
+                            stream = None;
+                        }
+                    }
                 }
                 if renewed.elapsed() >= Duration::from_secs(LEASE_TTL_S as u64) {
                     deposed("its lease could not be renewed in time");
@@ -318,12 +449,12 @@ fn keep_leading(etcd: Arc<Etcd>, lease: i64, deposed: fn(&str) -> !) {
     }
 }
 
-fn put(key: &str, value: &str) -> Value {
-    json!({"request_put": {"key": b64(key), "value": b64(value)}})
+fn put(key: &str, value: &str) -> TxnOp {
+    TxnOp::put(key, value, None)
 }
 
-fn delete(key: &str) -> Value {
-    json!({"request_delete_range": {"key": b64(key)}})
+fn delete(key: &str) -> TxnOp {
+    TxnOp::delete(key, None)
 }
 
 impl crate::store::Store for EtcdStore {
@@ -360,24 +491,7 @@ impl crate::store::Store for EtcdStore {
     }
 
     fn health(&self) -> String {
-        let members: Vec<String> = self
-            .etcd
-            .endpoints
-            .iter()
-            .map(|e| {
-                let at = e.trim_start_matches("http://");
-                match self
-                    .etcd
-                    .agent
-                    .post(&format!("{e}/v3/maintenance/status"))
-                    .send_json(json!({}))
-                {
-                    Ok(_) => format!("{at} up"),
-                    Err(err) => format!("{at} DOWN ({err})"),
-                }
-            })
-            .collect();
-        format!("etcd {}; leading", members.join(", "))
+        format!("etcd {}; leading", self.etcd.members().join(", "))
     }
 
     fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
@@ -409,7 +523,7 @@ impl crate::store::Store for EtcdStore {
                 None => delete(&key),
             });
         }
-        self.fenced(&ops)
+        self.fenced(ops)
     }
 }
 
@@ -476,7 +590,7 @@ mod tests {
         // Its key gone (as when its lease ends while it is frozen), a
         // second manager leads.
         let etcd = Etcd::new(&spec).unwrap();
-        etcd.call("/v3/kv/deleterange", &json!({"key": b64("/t/leader")}))
+        etcd.call(|mut c| async move { c.delete("/t/leader", None).await })
             .unwrap();
         let told = std::sync::Mutex::new(Vec::new());
         let two = EtcdStore::lead_with(

@@ -13,6 +13,7 @@
 #![deny(unsafe_code)]
 
 pub mod db;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 #[cfg(test)]
 mod fuzz_tests;
@@ -127,7 +128,7 @@ impl Inner {
         let drain = matches!(req, Request::Drain { .. });
         let mut c = match self.current() {
             Ok(c) => c,
-            Err(message) => return Reply::Error { message },
+            Err(message) => return Reply::Unavailable { message },
         };
         let (reply, changes) = c.apply(self.now(), req);
         let saved = self.save(&c, &changes);
@@ -140,8 +141,8 @@ impl Inner {
         }
         match saved {
             Ok(()) => reply,
-            Err(e) => Reply::Error {
-                message: format!("the manager cannot store the change: {e}"),
+            Err(e) => Reply::Unavailable {
+                message: format!("the manager cannot store the change, so made none: {e}"),
             },
         }
     }
@@ -638,7 +639,7 @@ mod tests {
             cred.clone(),
         )
         .unwrap();
-        let mut c = ControlClient::connect(&addr, "t", Duration::from_secs(5), &cred).unwrap();
+        let mut c = ControlClient::connect(&addr, "t", Duration::from_secs(1), &cred).unwrap();
         let register = register_memory;
         assert!(matches!(
             c.call(&register(9)).unwrap(),
@@ -647,20 +648,33 @@ mod tests {
         // Refused: the answer says so, and while the store stays away
         // nothing is served from the copy that holds the change.
         refuse.store(true, Ordering::SeqCst);
-        match c.call(&register(10)).unwrap() {
-            Reply::Error { message } => assert!(message.contains("cannot store"), "{message}"),
-            other => panic!("{other:?}"),
-        }
-        match c.call(&Request::Status).unwrap() {
-            Reply::Error { message } => {
-                assert!(message.contains("read its state back"), "{message}")
-            }
-            other => panic!("{other:?}"),
-        }
-        // The store back: the cluster is what it holds, one component.
+        // (asked again until the timeout: the last answer says it cannot
+        // even read the store back)
+        let e = c.call(&register(10)).unwrap_err().to_string();
+        assert!(e.contains("read its state back"), "{e}");
+        let e = c.call(&Request::Status).unwrap_err().to_string();
+        assert!(e.contains("read its state back"), "{e}");
+        // A client asks again while the manager cannot act.
+        let again = {
+            let refuse = refuse.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(300));
+                refuse.store(false, Ordering::SeqCst);
+            })
+        };
+        assert!(matches!(
+            c.call(&register(11)).unwrap(),
+            Reply::Registered { .. }
+        ));
+        again.join().unwrap();
+        // The store back: the cluster is what it holds, two components
+        // (not the refused one).
         refuse.store(false, Ordering::SeqCst);
         match c.call(&Request::Status).unwrap() {
-            Reply::Status(s) => assert_eq!(s.components.len(), 1, "{s:?}"),
+            Reply::Status(s) => {
+                let addrs: Vec<&str> = s.components.iter().map(|c| c.addr.as_str()).collect();
+                assert_eq!(addrs, ["127.0.0.1:9", "127.0.0.1:11"], "{s:?}");
+            }
             other => panic!("{other:?}"),
         }
         m.shutdown();

@@ -373,6 +373,11 @@ pub enum Reply {
     Error {
         message: String,
     },
+    /// The manager could not act now (its store did not answer): nothing
+    /// was done, and the same request may be sent again.
+    Unavailable {
+        message: String,
+    },
     /// From a manager that does not lead (it stands by for the one in
     /// `leader`, empty when none leads now): nothing was done; ask the
     /// leader. `message` says why in words (another leads, or the store

@@ -174,6 +174,13 @@ pub enum ConnError {
     Forged,
     #[error("unexpected reply: {0}")]
     Unexpected(String),
+    /// Every manager asked stands by: why each does.
+    #[error("no manager leads now ({0})")]
+    NoLeader(String),
+    /// The manager could not act within the timeout (its store did not
+    /// answer); nothing was done.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// Largest frame body read before the handshake sealed the connection
@@ -572,6 +579,10 @@ pub struct ControlClient {
     cred: Credential,
 }
 
+/// How long a client waits before it asks again a manager that could not
+/// act (within its timeout).
+const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(200);
+
 /// Most managers a client follows for one request (a standby pointing at
 /// another, which points on...).
 const MAX_REDIRECTS: usize = 8;
@@ -636,7 +647,8 @@ impl ControlClient {
     /// Sends a request and waits for its reply. A standby's answer is
     /// never returned: the request goes to the leader it names, or to the
     /// other managers given; when none leads, the standbys' reasons are
-    /// the error.
+    /// the error. A manager that could not act ([`control::Reply::Unavailable`])
+    /// is asked again until the timeout has passed.
     pub fn call(&mut self, req: &control::Request) -> Result<control::Reply, ConnError> {
         let json = control::to_json(req);
         if json.len() > lego_protocol::MAX_CONTROL_BYTES {
@@ -648,9 +660,18 @@ impl ControlClient {
         }
         let mut asked = Vec::new();
         let mut said = Vec::new();
+        let started = std::time::Instant::now();
         loop {
             let (leader, message) = match self.call_once(&json)? {
                 control::Reply::Standby { leader, message } => (leader, message),
+                // Nothing was done: again, a little later, for a while.
+                control::Reply::Unavailable { message } => {
+                    if started.elapsed() + UNAVAILABLE_PAUSE >= self.timeout {
+                        return Err(ConnError::Unavailable(message));
+                    }
+                    std::thread::sleep(UNAVAILABLE_PAUSE);
+                    continue;
+                }
                 reply => return Ok(reply),
             };
             said.push(format!("{}: {message}", self.addr));
@@ -681,10 +702,7 @@ impl ControlClient {
                 }
             }
             if !moved {
-                return Err(ConnError::Unexpected(format!(
-                    "no manager leads now ({})",
-                    said.join("; ")
-                )));
+                return Err(ConnError::NoLeader(said.join("; ")));
             }
         }
     }
