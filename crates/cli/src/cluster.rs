@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use lego_protocol::control::{Reply, Request, State};
@@ -133,6 +134,19 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
         }
         (None, Err(e)) => return fail("lego manager", e),
     };
+    // Metrics from the start: a standby's say only that it stands by.
+    let serving: Arc<OnceLock<lego_metrics::http::ScrapeFn>> = Arc::default();
+    let scraper: lego_metrics::http::ScrapeFn = {
+        let serving = serving.clone();
+        Arc::new(move || match serving.get() {
+            Some(scrape) => scrape(),
+            None => lego_manager::standby::scrape(false),
+        })
+    };
+    let _metrics = match args.metrics.serve("lego manager", scraper) {
+        Ok(s) => s,
+        Err(e) => return fail("lego manager", e),
+    };
     let started = match (&args.state, &args.store) {
         (Some(dir), _) => lego_manager::db::Db::open(dir)
             .map_err(|e| e.to_string())
@@ -150,10 +164,7 @@ pub fn manager(args: ManagerArgs) -> ExitCode {
     };
     match started {
         Ok(m) => {
-            let _metrics = match args.metrics.serve("lego manager", m.scraper()) {
-                Ok(s) => s,
-                Err(e) => return fail("lego manager", e),
-            };
+            let _ = serving.set(m.scraper());
             eprintln!(
                 "lego manager: serving on {} with {where_}, {} replica(s) per unit",
                 m.addr(),

@@ -98,15 +98,16 @@ fn free_addr() -> String {
 /// `lego manager --store etcd://...` on a free port; its stderr lines come
 /// on the channel.
 fn manager(etcd: &Etcd) -> (Daemon, mpsc::Receiver<String>) {
-    manager_at(etcd, &free_addr())
+    manager_at(etcd, &free_addr(), &[])
 }
 
-/// As [`manager`], on `addr`.
-fn manager_at(etcd: &Etcd, addr: &str) -> (Daemon, mpsc::Receiver<String>) {
+/// As [`manager`], on `addr`, with flags `more`.
+fn manager_at(etcd: &Etcd, addr: &str, more: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
     let addr = addr.to_string();
     let mut child = lego_cmd()
         .args(["manager", "--listen", &addr, "--heartbeat-timeout", "8s"])
         .args(["--store", &format!("etcd://{}", etcd.client)])
+        .args(more)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -147,11 +148,18 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         said(&a_says, "serving on", Duration::from_secs(10)),
         "a never led"
     );
-    let (mut b, b_says) = manager(&etcd);
+    let b_metrics = free_addr();
+    let (mut b, b_says) = manager_at(&etcd, &free_addr(), &["--metrics", &b_metrics]);
     assert!(
         said(&b_says, "standby; manager", Duration::from_secs(10)),
         "b is no standby"
     );
+    // Its metrics say it stands by (and say nothing of the cluster).
+    let standing = http_get(&b_metrics, "/metrics");
+    assert!(standing.contains("\nlego_manager_leading 0"), "{standing}");
+    assert!(!standing.contains("lego_manager_components"), "{standing}");
+    // Asked, it sends the client on to a.
+    assert_eq!(status(&b.addr)["manager"], a.addr.as_str());
     // The memory daemon knows both managers, and the one started later:
     // it follows the leader.
     let c_addr = free_addr();
@@ -171,6 +179,9 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
     );
     let took = killed.elapsed();
     assert!(took < Duration::from_secs(4), "took over after {took:?}");
+    let leading = http_get(&b_metrics, "/metrics");
+    assert!(leading.contains("\nlego_manager_leading 1"), "{leading}");
+    assert!(leading.contains("lego_manager_components"), "{leading}");
     assert_eq!(components(&status(&b.addr)), before);
     // Past the heartbeat timeout (8 s) the memory daemon is alive at the
     // new leader: its heartbeats went there. A client given both
@@ -199,7 +210,7 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
             .success())
     };
     signal("-STOP");
-    let (mut c, c_says) = manager_at(&etcd, &c_addr);
+    let (mut c, c_says) = manager_at(&etcd, &c_addr, &[]);
     assert!(
         said(&c_says, "serving on", Duration::from_secs(10)),
         "c never led"

@@ -301,7 +301,7 @@ fn scrape(inner: &Inner) -> lego_metrics::Scrape {
         let c = inner.lock();
         (c.status(inner.now()), c.placements.len(), c.vnodes.len())
     };
-    let mut m = lego_metrics::Scrape::new();
+    let mut m = standby::scrape(true);
     for kind in [Kind::Memory, Kind::Processor, Kind::Storage] {
         for state in [State::Alive, State::Draining, State::Failed, State::Left] {
             let n = status

@@ -77,6 +77,19 @@ impl Standby {
     }
 }
 
+/// A manager's metrics while it stands by (`leading` false): only that;
+/// the leader's start with it (true).
+pub fn scrape(leading: bool) -> lego_metrics::Scrape {
+    let mut m = lego_metrics::Scrape::new();
+    m.gauge(
+        "lego_manager_leading",
+        "1 if this manager leads (serves the cluster), 0 while it stands by.",
+        lego_metrics::labels(&[]),
+        if leading { 1.0 } else { 0.0 },
+    );
+    m
+}
+
 fn answer<S: Stream>(stream: S, cred: &Credential, said: &Said, stop: &AtomicBool) {
     let peer = stream.peer();
     let mut conn = FramedConn::new(stream);
