@@ -50,7 +50,7 @@ fn python_builds_and_checksums_a_200mb_structure() {
     assert_same_as_plain(
         "python3",
         &["--excache", "96M"],
-        &["python3", script.to_str().unwrap(), "450000"],
+        &[PYTHON3, script.to_str().unwrap(), "450000"],
         None,
     );
 }
@@ -475,7 +475,7 @@ fn a_pager_that_faults_on_its_own_region_does_not_hang_the_program() {
             "--excache",
             "8M",
             "--",
-            "python3",
+            PYTHON3,
             "-c",
             "b = [bytearray(1 << 20) for _ in range(64)]\n\
              for _ in range(1000):\n    for x in b: x[::4096] = b'x' * 256\n\

@@ -24,9 +24,9 @@ with mp.get_context('fork').Pool(2, maxtasksperchild=1) as p: print(p.map(f, ran
 
 fn pool_same_as_plain(mb: u32, excache: &str) {
     let script = POOL.replace("MB", &mb.to_string());
-    let expect = plain(&["python3", "-c", &script], None);
+    let expect = plain(&[PYTHON3, "-c", &script], None);
     assert!(expect.status.success(), "{}", text(&expect.stderr));
-    let (got, stats) = under_lego(&["--excache", excache], &["python3", "-c", &script], None);
+    let (got, stats) = under_lego(&["--excache", excache], &[PYTHON3, "-c", &script], None);
     assert!(got.status.success(), "{}", text(&got.stderr));
     assert_eq!(text(&got.stdout), text(&expect.stdout));
     assert!(stats["processes"].as_u64().unwrap() >= 5, "{stats}");

@@ -28,9 +28,9 @@ def work(k):\n    return hashlib.sha256(repr(data[k::7]).encode()).hexdigest()\n
 if __name__ == '__main__':\n    mp.set_start_method('fork')\n\
     data = [str(i) * 3 for i in range(1_500_000)]\n\
     with mp.Pool(2) as pool:\n        print(pool.map(work, range(7)))\n";
-    let expect = plain(&["python3", "-c", script], None);
+    let expect = plain(&[PYTHON3, "-c", script], None);
     assert!(expect.status.success());
-    let (got, stats) = under_lego(&["--excache", "16M"], &["python3", "-c", script], None);
+    let (got, stats) = under_lego(&["--excache", "16M"], &[PYTHON3, "-c", script], None);
     assert!(got.status.success(), "{}", text(&got.stderr));
     assert_eq!(text(&got.stdout), text(&expect.stdout));
     assert!(
@@ -171,7 +171,7 @@ print(subprocess.run(['echo', 'via-subprocess'], capture_output=True, text=True)
 pid = os.posix_spawn('/bin/echo', ['echo', 'via-posix-spawn'], os.environ)\n\
 print(os.waitpid(pid, 0)[1])\n\
 print(len(data), data[-1])\n";
-    let (got, stats) = under_lego(&["--excache", "8M"], &["python3", "-c", script], None);
+    let (got, stats) = under_lego(&["--excache", "8M"], &[PYTHON3, "-c", script], None);
     assert!(got.status.success(), "{}", text(&got.stderr));
     assert_eq!(
         text(&got.stdout),
