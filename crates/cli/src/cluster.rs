@@ -194,8 +194,14 @@ fn lead_on_etcd(
         standby.set(leader, why)
     })?;
     standby.stop();
-    lego_manager::Manager::serve_on(listener, name, Box::new(store), options, cred)
-        .map_err(|e| e.to_string())
+    // Leading but unable to start (its state unreadable, say): another
+    // manager may do better, and this one tries again as a standby.
+    Ok(
+        lego_manager::Manager::serve_on(listener, name, Box::new(store), options, cred)
+            .unwrap_or_else(|e| {
+                lego_manager::etcd::start_again(&format!("cannot start leading: {e}"))
+            }),
+    )
 }
 
 #[cfg(not(feature = "etcd"))]

@@ -28,25 +28,32 @@ struct Etcd {
 impl Etcd {
     fn start() -> Etcd {
         let dir = tmp().join(format!("etcd-{}-{}", std::process::id(), unique()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let port = |l: std::net::TcpListener| l.local_addr().unwrap().port();
-        let (client, peer) = (
-            port(std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
-            port(std::net::TcpListener::bind("127.0.0.1:0").unwrap()),
-        );
-        let client = format!("127.0.0.1:{client}");
-        let peer = format!("http://127.0.0.1:{peer}");
-        let child = Self::spawn(&dir, &client, &peer);
-        Etcd {
-            child,
-            dir,
-            client,
-            peer,
+        // Ports free a moment ago may be taken by the time etcd binds
+        // them (tests run side by side): then new ones.
+        for _ in 0..5 {
+            let _ = std::fs::remove_dir_all(&dir);
+            let (a, b) = (
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+                std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            );
+            let client = a.local_addr().unwrap().to_string();
+            let peer = format!("http://{}", b.local_addr().unwrap());
+            drop((a, b));
+            if let Some(child) = Self::spawn(&dir, &client, &peer) {
+                return Etcd {
+                    child,
+                    dir,
+                    client,
+                    peer,
+                };
+            }
         }
+        panic!("etcd did not start");
     }
 
-    fn spawn(dir: &std::path::Path, client: &str, peer: &str) -> Child {
-        let child = Command::new("etcd")
+    /// etcd on these ports, once it answers (None: it ended first).
+    fn spawn(dir: &std::path::Path, client: &str, peer: &str) -> Option<Child> {
+        let mut child = Command::new("etcd")
             .args(["--name", "e1", "--data-dir"])
             .arg(dir)
             .args(["--listen-client-urls", &format!("http://{client}")])
@@ -62,11 +69,13 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .expect("etcd (apt-get install etcd-server)");
+        let mut ended = false;
         let up = wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(client).is_ok()
+            ended = matches!(child.try_wait(), Ok(Some(_)));
+            ended || std::net::TcpStream::connect(client).is_ok()
         });
         assert!(up, "etcd did not start");
-        child
+        (!ended).then_some(child)
     }
 
     /// Killed (-9): no quorum, nothing answers.
@@ -77,7 +86,8 @@ impl Etcd {
 
     /// Started again on its data.
     fn restart(&mut self) {
-        self.child = Self::spawn(&self.dir, &self.client, &self.peer);
+        self.child =
+            Self::spawn(&self.dir, &self.client, &self.peer).expect("etcd did not start again");
     }
 }
 
@@ -228,10 +238,22 @@ fn a_standby_takes_over_with_the_same_cluster_and_a_frozen_leader_writes_nothing
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // And a question: b, woken, does not answer it as the leader.
+    let asked = lego_cmd()
+        .args(["status", "--json", "--manager", &b.addr])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(500));
     signal("-CONT");
     let drain = drain.wait_with_output().unwrap();
     assert!(!drain.status.success(), "{}", text(&drain.stdout));
+    let asked = asked.wait_with_output().unwrap();
+    if asked.status.success() {
+        let told: serde_json::Value = serde_json::from_slice(&asked.stdout).unwrap();
+        assert_eq!(told["manager"], c.addr.as_str(), "woken b answered: {told}");
+    }
     assert!(
         said(&b_says, "no longer the leader", Duration::from_secs(5)),
         "the deposed leader goes on"

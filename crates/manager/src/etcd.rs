@@ -144,8 +144,16 @@ impl Etcd {
     where
         F: Future<Output = Result<T, etcd_client::Error>>,
     {
+        self.call_within(CALL_TIMEOUT, f)
+    }
+
+    /// [`Etcd::call`] within `limit` in all.
+    fn call_within<T, F>(&self, limit: Duration, f: impl Fn(Client) -> F) -> Result<T, String>
+    where
+        F: Future<Output = Result<T, etcd_client::Error>>,
+    {
         use std::sync::atomic::Ordering;
-        let deadline = Instant::now() + CALL_TIMEOUT;
+        let deadline = Instant::now() + limit;
         let first = self.preferred.load(Ordering::Relaxed);
         let mut errors = Vec::new();
         for k in 0..self.members.len() {
@@ -224,18 +232,30 @@ impl Etcd {
         })
     }
 
-    /// Each member up or down, asked on its own.
+    /// Each member up or down, all asked at once (within
+    /// [`MEMBER_TIMEOUT`] in all).
     fn members(&self) -> Vec<String> {
-        self.members
+        let asked: Vec<_> = self
+            .members
             .iter()
             .map(|(at, client)| {
-                let mut c = client.clone();
-                match self.run(MEMBER_TIMEOUT, async move { c.status().await }) {
-                    Ok(_) => format!("{at} up"),
-                    Err(e) => format!("{at} DOWN ({e})"),
-                }
+                let (at, mut c) = (at.clone(), client.clone());
+                self.rt.spawn(async move {
+                    match tokio::time::timeout(MEMBER_TIMEOUT, c.status()).await {
+                        Ok(Ok(_)) => format!("{at} up"),
+                        Ok(Err(e)) => format!("{at} DOWN ({})", describe(&e)),
+                        Err(_) => format!("{at} DOWN (no answer within {MEMBER_TIMEOUT:?})"),
+                    }
+                })
             })
-            .collect()
+            .collect();
+        self.rt.block_on(async {
+            let mut said = Vec::new();
+            for a in asked {
+                said.push(a.await.unwrap_or_else(|e| format!("not asked: {e}")));
+            }
+            said
+        })
     }
 }
 
@@ -245,7 +265,10 @@ pub struct EtcdStore {
     prefix: String,
     /// The create revision of the leader key this manager made.
     leading: i64,
-    /// What it does when it finds it no longer leads ([`deposed`]).
+    /// When its lease ends unless renewed (by this manager's clock, which
+    /// starts each renewal before etcd's does).
+    valid_until: Arc<std::sync::Mutex<Instant>>,
+    /// What it does when it finds it no longer leads ([`start_again`]).
     deposed: fn(&str) -> !,
 }
 
@@ -260,7 +283,7 @@ impl EtcdStore {
         name: &str,
         standing_by: &dyn Fn(&str, &str),
     ) -> Result<Self, String> {
-        Self::lead_with(spec, prefix, name, standing_by, deposed)
+        Self::lead_with(spec, prefix, name, standing_by, start_again)
     }
 
     /// [`EtcdStore::lead`], calling `deposed` when it finds it no longer
@@ -286,7 +309,7 @@ impl EtcdStore {
         };
         // When it last said it waits for etcd.
         let mut said_at: Option<Instant> = None;
-        let (lease, leading) = loop {
+        let (lease, leading, until) = loop {
             match etcd.get(&leader_key) {
                 Err(e) => {
                     // etcd down or without quorum: wait for it (and say
@@ -316,6 +339,10 @@ impl EtcdStore {
             }
             // None leads: take a lease and the key, unless another was
             // quicker.
+            // The lease counts from before it was asked for: etcd's
+            // clock started later, so it ends later than this manager
+            // believes.
+            let asked_at = Instant::now();
             let Ok(grant) =
                 etcd.call(|mut c| async move { c.lease_grant(LEASE_TTL_S, None).await })
             else {
@@ -323,6 +350,15 @@ impl EtcdStore {
                 continue;
             };
             let lease = grant.id();
+            if grant.ttl() != LEASE_TTL_S {
+                // etcd raises a lease to its minimum (1.5 election
+                // timeouts): a takeover then takes longer.
+                tracing::warn!(
+                    asked = LEASE_TTL_S,
+                    granted = grant.ttl(),
+                    "etcd granted a lease of another length"
+                );
+            }
             let txn = etcd_client::Txn::new()
                 .when([Compare::create_revision(
                     leader_key.as_str(),
@@ -334,22 +370,34 @@ impl EtcdStore {
                     name,
                     Some(etcd_client::PutOptions::new().with_lease(lease)),
                 )]);
-            match etcd.call(|mut c| {
+            let won = etcd.call(|mut c| {
                 let txn = txn.clone();
                 async move { c.txn(txn).await }
-            }) {
-                // Our key's create revision: the txn's revision.
-                Ok(r) if r.succeeded() => break (lease, r.header().map_or(0, |h| h.revision())),
-                _ => {
+            });
+            // Our key's create revision: the txn's revision (a reply
+            // without one cannot fence anything).
+            let revision = won
+                .ok()
+                .filter(|r| r.succeeded())
+                .and_then(|r| r.header().map(|h| h.revision()))
+                .filter(|&r| r > 0);
+            match revision {
+                Some(revision) => {
+                    let until = asked_at + Duration::from_secs(grant.ttl().max(0) as u64);
+                    break (lease, revision, until);
+                }
+                None => {
                     let _ = etcd.call(|mut c| async move { c.lease_revoke(lease).await });
                 }
             }
         };
-        keep_leading(etcd.clone(), lease, deposed);
+        let valid_until = Arc::new(std::sync::Mutex::new(until));
+        keep_leading(etcd.clone(), lease, valid_until.clone(), deposed);
         Ok(Self {
             etcd,
             prefix: prefix.to_string(),
             leading,
+            valid_until,
             deposed,
         })
     }
@@ -385,7 +433,7 @@ impl EtcdStore {
 /// would do next, another manager does) and starts again as a standby:
 /// the process executes itself anew, with the same arguments, so nothing
 /// of its state survives. If it cannot, it ends (status 3).
-fn deposed(why: &str) -> ! {
+pub fn start_again(why: &str) -> ! {
     tracing::error!(
         reason = why,
         "no longer the leading manager: starting again as a standby"
@@ -402,45 +450,80 @@ fn deposed(why: &str) -> ! {
 }
 
 /// Renews `lease` four times a lease (the later its last renewal, the
-/// later a standby leads once it stops); one not renewed in time is lost.
-fn keep_leading(etcd: Arc<Etcd>, lease: i64, deposed: fn(&str) -> !) {
+/// later a standby leads once it stops), moving `valid_until` on; once
+/// that has passed without a renewal, or etcd says the lease is gone, the
+/// manager is deposed. Every step is bounded by the time left, so that
+/// happens by `valid_until`, before etcd lets the lease go.
+fn keep_leading(
+    etcd: Arc<Etcd>,
+    lease: i64,
+    valid_until: Arc<std::sync::Mutex<Instant>>,
+    deposed: fn(&str) -> !,
+) {
     let period = Duration::from_millis((LEASE_TTL_S * 1000 / 4) as u64);
+    let until = {
+        let valid_until = valid_until.clone();
+        move || *valid_until.lock().unwrap_or_else(|p| p.into_inner())
+    };
+    let renewed = {
+        move |asked_at: Instant, ttl: i64| {
+            *valid_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                asked_at + Duration::from_secs(ttl as u64);
+        }
+    };
     let spawned = std::thread::Builder::new()
         .name("lego-manager-lease".into())
         .spawn(move || {
-            let mut renewed = Instant::now();
             // etcd renews a lease on a stream; a broken one is opened anew
-            // (at a member that answers).
+            // (at a member that answers), which renews it too.
             let mut stream: Option<(LeaseKeeper, LeaseKeepAliveStream)> = None;
+            let left = || until().saturating_duration_since(Instant::now());
             loop {
-                std::thread::sleep(period);
-                if stream.is_none() {
-                    match etcd.call(|mut c| async move { c.lease_keep_alive(lease).await }) {
-                        Ok(s) => stream = Some(s),
-                        Err(e) => tracing::warn!(error = %e, "cannot renew the leader's lease"),
-                    }
-                }
-                if let Some((keeper, responses)) = stream.as_mut() {
-                    let renewal = async {
-                        keeper.keep_alive().await?;
-                        match responses.message().await? {
-                            Some(r) => Ok(r.ttl()),
-                            None => Err(etcd_client::Error::LeaseKeepAliveError(
-                                "the member closed the stream".into(),
-                            )),
-                        }
-                    };
-                    match etcd.run(MEMBER_TIMEOUT, renewal) {
-                        Ok(ttl) if ttl <= 0 => deposed("its lease ended"),
-                        Ok(_) => renewed = Instant::now(),
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot renew the leader's lease");
-                            stream = None;
-                        }
-                    }
-                }
-                if renewed.elapsed() >= Duration::from_secs(LEASE_TTL_S as u64) {
+                std::thread::sleep(period.min(left()));
+                if left().is_zero() {
                     deposed("its lease could not be renewed in time");
+                }
+                let asked_at = Instant::now();
+                let ttl = match stream.as_mut() {
+                    None => etcd
+                        .call_within(left(), |mut c| async move {
+                            match c.lease_keep_alive(lease).await {
+                                Ok(opened) => Ok(Some(opened)),
+                                Err(etcd_client::Error::LeaseKeepAliveError(m))
+                                    if m.contains("not found") =>
+                                {
+                                    Ok(None)
+                                }
+                                Err(e) => Err(e),
+                            }
+                        })
+                        .map(|opened| match opened {
+                            Some(opened) => {
+                                stream = Some(opened);
+                                LEASE_TTL_S
+                            }
+                            None => 0,
+                        }),
+                    Some((keeper, responses)) => {
+                        let renewal = async {
+                            keeper.keep_alive().await?;
+                            match responses.message().await? {
+                                Some(r) => Ok(r.ttl()),
+                                None => Err(etcd_client::Error::LeaseKeepAliveError(
+                                    "the member closed the stream".into(),
+                                )),
+                            }
+                        };
+                        etcd.run(MEMBER_TIMEOUT.min(left()), renewal)
+                    }
+                };
+                match ttl {
+                    Ok(ttl) if ttl <= 0 => deposed("its lease ended"),
+                    Ok(ttl) => renewed(asked_at, ttl),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the leader's lease");
+                        stream = None;
+                    }
                 }
             }
         });
@@ -494,6 +577,10 @@ impl crate::store::Store for EtcdStore {
         format!("etcd {}; leading", self.etcd.members().join(", "))
     }
 
+    fn leading(&self) -> bool {
+        Instant::now() < *self.valid_until.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn save(&self, cluster: &Cluster, changes: &Changes) -> Result<(), String> {
         if changes.is_empty() {
             return Ok(());
@@ -544,15 +631,19 @@ mod tests {
         }
     }
 
-    fn free() -> String {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
+    /// Two free ports, told apart (both held while they are chosen).
+    fn free() -> (String, String) {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let at = |l: &std::net::TcpListener| l.local_addr().unwrap().to_string();
+        (at(&a), at(&b))
     }
 
     fn etcd() -> (Member, String) {
         let dir = std::env::temp_dir().join(format!("lego-etcd-unit-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (client, peer) = (free(), format!("http://{}", free()));
+        let (client, peer) = free();
+        let peer = format!("http://{peer}");
         let child = Command::new("etcd")
             .args(["--name", "e1", "--data-dir"])
             .arg(&dir)
@@ -578,7 +669,14 @@ mod tests {
         (member, format!("etcd://{client}"))
     }
 
+    /// Deposed in a test: a panic the test catches; the lease's own
+    /// thread (which outlives the test's etcd) only stops.
     fn panics(why: &str) -> ! {
+        if std::thread::current().name() == Some("lego-manager-lease") {
+            loop {
+                std::thread::park();
+            }
+        }
         panic!("deposed: {why}")
     }
 

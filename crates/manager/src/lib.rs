@@ -54,9 +54,12 @@ pub enum ManagerError {
 struct Inner {
     cluster: Mutex<Cluster>,
     db: Box<dyn store::Store>,
-    /// A change the store refused is in `cluster` all the same: rebuild
-    /// it from the store before acting again.
-    stale: AtomicBool,
+    /// Changes the store refused, and how many of them the cluster was
+    /// rebuilt after: a refused change is in `cluster` all the same, so
+    /// while the two differ it is rebuilt from the store before it acts
+    /// again.
+    refused: std::sync::atomic::AtomicU64,
+    reloaded: std::sync::atomic::AtomicU64,
     /// What rebuilding takes: heartbeat timeout, replicas, vNode network.
     options: (u64, usize, (u32, u8)),
     /// Its own address, for `lego status`.
@@ -89,30 +92,39 @@ impl Inner {
     }
 
     /// The cluster, rebuilt from the store first if a change was refused
-    /// since (and the store's error if it cannot be).
+    /// since (and the store's error if it cannot be). The store is read
+    /// without the cluster's lock, so other requests wait for the lock,
+    /// not for the store.
     fn current(&self) -> Result<MutexGuard<'_, Cluster>, String> {
+        let refused = self.refused.load(Ordering::SeqCst);
+        if refused == self.reloaded.load(Ordering::SeqCst) {
+            return Ok(self.lock());
+        }
+        let (timeout_ms, replicas, vnode_net) = self.options;
+        let loaded = self.db.load(timeout_ms, self.now()).map_err(|e| {
+            format!("the manager cannot read its state back after a change it could not store: {e}")
+        })?;
         let mut c = self.lock();
-        if self.stale.load(Ordering::SeqCst) {
-            let (timeout_ms, replicas, vnode_net) = self.options;
-            let loaded = self.db.load(timeout_ms, self.now()).map_err(|e| {
-                format!(
-                    "the manager cannot read its state back after a change it could not store: {e}"
-                )
-            })?;
+        // Refused again while it read: what it read may be older than
+        // that change's outcome.
+        if self.refused.load(Ordering::SeqCst) != refused {
+            return Err("the manager's store refused a change while it read its state back".into());
+        }
+        if self.reloaded.swap(refused, Ordering::SeqCst) != refused {
             *c = loaded.with_replicas(replicas).with_vnode_net(vnode_net);
-            self.stale.store(false, Ordering::SeqCst);
             tracing::info!("state read back from the store after a refused change");
         }
         Ok(c)
     }
 
     /// Stores `changes` of `c`; if the store refuses, the cluster in memory
-    /// is marked stale (it holds a change that is not stored).
+    /// holds a change that is not stored: it is rebuilt before its next
+    /// use ([`Inner::current`]).
     fn save(&self, c: &Cluster, changes: &state::Changes) -> Result<(), String> {
         let saved = self.db.save(c, changes);
         if let Err(e) = &saved {
             tracing::error!(error = %e, "cannot store a change: not made");
-            self.stale.store(true, Ordering::SeqCst);
+            self.refused.fetch_add(1, Ordering::SeqCst);
         }
         saved
     }
@@ -126,6 +138,11 @@ impl Inner {
             _ => None,
         };
         let drain = matches!(req, Request::Drain { .. });
+        if !self.db.leading() {
+            return Reply::Unavailable {
+                message: "this manager cannot be sure it still leads; ask again".into(),
+            };
+        }
         let mut c = match self.current() {
             Ok(c) => c,
             Err(message) => return Reply::Unavailable { message },
@@ -215,7 +232,8 @@ impl Manager {
         let inner = Arc::new(Inner {
             cluster: Mutex::new(cluster),
             db,
-            stale: AtomicBool::new(false),
+            refused: Default::default(),
+            reloaded: Default::default(),
             options: (timeout_ms, replicas, vnode_net),
             addr: addr.clone(),
             epoch: Instant::now(),
@@ -301,7 +319,7 @@ fn scrape(inner: &Inner) -> lego_metrics::Scrape {
         let c = inner.lock();
         (c.status(inner.now()), c.placements.len(), c.vnodes.len())
     };
-    let mut m = standby::scrape(true);
+    let mut m = standby::scrape(inner.db.leading());
     for kind in [Kind::Memory, Kind::Processor, Kind::Storage] {
         for state in [State::Alive, State::Draining, State::Failed, State::Left] {
             let n = status

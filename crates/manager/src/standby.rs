@@ -70,8 +70,9 @@ impl Standby {
     pub fn stop(mut self) {
         self.stop.store(true, Ordering::SeqCst);
         // The accept loop sees the flag once it accepts: wake it.
-        let _ = Tcp.connect(&self.addr, Duration::from_secs(1));
-        if let Some(t) = self.accept.take() {
+        // If it cannot be woken, it is left to end with the process.
+        let woken = Tcp.connect(&self.addr, Duration::from_secs(1)).is_ok();
+        if let Some(t) = self.accept.take().filter(|_| woken) {
             let _ = t.join();
         }
     }

@@ -23,6 +23,13 @@ pub trait Store: Send + Sync {
 
     /// Where the state is and how the store is, for `lego status`.
     fn health(&self) -> String;
+
+    /// Whether this manager may act: a store shared by several managers
+    /// says no once this one can no longer be sure it leads (its lease
+    /// may have ended), even before it finds out for certain.
+    fn leading(&self) -> bool {
+        true
+    }
 }
 
 impl Store for crate::db::Db {
