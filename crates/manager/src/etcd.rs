@@ -11,11 +11,12 @@
 //! stopped renewing it) and etcd deletes it, then leads; one that cannot
 //! reach etcd (or etcd has no quorum) waits for it. Meanwhile it answers
 //! clients with the leader's address ([`crate::standby`]). The leader
-//! renews its lease four times a lease; one it cannot renew within the
-//! lease, it has lost: it stops acting at once and starts again as a
-//! standby (the process executes itself anew), so it leads again, with
-//! the state as etcd has it, once etcd answers and no other manager
-//! leads.
+//! renews its lease four times a lease, counting it from before it asked
+//! (so its count ends before etcd's); once that count runs out it refuses
+//! every request ([`crate::store::Store::leading`]), and once it knows the
+//! lease is lost it starts again as a standby (the process executes
+//! itself anew), so it leads again, with the state as etcd has it, once
+//! etcd answers and no other manager leads.
 //!
 //! **Fencing.** Every write is a transaction conditioned on the leader key
 //! still having the create revision this manager made it with: a manager
