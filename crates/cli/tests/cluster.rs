@@ -67,8 +67,14 @@ fn memory_daemons_added_and_drained_while_a_program_runs_lose_nothing() {
         text(&run.wait_with_output().unwrap().stderr)
     });
     // mem1 is the program's home (the most free memory when it started,
-    // the lowest id of a tie) and holds some of its pages.
-    let s = h.status("mgr", &manager);
+    // the lowest id of a tie) and holds some of its pages: the daemons
+    // report what they hold in their heartbeats, a second apart, so the
+    // manager may learn of the first pages written back a moment later.
+    let mut s = h.status("mgr", &manager);
+    wait_until(Duration::from_secs(5), || {
+        s = h.status("mgr", &manager);
+        memory_entry(&s, &h, 1).3 > 0
+    });
     let (id, state, units, used) = memory_entry(&s, &h, 1);
     assert_eq!(state, "alive");
     assert!(units >= 1 && used > 0, "nothing on mem1 to move: {s}");
