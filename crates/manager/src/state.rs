@@ -357,23 +357,34 @@ impl Cluster {
     /// replicas on a failed memory daemon are lost.
     pub fn tick(&mut self, now: u64) -> Changes {
         let mut ch = Changes::default();
-        let mut lost = Vec::new();
-        for (&id, c) in self.components.iter_mut() {
-            let live = matches!(c.state, State::Alive | State::Draining);
-            if live && now.saturating_sub(c.last_seen_ms) > self.timeout_ms {
-                c.state = State::Failed;
-                c.processes.clear();
-                ch.components.insert(id);
-                if c.kind == Kind::Memory {
-                    lost.push(id);
-                }
-            }
-        }
-        for id in lost {
-            self.lose_replicas(now, id, &mut ch);
+        let silent: Vec<u64> = self
+            .components
+            .iter()
+            .filter(|(_, c)| {
+                matches!(c.state, State::Alive | State::Draining)
+                    && now.saturating_sub(c.last_seen_ms) > self.timeout_ms
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        for id in silent {
+            self.fail(now, id, &mut ch);
         }
         self.settle_recoveries(now);
         ch
+    }
+
+    /// Component `id` failed: it gets nothing more, and the replicas on a
+    /// failed memory daemon are lost.
+    fn fail(&mut self, now: u64, id: u64, ch: &mut Changes) {
+        let Some(c) = self.components.get_mut(&id) else {
+            return;
+        };
+        c.state = State::Failed;
+        c.processes.clear();
+        ch.components.insert(id);
+        if c.kind == Kind::Memory {
+            self.lose_replicas(now, id, ch);
+        }
     }
 
     fn vnode_info(&self, name: &str, v: &Vnode) -> VnodeInfo {
@@ -680,21 +691,40 @@ impl Cluster {
         // The same id again, with its key (a lost connection, or a manager
         // restarted without its state), else the id of a failed component
         // at the same address (restarted), else a new one.
-        let claimed = id;
-        let id = match id {
-            Some(id) if !matches!(self.components.get(&id), Some(c) if c.kind != kind) => id,
-            _ => self
-                .components
-                .iter()
-                .find(|(_, c)| c.kind == kind && c.addr == addr && c.state == State::Failed)
-                .map(|(&id, _)| id)
-                .unwrap_or_else(|| self.components.keys().next_back().map_or(1, |k| k + 1)),
-        };
-        if claimed == Some(id) {
+        let claimed =
+            id.filter(|id| !matches!(self.components.get(id), Some(c) if c.kind != kind));
+        if let Some(id) = claimed {
             if let Err(e) = self.check_key(id, &key) {
                 return e;
             }
         }
+        // A new process on the address of a live component of its kind:
+        // only one listens there, so the one registered before is gone
+        // (killed and started again within the heartbeat timeout, or this
+        // is a registration asked for again). It fails now rather than a
+        // timeout later, so nothing more is placed on it and no unit has
+        // two replicas behind one address; its id is taken again below.
+        let gone: Vec<u64> = self
+            .components
+            .iter()
+            .filter(|(&k, c)| {
+                Some(k) != claimed
+                    && c.kind == kind
+                    && c.addr == addr
+                    && matches!(c.state, State::Alive | State::Draining)
+            })
+            .map(|(&k, _)| k)
+            .collect();
+        for k in gone {
+            self.fail(now, k, ch);
+        }
+        let id = claimed.unwrap_or_else(|| {
+            self.components
+                .iter()
+                .find(|(_, c)| c.kind == kind && c.addr == addr && c.state == State::Failed)
+                .map(|(&id, _)| id)
+                .unwrap_or_else(|| self.components.keys().next_back().map_or(1, |k| k + 1))
+        });
         // A component the manager knows keeps its key; one it does not
         // (its state was lost) keeps the key it brings if well formed.
         let key = match self.components.get(&id) {
@@ -1276,6 +1306,34 @@ mod tests {
     }
 
     #[test]
+    fn a_daemon_started_again_at_its_address_replaces_the_one_before_at_once() {
+        let mut c = Cluster::new(2000).with_replicas(2);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 256 * MIB);
+        register(&mut c, 0, Kind::Memory, "b:1", 256 * MIB);
+        register(&mut c, 0, Kind::Memory, "d:1", 256 * MIB);
+        for u in 0..6 {
+            place(&mut c, 0, 7, u);
+        }
+        let held = on(&c, a);
+        assert!(held > 0);
+        // a killed and started again (a new process, without an id) well
+        // within the heartbeat timeout: the one before failed, its id
+        // taken again, what it held lost (those units degraded).
+        let again = register(&mut c, 100, Kind::Memory, "a:1", 64 * MIB);
+        assert_eq!(again, a);
+        assert_eq!(c.components[&a].state, State::Alive);
+        assert_eq!(on(&c, a), 0, "units still listed on the empty daemon");
+        assert_eq!(c.status(100).degraded_units as usize, held);
+        assert_eq!(c.components.len(), 3, "a second component at a:1");
+        // No unit placed now has its two replicas behind one address.
+        for u in 6..10 {
+            let r = replicas_of(&place(&mut c, 100, 7, u));
+            assert_eq!(r.len(), 2);
+            assert_ne!(c.components[&r[0]].addr, c.components[&r[1]].addr);
+        }
+    }
+
+    #[test]
     fn a_unit_whose_only_replica_fails_is_gone() {
         let mut c = Cluster::new(900);
         let a = register(&mut c, 0, Kind::Memory, "a:1", 64 * MIB);
@@ -1499,15 +1557,20 @@ mod tests {
             Reply::Registered { id, key: k, .. } => assert_eq!((id, k), (a, key.clone())),
             other => panic!("{other:?}"),
         }
-        // Its address, while it is alive, gets another id; its heartbeat
-        // and leave need its key.
-        let b = register(&mut c, 5, Kind::Memory, "a:1", 64 * MIB);
-        assert_ne!(b, a);
+        // A new process at its address, without an id (it was killed and
+        // started again before its heartbeats ran out): the one before
+        // has failed, and the new one gets its id with a new key; the
+        // old key is good for nothing.
+        assert_eq!(register(&mut c, 5, Kind::Memory, "a:1", 64 * MIB), a);
+        assert_eq!(c.components.len(), 1);
+        assert_eq!(c.components[&a].state, State::Alive);
+        let key2 = key_of(&c, a);
+        assert_ne!(key2, key);
         let hb = c.apply(
             6,
             Request::Heartbeat {
                 id: a,
-                key: key_of(&c, b),
+                key: key.clone(),
                 used_bytes: 0,
                 load: 0,
                 spaces: vec![],
@@ -1524,13 +1587,12 @@ mod tests {
         );
         assert!(matches!(leave.0, Reply::Error { .. }));
         assert_eq!(c.components[&a].state, State::Alive);
-        // Failed (restarted without its id), it gets the id back, and a
-        // new key.
+        // Failed (silent), and restarted without its id: its id back, and
+        // a new key.
         c.tick(5000);
         assert_eq!(c.components[&a].state, State::Failed);
-        c.components.remove(&b);
         assert_eq!(register(&mut c, 5001, Kind::Memory, "a:1", 64 * MIB), a);
-        assert_ne!(key_of(&c, a), key);
+        assert_ne!(key_of(&c, a), key2);
         let p = register(&mut c, 5, Kind::Processor, "p:1", 256 * MIB);
         assert_ne!(p, a);
         let r = c
