@@ -691,8 +691,7 @@ impl Cluster {
         // The same id again, with its key (a lost connection, or a manager
         // restarted without its state), else the id of a failed component
         // at the same address (restarted), else a new one.
-        let claimed =
-            id.filter(|id| !matches!(self.components.get(id), Some(c) if c.kind != kind));
+        let claimed = id.filter(|id| !matches!(self.components.get(id), Some(c) if c.kind != kind));
         if let Some(id) = claimed {
             if let Err(e) = self.check_key(id, &key) {
                 return e;
