@@ -26,7 +26,9 @@
 //! **Records.** The same JSON records as the embedded store (`db.rs`),
 //! under `<prefix>components/<id>`, `<prefix>vnodes/<name>` and
 //! `<prefix>replicas/<space>/<unit>`; one change is one transaction (in
-//! pieces of at most [`MAX_TXN_OPS`] operations, etcd's default limit).
+//! pieces of at most [`MAX_TXN_OPS`] operations, etcd's default limit,
+//! components first: one cut short reads back consistent, see
+//! [`Cluster::restore`]).
 
 use std::future::Future;
 use std::sync::Arc;

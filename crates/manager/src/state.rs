@@ -202,7 +202,12 @@ impl Cluster {
     }
 
     /// Rebuilds the state from stored records at `now` (a restart): every
-    /// live component gets a full timeout to heartbeat again.
+    /// live component gets a full timeout to heartbeat again. A replica on
+    /// a component that failed, left or is unknown is dropped (the unit is
+    /// degraded, or gone with its last replica), as when it was lost: so
+    /// a change stored in pieces, components first, and cut short (a
+    /// store that takes a bounded number of writes at once, its writer
+    /// gone midway) reads back as a consistent state.
     pub fn restore(
         timeout_ms: u64,
         now: u64,
@@ -223,10 +228,21 @@ impl Cluster {
             comp.last_seen_ms = now;
             c.components.insert(id, comp);
         }
-        for (key, replicas) in placements {
-            if !replicas.is_empty() {
-                c.placements.insert(key, Placement::new(replicas, now));
+        for (key, mut replicas) in placements {
+            let stored = replicas.len();
+            replicas.retain(|id| {
+                c.components
+                    .get(id)
+                    .is_some_and(|comp| matches!(comp.state, State::Alive | State::Draining))
+            });
+            if replicas.is_empty() {
+                continue;
             }
+            let mut p = Placement::new(replicas, now);
+            if p.replicas.len() < stored {
+                p.degraded_since = Some(now);
+            }
+            c.placements.insert(key, p);
         }
         c
     }
@@ -1330,6 +1346,34 @@ mod tests {
             assert_eq!(r.len(), 2);
             assert_ne!(c.components[&r[0]].addr, c.components[&r[1]].addr);
         }
+    }
+
+    #[test]
+    fn replicas_on_failed_left_or_unknown_components_are_dropped_on_restore() {
+        let mut c = Cluster::new(1000).with_replicas(2);
+        let a = register(&mut c, 0, Kind::Memory, "a:1", 256 * MIB);
+        let b = register(&mut c, 0, Kind::Memory, "b:1", 256 * MIB);
+        let d = register(&mut c, 0, Kind::Memory, "d:1", 256 * MIB);
+        c.components.get_mut(&b).unwrap().state = State::Failed;
+        c.components.get_mut(&d).unwrap().state = State::Left;
+        // As a change cut short leaves it: b failed and d left are
+        // stored, the units' replica lists not yet.
+        let records = c.components.clone();
+        let placements = vec![
+            ((7, 0), vec![a, b]),
+            ((7, 1), vec![b, d]),
+            ((7, 2), vec![a, 99]),
+            ((7, 3), vec![a]),
+        ];
+        let r = Cluster::restore(1000, 50, records, placements, vec![]).with_replicas(2);
+        let on = |u: u64| r.placements.get(&(7, u)).map(|p| p.replicas.clone());
+        assert_eq!(on(0), Some(vec![a]));
+        assert_eq!(on(1), None, "a unit whose every replica is gone");
+        assert_eq!(on(2), Some(vec![a]));
+        assert_eq!(on(3), Some(vec![a]));
+        // Degraded: the two that lost a replica, not the one stored with
+        // one (a daemon short when it was placed).
+        assert_eq!(r.status(50).degraded_units, 2);
     }
 
     #[test]
