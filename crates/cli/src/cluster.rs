@@ -27,7 +27,8 @@ pub struct ManagerArgs {
         conflicts_with = "store"
     )]
     state: Option<PathBuf>,
-    /// Keep the state in etcd instead, etcd://HOST:PORT[,HOST:PORT...]:
+    /// Keep the state in etcd instead, etcd://HOST:PORT[,HOST:PORT...]
+    /// (members on TLS: etcds://...?ca=FILE[&cert=FILE&key=FILE]):
     /// several managers may share it, one leads, the others stand by and
     /// take over when its lease ends.
     #[arg(long, value_name = "URL", env = "LEGO_STORE")]

@@ -23,10 +23,18 @@ struct Etcd {
     dir: std::path::PathBuf,
     client: String,
     peer: String,
+    /// Where its certificates are, if clients reach it over TLS.
+    tls: Option<std::path::PathBuf>,
 }
 
 impl Etcd {
     fn start() -> Etcd {
+        Self::start_with(None)
+    }
+
+    /// Clients reach it over TLS, with the certificates in `certs` (see
+    /// [`certificates`]), and must show one of the authority's.
+    fn start_with(tls: Option<&std::path::Path>) -> Etcd {
         let dir = tmp().join(format!("etcd-{}-{}", std::process::id(), unique()));
         // Ports free a moment ago may be taken by the time etcd binds
         // them (tests run side by side): then new ones.
@@ -39,12 +47,13 @@ impl Etcd {
             let client = a.local_addr().unwrap().to_string();
             let peer = format!("http://{}", b.local_addr().unwrap());
             drop((a, b));
-            if let Some(child) = Self::spawn(&dir, &client, &peer) {
+            if let Some(child) = Self::spawn(&dir, &client, &peer, tls) {
                 return Etcd {
                     child,
                     dir,
                     client,
                     peer,
+                    tls: tls.map(std::path::Path::to_path_buf),
                 };
             }
         }
@@ -52,12 +61,28 @@ impl Etcd {
     }
 
     /// etcd on these ports, once it answers (None: it ended first).
-    fn spawn(dir: &std::path::Path, client: &str, peer: &str) -> Option<Child> {
-        let mut child = Command::new("etcd")
+    fn spawn(
+        dir: &std::path::Path,
+        client: &str,
+        peer: &str,
+        tls: Option<&std::path::Path>,
+    ) -> Option<Child> {
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut etcd = Command::new("etcd");
+        if let Some(certs) = tls {
+            etcd.arg("--cert-file")
+                .arg(certs.join("server.pem"))
+                .arg("--key-file")
+                .arg(certs.join("server.key"))
+                .arg("--trusted-ca-file")
+                .arg(certs.join("ca.pem"))
+                .arg("--client-cert-auth");
+        }
+        let mut child = etcd
             .args(["--name", "e1", "--data-dir"])
             .arg(dir)
-            .args(["--listen-client-urls", &format!("http://{client}")])
-            .args(["--advertise-client-urls", &format!("http://{client}")])
+            .args(["--listen-client-urls", &format!("{scheme}://{client}")])
+            .args(["--advertise-client-urls", &format!("{scheme}://{client}")])
             .args([
                 "--listen-peer-urls",
                 peer,
@@ -86,8 +111,8 @@ impl Etcd {
 
     /// Started again on its data.
     fn restart(&mut self) {
-        self.child =
-            Self::spawn(&self.dir, &self.client, &self.peer).expect("etcd did not start again");
+        self.child = Self::spawn(&self.dir, &self.client, &self.peer, self.tls.as_deref())
+            .expect("etcd did not start again");
     }
 }
 
@@ -113,10 +138,15 @@ fn manager(etcd: &Etcd) -> (Daemon, mpsc::Receiver<String>) {
 
 /// As [`manager`], on `addr`, with flags `more`.
 fn manager_at(etcd: &Etcd, addr: &str, more: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
+    manager_on(&format!("etcd://{}", etcd.client), addr, more)
+}
+
+/// As [`manager_at`], with the store `store`.
+fn manager_on(store: &str, addr: &str, more: &[&str]) -> (Daemon, mpsc::Receiver<String>) {
     let addr = addr.to_string();
     let mut child = lego_cmd()
         .args(["manager", "--listen", &addr, "--heartbeat-timeout", "8s"])
-        .args(["--store", &format!("etcd://{}", etcd.client)])
+        .args(["--store", store])
         .args(more)
         .stderr(Stdio::piped())
         .spawn()
@@ -326,4 +356,168 @@ fn without_etcd_the_leader_stops_acting_and_leads_again_when_it_returns() {
     );
     assert_eq!(components(&status(&a.addr)), before);
     drop(mem);
+}
+
+/// A certificate authority, a certificate for etcd at 127.0.0.1 and one
+/// for its clients (PEM: ca, server and client .pem and .key), made with
+/// openssl in a directory of their own.
+fn certificates() -> std::path::PathBuf {
+    let dir = tmp().join(format!("etcd-certs-{}-{}", std::process::id(), unique()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            text(&out.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem", "-days", "2"],
+            &["-subj", "/CN=lego test authority"],
+            &["-addext", "basicConstraints=critical,CA:TRUE"],
+            &["-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        ]
+        .concat(),
+    );
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n\
+         keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    for name in ["server", "client"] {
+        let (key, csr, pem) = (
+            format!("{name}.key"),
+            format!("{name}.csr"),
+            format!("{name}.pem"),
+        );
+        openssl(
+            &[
+                &["req", "-new"][..],
+                &ec,
+                &[
+                    "-keyout",
+                    &key,
+                    "-out",
+                    &csr,
+                    "-subj",
+                    &format!("/CN={name}"),
+                ],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            "leaf.ext",
+        ]);
+    }
+    dir
+}
+
+#[test]
+fn over_tls_a_manager_with_the_cluster_certificate_leads_and_others_are_told_why_not() {
+    let certs = certificates();
+    let etcd = Etcd::start_with(Some(&certs));
+    let file = |name: &str| certs.join(name).to_str().unwrap().to_string();
+    let store = |ca: &str, client: bool| {
+        let mut s = format!("etcds://{}?ca={ca}", etcd.client);
+        if client {
+            s += &format!("&cert={}&key={}", file("client.pem"), file("client.key"));
+        }
+        s
+    };
+    // With the authority and a client certificate it signed: the manager
+    // leads, and the cluster works through it.
+    let (a, a_says) = manager_on(&store(&file("ca.pem"), true), &free_addr(), &[]);
+    assert!(
+        said(&a_says, "serving on", Duration::from_secs(15)),
+        "no manager led over TLS"
+    );
+    let mem = memory_daemon(&a.addr);
+    let s = status(&a.addr);
+    assert_eq!(components(&s).len(), 1, "{s}");
+    assert_eq!(components(&s)[0].1, mem.addr);
+    let health = s["store"].as_str().unwrap();
+    assert!(health.contains(&format!("{} up", etcd.client)), "{health}");
+    // Without a client certificate etcd refuses it; trusting another
+    // authority, it does not trust etcd: each waits for etcd, saying why.
+    let (_b, b_says) = manager_on(&store(&file("ca.pem"), false), &free_addr(), &[]);
+    let other = certificates();
+    let other_ca = other.join("ca.pem").to_str().unwrap().to_string();
+    let (_c, c_says) = manager_on(&store(&other_ca, true), &free_addr(), &[]);
+    for (says, who) in [
+        (&b_says, "without a certificate"),
+        (&c_says, "trusting another authority"),
+    ] {
+        let waits = (0..100)
+            .map_while(|_| says.recv_timeout(Duration::from_secs(15)).ok())
+            .find(|l| l.contains("waiting for etcd"));
+        let waits = waits.unwrap_or_else(|| panic!("a manager {who} does not say it waits"));
+        eprintln!("a manager {who}: {waits}");
+        assert!(waits.contains(&etcd.client), "{who}: {waits}");
+    }
+    // Settings that cannot work: one line, and it ends.
+    for (bad, why) in [
+        (format!("etcds://{}", etcd.client), "needs ca=FILE"),
+        (
+            format!("etcds://{}?ca=/nonexistent/ca.pem", etcd.client),
+            "cannot read it",
+        ),
+        (
+            format!(
+                "etcds://{}?ca={}&cert={}",
+                etcd.client,
+                file("ca.pem"),
+                file("client.pem")
+            ),
+            "go together",
+        ),
+        (
+            format!("etcds://{}?ca={}&pin=x", etcd.client, file("ca.pem")),
+            "not a setting",
+        ),
+        (
+            format!("etcd://{}?ca={}", etcd.client, file("ca.pem")),
+            "etcds://",
+        ),
+    ] {
+        let out = lego_cmd()
+            .args(["manager", "--listen", &free_addr(), "--store", &bad])
+            .output()
+            .unwrap();
+        let err = text(&out.stderr);
+        assert!(!out.status.success(), "{bad}: {err}");
+        assert!(err.contains(why), "{bad}: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&certs);
+    let _ = std::fs::remove_dir_all(&other);
 }

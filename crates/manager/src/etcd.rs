@@ -88,6 +88,35 @@ fn describe(e: &etcd_client::Error) -> String {
     }
 }
 
+/// TLS to etcd's members from a store's query: `ca=FILE` (PEM, the
+/// authority that signed the members' certificates) and, for members that
+/// ask clients for one (`--client-cert-auth`), `cert=FILE&key=FILE` (PEM).
+fn tls(query: &str) -> Result<etcd_client::TlsOptions, String> {
+    let (mut ca, mut cert, mut key) = (None, None, None);
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (name, value) = pair
+            .split_once('=')
+            .ok_or_else(|| format!("{pair:?}: give NAME=FILE"))?;
+        let read =
+            || std::fs::read(value).map_err(|e| format!("{name}={value}: cannot read it: {e}"));
+        match name {
+            "ca" => ca = Some(read()?),
+            "cert" => cert = Some(read()?),
+            "key" => key = Some(read()?),
+            _ => return Err(format!("{name}: not a setting of etcds:// (ca, cert, key)")),
+        }
+    }
+    let ca =
+        ca.ok_or("etcds:// needs ca=FILE, the authority that signed the members' certificates")?;
+    let options =
+        etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(options.identity(etcd_client::Identity::from_pem(cert, key))),
+        (None, None) => Ok(options),
+        _ => Err("cert=FILE and key=FILE go together".into()),
+    }
+}
+
 /// An etcd cluster: a client for each member, asked in turn from the one
 /// that answered last (a member down, cut off or without quorum costs a
 /// refusal or [`MEMBER_TIMEOUT`], not the call).
@@ -100,14 +129,33 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// `etcd://HOST:PORT,HOST:PORT,...`
+    /// `etcd://HOST:PORT,HOST:PORT,...`, or over TLS
+    /// `etcds://HOST:PORT,...?ca=FILE[&cert=FILE&key=FILE]` ([`tls`]).
     pub fn new(spec: &str) -> Result<Self, String> {
-        let list = spec
-            .strip_prefix("etcd://")
-            .ok_or_else(|| format!("--store {spec:?}: give etcd://HOST:PORT[,HOST:PORT...]"))?;
+        let usage = "give etcd://HOST:PORT[,HOST:PORT...] or \
+                     etcds://HOST:PORT[,...]?ca=FILE[&cert=FILE&key=FILE]";
+        let (list, tls) = if let Some(rest) = spec.strip_prefix("etcds://") {
+            let (list, query) = rest.split_once('?').unwrap_or((rest, ""));
+            let tls = tls(query).map_err(|e| format!("--store {spec:?}: {e}"))?;
+            (list, Some(tls))
+        } else if let Some(list) = spec.strip_prefix("etcd://") {
+            if list.contains('?') {
+                return Err(format!(
+                    "--store {spec:?}: certificates are for etcds:// (TLS); {usage}"
+                ));
+            }
+            (list, None)
+        } else {
+            return Err(format!("--store {spec:?}: {usage}"));
+        };
         let endpoints: Vec<&str> = list.split(',').filter(|e| !e.is_empty()).collect();
         if endpoints.is_empty() {
             return Err(format!("--store {spec:?}: no etcd member named"));
+        }
+        if let Some(e) = endpoints.iter().find(|e| e.contains("://")) {
+            return Err(format!(
+                "--store {spec:?}: {e}: a member is HOST:PORT; {usage}"
+            ));
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -125,7 +173,11 @@ impl Etcd {
                     // A member without quorum refuses at once.
                     .with_require_leader(true)
                     .with_keep_alive(Duration::from_secs(1), MEMBER_TIMEOUT);
-                rt.block_on(Client::connect([e], Some(options)))
+                let (options, url) = match &tls {
+                    Some(tls) => (options.with_tls(tls.clone()), format!("https://{e}")),
+                    None => (options, format!("http://{e}")),
+                };
+                rt.block_on(Client::connect([url], Some(options)))
                     .map(|c| (e.to_string(), c))
                     .map_err(|err| format!("--store {spec:?}: {e}: {}", describe(&err)))
             })
