@@ -474,16 +474,27 @@ fn over_tls_a_manager_with_the_cluster_certificate_leads_and_others_are_told_why
     let other = certificates();
     let other_ca = other.join("ca.pem").to_str().unwrap().to_string();
     let (_c, c_says) = manager_on(&store(&other_ca, true), &free_addr(), &[]);
-    for (says, who) in [
-        (&b_says, "without a certificate"),
-        (&c_says, "trusting another authority"),
+    for (says, who, why) in [
+        (
+            &b_says,
+            "without a certificate",
+            "want a client certificate",
+        ),
+        (
+            &c_says,
+            "trusting another authority",
+            "invalid peer certificate",
+        ),
     ] {
         let waits = (0..100)
             .map_while(|_| says.recv_timeout(Duration::from_secs(15)).ok())
             .find(|l| l.contains("waiting for etcd"));
         let waits = waits.unwrap_or_else(|| panic!("a manager {who} does not say it waits"));
         eprintln!("a manager {who}: {waits}");
-        assert!(waits.contains(&etcd.client), "{who}: {waits}");
+        assert!(
+            waits.contains(&etcd.client) && waits.contains(why),
+            "{who}: {waits}"
+        );
     }
     // Settings that cannot work: one line, and it ends.
     for (bad, why) in [

@@ -91,7 +91,8 @@ fn describe(e: &etcd_client::Error) -> String {
 /// TLS to etcd's members from a store's query: `ca=FILE` (PEM, the
 /// authority that signed the members' certificates) and, for members that
 /// ask clients for one (`--client-cert-auth`), `cert=FILE&key=FILE` (PEM).
-fn tls(query: &str) -> Result<etcd_client::TlsOptions, String> {
+/// Also whether it shows a certificate of its own.
+fn tls(query: &str) -> Result<(etcd_client::TlsOptions, bool), String> {
     let (mut ca, mut cert, mut key) = (None, None, None);
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (name, value) = pair
@@ -111,8 +112,11 @@ fn tls(query: &str) -> Result<etcd_client::TlsOptions, String> {
     let options =
         etcd_client::TlsOptions::new().ca_certificate(etcd_client::Certificate::from_pem(ca));
     match (cert, key) {
-        (Some(cert), Some(key)) => Ok(options.identity(etcd_client::Identity::from_pem(cert, key))),
-        (None, None) => Ok(options),
+        (Some(cert), Some(key)) => Ok((
+            options.identity(etcd_client::Identity::from_pem(cert, key)),
+            true,
+        )),
+        (None, None) => Ok((options, false)),
         _ => Err("cert=FILE and key=FILE go together".into()),
     }
 }
@@ -126,6 +130,10 @@ pub struct Etcd {
     preferred: std::sync::atomic::AtomicUsize,
     /// Where the clients' calls run (one worker thread).
     rt: tokio::runtime::Runtime,
+    /// On TLS without a client certificate: a member that wants one closes
+    /// the connection (a broken pipe, or an alert, whichever comes first);
+    /// say so.
+    no_certificate: bool,
 }
 
 impl Etcd {
@@ -134,20 +142,21 @@ impl Etcd {
     pub fn new(spec: &str) -> Result<Self, String> {
         let usage = "give etcd://HOST:PORT[,HOST:PORT...] or \
                      etcds://HOST:PORT[,...]?ca=FILE[&cert=FILE&key=FILE]";
-        let (list, tls) = if let Some(rest) = spec.strip_prefix("etcds://") {
-            let (list, query) = rest.split_once('?').unwrap_or((rest, ""));
-            let tls = tls(query).map_err(|e| format!("--store {spec:?}: {e}"))?;
-            (list, Some(tls))
-        } else if let Some(list) = spec.strip_prefix("etcd://") {
-            if list.contains('?') {
-                return Err(format!(
-                    "--store {spec:?}: certificates are for etcds:// (TLS); {usage}"
-                ));
-            }
-            (list, None)
-        } else {
-            return Err(format!("--store {spec:?}: {usage}"));
-        };
+        let (list, tls): (&str, Option<(etcd_client::TlsOptions, bool)>) =
+            if let Some(rest) = spec.strip_prefix("etcds://") {
+                let (list, query) = rest.split_once('?').unwrap_or((rest, ""));
+                let tls = tls(query).map_err(|e| format!("--store {spec:?}: {e}"))?;
+                (list, Some(tls))
+            } else if let Some(list) = spec.strip_prefix("etcd://") {
+                if list.contains('?') {
+                    return Err(format!(
+                        "--store {spec:?}: certificates are for etcds:// (TLS); {usage}"
+                    ));
+                }
+                (list, None)
+            } else {
+                return Err(format!("--store {spec:?}: {usage}"));
+            };
         let endpoints: Vec<&str> = list.split(',').filter(|e| !e.is_empty()).collect();
         if endpoints.is_empty() {
             return Err(format!("--store {spec:?}: no etcd member named"));
@@ -174,7 +183,7 @@ impl Etcd {
                     .with_require_leader(true)
                     .with_keep_alive(Duration::from_secs(1), MEMBER_TIMEOUT);
                 let (options, url) = match &tls {
-                    Some(tls) => (options.with_tls(tls.clone()), format!("https://{e}")),
+                    Some((tls, _)) => (options.with_tls(tls.clone()), format!("https://{e}")),
                     None => (options, format!("http://{e}")),
                 };
                 rt.block_on(Client::connect([url], Some(options)))
@@ -186,6 +195,7 @@ impl Etcd {
             members,
             preferred: std::sync::atomic::AtomicUsize::new(0),
             rt,
+            no_certificate: tls.is_some_and(|(_, certificate)| !certificate),
         })
     }
 
@@ -198,7 +208,22 @@ impl Etcd {
         self.rt
             .block_on(async { tokio::time::timeout(limit, fut).await })
             .map_err(|_| format!("no answer within {limit:?}"))?
-            .map_err(|e| describe(&e))
+            .map_err(|e| {
+                let said = describe(&e);
+                let closed = [
+                    "broken pipe",
+                    "connection reset",
+                    "alert: badcertificate",
+                    "alert: certificaterequired",
+                ]
+                .iter()
+                .any(|c| said.to_lowercase().contains(c));
+                if self.no_certificate && closed {
+                    format!("{said} (does it want a client certificate? give cert=FILE&key=FILE)")
+                } else {
+                    said
+                }
+            })
     }
 
     /// Runs one call (given a member's client) at the members in turn,
