@@ -513,6 +513,10 @@ fn over_tls_a_manager_with_the_cluster_certificate_leads_and_others_are_told_why
             "go together",
         ),
         (
+            format!("etcds://{}?ca={}", etcd.client, file("client.key")),
+            "holds no CERTIFICATE",
+        ),
+        (
             format!("etcds://{}?ca={}&pin=x", etcd.client, file("ca.pem")),
             "not a setting",
         ),

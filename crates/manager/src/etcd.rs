@@ -27,7 +27,7 @@
 //! under `<prefix>components/<id>`, `<prefix>vnodes/<name>` and
 //! `<prefix>replicas/<space>/<unit>`; one change is one transaction (in
 //! pieces of at most [`MAX_TXN_OPS`] operations, etcd's default limit,
-//! components first: one cut short reads back consistent, see
+//! replica lists first: one cut short reads back consistent, see
 //! [`Cluster::restore`]).
 
 use std::future::Future;
@@ -98,12 +98,26 @@ fn tls(query: &str) -> Result<(etcd_client::TlsOptions, bool), String> {
         let (name, value) = pair
             .split_once('=')
             .ok_or_else(|| format!("{pair:?}: give NAME=FILE"))?;
-        let read =
-            || std::fs::read(value).map_err(|e| format!("{name}={value}: cannot read it: {e}"));
+        // Read, and checked to hold what it should in PEM (else tonic
+        // would take no certificate, or fail later without saying which).
+        let read = |holds: &str| {
+            let pem =
+                std::fs::read(value).map_err(|e| format!("{name}={value}: cannot read it: {e}"))?;
+            let text = String::from_utf8_lossy(&pem);
+            if !text
+                .lines()
+                .any(|l| l.starts_with("-----BEGIN ") && l.ends_with(&format!("{holds}-----")))
+            {
+                return Err(format!(
+                    "{name}={value}: holds no {holds} in PEM (-----BEGIN ...{holds}-----)"
+                ));
+            }
+            Ok(pem)
+        };
         match name {
-            "ca" => ca = Some(read()?),
-            "cert" => cert = Some(read()?),
-            "key" => key = Some(read()?),
+            "ca" => ca = Some(read("CERTIFICATE")?),
+            "cert" => cert = Some(read("CERTIFICATE")?),
+            "key" => key = Some(read("PRIVATE KEY")?),
             _ => return Err(format!("{name}: not a setting of etcds:// (ca, cert, key)")),
         }
     }
@@ -672,7 +686,20 @@ impl crate::store::Store for EtcdStore {
         if changes.is_empty() {
             return Ok(());
         }
+        // Replica lists first: a change cut short between transactions
+        // then lists no replica on a component it failed or revived
+        // ([`Cluster::restore`] drops those on failed and unknown ones).
         let mut ops = Vec::new();
+        for (space, unit) in changes.placed.iter().chain(&changes.unplaced) {
+            let key = self.key(&format!("replicas/{space}/{unit}"));
+            ops.push(match cluster.placements.get(&(*space, *unit)) {
+                Some(p) => put(
+                    &key,
+                    &serde_json::to_string(&p.replicas).map_err(|e| e.to_string())?,
+                ),
+                None => delete(&key),
+            });
+        }
         for id in &changes.components {
             let key = self.key(&format!("components/{id}"));
             ops.push(match cluster.components.get(id) {
@@ -684,16 +711,6 @@ impl crate::store::Store for EtcdStore {
             let key = self.key(&format!("vnodes/{name}"));
             ops.push(match crate::db::vnode_record(cluster, name) {
                 Some(v) => put(&key, &serde_json::to_string(&v).map_err(|e| e.to_string())?),
-                None => delete(&key),
-            });
-        }
-        for (space, unit) in changes.placed.iter().chain(&changes.unplaced) {
-            let key = self.key(&format!("replicas/{space}/{unit}"));
-            ops.push(match cluster.placements.get(&(*space, *unit)) {
-                Some(p) => put(
-                    &key,
-                    &serde_json::to_string(&p.replicas).map_err(|e| e.to_string())?,
-                ),
                 None => delete(&key),
             });
         }

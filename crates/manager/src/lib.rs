@@ -96,9 +96,16 @@ impl Inner {
     /// without the cluster's lock, so other requests wait for the lock,
     /// not for the store.
     fn current(&self) -> Result<MutexGuard<'_, Cluster>, String> {
-        let refused = self.refused.load(Ordering::SeqCst);
-        if refused == self.reloaded.load(Ordering::SeqCst) {
-            return Ok(self.lock());
+        let mut refused = self.refused.load(Ordering::SeqCst);
+        while refused == self.reloaded.load(Ordering::SeqCst) {
+            let c = self.lock();
+            // Changes are stored under the lock: none was refused while
+            // this one waited for it, or the cluster must be read back.
+            let now = self.refused.load(Ordering::SeqCst);
+            if now == refused {
+                return Ok(c);
+            }
+            refused = now;
         }
         let (timeout_ms, replicas, vnode_net) = self.options;
         let loaded = self.db.load(timeout_ms, self.now()).map_err(|e| {
@@ -148,6 +155,14 @@ impl Inner {
             Err(message) => return Reply::Unavailable { message },
         };
         let (reply, changes) = c.apply(self.now(), req);
+        // What changes nothing is not fenced by the store: answered only
+        // while the lease is still good (the lock or a read-back may have
+        // taken a while).
+        if changes.is_empty() && !self.db.leading() {
+            return Reply::Unavailable {
+                message: "this manager cannot be sure it still leads; ask again".into(),
+            };
+        }
         let saved = self.save(&c, &changes);
         drop(c);
         if let Some(h) = timed {

@@ -205,7 +205,7 @@ impl Cluster {
     /// live component gets a full timeout to heartbeat again. A replica on
     /// a component that failed, left or is unknown is dropped (the unit is
     /// degraded, or gone with its last replica), as when it was lost: so
-    /// a change stored in pieces, components first, and cut short (a
+    /// a change stored in pieces, replica lists first, and cut short (a
     /// store that takes a bounded number of writes at once, its writer
     /// gone midway) reads back as a consistent state.
     pub fn restore(
@@ -730,10 +730,10 @@ impl Cluster {
             })
             .map(|(&k, _)| k)
             .collect();
-        for k in gone {
+        for &k in &gone {
             self.fail(now, k, ch);
         }
-        let id = claimed.unwrap_or_else(|| {
+        let id = claimed.or(gone.first().copied()).unwrap_or_else(|| {
             self.components
                 .iter()
                 .find(|(_, c)| c.kind == kind && c.addr == addr && c.state == State::Failed)
