@@ -12,11 +12,12 @@
 //! reach etcd (or etcd has no quorum) waits for it. Meanwhile it answers
 //! clients with the leader's address ([`crate::standby`]). The leader
 //! renews its lease four times a lease, counting nine tenths of it from
-//! before it asked (so its count ends well before etcd's); once that count runs out it refuses
-//! every request ([`crate::store::Store::leading`]), and once it knows the
-//! lease is lost it starts again as a standby (the process executes
-//! itself anew), so it leads again, with the state as etcd has it, once
-//! etcd answers and no other manager leads.
+//! before it asked (so its count ends well before etcd's); once that
+//! count runs out it refuses every request
+//! ([`crate::store::Store::leading`]), and once it knows the lease is lost
+//! it starts again as a standby (the process executes itself anew), so it
+//! leads again, with the state as etcd has it, once etcd answers and no
+//! other manager leads.
 //!
 //! **Fencing.** Every write is a transaction conditioned on the leader key
 //! still having the create revision this manager made it with: a manager
@@ -224,6 +225,7 @@ impl Etcd {
             .map_err(|_| format!("no answer within {limit:?}"))?
             .map_err(|e| {
                 let said = describe(&e);
+                let lower = said.to_lowercase();
                 let closed = [
                     "broken pipe",
                     "connection reset",
@@ -231,7 +233,7 @@ impl Etcd {
                     "alert: certificaterequired",
                 ]
                 .iter()
-                .any(|c| said.to_lowercase().contains(c));
+                .any(|c| lower.contains(c));
                 if self.no_certificate && closed {
                     format!("{said} (does it want a client certificate? give cert=FILE&key=FILE)")
                 } else {
@@ -567,10 +569,8 @@ fn keep_leading(
         let valid_until = valid_until.clone();
         move || *valid_until.lock().unwrap_or_else(|p| p.into_inner())
     };
-    let renewed = {
-        move |asked_at: Instant, ttl: i64| {
-            *valid_until.lock().unwrap_or_else(|p| p.into_inner()) = asked_at + trusted(ttl);
-        }
+    let renewed = move |asked_at: Instant, ttl: i64| {
+        *valid_until.lock().unwrap_or_else(|p| p.into_inner()) = asked_at + trusted(ttl);
     };
     let spawned = std::thread::Builder::new()
         .name("lego-manager-lease".into())

@@ -146,9 +146,7 @@ impl Inner {
         };
         let drain = matches!(req, Request::Drain { .. });
         if !self.db.leading() {
-            return Reply::Unavailable {
-                message: "this manager cannot be sure it still leads; ask again".into(),
-            };
+            return unsure();
         }
         let mut c = match self.current() {
             Ok(c) => c,
@@ -159,9 +157,7 @@ impl Inner {
         // while the lease is still good (the lock or a read-back may have
         // taken a while).
         if changes.is_empty() && !self.db.leading() {
-            return Reply::Unavailable {
-                message: "this manager cannot be sure it still leads; ask again".into(),
-            };
+            return unsure();
         }
         let saved = self.save(&c, &changes);
         drop(c);
@@ -177,6 +173,13 @@ impl Inner {
                 message: format!("the manager cannot store the change, so made none: {e}"),
             },
         }
+    }
+}
+
+/// The answer of a manager whose lease may have ended.
+fn unsure() -> Reply {
+    Reply::Unavailable {
+        message: "this manager cannot be sure it still leads; ask again".into(),
     }
 }
 

@@ -45,6 +45,14 @@ pub struct Component {
     pub processes: Vec<ProcessInfo>,
 }
 
+impl Component {
+    /// Registered and not failed or gone: it may hold replicas and be
+    /// heard from.
+    fn live(&self) -> bool {
+        matches!(self.state, State::Alive | State::Draining)
+    }
+}
+
 /// A unit's placement: the memory daemons holding its replicas, in the
 /// order runtimes read them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -230,11 +238,7 @@ impl Cluster {
         }
         for (key, mut replicas) in placements {
             let stored = replicas.len();
-            replicas.retain(|id| {
-                c.components
-                    .get(id)
-                    .is_some_and(|comp| matches!(comp.state, State::Alive | State::Draining))
-            });
+            replicas.retain(|id| c.components.get(id).is_some_and(Component::live));
             if replicas.is_empty() {
                 continue;
             }
@@ -376,10 +380,7 @@ impl Cluster {
         let silent: Vec<u64> = self
             .components
             .iter()
-            .filter(|(_, c)| {
-                matches!(c.state, State::Alive | State::Draining)
-                    && now.saturating_sub(c.last_seen_ms) > self.timeout_ms
-            })
+            .filter(|(_, c)| c.live() && now.saturating_sub(c.last_seen_ms) > self.timeout_ms)
             .map(|(&id, _)| id)
             .collect();
         for id in silent {
@@ -722,12 +723,7 @@ impl Cluster {
         let gone: Vec<u64> = self
             .components
             .iter()
-            .filter(|(&k, c)| {
-                Some(k) != claimed
-                    && c.kind == kind
-                    && c.addr == addr
-                    && matches!(c.state, State::Alive | State::Draining)
-            })
+            .filter(|(&k, c)| Some(k) != claimed && c.kind == kind && c.addr == addr && c.live())
             .map(|(&k, _)| k)
             .collect();
         for &k in &gone {
